@@ -1,0 +1,5 @@
+"""``python -m distill`` (and ``torchrun -m distill fit ...`` for DistributedDataParallel)."""
+
+from distill.cli import main
+
+main()

@@ -1,0 +1,134 @@
+"""The student bundle: the one artifact that export, serving, probing and annotation take.
+
+student/
+  config.json          {"format": "esm-distill-bundle", "version": 1, "model": {...ModelConfig},
+                        "alphabet": {...}, "preset": ..., "parameters": ..., "training": {...}}
+  model.safetensors    weights (the tied LM-head weight stored once)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from distill import tokens
+from distill.io import atomic_write_json, umask
+from distill.model import ESM, ModelConfig
+
+FORMAT = "esm-distill-bundle"
+VERSION = 1
+
+
+class BundleError(ValueError):
+    """A missing, corrupt or mismatched bundle; the message says which and why."""
+
+
+def alphabet_card() -> dict[str, Any]:
+    a = tokens.alphabet()
+    return {
+        "name": "ESM-1b",
+        "tokens": list(a.all_toks),
+        "padding_idx": a.padding_idx,
+        "mask_idx": a.mask_idx,
+        "cls_idx": a.cls_idx,
+        "eos_idx": a.eos_idx,
+        "prepend_bos": True,
+        "append_eos": True,
+    }
+
+
+def save_bundle(directory: Path, model: ESM, preset: str | None, training: dict[str, Any] | None = None) -> Path:
+    """Write a bundle atomically: built in a temporary directory, then swapped into place."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    tmp.chmod(0o777 & ~umask())  # mkdtemp makes 0700 directories
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        atomic_write_json(
+            tmp / "config.json",
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "model": model.cfg.to_dict(),
+                "alphabet": alphabet_card(),
+                "preset": preset,
+                "parameters": model.num_parameters(),
+                "training": training or {},
+            },
+        )
+        for f in tmp.iterdir():
+            f.chmod(0o666 & ~umask())
+        old = directory.with_name(f".{directory.name}.old")
+        if directory.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            directory.rename(old)
+        tmp.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def read_bundle_config(directory: Path) -> dict[str, Any]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BundleError(f"{directory} is not a directory; a student bundle is a directory with config.json and model.safetensors")
+    path = directory / "config.json"
+    if not path.is_file():
+        raise BundleError(f"{directory} is not a student bundle: config.json is missing")
+    try:
+        card = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(card, dict) or card.get("format") != FORMAT:
+        raise BundleError(
+            f"{path} is not an esm-distill bundle config (format is {card.get('format') if isinstance(card, dict) else None!r})"
+        )
+    if card.get("version", 0) > VERSION:
+        raise BundleError(f"{path} has bundle version {card['version']}; this esm-distill reads up to {VERSION}")
+    if card.get("alphabet", {}).get("tokens") != alphabet_card()["tokens"]:
+        raise BundleError(f"{path}: the bundle's alphabet differs from ESM-1b's; it cannot share the teacher's vocabulary")
+    return card
+
+
+def load_bundle(directory: Path) -> tuple[ESM, dict[str, Any]]:
+    directory = Path(directory)
+    card = read_bundle_config(directory)
+    try:
+        cfg = ModelConfig(**card["model"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise BundleError(f"{directory}/config.json: invalid model section: {e}") from e
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        raise BundleError(f"{directory} is not a complete bundle: model.safetensors is missing")
+    model = ESM(cfg)
+    try:
+        load_model(model, str(weights), strict=True)
+    except SafetensorError as e:
+        raise BundleError(f"{weights} is corrupt or truncated: {e}") from e
+    except RuntimeError as e:
+        raise BundleError(f"{weights} does not match the architecture in config.json ({cfg.layers} layers, dim {cfg.dim}): {e}") from e
+    return model.eval(), card
+
+
+def is_bundle(path: Path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def load_any(spec: str) -> tuple[ESM, dict[str, Any]]:
+    """A student bundle directory, a fair-esm model name, or a fair-esm ``.pt`` checkpoint."""
+    from distill.pretrained import is_fair_esm_spec, load_pretrained
+
+    if Path(spec).is_dir():
+        return load_bundle(Path(spec))
+    if is_fair_esm_spec(spec):
+        model = load_pretrained(spec).eval()
+        return model, {"name": spec, "model": model.cfg.to_dict(), "parameters": model.num_parameters(), "preset": None}
+    raise BundleError(f"{spec!r} is neither a student bundle directory, a fair-esm model name, nor a .pt checkpoint")

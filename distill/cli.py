@@ -1,0 +1,183 @@
+"""The ``distill`` command line (Typer)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="Distil ESM-1b into small protein language models, and put them to work.", no_args_is_help=True, pretty_exceptions_enable=False
+)
+export_app = typer.Typer(help="Export a student bundle to other formats.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+console = Console(stderr=True, soft_wrap=True)  # never hard-wrap messages in logs
+
+# The errors a user can cause; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError)
+
+
+def _fail(e: BaseException) -> None:
+    console.print(f"[bold red]error:[/] {e}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def fit(
+    data: Annotated[Path | None, typer.Argument(help="Training FASTA (.fa/.fasta, optionally .gz).")] = None,
+    valid: Annotated[Path | None, typer.Option(help="Validation FASTA; default: a stable hash split of DATA.")] = None,
+    valid_fraction: Annotated[
+        float | None, typer.Option(help="Fraction of DATA held out for validation (by id hash). [default: 0.05]")
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="Student size: small (1.2M), medium (5.6M), large (33.7M) or custom. [default: small]")
+    ] = None,
+    layers: Annotated[int | None, typer.Option(help="Override the preset's layers.")] = None,
+    dim: Annotated[int | None, typer.Option(help="Override the preset's embedding dim (FFN follows as 2 x dim).")] = None,
+    heads: Annotated[int | None, typer.Option(help="Override the preset's attention heads.")] = None,
+    ffn: Annotated[int | None, typer.Option(help="Override the FFN width.")] = None,
+    teacher: Annotated[
+        str | None, typer.Option(help="fair-esm model name or path to a fair-esm .pt. [default: esm1b_t33_650M_UR50S]")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(help="Distillation temperature T. [default: 2.0]")] = None,
+    lam: Annotated[float | None, typer.Option(help="Weight of the KD term; 0 = vanilla MLM, no teacher loaded. [default: 0.5]")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs. [default: 10/20/30 for small/medium/large]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per optimizer step. [default: 512/128/64]")] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="Token budget of one forward pass; gradient accumulation makes up the batch. [default: 8192]")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (AdamW). [default: 1e-3]")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay (not on biases/norms). [default: 0.01]")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warm-up steps before cosine decay. [default: 5% of steps]")] = None,
+    clip_norm: Annotated[float | None, typer.Option(help="Gradient clipping max norm. [default: 1.0]")] = None,
+    mask_rate: Annotated[
+        float | None, typer.Option(help="Fraction of residues masked (80/10/10 BERT replacement). [default: 0.15]")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for init, data order, cropping and masking. [default: 0]")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. [default: auto]")] = None,
+    save_every_minutes: Annotated[
+        float | None, typer.Option(help="Checkpoint at least this often (also every epoch). [default: 10]")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop with a checkpoint after this many steps (resume later).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory from its last checkpoint.")] = None,
+    config: Annotated[Path | None, typer.Option(help="JSON config (e.g. a run's config.json); options given here override it.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar or log lines.")] = False,
+) -> None:
+    """Distil a teacher into a student: masked LM + knowledge distillation."""
+    from distill.train import FitConfig
+    from distill.train import fit as run_fit
+
+    given = {k: v for k, v in locals().items() if k in {f.name for f in fields(FitConfig)} and v is not None and v is not False}
+    given = {k: str(v) if isinstance(v, Path) else v for k, v in given.items()}
+    try:
+        cfg = _resume_config(resume, given) if resume is not None else _fresh_config(config, given)
+        result = run_fit(cfg, resume=resume is not None)
+    except USER_ERRORS as e:
+        _fail(e)
+    if not result.completed:
+        raise typer.Exit(130)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {e}") from e
+    except OSError as e:
+        raise FileNotFoundError(f"{what} {path} cannot be read: {e}") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{what} {path} must hold a JSON object")
+    return obj
+
+
+def _fresh_config(config: Path | None, given: dict):
+    """Defaults <- --config file <- options given on the command line."""
+    from distill.train import FitConfig
+
+    merged = {**(_read_json(config, "--config") if config else {}), **given}
+    if "data" not in merged:
+        raise ValueError("missing DATA (the training FASTA)")
+    if "out" not in merged:
+        raise ValueError("missing --out RUN_DIR")
+    return FitConfig.from_json(merged)
+
+
+def _resume_config(resume: Path, given: dict):
+    """The run's saved config; only device/--max-steps/checkpoint cadence/--quiet may change."""
+    from distill.train import RESUME_OVERRIDABLE, FitConfig
+
+    saved = _read_json(resume / "config.json", "run config")
+    clash = sorted(k for k, v in given.items() if k not in RESUME_OVERRIDABLE and k != "out" and saved.get(k) != v)
+    if "out" in given and Path(given["out"]).resolve() != resume.resolve():
+        clash.append("out")
+    if clash:
+        raise ValueError(f"--resume continues {resume} with its saved config; these options differ from it: {', '.join(clash)}")
+    overrides = {k: v for k, v in given.items() if k in RESUME_OVERRIDABLE}
+    return FitConfig.from_json({**saved, **overrides, "out": str(resume)})
+
+
+@app.command()
+def perplexity(
+    model: Annotated[str, typer.Argument(help="Student bundle directory, fair-esm model name, or fair-esm .pt.")],
+    fasta: Annotated[Path, typer.Argument(help="FASTA to evaluate on.")],
+    max_tokens: Annotated[int, typer.Option(help="Token budget per forward pass.")] = 8192,
+    mask_rate: Annotated[float, typer.Option(help="Fraction of residues masked.")] = 0.15,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Masked-LM perplexity with the fixed evaluation masking (comparable across models)."""
+    from distill.bundle import load_any
+    from distill.data import load_fasta
+    from distill.evaluate import perplexity as ppl
+    from distill.train import Distributed, pick_device
+
+    try:
+        dev = pick_device(device, Distributed())
+        net, card = load_any(model)
+        seqs = load_fasta(fasta)
+        value, n = ppl(net.to(dev), seqs, max_tokens, dev, mask_rate)
+    except USER_ERRORS as e:
+        _fail(e)
+    params = card.get("parameters", 0)
+    print(
+        json.dumps(
+            {
+                "model": model,
+                "parameters": params,
+                "fasta": str(fasta),
+                "sequences": len(seqs),
+                "masked_positions": n,
+                "perplexity": round(value, 4),
+            }
+        )
+    )
+
+
+@export_app.command("esm")
+def export_esm(
+    bundle: Annotated[Path, typer.Argument(help="Student bundle directory.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output .pt (its -contact-regression.pt is written beside it).")],
+) -> None:
+    """Write a student as a fair-esm checkpoint that esm.pretrained.load_model_and_alphabet_local opens."""
+    from distill.bundle import load_bundle
+    from distill.pretrained import save_fair_esm
+
+    try:
+        model, _ = load_bundle(bundle)
+        paths = save_fair_esm(model, output)
+    except USER_ERRORS as e:
+        _fail(e)
+    console.print(f"wrote {paths[0]} and {paths[1]}")
+
+
+def main() -> None:
+    app(prog_name="distill")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

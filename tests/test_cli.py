@@ -1,0 +1,63 @@
+import argparse
+import json
+import re
+
+import esm
+import torch
+from conftest import EXAMPLES, REPO
+from typer.testing import CliRunner
+
+from distill.bundle import load_bundle, save_bundle
+from distill.cli import app
+from distill.model import ESM, ModelConfig
+
+runner = CliRunner()
+
+
+def quickstart_command() -> list[str]:
+    """The `distill fit ...` line of the README's first command, as a newcomer copies it."""
+    readme = (REPO / "README.md").read_text()
+    line = re.search(r"distill fit examples/train\.fasta[^\n`]*", readme).group(0)
+    return line.split()[1:]
+
+
+def test_readme_quickstart_runs_on_the_bundled_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    args = quickstart_command()
+    args[args.index("--out") + 1] = str(tmp_path / "quickstart")
+    res = runner.invoke(app, [*args, "--max-steps", "2", "--quiet"])
+    assert res.exit_code == 130, res.output  # stopped by --max-steps: resumable, not finished
+    assert json.loads((tmp_path / "quickstart" / "checkpoint.json").read_text())["global_step"] == 2
+
+
+def test_bundled_teacher_is_a_fair_esm_checkpoint():
+    path = EXAMPLES / "teacher" / "tiny_esm1b_t4_192.pt"
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        model, alphabet = esm.pretrained.load_model_and_alphabet_local(str(path))
+    assert model.model_version == "ESM-1b" and model.num_layers == 4 and model.args.embed_dim == 192
+
+
+def test_perplexity_for_bundles_and_fair_esm_checkpoints_agree_on_the_same_weights(tmp_path, tiny_esm1b):
+    fasta = EXAMPLES / "valid.fasta"
+    res = runner.invoke(app, ["perplexity", str(tiny_esm1b), str(fasta)])
+    assert res.exit_code == 0, res.output
+    as_pt = json.loads(res.stdout)
+    # The same weights as a bundle give the same number (same fixed evaluation masking).
+    from distill.pretrained import load_pretrained
+
+    save_bundle(tmp_path / "b", load_pretrained(str(tiny_esm1b)), None)
+    res = runner.invoke(app, ["perplexity", str(tmp_path / "b"), str(fasta)])
+    as_bundle = json.loads(res.stdout)
+    assert as_pt["perplexity"] == as_bundle["perplexity"] > 1
+    assert as_pt["sequences"] == 216 and as_pt["masked_positions"] > 2000
+
+
+def test_export_esm_writes_a_loadable_pair(tmp_path):
+    torch.manual_seed(0)
+    save_bundle(tmp_path / "b", ESM(ModelConfig(layers=1, dim=16, heads=2, ffn=32)), "custom")
+    res = runner.invoke(app, ["export", "esm", str(tmp_path / "b"), "-o", str(tmp_path / "s.pt")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "s-contact-regression.pt").is_file()
+    res = runner.invoke(app, ["export", "esm", str(tmp_path / "missing"), "-o", str(tmp_path / "t.pt")])
+    assert res.exit_code == 2 and "is not a directory" in res.output
+    assert load_bundle(tmp_path / "b")[0].cfg.dim == 16
