@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import random
 import sys
 from pathlib import Path
 
@@ -34,13 +33,11 @@ def tiny_esm2(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def real_sequences() -> list[str]:
-    """Real proteins of mixed lengths: SCOPe domains (20-300 aa) from the staged data."""
+    """Six real proteins at the length quantiles (23-300 aa) from the bundled sample."""
     from distill.fasta import read_fasta
 
-    records = list(read_fasta(shared("scope/astral-scopedom-40-2.07.shared85.fa")))
-    rng = random.Random(0)
-    picks = rng.sample([r.sequence for r in records if len(r.sequence) <= 300], 6)
-    return sorted(picks, key=len)
+    records = sorted((r.sequence for r in read_fasta(EXAMPLES / "train.fasta") if len(r.sequence) <= 300), key=len)
+    return [records[round(q * (len(records) - 1))] for q in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)]  # length quantiles
 
 
 def write_fasta(path: Path, records: list[tuple[str, str]]) -> Path:
@@ -50,10 +47,10 @@ def write_fasta(path: Path, records: list[tuple[str, str]]) -> Path:
 
 @pytest.fixture
 def small_fasta(tmp_path) -> Path:
-    """60 real Pfam domains (3 families) for quick training runs."""
+    """60 real Pfam domains (SH3, WW, zf-C2H2: 20 each) from the bundled sample, for quick training runs."""
     from distill.fasta import read_fasta
 
-    records = []
-    for fam in ("PF00018", "PF00397", "PF00096"):
-        records += [(r.id, r.sequence) for r in list(read_fasta(shared(f"pfam_families/{fam}.fasta")))[:20]]
+    families = ("PF00018", "PF00397", "PF00096")
+    records = [(r.id, r.sequence) for r in read_fasta(EXAMPLES / "train.fasta") if r.description in families]
+    assert len(records) == 60
     return write_fasta(tmp_path / "small.fasta", records)
