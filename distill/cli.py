@@ -122,6 +122,43 @@ def _resume_config(resume: Path, given: dict):
     return FitConfig.from_json({**saved, **overrides, "out": str(resume)})
 
 
+@app.command("teacher-cache")
+def teacher_cache_cmd(
+    data: Annotated[Path, typer.Argument(help="The training FASTA the students will use (the whole file; any validation split works).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Cache directory (an interrupted build resumes into it).")],
+    teacher: Annotated[str, typer.Option(help="fair-esm model name or path to a fair-esm .pt.")] = "esm1b_t33_650M_UR50S",
+    views: Annotated[int, typer.Option(help="K fixed maskings per sequence; training epoch e uses view e mod K.")] = 1,
+    seed: Annotated[int, typer.Option(help="Masking seed: must equal the --seed of the runs that use the cache.")] = 0,
+    mask_rate: Annotated[float, typer.Option(help="Fraction of residues masked: must equal the runs' --mask-rate.")] = 0.15,
+    max_tokens: Annotated[int, typer.Option(help="Token budget of one teacher forward pass.")] = 8192,
+    shard_size: Annotated[int, typer.Option(help="Records per shard file.")] = 4096,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Run the teacher once over K maskings of DATA and store its logits, for any number of students."""
+    from distill import data as data_mod
+    from distill import teacher_cache
+    from distill.train import Distributed, load_teacher, pick_device
+
+    try:
+        if views < 1 or shard_size < 1:
+            raise ValueError("--views and --shard-size must be at least 1")
+        dev = pick_device(device, Distributed())
+        seqs = data_mod.load_fasta(data)
+        net, sha = load_teacher(teacher, dev)
+        key = teacher_cache.CacheKey(
+            teacher=teacher, teacher_sha256=sha, data_sha256=data_mod.dataset_fingerprint(data),
+            n_records=len(seqs), mask_rate=mask_rate, seed=seed, views=views,
+        )  # fmt: skip
+        stats = teacher_cache.build(seqs, net, key, output, max_tokens, dev, shard_size, quiet)
+    except USER_ERRORS as e:
+        _fail(e)
+    console.print(
+        f"teacher cache {output}: {views} view(s) of {len(seqs)} sequences, {stats['bytes'] / 1e6:.1f} MB, "
+        f"teacher ran {stats['seconds']:.1f}s ({stats['tokens'] / max(stats['seconds'], 1e-9):,.0f} tokens/s)"
+    )
+
+
 @app.command()
 def perplexity(
     model: Annotated[str, typer.Argument(help="Student bundle directory, fair-esm model name, or fair-esm .pt.")],

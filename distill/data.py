@@ -35,6 +35,7 @@ EVAL_SEED = 20240601  # fixed masking seed of every evaluation, so perplexities 
 class SequenceSet:
     ids: list[str]
     seqs: list[np.ndarray]  # residue token ids (uint8), no BOS/EOS, uncropped
+    keys: np.ndarray  # each record's index in its FASTA file: the key of its masks (and cache rows)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -43,7 +44,7 @@ class SequenceSet:
         return np.minimum(np.array([len(s) for s in self.seqs], dtype=np.int64), tokens.MAX_RESIDUES)
 
     def subset(self, index: np.ndarray) -> SequenceSet:
-        return SequenceSet([self.ids[i] for i in index], [self.seqs[i] for i in index])
+        return SequenceSet([self.ids[i] for i in index], [self.seqs[i] for i in index], self.keys[index])
 
 
 def load_fasta(path: Path) -> SequenceSet:
@@ -53,7 +54,7 @@ def load_fasta(path: Path) -> SequenceSet:
         seqs.append(tokens.encode(record.sequence))
     if not ids:
         raise ValueError(f"{path} holds no FASTA records")
-    return SequenceSet(ids, seqs)
+    return SequenceSet(ids, seqs, np.arange(len(ids)))
 
 
 def dataset_fingerprint(path: Path) -> str:

@@ -6,6 +6,9 @@
   the softmax, so both are distributions over the 25 residue letters; otherwise the student would
   be taught the teacher's arbitrary mass on tokens that never occur at a masked position.
 
+The teacher side is always given as logits over the 25 residue tokens (``tokens.RESIDUE_IDS`` order):
+the live teacher is sliced to them, and the teacher-logit cache stores exactly them.
+
 Both terms are returned as *sums* over positions, divided by ``normalizer`` -- the number of
 masked positions in the whole optimizer step -- so gradient accumulation over micro-batches and
 across processes gives exactly the loss of one big batch.
@@ -28,27 +31,31 @@ class LossParts:
     kd: torch.Tensor  # sum of KL divergences / normalizer (before the T^2 factor)
 
 
-def kd_kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Sum over rows of KL(softmax(z_t/T) || softmax(z_s/T)) restricted to the residue tokens."""
-    residues = tokens.RESIDUE_IDS.to(student_logits.device)
-    log_p_s = F.log_softmax(student_logits.float()[:, residues] / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float()[:, residues] / temperature, dim=-1)
+def residue_logits(logits: torch.Tensor) -> torch.Tensor:
+    """[..., 33] -> [..., 25]: the columns of the tokens that can be MLM targets."""
+    return logits[..., tokens.RESIDUE_IDS.to(logits.device)]
+
+
+def kd_kl_sum(student_logits: torch.Tensor, teacher_residue_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Sum over rows of KL(softmax(z_t/T) || softmax(z_s/T)) over the residue tokens."""
+    log_p_s = F.log_softmax(residue_logits(student_logits).float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_residue_logits.float() / temperature, dim=-1)
     return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum")
 
 
 def distillation_loss(
     student_logits: torch.Tensor,
     targets: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
+    teacher_residue_logits: torch.Tensor | None,
     lam: float,
     temperature: float,
     normalizer: int,
 ) -> LossParts:
-    """``student_logits`` [N, V] and ``teacher_logits`` [N, V] at the N masked positions; ``targets`` [N]."""
+    """``student_logits`` [N, 33] and ``teacher_residue_logits`` [N, 25] at the N masked positions; ``targets`` [N]."""
     mlm = F.cross_entropy(student_logits.float(), targets, reduction="sum") / normalizer
-    if teacher_logits is None or lam == 0:
+    if teacher_residue_logits is None or lam == 0:
         kd = mlm.new_zeros(())
     else:
-        kd = kd_kl_sum(student_logits, teacher_logits, temperature) / normalizer
+        kd = kd_kl_sum(student_logits, teacher_residue_logits, temperature) / normalizer
     total = (1 - lam) * mlm + lam * temperature**2 * kd
     return LossParts(total, mlm, kd)

@@ -37,11 +37,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from safetensors.torch import load_model, save_model
 
-from distill import data
+from distill import data, teacher_cache
 from distill.bundle import save_bundle
 from distill.evaluate import autocast, perplexity
 from distill.io import atomic_write_json, atomic_write_text
-from distill.losses import distillation_loss
+from distill.losses import distillation_loss, residue_logits
 from distill.model import ESM, PRESETS, ModelConfig, build_student
 from distill.pretrained import DEFAULT_TEACHER, load_pretrained
 
@@ -63,6 +63,8 @@ class FitConfig:
     heads: int | None = None
     ffn: int | None = None
     teacher: str = DEFAULT_TEACHER
+    teacher_cache: str | None = None  # read teacher logits from `distill teacher-cache` output instead
+    mask_views: int | None = None  # K fixed maskings cycled over epochs (set by the cache); None = new masks each epoch
     temperature: float = 2.0
     lam: float = 0.5
     epochs: int | None = None  # preset default
@@ -168,10 +170,26 @@ def pick_device(name: str, dist: Distributed) -> torch.device:
     return torch.device(name)
 
 
-def load_teacher(spec: str, device: torch.device) -> ESM:
-    """Frozen teacher: eval mode, no gradients, bf16 on CUDA."""
+def load_teacher(spec: str, device: torch.device) -> tuple[ESM, str]:
+    """Frozen teacher (eval mode, no gradients, bf16 on CUDA) and the sha256 of its weights."""
     teacher = load_pretrained(spec).eval().requires_grad_(False)
-    return teacher.to(device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    sha = teacher_cache.weights_sha256(teacher)
+    return teacher.to(device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32), sha
+
+
+def open_cache(cfg: FitConfig, n_records: int) -> teacher_cache.TeacherCache:
+    """The run's teacher cache, checked against the run's data, masking, seed and teacher."""
+    if cfg.lam == 0:
+        raise ValueError("--teacher-cache is only used by distillation; --lam 0 trains without a teacher")
+    cache = teacher_cache.TeacherCache(Path(cfg.teacher_cache))
+    if cfg.teacher != DEFAULT_TEACHER and cfg.teacher != cache.key.teacher:
+        raise teacher_cache.CacheMismatch(f"--teacher {cfg.teacher} differs from the cache's teacher {cache.key.teacher}")
+    expected = teacher_cache.CacheKey(
+        teacher=cache.key.teacher, teacher_sha256=cache.key.teacher_sha256, data_sha256=data.dataset_fingerprint(Path(cfg.data)),
+        n_records=n_records, mask_rate=cfg.mask_rate, seed=cfg.seed, views=cfg.mask_views or cache.key.views,
+    )  # fmt: skip
+    cache.check(expected)
+    return cache
 
 
 def lr_lambda(warmup: int, total: int):
@@ -263,6 +281,12 @@ class FitResult:
     completed: bool  # False when stopped by Ctrl-C/SIGTERM or --max-steps (resumable)
 
 
+def _describe_teacher(cfg: FitConfig, teacher: ESM | None) -> str:
+    if cfg.teacher_cache:
+        return f"{cfg.teacher} from cache {cfg.teacher_cache} ({cfg.mask_views} views)"
+    return f"{cfg.teacher} ({teacher.num_parameters() / 1e6:.1f}M)" if teacher else "none (lam=0, vanilla MLM)"
+
+
 def fit(cfg: FitConfig, resume: bool = False) -> FitResult:
     cfg = cfg.resolved()
     dist = Distributed.from_env()
@@ -274,6 +298,7 @@ def fit(cfg: FitConfig, resume: bool = False) -> FitResult:
 
     # ---- data -------------------------------------------------------------------------------
     train_set = data.load_fasta(Path(cfg.data))
+    n_records = len(train_set)
     if cfg.valid:
         valid_set = data.load_fasta(Path(cfg.valid))
     elif cfg.valid_fraction > 0:
@@ -291,7 +316,13 @@ def fit(cfg: FitConfig, resume: bool = False) -> FitResult:
     # ---- models -----------------------------------------------------------------------------
     model_cfg = cfg.model_config()
     model = build_student(model_cfg, seed=cfg.seed).to(device)
-    teacher = load_teacher(cfg.teacher, device) if cfg.lam > 0 else None  # lam = 0: vanilla MLM
+    teacher = cache = None
+    teacher_sha = None
+    if cfg.teacher_cache:
+        cache = open_cache(cfg, n_records)
+        cfg.teacher, cfg.mask_views, teacher_sha = cache.key.teacher, cache.key.views, cache.key.teacher_sha256
+    elif cfg.lam > 0:
+        teacher, teacher_sha = load_teacher(cfg.teacher, device)  # lam = 0: vanilla MLM, no teacher
     net = torch.nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total_steps))
@@ -312,7 +343,9 @@ def fit(cfg: FitConfig, resume: bool = False) -> FitResult:
         "data_sha256": data.dataset_fingerprint(Path(cfg.data)),
         "n_train": len(train_set),
         "n_valid": len(valid_set) if valid_set else 0,
-        "teacher": cfg.teacher if teacher is not None else None,
+        "teacher": cfg.teacher if cfg.lam > 0 else None,
+        "teacher_sha256": teacher_sha,
+        "teacher_cache": cfg.teacher_cache,
         "lam": cfg.lam,
         "temperature": cfg.temperature,
         "epochs": cfg.epochs,
@@ -321,7 +354,7 @@ def fit(cfg: FitConfig, resume: bool = False) -> FitResult:
     }
     console.print(
         f"student {model_cfg.layers}x{model_cfg.dim} ({model.num_parameters() / 1e6:.2f}M params), "
-        f"teacher {cfg.teacher + f' ({teacher.num_parameters() / 1e6:.1f}M)' if teacher else 'none (lam=0, vanilla MLM)'}, "
+        f"teacher {_describe_teacher(cfg, teacher)}, "
         f"{len(train_set)} train / {summary['n_valid']} valid sequences, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
         f"device {device}" + (f", {dist.world} processes" if dist.world > 1 else "")
     )
@@ -361,6 +394,7 @@ def fit(cfg: FitConfig, resume: bool = False) -> FitResult:
     with StopRequested() as stop, progress:
         while counters["epoch"] < cfg.epochs:
             epoch = counters["epoch"]
+            view = epoch % cfg.mask_views if cfg.mask_views else epoch  # which masking this epoch sees
             plan = data.plan_epoch(lengths, cfg.batch_size, cfg.seed, epoch)
             epoch_real = epoch_padded = 0
             while counters["step_in_epoch"] < len(plan):
@@ -368,7 +402,8 @@ def fit(cfg: FitConfig, resume: bool = False) -> FitResult:
                 t0 = time.perf_counter()
                 # Every rank masks the whole step (cheap) so all know its number of targets.
                 examples = {
-                    int(i): data.masked_example(train_set.seqs[i], cfg.seed, epoch, int(i), cfg.mask_rate, train=True) for i in step_idx
+                    int(i): data.masked_example(train_set.seqs[i], cfg.seed, view, int(train_set.keys[i]), cfg.mask_rate, train=True)
+                    for i in step_idx
                 }
                 n_targets = sum(int((lab != data.IGNORE).sum()) for _, lab in examples.values())
                 by_length = sorted(examples, key=lambda i: (lengths[i], i))
@@ -388,7 +423,12 @@ def fit(cfg: FitConfig, resume: bool = False) -> FitResult:
                         with autocast(device):
                             s_logits = net(toks)["logits"][sel]
                             with torch.no_grad():
-                                t_logits = teacher(toks)["logits"][sel] if teacher is not None else None
+                                if cache is not None:
+                                    t_logits = cache.logits(view, [int(train_set.keys[i]) for i in group]).to(device)
+                                elif teacher is not None:
+                                    t_logits = residue_logits(teacher(toks)["logits"][sel])
+                                else:
+                                    t_logits = None
                         parts = distillation_loss(s_logits, labels[sel], t_logits, cfg.lam, cfg.temperature, n_targets)
                         # DDP averages gradients over ranks; scale so the result is the global-batch mean.
                         (parts.total * dist.world * weight).backward()

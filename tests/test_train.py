@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from distill import data
 from distill.cli import app
-from distill.losses import distillation_loss
+from distill.losses import distillation_loss, residue_logits
 from distill.model import ESM, ModelConfig
 from distill.train import FitConfig, fit, load_teacher
 
@@ -58,14 +58,15 @@ def test_distillation_lowers_the_loss_on_real_sequences(small_fasta, tiny_esm1b,
 
 
 def test_teacher_is_frozen_and_gradients_reach_the_student_only(tiny_esm1b, real_sequences):
-    teacher = load_teacher(str(tiny_esm1b), torch.device("cpu"))
+    teacher, sha = load_teacher(str(tiny_esm1b), torch.device("cpu"))
+    assert len(sha) == 64
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     student = ESM(ModelConfig(layers=2, dim=32, heads=4, ffn=64))
     examples = [data.masked_example(data.tokens.encode(s), 0, 0, i, 0.15, True) for i, s in enumerate(real_sequences)]
     batch = data.collate(examples, list(range(len(examples))))
     sel = batch.labels != data.IGNORE
     with torch.no_grad():
-        t = teacher(batch.tokens)["logits"][sel]
+        t = residue_logits(teacher(batch.tokens)["logits"][sel])
     loss = distillation_loss(student(batch.tokens)["logits"][sel], batch.labels[sel], t, 0.5, 2.0, batch.n_targets)
     loss.total.backward()
     assert all(p.grad is None for p in teacher.parameters())
