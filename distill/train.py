@@ -459,6 +459,8 @@ def fit(cfg: FitConfig, resume: bool = False) -> FitResult:
                     "ppl": math.exp(min(mlm, 50)),
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm,
+                    "seconds": elapsed,
+                    "tokens": real,
                     "tokens_per_s": real / elapsed,
                     "padding": 1 - real / padded,
                     "seqs": len(step_idx),
