@@ -212,6 +212,49 @@ def export_esm(
     console.print(f"wrote {paths[0]} and {paths[1]}")
 
 
+@export_app.command("onnx")
+def export_onnx(
+    model: Annotated[str, typer.Argument(help="Student bundle directory, or a fair-esm model name / .pt (ESM-1b comparison backend).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output .onnx (fp32); variants are written beside it.")],
+    opset: Annotated[int, typer.Option(help="ONNX opset of the fp32 graph (17-21).")] = 18,
+    fp16: Annotated[bool, typer.Option(help="Also write NAME.fp16.onnx (fp16 weights and compute, fp32 I/O).")] = False,
+    int8: Annotated[bool, typer.Option(help="Also write NAME.int8.onnx (ONNX Runtime dynamic int8 quantisation).")] = False,
+    optimize: Annotated[
+        bool, typer.Option(help="Also write NAME.opt.onnx (ONNX Runtime transformer fusions), kept only if parity holds.")
+    ] = False,
+    trt: Annotated[bool, typer.Option(help="Also write NAME.trt.onnx for TensorRT (opset 17, int32 input, checked op list).")] = False,
+    heads: Annotated[bool, typer.Option(help="Include classification heads (Pfam/SCOPe) from the bundle.")] = False,
+) -> None:
+    """Export a student (or ESM-1b) to ONNX: checked graph, parity report, optional fp16/int8/optimized/TensorRT variants."""
+    from distill.bundle import load_any
+    from export.onnx import TRT_PROFILE, ExportError, export, source_of, trt_readiness
+
+    try:
+        if heads:
+            raise ExportError(
+                "this bundle has no classification heads: heads are added by `distill probe` (not yet available); export without --heads"
+            )
+        net, _ = load_any(model)
+        result = export(net, output, source_of(model), opset, fp16, int8, optimize, trt)
+    except (*USER_ERRORS, ExportError) as e:
+        _fail(e)
+    print(f"{'variant':8s} {'file':40s} {'MB':>7s}  {'max|d logits|':>13s} {'max|d emb|':>11s} {'min cos':>9s} {'top-1 masked':>12s}")
+    for r in result.reports:
+        path = result.paths[r.variant]
+        m = r.metrics
+        print(f"{r.variant:8s} {str(path):40s} {path.stat().st_size / 1e6:7.2f}  {m['max_abs_logits']:13.2e} "
+              f"{m['max_abs_sequence_embedding']:11.2e} {m['min_cosine_sequence_embedding']:9.6f} {m['min_top1_masked']:12.1%}")  # fmt: skip
+    for variant, why in result.dropped.items():
+        print(f"{variant:8s} dropped: parity did not hold ({why})")
+    problems = trt_readiness(result.paths["fp32"])
+    if "trt" in result.paths:
+        lo, opt, hi = (f"tokens:{b}x{n}" for b, n in TRT_PROFILE.values())
+        print(f"TensorRT: {result.paths['trt']} is ready; build an engine with:\n  trtexec --onnx={result.paths['trt']} "
+              f"--minShapes={lo} --optShapes={opt} --maxShapes={hi} --fp16 --saveEngine={result.paths['trt'].with_suffix('.plan')}")  # fmt: skip
+    else:
+        print(f"TensorRT: the fp32 graph is not TensorRT 8.5-ready ({'; '.join(problems)}); add --trt for a graph that is")
+
+
 def main() -> None:
     app(prog_name="distill")
 

@@ -196,7 +196,7 @@ class ESM(nn.Module):
         ``representations[num_layers]``).
         """
         cfg = self.cfg
-        if toks.shape[1] > cfg.max_positions and self.embed_positions is not None:
+        if not torch.compiler.is_compiling() and toks.shape[1] > cfg.max_positions and self.embed_positions is not None:
             raise ValueError(f"{toks.shape[1]} tokens exceed the model's {cfg.max_positions} positions")
         padding_mask = toks.eq(cfg.padding_idx)
         x = self.embed_tokens(toks)
@@ -213,11 +213,22 @@ class ESM(nn.Module):
         x = x * (~padding_mask).unsqueeze(-1).to(x.dtype)
 
         # SDPA boolean mask: True = may attend. Only keys are masked, so pad rows stay finite.
-        attn_mask = (~padding_mask)[:, None, None, :] if padding_mask.any() else None
+        # Always passed (no "any padding?" branch): one graph for every batch, exportable to ONNX.
+        attn_mask = (~padding_mask)[:, None, None, :]
         for layer in self.layers:
             x = layer(x, attn_mask)
         x = self.emb_layer_norm_after(x)
         return {"logits": self.lm_head(x), "representations": x}
+
+
+def sequence_embedding(representations: torch.Tensor, toks: torch.Tensor) -> torch.Tensor:
+    """[batch, length, dim] -> [batch, dim]: mean over real residues only (no BOS, EOS or padding).
+
+    The one definition of a protein's embedding, shared by PyTorch code and the ONNX graph.
+    """
+    real = toks.ne(tokens.PAD) & toks.ne(tokens.CLS) & toks.ne(tokens.EOS)
+    weight = real.unsqueeze(-1).to(representations.dtype)
+    return (representations * weight).sum(1) / weight.sum(1).clamp_min(1.0)
 
 
 def build_student(cfg: ModelConfig, seed: int | None = None) -> ESM:

@@ -1,1 +1,1 @@
-"""Filled by a later issue; see the README roadmap."""
+"""ONNX export (onnx.py) and the ONNX Runtime inference class (runtime.py)."""

@@ -1,0 +1,329 @@
+"""Student bundles (or ESM-1b) to ONNX graphs with one documented contract, checked on every export.
+
+Graph contract (version 1), also written into the ONNX metadata:
+
+    input   tokens              int64 [batch, length] (int32 for --trt), ESM-1b alphabet, right-padded
+                                with <pad> (1), <cls> ... <eos> around each sequence, length <= 1024
+    output  logits              float32 [batch, length, 33]
+            residue_embeddings  float32 [batch, length, dim]  last layer, after the final layer norm
+            sequence_embedding  float32 [batch, dim]          mean over real residues (no BOS/EOS/pad)
+
+Padding never changes an output at a real position. Variants written beside the fp32 graph:
+``.fp16.onnx`` (weights and compute in fp16, fp32 inputs/outputs), ``.int8.onnx`` (ONNX Runtime dynamic
+quantisation of the MatMul weights), ``.opt.onnx`` (ONNX Runtime transformer fusions), ``.trt.onnx``
+(opset 17, int32 input, layer norm decomposed: every op is in the TensorRT 8.5 parser's list).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+
+from distill import data, tokens
+from distill.fasta import read_fasta
+from distill.io import sha256_file
+from distill.model import ESM, sequence_embedding
+
+CONTRACT_VERSION = 1
+OUTPUTS = ["logits", "residue_embeddings", "sequence_embedding"]
+HERE = Path(__file__).resolve().parent
+TRT_OPS_FILE = HERE / "tensorrt_ops.txt"
+PARITY_FASTA = HERE / "parity.fasta"
+# TensorRT optimisation profile for `tokens` (batch x length): documented in the README with trtexec.
+TRT_PROFILE = {"min": (1, 3), "opt": (32, 256), "max": (64, 1024)}
+THRESHOLDS = {  # the checks every export must pass
+    "fp32": {"max_abs_logits": 1e-4, "max_abs_sequence_embedding": 1e-4},
+    "opt": {"max_abs_logits": 1e-4, "max_abs_sequence_embedding": 1e-4},
+    "trt": {"max_abs_logits": 1e-4, "max_abs_sequence_embedding": 1e-4},
+    "fp16": {"min_cosine_sequence_embedding": 0.999},
+    "int8": {"min_cosine_sequence_embedding": 0.99, "min_top1_masked": 0.98},
+}
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be made or fails a check; nothing is left behind."""
+
+
+class GraphModule(nn.Module):
+    """The graph contract in PyTorch: tokens -> (logits, residue_embeddings, sequence_embedding)."""
+
+    def __init__(self, model: ESM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, toks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        toks = toks.long()  # the --trt graph takes int32
+        out = self.model(toks)
+        return out["logits"], out["representations"], sequence_embedding(out["representations"], toks)
+
+
+class DecomposedLayerNorm(nn.Module):
+    """LayerNorm as primitive ops (ReduceMean, Sub, Pow, Sqrt, Div): TensorRT 8.5 has no LayerNormalization."""
+
+    def __init__(self, ln: nn.LayerNorm):
+        super().__init__()
+        self.weight, self.bias, self.eps = ln.weight, ln.bias, ln.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mu = x.mean(-1, keepdim=True)
+        var = (x - mu).pow(2).mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(var + self.eps) * self.weight + self.bias
+
+
+def _decompose_layer_norms(model: ESM) -> ESM:
+    model = copy.deepcopy(model)
+    for _, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.LayerNorm):
+                setattr(module, child_name, DecomposedLayerNorm(child))
+    return model
+
+
+def _export_graph(model: ESM, path: Path, opset: int, int32: bool) -> None:
+    example = tokens.pad_batch([tokens.encode("MKTAYIAKQRQISFVKSHFSRQ"), tokens.encode("MKV")])
+    example = example.int() if int32 else example
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=model.cfg.max_positions)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if opset == 17:
+            # The dynamo exporter builds opset 18 and cannot down-convert; TorchScript's emits 17 natively.
+            dims = {"tokens": {0: "batch", 1: "length"}, "logits": {0: "batch", 1: "length"},
+                    "residue_embeddings": {0: "batch", 1: "length"}, "sequence_embedding": {0: "batch"}}  # fmt: skip
+            torch.onnx.export(GraphModule(model).eval(), (example,), str(path), dynamo=False, opset_version=17,
+                              input_names=["tokens"], output_names=OUTPUTS, dynamic_axes=dims)  # fmt: skip
+            return
+        program = torch.onnx.export(
+            GraphModule(model).eval(), (example,), dynamo=True, opset_version=opset, input_names=["tokens"],
+            output_names=OUTPUTS, dynamic_shapes={"toks": {0: batch, 1: length}}, verbose=False,
+        )  # fmt: skip
+    program.save(str(path), external_data=model.num_parameters() * 4 > 1.8e9)  # protobuf's 2 GB limit
+
+
+def _set_metadata(path: Path, meta: dict[str, Any]) -> None:
+    proto = onnx.load(str(path), load_external_data=False)
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v if isinstance(v, str) else json.dumps(v))
+    onnx.save(proto, str(path))
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    proto = onnx.load(str(path), load_external_data=False)
+    out = {}
+    for p in proto.metadata_props:
+        try:
+            out[p.key] = json.loads(p.value)
+        except json.JSONDecodeError:
+            out[p.key] = p.value
+    return out
+
+
+def check_graph(path: Path) -> None:
+    """onnx.checker (full check) and strict shape inference; the contract's outputs must be there."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        inferred = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ExportError(f"{path} fails the ONNX checker / shape inference: {e}") from e
+    names = [o.name for o in inferred.graph.output]
+    if names[:3] != OUTPUTS:
+        raise ExportError(f"{path} outputs {names}, the contract needs {OUTPUTS}")
+
+
+def trt_readiness(path: Path) -> list[str]:
+    """Problems that would stop TensorRT's ONNX parser (empty list = ready)."""
+    lines = [line.strip() for line in TRT_OPS_FILE.read_text().splitlines()]
+    supported = {line for line in lines if line and not line.startswith("#")}
+    max_opset = int(next(line.split(":")[1] for line in lines if line.startswith("# max_opset")))
+    proto = onnx.load(str(path), load_external_data=False)
+    problems = []
+    opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset > max_opset:
+        problems.append(f"opset {opset} > {max_opset}")
+    unsupported = sorted({n.op_type for n in proto.graph.node if n.op_type not in supported or n.domain not in ("", "ai.onnx")})
+    if unsupported:
+        problems.append(f"ops not in the TensorRT parser's list: {', '.join(unsupported)}")
+    constants = {i.name for i in proto.graph.initializer} | {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    must_be_constant = {"CumSum": [1], "Slice": [3], "Squeeze": [1], "Unsqueeze": [1]}
+    for n in proto.graph.node:
+        for i in must_be_constant.get(n.op_type, []):
+            if len(n.input) > i and n.input[i] and n.input[i] not in constants:
+                problems.append(f"{n.op_type} {n.name}: input {i} must be a constant for TensorRT")
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+        symbolic = {d for d in dims if isinstance(d, str)}
+        if not symbolic <= {"batch", "length"}:
+            problems.append(f"{value.name} has data-dependent dimensions {sorted(symbolic - {'batch', 'length'})}")
+    if proto.graph.input[0].type.tensor_type.elem_type != onnx.TensorProto.INT32:
+        problems.append("input tokens is int64 (TensorRT prefers int32: export with --trt)")
+    return problems
+
+
+def parity_sequences() -> list[str]:
+    """12 real SCOPe 2.07 domains of 20-880 residues (provenance: examples/SOURCES.md)."""
+    return [r.sequence for r in read_fasta(PARITY_FASTA)]
+
+
+@dataclass
+class Parity:
+    variant: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+
+def parity(model: ESM, path: Path, variant: str, sequences: list[str] | None = None) -> Parity:
+    """Compare the graph with PyTorch on real sequences of mixed lengths (masked like evaluation)."""
+    import onnxruntime as ort
+
+    seqs = sequences or parity_sequences()
+    examples = [data.masked_example(tokens.encode(s), data.EVAL_SEED, 0, i, 0.15, train=False) for i, s in enumerate(seqs)]
+    batch = data.collate(examples, list(range(len(seqs))))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = batch.tokens.numpy().astype(np.int32 if session.get_inputs()[0].type == "tensor(int32)" else np.int64)
+    logits, residues, pooled = session.run(OUTPUTS, {"tokens": feed})
+    with torch.no_grad():
+        ref = GraphModule(model.float().eval())(batch.tokens)
+    ref_logits, _, ref_pooled = (t.numpy() for t in ref)
+    real = batch.tokens.ne(tokens.PAD).numpy()
+    masked = (batch.labels != data.IGNORE).numpy()
+    cos = (pooled * ref_pooled).sum(-1) / (np.linalg.norm(pooled, axis=-1) * np.linalg.norm(ref_pooled, axis=-1))
+    m = {
+        "max_abs_logits": float(np.abs(logits - ref_logits)[real].max()),
+        "max_abs_sequence_embedding": float(np.abs(pooled - ref_pooled).max()),
+        "min_cosine_sequence_embedding": float(cos.min()),
+        "min_top1_masked": float((logits.argmax(-1) == ref_logits.argmax(-1))[masked].mean()),
+    }
+    # Padding invariance: each sequence alone gives what it gave inside the padded batch.
+    worst = 0.0
+    for row in range(min(4, len(seqs))):
+        alone = feed[row : row + 1, : int(real[row].sum())]
+        worst = max(worst, float(np.abs(session.run(["sequence_embedding"], {"tokens": alone})[0][0] - pooled[row]).max()))
+    m["padding_max_abs_sequence_embedding"] = worst
+    failures = []
+    for name, bound in THRESHOLDS[variant].items():
+        ok = m[name] <= bound if name.startswith("max") else m[name] >= bound
+        if not ok:
+            failures.append(f"{name} = {m[name]:.3g} (needs {'<=' if name.startswith('max') else '>='} {bound})")
+    pad_bound = 1e-4 if variant in ("fp32", "opt", "trt") else 1e-2
+    if worst > pad_bound:
+        failures.append(f"padding changes sequence_embedding by {worst:.3g} (needs <= {pad_bound})")
+    return Parity(variant, m, failures)
+
+
+@dataclass
+class ExportResult:
+    paths: dict[str, Path]
+    reports: list[Parity]
+    trt_problems: list[str]
+    dropped: dict[str, str]
+
+
+def _variant_path(out: Path, variant: str) -> Path:
+    return out if variant == "fp32" else out.with_name(f"{out.stem}.{variant}.onnx")
+
+
+def export(
+    model: ESM,
+    out: Path,
+    source: dict[str, Any],
+    opset: int = 18,
+    fp16: bool = False,
+    int8: bool = False,
+    optimize: bool = False,
+    trt: bool = False,
+) -> ExportResult:
+    """Write the fp32 graph (and the asked-for variants), check each; a failed check removes them all."""
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise ExportError(f"output must end in .onnx: {out}")
+    if not out.parent.exists() or not os.access(out.parent, os.W_OK):
+        raise ExportError(f"cannot write to {out.parent}: directory missing or not writable")
+    if not 17 <= opset <= 21:
+        raise ExportError(f"--opset {opset} is not supported: choose 17 to 21 (ONNX Runtime {_ort_version()} runs those)")
+    model = model.float().eval()
+    meta = {
+        "esm_distill_contract": CONTRACT_VERSION,
+        "inputs": {"tokens": "int64 [batch, length], ESM-1b alphabet, <cls> ... <eos>, right-padded with <pad>"},
+        "outputs": OUTPUTS,
+        "alphabet": tokens.alphabet().all_toks,
+        "architecture": model.cfg.to_dict(),
+        "parameters": model.num_parameters(),
+        "labels": {},
+        **source,
+    }
+    variants = ["fp32"] + [v for v, on in (("opt", optimize), ("fp16", fp16), ("int8", int8), ("trt", trt)) if on]
+    written: dict[str, Path] = {}
+    reports, dropped = [], {}
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.stem}.") as tmp_dir:
+        tmp = Path(tmp_dir)
+        for variant in variants:
+            path = tmp / f"{variant}.onnx"
+            if variant == "fp32":
+                _export_graph(model, path, opset, int32=False)
+            elif variant == "trt":
+                _export_graph(_decompose_layer_norms(model), path, 17, int32=True)
+            elif variant == "fp16":
+                from onnxruntime.transformers.float16 import convert_float_to_float16
+
+                onnx.save(convert_float_to_float16(onnx.load(str(tmp / "fp32.onnx")), keep_io_types=True), str(path))
+            elif variant == "int8":
+                from onnxruntime.quantization import QuantType, quantize_dynamic
+
+                quantize_dynamic(str(tmp / "fp32.onnx"), str(path), weight_type=QuantType.QInt8)
+            elif variant == "opt":
+                from onnxruntime.transformers.optimizer import optimize_model
+
+                opt = optimize_model(
+                    str(tmp / "fp32.onnx"), model_type="bert", num_heads=model.cfg.heads, hidden_size=model.cfg.dim, opt_level=1
+                )
+                opt.save_model_to_file(str(path))
+            _set_metadata(
+                path, {**meta, "variant": variant, **({"inputs": {"tokens": "int32 [batch, length]"}} if variant == "trt" else {})}
+            )
+            if variant != "opt":  # ORT's fused ops (SkipLayerNormalization, ...) are not ONNX-standard
+                check_graph(path)
+            report = parity(model, path, variant)
+            if report.failures and variant == "opt":
+                dropped["opt"] = "; ".join(report.failures)  # keep the optimizer only if parity holds
+                continue
+            if report.failures:
+                raise ExportError(f"{variant} graph fails parity with PyTorch: {'; '.join(report.failures)}")
+            reports.append(report)
+            written[variant] = path
+        trt_problems = trt_readiness(written["trt"]) if "trt" in written else []
+        if trt_problems:
+            raise ExportError("--trt graph is not TensorRT-ready: " + "; ".join(trt_problems))
+        final = {}
+        for variant, path in written.items():  # all checks passed: move into place
+            dest = _variant_path(out, variant)
+            os.replace(path, dest)
+            final[variant] = dest
+    return ExportResult(final, reports, trt_problems, dropped)
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def source_of(spec: str) -> dict[str, Any]:
+    """Provenance for the metadata: bundle (hash of its weights) or fair-esm model."""
+    p = Path(spec)
+    if p.is_dir():
+        card = json.loads((p / "config.json").read_text())
+        return {"source": str(p), "source_sha256": sha256_file(p / "model.safetensors"), "preset": card.get("preset") or "custom"}
+    if p.suffix == ".pt" and p.is_file():
+        return {"source": str(p), "source_sha256": sha256_file(p), "preset": "fair-esm"}
+    return {"source": spec, "source_sha256": "", "preset": "fair-esm"}
