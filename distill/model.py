@@ -113,12 +113,12 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
         self.rot_emb = RotaryEmbedding(dim // heads) if rotary else None
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = (p(x).view(b, t, self.heads, d // self.heads).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         if self.rot_emb is not None:
             q, k = self.rot_emb(q, k)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype))
         return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -133,7 +133,7 @@ class TransformerLayer(nn.Module):
         self.fc2 = nn.Linear(cfg.ffn, cfg.dim)
         self.final_layer_norm = nn.LayerNorm(cfg.dim)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.self_attn_layer_norm(x), attn_mask)
         return x + self.fc2(gelu(self.fc1(self.final_layer_norm(x))))
 
@@ -212,9 +212,11 @@ class ESM(nn.Module):
             x = self.emb_layer_norm_before(x)
         x = x * (~padding_mask).unsqueeze(-1).to(x.dtype)
 
-        # SDPA boolean mask: True = may attend. Only keys are masked, so pad rows stay finite.
-        # Always passed (no "any padding?" branch): one graph for every batch, exportable to ONNX.
-        attn_mask = (~padding_mask)[:, None, None, :]
+        # Additive key-padding bias, [batch, 1, 1, length]: -1e4 on pad keys (exp underflows to exactly 0,
+        # and it is finite in fp16/bf16). Additive rather than boolean because a boolean mask exports to ONNX
+        # as a -inf fill plus a NaN scrub over the whole [batch, heads, L, L] score tensor (a third of ONNX
+        # Runtime's time). Always passed, with no "any padding?" branch: one graph for every batch.
+        attn_mask = padding_mask[:, None, None, :].to(x.dtype) * -1e4
         for layer in self.layers:
             x = layer(x, attn_mask)
         x = self.emb_layer_norm_after(x)
