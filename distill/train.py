@@ -26,7 +26,7 @@ import shutil
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,6 @@ class FitConfig:
     save_every_minutes: float = 10.0
     max_steps: int | None = None  # stop (with a checkpoint) after this many steps in this invocation
     quiet: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> FitConfig:
         batch, epochs = PRESET_TRAINING.get(self.preset, (64, 10))

@@ -23,6 +23,22 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
 
 
+def _published_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """fair-esm module names -> the published checkpoint's keys (contact head lives in its own file)."""
+    return {
+        ("encoder." if k.startswith("lm_head.") else "encoder.sentence_encoder.") + k: v.clone()
+        for k, v in model.state_dict().items()
+        if not k.startswith("contact_head.")
+    }
+
+
+def _write_regression(path: Path, n_attention_maps: int) -> None:
+    regression = {
+        "model": {"contact_head.regression.weight": 0.1 * torch.randn(1, n_attention_maps), "contact_head.regression.bias": torch.zeros(1)}
+    }
+    torch.save(regression, str(path.with_suffix("")) + "-contact-regression.pt")
+
+
 def esm1b_args(layers: int, dim: int, heads: int, ffn: int) -> argparse.Namespace:
     # The fields fair-esm reads, named as in the published fairseq args (plus some it ignores).
     return argparse.Namespace(
@@ -54,19 +70,8 @@ def write_tiny_esm1b(path: Path, layers: int = 2, dim: int = 32, heads: int = 4,
     fair_args.emb_layer_norm_before = True
     model = esm.model.esm1.ProteinBertModel(fair_args, alphabet)
     _randomise(model, seed)
-    state = {}
-    for k, v in model.state_dict().items():
-        if k.startswith("contact_head."):
-            continue
-        state[("encoder." if k.startswith("lm_head.") else "encoder.sentence_encoder.") + k] = v.clone()
-    torch.save({"args": args, "model": state}, path)
-    regression = {
-        "model": {
-            "contact_head.regression.weight": 0.1 * torch.randn(1, layers * heads),
-            "contact_head.regression.bias": torch.zeros(1),
-        }
-    }
-    torch.save(regression, str(path.with_suffix("")) + "-contact-regression.pt")
+    torch.save({"args": args, "model": _published_state(model)}, path)
+    _write_regression(path, layers * heads)
     return path
 
 
@@ -77,15 +82,7 @@ def write_tiny_esm2(path: Path, layers: int = 2, dim: int = 32, heads: int = 4, 
     alphabet = esm.Alphabet.from_architecture("ESM-1b")
     model = esm.model.esm2.ESM2(num_layers=layers, embed_dim=dim, attention_heads=heads, alphabet=alphabet, token_dropout=True)
     _randomise(model, seed)
-    state = {}
-    for k, v in model.state_dict().items():
-        if k.startswith("contact_head."):
-            continue
-        state[("encoder." if k.startswith("lm_head.") else "encoder.sentence_encoder.") + k] = v.clone()
     cfg = {"model": argparse.Namespace(encoder_layers=layers, encoder_embed_dim=dim, encoder_attention_heads=heads, token_dropout=True)}
-    torch.save({"cfg": cfg, "model": state}, path)
-    regression = {
-        "model": {"contact_head.regression.weight": torch.zeros(1, layers * heads), "contact_head.regression.bias": torch.zeros(1)}
-    }
-    torch.save(regression, str(path.with_suffix("")) + "-contact-regression.pt")
+    torch.save({"cfg": cfg, "model": _published_state(model)}, path)
+    _write_regression(path, layers * heads)
     return path
