@@ -9,9 +9,11 @@ Graph contract (version 1), also written into the ONNX metadata:
             sequence_embedding  float32 [batch, dim]          mean over real residues (no BOS/EOS/pad)
 
 Padding never changes an output at a real position. Variants written beside the fp32 graph:
-``.fp16.onnx`` (weights and compute in fp16, fp32 inputs/outputs), ``.int8.onnx`` (ONNX Runtime dynamic
-quantisation of the MatMul weights), ``.opt.onnx`` (ONNX Runtime transformer fusions), ``.trt.onnx``
-(opset 17, int32 input, layer norm decomposed: every op is in the TensorRT 8.5 parser's list).
+``.fp16.onnx`` (weights and compute in fp16, fp32 inputs/outputs), ``.opt.onnx`` (attention as ONNX
+Runtime's fused MultiHeadAttention, plus its transformer fusions), ``.int8.onnx`` (the fused-attention graph
+with ONNX Runtime dynamic int8 quantisation of the MatMul weights), ``.trt.onnx`` (opset 17, int32 input,
+layer norm decomposed: every op is in the TensorRT 8.5 parser's list). ``.opt`` and ``.int8`` use ONNX
+Runtime contrib ops, so they run on ONNX Runtime only; the fp32, fp16 and ``.trt`` graphs are standard ONNX.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ import numpy as np
 import onnx
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from distill import data, tokens
 from distill.fasta import read_fasta
 from distill.io import sha256_file
-from distill.model import ESM, sequence_embedding
+from distill.model import ESM, SelfAttention, sequence_embedding
 
 CONTRACT_VERSION = 1
 OUTPUTS = ["logits", "residue_embeddings", "sequence_embedding"]
@@ -108,7 +111,70 @@ def _decompose_layer_norms(model: ESM) -> ESM:
     return model
 
 
-def _export_graph(model: ESM, path: Path, opset: int, int32: bool) -> None:
+# ---- fused attention for ONNX Runtime (the .opt and .int8 graphs) --------------------------------------
+# PyTorch's SDPA exports as separate MatMul/Softmax/Transpose nodes; ONNX Runtime's transformer optimizer
+# finds no attention pattern in them. So for the ONNX-Runtime-only variants, attention is exported as ORT's
+# fused com.microsoft.MultiHeadAttention: a custom op whose PyTorch implementation is SDPA.
+
+
+@torch.library.custom_op("esm_distill::mha", mutates_args=())
+def _mha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, num_heads: int) -> torch.Tensor:
+    b, t, d = q.shape
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x.view(b, t, num_heads, d // num_heads).transpose(1, 2)
+
+    bias = (valid[:, None, None, :] == 0).to(q.dtype) * -1e4
+    return F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=bias).transpose(1, 2).reshape(b, t, d)
+
+
+@_mha.register_fake
+def _(q, k, v, valid, num_heads):
+    return torch.empty_like(q)
+
+
+def _mha_translation():
+    """onnxscript translation of esm_distill::mha to com.microsoft.MultiHeadAttention (schema declared here)."""
+    import onnxscript
+
+    param, optional = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.FormalParameterOption.Optional
+    schema = onnx.defs.OpSchema(
+        "MultiHeadAttention", "com.microsoft", 1,
+        inputs=[param("query", "T"), param("key", "T"), param("value", "T"), param("bias", "T", param_option=optional),
+                param("key_padding_mask", "M", param_option=optional)],
+        outputs=[param("output", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
+        attributes=[onnx.defs.OpSchema.Attribute("num_heads", onnx.defs.OpSchema.AttrType.INT, "")],
+    )  # fmt: skip
+    mha = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MultiHeadAttention", schema)
+
+    def translate(q, k, v, valid, num_heads: int):
+        return mha(q, k, v, None, valid, num_heads=num_heads)
+
+    return {torch.ops.esm_distill.mha.default: translate}
+
+
+class FusedAttention(nn.Module):
+    """Drop-in for SelfAttention at export time: same weights, attention through esm_distill::mha."""
+
+    def __init__(self, attn: SelfAttention):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        valid = (attn_mask[:, 0, 0, :] == 0).to(torch.int32)  # key-padding mask, 1 = real token
+        a = self.attn
+        return a.out_proj(torch.ops.esm_distill.mha(a.q_proj(x), a.k_proj(x), a.v_proj(x), valid, a.heads))
+
+
+def _fuse_attention(model: ESM) -> ESM:
+    model = copy.deepcopy(model)
+    for layer in model.layers:
+        layer.self_attn = FusedAttention(layer.self_attn)
+    return model
+
+
+def _export_graph(model: ESM, path: Path, opset: int, int32: bool, fused_attention: bool = False) -> None:
     example = tokens.pad_batch([tokens.encode("MKTAYIAKQRQISFVKSHFSRQ"), tokens.encode("MKV")])
     example = example.int() if int32 else example
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=model.cfg.max_positions)
@@ -122,8 +188,9 @@ def _export_graph(model: ESM, path: Path, opset: int, int32: bool) -> None:
                               input_names=["tokens"], output_names=OUTPUTS, dynamic_axes=dims)  # fmt: skip
             return
         program = torch.onnx.export(
-            GraphModule(model).eval(), (example,), dynamo=True, opset_version=opset, input_names=["tokens"],
-            output_names=OUTPUTS, dynamic_shapes={"toks": {0: batch, 1: length}}, verbose=False,
+            GraphModule(_fuse_attention(model) if fused_attention else model).eval(), (example,), dynamo=True,
+            opset_version=opset, input_names=["tokens"], output_names=OUTPUTS, dynamic_shapes={"toks": {0: batch, 1: length}},
+            verbose=False, custom_translation_table=_mha_translation() if fused_attention else None,
         )  # fmt: skip
     program.save(str(path), external_data=model.num_parameters() * 4 > 1.8e9)  # protobuf's 2 GB limit
 
@@ -289,8 +356,13 @@ def export(
     reports, dropped = [], {}
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.stem}.") as tmp_dir, _quiet_third_party():
         tmp = Path(tmp_dir)
+        # ORT-only variants start from the fused-attention graph (rotary models: from the plain one).
+        fusable = model.cfg.position_embedding == "learned"
+        if fusable and (optimize or int8):
+            _export_graph(model, tmp / "fused.onnx", opset, int32=False, fused_attention=True)
         for variant in variants:
             path = tmp / f"{variant}.onnx"
+            ort_base = str(tmp / ("fused.onnx" if fusable else "fp32.onnx"))
             if variant == "fp32":
                 _export_graph(model, path, opset, int32=False)
             elif variant == "trt":
@@ -302,18 +374,16 @@ def export(
             elif variant == "int8":
                 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-                quantize_dynamic(str(tmp / "fp32.onnx"), str(path), weight_type=QuantType.QInt8)
+                quantize_dynamic(ort_base, str(path), weight_type=QuantType.QInt8)
             elif variant == "opt":
                 from onnxruntime.transformers.optimizer import optimize_model
 
-                opt = optimize_model(
-                    str(tmp / "fp32.onnx"), model_type="bert", num_heads=model.cfg.heads, hidden_size=model.cfg.dim, opt_level=1
-                )
+                opt = optimize_model(ort_base, model_type="bert", num_heads=model.cfg.heads, hidden_size=model.cfg.dim, opt_level=0)
                 opt.save_model_to_file(str(path))
             _set_metadata(
                 path, {**meta, "variant": variant, **({"inputs": {"tokens": "int32 [batch, length]"}} if variant == "trt" else {})}
             )
-            if variant != "opt":  # ORT's fused ops (SkipLayerNormalization, ...) are not ONNX-standard
+            if variant not in ("opt", "int8"):  # ORT's contrib ops (MultiHeadAttention, ...) are not ONNX-standard
                 check_graph(path)
             report = parity(model, path, variant)
             if report.failures and variant == "opt":

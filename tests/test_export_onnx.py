@@ -178,3 +178,13 @@ def test_corrupt_bundle(student_bundle, tmp_path):
     assert res.exit_code == 2 and "corrupt or truncated" in res.output
     card = json.loads((student_bundle / "config.json").read_text())
     assert card["format"] == "esm-distill-bundle"
+
+
+def test_onnx_runtime_variants_use_fused_attention_and_standard_graphs_do_not(exported):
+    out, _ = exported
+    ops = {
+        v: {n.op_type for n in onnx.load(str(out.with_name(f"tiny.{v}.onnx") if v != "fp32" else out)).graph.node}
+        for v in ("fp32", "opt", "int8", "trt")
+    }
+    assert "MultiHeadAttention" in ops["opt"] and "MultiHeadAttention" in ops["int8"]
+    assert "MultiHeadAttention" not in ops["fp32"] and "MultiHeadAttention" not in ops["trt"]
