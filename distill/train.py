@@ -176,7 +176,7 @@ def load_teacher(spec: str, device: torch.device) -> tuple[ESM, str]:
     return teacher.to(device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32), sha
 
 
-def open_cache(cfg: FitConfig, n_records: int) -> teacher_cache.TeacherCache:
+def open_cache(cfg: FitConfig, n_records: int, data_sha256: str) -> teacher_cache.TeacherCache:
     """The run's teacher cache, checked against the run's data, masking, seed and teacher."""
     if cfg.lam == 0:
         raise ValueError("--teacher-cache is only used by distillation; --lam 0 trains without a teacher")
@@ -184,7 +184,7 @@ def open_cache(cfg: FitConfig, n_records: int) -> teacher_cache.TeacherCache:
     if cfg.teacher != DEFAULT_TEACHER and cfg.teacher != cache.key.teacher:
         raise teacher_cache.CacheMismatch(f"--teacher {cfg.teacher} differs from the cache's teacher {cache.key.teacher}")
     expected = teacher_cache.CacheKey(
-        teacher=cache.key.teacher, teacher_sha256=cache.key.teacher_sha256, data_sha256=data.dataset_fingerprint(Path(cfg.data)),
+        teacher=cache.key.teacher, teacher_sha256=cache.key.teacher_sha256, data_sha256=data_sha256,
         n_records=n_records, mask_rate=cfg.mask_rate, seed=cfg.seed, views=cfg.mask_views or cache.key.views,
     )  # fmt: skip
     cache.check(expected)
@@ -297,7 +297,7 @@ def fit(cfg: FitConfig, resume: bool = False) -> FitResult:
 
     # ---- data -------------------------------------------------------------------------------
     train_set = data.load_fasta(Path(cfg.data))
-    n_records = len(train_set)
+    n_records, data_sha = len(train_set), data.dataset_fingerprint(Path(cfg.data))
     if cfg.valid:
         valid_set = data.load_fasta(Path(cfg.valid))
     elif cfg.valid_fraction > 0:
@@ -318,7 +318,7 @@ def fit(cfg: FitConfig, resume: bool = False) -> FitResult:
     teacher = cache = None
     teacher_sha = None
     if cfg.teacher_cache:
-        cache = open_cache(cfg, n_records)
+        cache = open_cache(cfg, n_records, data_sha)
         cfg.teacher, cfg.mask_views, teacher_sha = cache.key.teacher, cache.key.views, cache.key.teacher_sha256
     elif cfg.lam > 0:
         teacher, teacher_sha = load_teacher(cfg.teacher, device)  # lam = 0: vanilla MLM, no teacher
@@ -339,7 +339,7 @@ def fit(cfg: FitConfig, resume: bool = False) -> FitResult:
 
     summary = {
         "data": str(cfg.data),
-        "data_sha256": data.dataset_fingerprint(Path(cfg.data)),
+        "data_sha256": data_sha,
         "n_train": len(train_set),
         "n_valid": len(valid_set) if valid_set else 0,
         "teacher": cfg.teacher if cfg.lam > 0 else None,
