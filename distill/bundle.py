@@ -8,7 +8,6 @@ student/
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from distill import tokens
-from distill.io import atomic_write_json, umask
+from distill.io import atomic_write_json, read_json_object, umask
 from distill.model import ESM, ModelConfig
 
 FORMAT = "esm-distill-bundle"
@@ -84,13 +83,11 @@ def read_bundle_config(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise BundleError(f"{directory} is not a student bundle: config.json is missing")
     try:
-        card = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(card, dict) or card.get("format") != FORMAT:
-        raise BundleError(
-            f"{path} is not an esm-distill bundle config (format is {card.get('format') if isinstance(card, dict) else None!r})"
-        )
+        card = read_json_object(path)
+    except ValueError as e:
+        raise BundleError(str(e)) from e
+    if card.get("format") != FORMAT:
+        raise BundleError(f"{path} is not an esm-distill bundle config (format is {card.get('format')!r})")
     if card.get("version", 0) > VERSION:
         raise BundleError(f"{path} has bundle version {card['version']}; this esm-distill reads up to {VERSION}")
     if card.get("alphabet", {}).get("tokens") != alphabet_card()["tokens"]:

@@ -84,23 +84,12 @@ def fit(
         raise typer.Exit(130)
 
 
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        obj = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what} {path} is not valid JSON: {e}") from e
-    except OSError as e:
-        raise FileNotFoundError(f"{what} {path} cannot be read: {e}") from e
-    if not isinstance(obj, dict):
-        raise ValueError(f"{what} {path} must hold a JSON object")
-    return obj
-
-
 def _fresh_config(config: Path | None, given: dict):
     """Defaults <- --config file <- options given on the command line."""
+    from distill.io import read_json_object
     from distill.train import FitConfig
 
-    merged = {**(_read_json(config, "--config") if config else {}), **given}
+    merged = {**(read_json_object(config, "--config") if config else {}), **given}
     if "data" not in merged:
         raise ValueError("missing DATA (the training FASTA)")
     if "out" not in merged:
@@ -110,9 +99,10 @@ def _fresh_config(config: Path | None, given: dict):
 
 def _resume_config(resume: Path, given: dict):
     """The run's saved config; only device/--max-steps/checkpoint cadence/--quiet may change."""
+    from distill.io import read_json_object
     from distill.train import RESUME_OVERRIDABLE, FitConfig
 
-    saved = _read_json(resume / "config.json", "run config")
+    saved = read_json_object(resume / "config.json", "run config")
     clash = sorted(k for k, v in given.items() if k not in RESUME_OVERRIDABLE and k != "out" and saved.get(k) != v)
     if "out" in given and Path(given["out"]).resolve() != resume.resolve():
         clash.append("out")
@@ -234,8 +224,8 @@ def export_onnx(
             raise ExportError(
                 "this bundle has no classification heads: heads are added by `distill probe` (not yet available); export without --heads"
             )
-        net, _ = load_any(model)
-        result = export(net, output, source_of(model), opset, fp16, int8, optimize, trt)
+        net, card = load_any(model)
+        result = export(net, output, source_of(model, card), opset, fp16, int8, optimize, trt)
     except (*USER_ERRORS, ExportError) as e:
         _fail(e)
     print(f"{'variant':8s} {'file':40s} {'MB':>7s}  {'max|d logits|':>13s} {'max|d emb|':>11s} {'min cos':>9s} {'top-1 masked':>12s}")

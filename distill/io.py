@@ -55,6 +55,20 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda p: torch.save(obj, p))
 
 
+def read_json_object(path: Path, what: str = "") -> dict[str, Any]:
+    """A JSON object from ``path``; unreadable, malformed or non-object files raise a message naming it."""
+    label = f"{what} {path}".strip()
+    try:
+        obj = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{label} is not valid JSON: {e}") from e
+    except OSError as e:
+        raise FileNotFoundError(f"{label} cannot be read: {e}") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{label} must hold a JSON object")
+    return obj
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

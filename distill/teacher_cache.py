@@ -23,7 +23,6 @@ policy -- is checked on use: a cache built for other settings is refused, never 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from distill import data, tokens
 from distill.evaluate import autocast
-from distill.io import atomic_write, atomic_write_json
+from distill.io import atomic_write, atomic_write_json, read_json_object
 from distill.losses import residue_logits
 from distill.model import ESM
 
@@ -143,10 +142,7 @@ def _read_meta(root: Path) -> dict[str, Any]:
     path = Path(root) / "meta.json"
     if not path.is_file():
         raise FileNotFoundError(f"{root} is not a teacher cache (no meta.json); build one with `distill teacher-cache`")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    meta = read_json_object(path)
     if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
         raise ValueError(f"{path} is not an esm-distill teacher cache of version <= {VERSION}")
     return meta

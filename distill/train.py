@@ -40,7 +40,7 @@ from safetensors.torch import load_model, save_model
 from distill import data, teacher_cache
 from distill.bundle import save_bundle
 from distill.evaluate import autocast, perplexity
-from distill.io import atomic_write_json, atomic_write_text
+from distill.io import atomic_write_json, atomic_write_text, read_json_object
 from distill.losses import distillation_loss, residue_logits
 from distill.model import ESM, PRESETS, ModelConfig, build_student
 from distill.pretrained import DEFAULT_TEACHER, load_pretrained
@@ -262,7 +262,7 @@ def load_checkpoint(out: Path, model: ESM, optimizer, scheduler) -> dict[str, An
     pointer = out / "checkpoint.json"
     if not pointer.is_file():
         raise FileNotFoundError(f"{out} has no checkpoint.json: nothing to resume (was it a `distill fit` run directory?)")
-    info = json.loads(pointer.read_text())
+    info = read_json_object(pointer)
     ckpt = out / info["path"]
     try:
         load_model(model, str(ckpt / "model.safetensors"), strict=True)

@@ -410,11 +410,10 @@ def _ort_version() -> str:
     return onnxruntime.__version__
 
 
-def source_of(spec: str) -> dict[str, Any]:
-    """Provenance for the metadata: bundle (hash of its weights) or fair-esm model."""
+def source_of(spec: str, card: dict[str, Any]) -> dict[str, Any]:
+    """Provenance for the metadata: bundle (hash of its weights) or fair-esm model; ``card`` from ``load_any``."""
     p = Path(spec)
     if p.is_dir():
-        card = json.loads((p / "config.json").read_text())
         return {"source": str(p), "source_sha256": sha256_file(p / "model.safetensors"), "preset": card.get("preset") or "custom"}
     if p.suffix == ".pt" and p.is_file():
         return {"source": str(p), "source_sha256": sha256_file(p), "preset": "fair-esm"}
