@@ -4,6 +4,9 @@ student/
   config.json          {"format": "esm-distill-bundle", "version": 1, "model": {...ModelConfig},
                         "alphabet": {...}, "preset": ..., "parameters": ..., "training": {...}}
   model.safetensors    weights (the tied LM-head weight stored once)
+  training_sequences.npy   uint64 digests of the training sequences (``data.sequence_digests``), so probes
+                       can warn when test sequences were seen in MLM training
+  heads/<task>/        classification heads written by ``distill probe`` (head.safetensors + labels.json)
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
@@ -42,14 +46,21 @@ def alphabet_card() -> dict[str, Any]:
     }
 
 
-def save_bundle(directory: Path, model: ESM, preset: str | None, training: dict[str, Any] | None = None) -> Path:
-    """Write a bundle atomically: built in a temporary directory, then swapped into place."""
+def save_bundle(
+    directory: Path, model: ESM, preset: str | None, training: dict[str, Any] | None = None, training_digests: np.ndarray | None = None
+) -> Path:
+    """Write a bundle atomically: built in a temporary directory, then swapped into place.
+
+    New weights make old heads meaningless, so a rewritten bundle starts without ``heads/``.
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     tmp.chmod(0o777 & ~umask())  # mkdtemp makes 0700 directories
     try:
         save_model(model, str(tmp / "model.safetensors"))
+        if training_digests is not None:
+            np.save(tmp / "training_sequences.npy", np.asarray(training_digests, dtype=np.uint64))
         atomic_write_json(
             tmp / "config.json",
             {
@@ -113,6 +124,11 @@ def load_bundle(directory: Path) -> tuple[ESM, dict[str, Any]]:
     except RuntimeError as e:
         raise BundleError(f"{weights} does not match the architecture in config.json ({cfg.layers} layers, dim {cfg.dim}): {e}") from e
     return model.eval(), card
+
+
+def training_digests(directory: Path) -> np.ndarray | None:
+    path = Path(directory) / "training_sequences.npy"
+    return np.load(path) if path.is_file() else None
 
 
 def is_bundle(path: Path) -> bool:

@@ -185,6 +185,247 @@ def perplexity(
     )
 
 
+# ---- probing and evaluation ------------------------------------------------------------------------
+
+DataOpt = Annotated[
+    list[str], typer.Option("--data", help="Labelled files, directories or globs (FASTA with labels in headers, Stockholm, TSV).")
+]
+TaskOpt = Annotated[str, typer.Option(help="pfam (Pfam accession) or scope (SCOPe superfamily).")]
+TestOpt = Annotated[list[str] | None, typer.Option("--test", help="Separate labelled test files; default: split --data.")]
+SplitOpt = Annotated[str, typer.Option(help="random (stratified) or family-holdout (SCOPe remote homology).")]
+PoolingOpt = Annotated[str, typer.Option(help="Sequence embedding: mean over residues, or the cls token.")]
+MlpOpt = Annotated[bool, typer.Option("--mlp", help="One hidden layer (256, GELU) instead of softmax regression.")]
+MinOpt = Annotated[int, typer.Option(help="Labels with fewer examples are dropped (and counted).")]
+FractionOpt = Annotated[float, typer.Option(help="Test fraction of the random / family-holdout split.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of split and head training.")]
+TokensOpt = Annotated[int, typer.Option(help="Token budget per forward pass when embedding.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+
+
+def _probe_config(task, data, test, split, pooling, mlp, min_per_class, test_fraction, seed, max_tokens, device):  # noqa: ANN001, ANN202
+    from distill.report import ProbeConfig
+    from distill.train import Distributed, pick_device
+
+    if task not in ("pfam", "scope"):
+        raise ValueError(f"--task must be pfam or scope, got {task!r}")
+    dev = str(pick_device(device, Distributed()))
+    return ProbeConfig(
+        task,
+        list(data),
+        list(test) if test else None,
+        split,
+        pooling,
+        256 if mlp else 0,
+        min_per_class,
+        test_fraction,
+        seed,
+        max_tokens,
+        dev,
+    )
+
+
+@app.command()
+def probe(
+    model: Annotated[str, typer.Argument(help="Student bundle, fair-esm name or .pt, random:PRESET, or composition.")],
+    data: DataOpt,
+    task: TaskOpt,
+    test: TestOpt = None,
+    split: SplitOpt = "random",
+    pooling: PoolingOpt = "mean",
+    mlp: MlpOpt = False,
+    min_per_class: MinOpt = 10,
+    test_fraction: FractionOpt = 0.2,
+    seed: SeedOpt = 0,
+    max_tokens: TokensOpt = 8192,
+    device: DeviceOpt = "auto",
+    out: Annotated[Path | None, typer.Option(help="Head directory. [default: MODEL/heads/TASK for a bundle]")] = None,
+) -> None:
+    """Train a Pfam or SCOPe classification head on frozen embeddings and store it with the model."""
+    from distill.bundle import is_bundle
+    from distill.embeddings import featurizer
+    from distill.report import markdown_table, prepare, probe_one
+
+    try:
+        cfg = _probe_config(task, data, test, split, pooling, mlp, min_per_class, test_fraction, seed, max_tokens, device)
+        if out is None:
+            if not is_bundle(Path(model)):
+                raise ValueError(f"{model} is not a student bundle, so there is nowhere default to put the head: pass --out DIR")
+            out = Path(model) / "heads" / task
+        prepared = prepare(cfg, console)
+        feat = featurizer(model)
+        result, _ = probe_one(feat, cfg, prepared, console)
+        result.head.save(out)
+    except USER_ERRORS as e:
+        _fail(e)
+    m = result.metrics
+    print(cfg.describe(m["classes"], m["n_train"], m["n_test"]))
+    print()
+    print(markdown_table([{"model": feat.name, "parameters": feat.parameters, **m, "perplexity": None}]))
+    console.print(f"head written to {out}")
+
+
+@app.command()
+def evaluate(
+    models: Annotated[
+        list[str], typer.Argument(help="Models to compare: bundles, fair-esm names or .pt files, random:PRESET, composition.")
+    ],
+    data: DataOpt,
+    task: TaskOpt,
+    test: TestOpt = None,
+    split: SplitOpt = "random",
+    pooling: PoolingOpt = "mean",
+    mlp: MlpOpt = False,
+    min_per_class: MinOpt = 10,
+    test_fraction: FractionOpt = 0.2,
+    seed: SeedOpt = 0,
+    max_tokens: TokensOpt = 8192,
+    device: DeviceOpt = "auto",
+    ppl_data: Annotated[Path | None, typer.Option(help="Held-out FASTA for the perplexity column (same for every model).")] = None,
+    baselines: Annotated[
+        bool, typer.Option(help="Add rows: random init of the first bundle's size, amino-acid composition, cached ESM-2 8M/35M.")
+    ] = False,
+    out: Annotated[Path | None, typer.Option(help="Report directory. [default: eval-TASK]")] = None,
+) -> None:
+    """Probe several models under one protocol: one table (markdown, CSV, JSON) plus t-SNE, confusion and perplexity plots."""
+    from distill.report import evaluate_models, markdown_table
+
+    out = out or Path(f"eval-{task}")
+    try:
+        cfg = _probe_config(task, data, test, split, pooling, mlp, min_per_class, test_fraction, seed, max_tokens, device)
+        rows = evaluate_models(models, cfg, out, console, ppl_data, baselines)
+    except USER_ERRORS as e:
+        _fail(e)
+    print((out / "results.md").read_text().split("\n\n")[0])
+    print()
+    print(markdown_table(rows))
+    console.print(f"wrote {out}/results.md, results.csv, results.json, tsne.png, confusion.png" + (", perplexity.png" if ppl_data else ""))
+
+
+@app.command()
+def sweep(config: Annotated[Path, typer.Argument(help="Sweep config (TOML): presets x temperatures x lambdas, tasks, teacher.")]) -> None:
+    """Train a grid of students, probe them and the teacher on Pfam/SCOPe, and write a report (resumable)."""
+    from distill.sweep import run_sweep
+
+    try:
+        path = run_sweep(config, console)
+    except USER_ERRORS as e:
+        _fail(e)
+    print(path.read_text())
+    console.print(f"report: {path}")
+
+
+@app.command()
+def annotate(
+    input: Annotated[Path, typer.Argument(help="FASTA to annotate (.gz works); streamed, any size.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output TSV: one row per input record.")],
+    model: Annotated[
+        str | None, typer.Option(help="Student bundle, exported .onnx (with --heads), or fair-esm name / .pt (ESM-1b).")
+    ] = None,
+    url: Annotated[str | None, typer.Option(help="Use a running `distill serve` service instead of a local model.")] = None,
+    tasks: Annotated[
+        str | None, typer.Option(help="Comma-separated heads to call (pfam,scope). [default: every head of the model]")
+    ] = None,
+    top_k: Annotated[int, typer.Option(help="Labels (with probabilities) per task and record.")] = 1,
+    embeddings: Annotated[Path | None, typer.Option(help="Also write embeddings: .h5 (one dataset per id), .parquet or .npy.")] = None,
+    long: Annotated[str, typer.Option(help="Over 1,022 residues: windows (overlapping, averaged) or crop (leading 1,022).")] = "windows",
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run of the same command.")] = False,
+    heads: Annotated[str | None, typer.Option(help="Head directory for a fair-esm model (written by distill probe --out).")] = None,
+    providers: Annotated[str, typer.Option(help="auto (GPU when present), cpu, cuda or tensorrt.")] = "auto",
+    max_tokens: Annotated[int, typer.Option(help="Token budget per forward pass.")] = 16384,
+    chunk_records: Annotated[int, typer.Option(help="Records per chunk: the unit of length sorting and of resume.")] = 1024,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Annotate every record of a FASTA: TSV calls per task (+ embeddings), nothing dropped, resumable."""
+    from distill.annotate import annotate as run
+
+    try:
+        if (model is None) == (url is None):
+            raise ValueError("give exactly one of --model (run locally) or --url (use a running service)")
+        if url:
+            from distill.http_backend import HttpBackend
+
+            backend = HttpBackend(url)
+        else:
+            from export.runtime import load_embedder
+
+            backend = load_embedder(model, heads, providers, max_tokens)
+        task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+        summary = run(input, backend, output, task_list, top_k, embeddings, long, resume, chunk_records, console, quiet)
+    except USER_ERRORS as e:
+        _fail(e)
+    rate = summary.records / summary.seconds if summary.seconds else 0.0
+    console.print(
+        f"{summary.records} records: {summary.ok} ok, {summary.errors} error -> {summary.output}"
+        + (f", embeddings {summary.embeddings}" if summary.embeddings else "")
+        + (f" ({rate:,.0f} records/s, {summary.residues / summary.seconds:,.0f} residues/s)" if summary.seconds else "")
+    )
+
+
+@app.command("import")
+def import_cmd(
+    model: Annotated[str, typer.Argument(help="Student bundle (exported to ONNX with its heads on the way) or an exported .onnx.")],
+    name: Annotated[str | None, typer.Option(help="Model-store name. [default: esm-distill-<bundle or file name>]")] = None,
+    int8: Annotated[bool, typer.Option(help="Also store the int8 graph (serve it with --variant int8).")] = False,
+) -> None:
+    """Put a student into BentoML's model store (what `distill serve` and `bentoml build` use)."""
+    from serve.store import import_model
+
+    try:
+        tag = import_model(model, name, int8)
+    except USER_ERRORS as e:
+        _fail(e)
+    print(tag)
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="Model-store tag (name:version), student bundle or exported .onnx (imported first).")],
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 3000,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    backend: Annotated[str, typer.Option(help="student-onnx (ONNX Runtime; CUDA when present) or student-torch.")] = "student-onnx",
+    variant: Annotated[str, typer.Option(help="fp32 or int8 (needs `distill import --int8`).")] = "fp32",
+    compare_with: Annotated[str | None, typer.Option(help="Comparison model for /compare: esm1b_t33_650M_UR50S or a fair-esm .pt.")] = None,
+    compare_heads: Annotated[
+        Path | None, typer.Option(help="Heads of the comparison model (distill probe MODEL --out DIR/<task>).")
+    ] = None,
+    batching: Annotated[bool, typer.Option(help="Adaptive batching across concurrent requests.")] = True,
+) -> None:
+    """Serve a student with BentoML: /embed, /classify, /compare, /annotate, /info, /health (+ /readyz, /livez, /metrics)."""
+    import os
+    import subprocess
+
+    from serve.store import BACKENDS, import_model
+
+    try:
+        if backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        tag = model
+        if Path(model).exists():
+            tag = import_model(model, None, variant == "int8")
+            console.print(f"imported {model} as {tag}")
+        else:
+            import bentoml
+
+            try:
+                bentoml.models.get(model)
+            except bentoml.exceptions.NotFound as e:
+                raise ValueError(f"{model} is neither a path nor a model in the BentoML store (`bentoml models list`)") from e
+    except USER_ERRORS as e:
+        _fail(e)
+    env = {
+        **os.environ,
+        "ESM_DISTILL_MODEL": tag,
+        "ESM_DISTILL_BACKEND": backend,
+        "ESM_DISTILL_VARIANT": variant,
+        "ESM_DISTILL_COMPARE": compare_with or "",
+        "ESM_DISTILL_COMPARE_HEADS": str(compare_heads or ""),
+        "ESM_DISTILL_BATCHING": "1" if batching else "0",
+    }
+    cmd = [sys.executable, "-m", "bentoml", "serve", "serve.service:EsmDistillService", "--port", str(port), "--host", host]
+    console.print(f"serving {tag} on http://{host}:{port} ({backend}, {variant}): {' '.join(cmd[2:])}")
+    raise typer.Exit(subprocess.call(cmd, env=env))
+
+
 @export_app.command("esm")
 def export_esm(
     bundle: Annotated[Path, typer.Argument(help="Student bundle directory.")],
@@ -213,19 +454,25 @@ def export_onnx(
         bool, typer.Option(help="Also write NAME.opt.onnx (ONNX Runtime transformer fusions), kept only if parity holds.")
     ] = False,
     trt: Annotated[bool, typer.Option(help="Also write NAME.trt.onnx for TensorRT (opset 17, int32 input, checked op list).")] = False,
-    heads: Annotated[bool, typer.Option(help="Include classification heads (Pfam/SCOPe) from the bundle.")] = False,
+    heads: Annotated[
+        bool, typer.Option(help="Add <task>_probabilities outputs from the bundle's heads (written by `distill probe`).")
+    ] = False,
 ) -> None:
     """Export a student (or ESM-1b) to ONNX: checked graph, parity report, optional fp16/int8/optimized/TensorRT variants."""
-    from distill.bundle import load_any
+    from distill.bundle import is_bundle, load_any
+    from distill.probe import heads_of
     from export.onnx import TRT_PROFILE, ExportError, export, source_of, trt_readiness
 
     try:
-        if heads:
-            raise ExportError(
-                "this bundle has no classification heads: heads are added by `distill probe` (not yet available); export without --heads"
-            )
         net, card = load_any(model)
-        result = export(net, output, source_of(model, card), opset, fp16, int8, optimize, trt)
+        found = None
+        if heads:
+            found = heads_of(Path(model), net.cfg.dim) if is_bundle(Path(model)) else {}
+            if not found:
+                raise ExportError(
+                    f"{model} has no classification heads: add them with `distill probe {model} --task pfam ...`, or export without --heads"
+                )
+        result = export(net, output, source_of(model, card), opset, fp16, int8, optimize, trt, heads=found)
     except (*USER_ERRORS, ExportError) as e:
         _fail(e)
     print(f"{'variant':8s} {'file':40s} {'MB':>7s}  {'max|d logits|':>13s} {'max|d emb|':>11s} {'min cos':>9s} {'top-1 masked':>12s}")

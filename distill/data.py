@@ -61,6 +61,11 @@ def dataset_fingerprint(path: Path) -> str:
     return sha256_file(path)
 
 
+def sequence_digests(seqs: list[np.ndarray]) -> np.ndarray:
+    """8-byte BLAKE2b of each residue-id row: what a bundle stores to detect train/test overlap."""
+    return np.array([int.from_bytes(hashlib.blake2b(s.tobytes(), digest_size=8).digest(), "little") for s in seqs], dtype=np.uint64)
+
+
 def in_validation(record_id: str, fraction: float) -> bool:
     h = int.from_bytes(hashlib.blake2b(record_id.encode(), digest_size=8).digest(), "big")
     return h / 2**64 < fraction

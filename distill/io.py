@@ -51,6 +51,17 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def atomic_save_npy(path: Path, array: Any) -> None:
+    """``np.save`` through a file handle: given a path, numpy would append ``.npy`` to the temporary name."""
+    import numpy as np
+
+    def write(p: Path) -> None:
+        with open(p, "wb") as f:
+            np.save(f, array)
+
+    atomic_write(path, write)
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda p: torch.save(obj, p))
 

@@ -306,6 +306,7 @@ def fit(cfg: FitConfig, resume: bool = False) -> FitResult:
         valid_set = None
     if len(train_set) == 0:
         raise ValueError(f"no training sequences left in {cfg.data} after the validation split")
+    train_digests = data.sequence_digests(train_set.seqs)
     lengths = train_set.lengths()
     data.token_budget_groups(lengths, np.array([int(lengths.argmax())]), cfg.max_tokens)  # fail early if too small
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
@@ -365,7 +366,7 @@ def fit(cfg: FitConfig, resume: bool = False) -> FitResult:
 
     def write_bundle(val_ppl: float | None) -> None:
         training = {**summary, "steps": counters["global_step"], "epochs_done": counters["epoch"], "val_ppl": val_ppl}
-        save_bundle(out / "student", model, cfg.preset, training)
+        save_bundle(out / "student", model, cfg.preset, training, train_digests)
 
     metrics = open(out / "metrics.jsonl", "a") if dist.main else None
     progress = Progress(

@@ -7,6 +7,8 @@ Graph contract (version 1), also written into the ONNX metadata:
     output  logits              float32 [batch, length, 33]
             residue_embeddings  float32 [batch, length, dim]  last layer, after the final layer norm
             sequence_embedding  float32 [batch, dim]          mean over real residues (no BOS/EOS/pad)
+            <task>_probabilities float32 [batch, n_labels]    only with --heads: softmax of each head
+                                (pfam, scope) over the labels listed in the metadata key ``labels``
 
 Padding never changes an output at a real position. Variants written beside the fp32 graph:
 ``.fp16.onnx`` (weights and compute in fp16, fp32 inputs/outputs), ``.opt.onnx`` (attention as ONNX
@@ -77,16 +79,27 @@ class ExportError(RuntimeError):
 
 
 class GraphModule(nn.Module):
-    """The graph contract in PyTorch: tokens -> (logits, residue_embeddings, sequence_embedding)."""
+    """The graph contract in PyTorch: tokens -> (logits, residue_embeddings, sequence_embedding, *head probabilities)."""
 
-    def __init__(self, model: ESM):
+    def __init__(self, model: ESM, heads: dict[str, Any] | None = None):
         super().__init__()
         self.model = model
+        heads = heads or {}
+        self.tasks = list(heads)
+        self.poolings = [heads[t].pooling for t in self.tasks]
+        self.heads = nn.ModuleList([heads[t].module for t in self.tasks])
 
-    def forward(self, toks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, toks: torch.Tensor) -> tuple[torch.Tensor, ...]:
         toks = toks.long()  # the --trt graph takes int32
         out = self.model(toks)
-        return out["logits"], out["representations"], sequence_embedding(out["representations"], toks)
+        reps = out["representations"]
+        pooled = sequence_embedding(reps, toks)
+        probs = [torch.softmax(h(pooled if p == "mean" else reps[:, 0]), -1) for h, p in zip(self.heads, self.poolings, strict=True)]
+        return out["logits"], reps, pooled, *probs
+
+
+def output_names(heads: dict[str, Any] | None) -> list[str]:
+    return OUTPUTS + [f"{task}_probabilities" for task in heads or {}]
 
 
 class DecomposedLayerNorm(nn.Module):
@@ -174,7 +187,8 @@ def _fuse_attention(model: ESM) -> ESM:
     return model
 
 
-def _export_graph(model: ESM, path: Path, opset: int, int32: bool, fused_attention: bool = False) -> None:
+def _export_graph(model: ESM, path: Path, opset: int, int32: bool, fused_attention: bool = False, heads: dict | None = None) -> None:
+    names = output_names(heads)
     example = tokens.pad_batch([tokens.encode("MKTAYIAKQRQISFVKSHFSRQ"), tokens.encode("MKV")])
     example = example.int() if int32 else example
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=model.cfg.max_positions)
@@ -183,13 +197,14 @@ def _export_graph(model: ESM, path: Path, opset: int, int32: bool, fused_attenti
         if opset == 17:
             # The dynamo exporter builds opset 18 and cannot down-convert; TorchScript's emits 17 natively.
             dims = {"tokens": {0: "batch", 1: "length"}, "logits": {0: "batch", 1: "length"},
-                    "residue_embeddings": {0: "batch", 1: "length"}, "sequence_embedding": {0: "batch"}}  # fmt: skip
-            torch.onnx.export(GraphModule(model).eval(), (example,), str(path), dynamo=False, opset_version=17,
-                              input_names=["tokens"], output_names=OUTPUTS, dynamic_axes=dims)  # fmt: skip
+                    "residue_embeddings": {0: "batch", 1: "length"}, "sequence_embedding": {0: "batch"},
+                    **{n: {0: "batch"} for n in names[3:]}}  # fmt: skip
+            torch.onnx.export(GraphModule(model, heads).eval(), (example,), str(path), dynamo=False, opset_version=17,
+                              input_names=["tokens"], output_names=names, dynamic_axes=dims)  # fmt: skip
             return
         program = torch.onnx.export(
-            GraphModule(_fuse_attention(model) if fused_attention else model).eval(), (example,), dynamo=True,
-            opset_version=opset, input_names=["tokens"], output_names=OUTPUTS, dynamic_shapes={"toks": {0: batch, 1: length}},
+            GraphModule(_fuse_attention(model) if fused_attention else model, heads).eval(), (example,), dynamo=True,
+            opset_version=opset, input_names=["tokens"], output_names=names, dynamic_shapes={"toks": {0: batch, 1: length}},
             verbose=False, custom_translation_table=_mha_translation() if fused_attention else None,
         )  # fmt: skip
     program.save(str(path), external_data=model.num_parameters() * 4 > 1.8e9)  # protobuf's 2 GB limit
@@ -267,7 +282,7 @@ class Parity:
     failures: list[str] = field(default_factory=list)
 
 
-def parity(model: ESM, path: Path, variant: str, sequences: list[str] | None = None) -> Parity:
+def parity(model: ESM, path: Path, variant: str, sequences: list[str] | None = None, heads: dict | None = None) -> Parity:
     """Compare the graph with PyTorch on real sequences of mixed lengths (masked like evaluation)."""
     import onnxruntime as ort
 
@@ -276,10 +291,10 @@ def parity(model: ESM, path: Path, variant: str, sequences: list[str] | None = N
     batch = data.collate(examples, list(range(len(seqs))))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = batch.tokens.numpy().astype(np.int32 if session.get_inputs()[0].type == "tensor(int32)" else np.int64)
-    logits, residues, pooled = session.run(OUTPUTS, {"tokens": feed})
+    logits, residues, pooled, *probs = session.run(output_names(heads), {"tokens": feed})
     with torch.no_grad():
-        ref = GraphModule(model.float().eval())(batch.tokens)
-    ref_logits, _, ref_pooled = (t.numpy() for t in ref)
+        ref = GraphModule(model.float().eval(), heads)(batch.tokens)
+    ref_logits, _, ref_pooled, *ref_probs = (t.numpy() for t in ref)
     real = batch.tokens.ne(tokens.PAD).numpy()
     masked = (batch.labels != data.IGNORE).numpy()
     cos = (pooled * ref_pooled).sum(-1) / (np.linalg.norm(pooled, axis=-1) * np.linalg.norm(ref_pooled, axis=-1))
@@ -289,6 +304,8 @@ def parity(model: ESM, path: Path, variant: str, sequences: list[str] | None = N
         "min_cosine_sequence_embedding": float(cos.min()),
         "min_top1_masked": float((logits.argmax(-1) == ref_logits.argmax(-1))[masked].mean()),
     }
+    if probs:
+        m["max_abs_probabilities"] = max(float(np.abs(a - b).max()) for a, b in zip(probs, ref_probs, strict=True))
     # Padding invariance: each sequence alone gives what it gave inside the padded batch.
     worst = 0.0
     for row in range(min(4, len(seqs))):
@@ -301,6 +318,8 @@ def parity(model: ESM, path: Path, variant: str, sequences: list[str] | None = N
         if not ok:
             failures.append(f"{name} = {m[name]:.3g} (needs {'<=' if name.startswith('max') else '>='} {bound})")
     pad_bound = 1e-4 if variant in ("fp32", "opt", "trt") else 1e-2
+    if probs and m["max_abs_probabilities"] > pad_bound:
+        failures.append(f"head probabilities differ by {m['max_abs_probabilities']:.3g} (needs <= {pad_bound})")
     if worst > pad_bound:
         failures.append(f"padding changes sequence_embedding by {worst:.3g} (needs <= {pad_bound})")
     return Parity(variant, m, failures)
@@ -328,6 +347,7 @@ def export(
     optimize: bool = False,
     trt: bool = False,
     strict: bool = True,
+    heads: dict | None = None,
 ) -> ExportResult:
     """Write the fp32 graph (and the asked-for variants), check each; a failed check removes them all.
 
@@ -344,11 +364,15 @@ def export(
     meta = {
         "esm_distill_contract": CONTRACT_VERSION,
         "inputs": {"tokens": "int64 [batch, length], ESM-1b alphabet, <cls> ... <eos>, right-padded with <pad>"},
-        "outputs": OUTPUTS,
+        "outputs": output_names(heads),
         "alphabet": tokens.alphabet().all_toks,
         "architecture": model.cfg.to_dict(),
         "parameters": model.num_parameters(),
-        "labels": {},
+        "labels": {task: h.labels for task, h in (heads or {}).items()},
+        "heads": {
+            task: {"pooling": h.pooling, "hidden": h.card.get("hidden", 0), "metrics": h.card.get("metrics", {})}
+            for task, h in (heads or {}).items()
+        },
         **source,
     }
     variants = ["fp32"] + [v for v, on in (("opt", optimize), ("fp16", fp16), ("int8", int8), ("trt", trt)) if on]
@@ -359,14 +383,14 @@ def export(
         # ORT-only variants start from the fused-attention graph (rotary models: from the plain one).
         fusable = model.cfg.position_embedding == "learned"
         if fusable and (optimize or int8):
-            _export_graph(model, tmp / "fused.onnx", opset, int32=False, fused_attention=True)
+            _export_graph(model, tmp / "fused.onnx", opset, int32=False, fused_attention=True, heads=heads)
         for variant in variants:
             path = tmp / f"{variant}.onnx"
             ort_base = str(tmp / ("fused.onnx" if fusable else "fp32.onnx"))
             if variant == "fp32":
-                _export_graph(model, path, opset, int32=False)
+                _export_graph(model, path, opset, int32=False, heads=heads)
             elif variant == "trt":
-                _export_graph(_decompose_layer_norms(model), path, 17, int32=True)
+                _export_graph(_decompose_layer_norms(model), path, 17, int32=True, heads=heads)
             elif variant == "fp16":
                 from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -385,7 +409,7 @@ def export(
             )
             if variant not in ("opt", "int8"):  # ORT's contrib ops (MultiHeadAttention, ...) are not ONNX-standard
                 check_graph(path)
-            report = parity(model, path, variant)
+            report = parity(model, path, variant, heads=heads)
             if report.failures and variant == "opt":
                 dropped["opt"] = "; ".join(report.failures)  # keep the optimizer only if parity holds
                 continue

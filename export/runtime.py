@@ -7,7 +7,7 @@ Used by the BentoML service and by ``distill annotate``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,14 @@ class Embedding:
     sequence: np.ndarray  # [dim]: mean over real residues
     residues: np.ndarray | None  # [length, dim] without BOS/EOS, when asked for
     cropped: bool  # True when only the leading 1,022 residues were embedded
+    probabilities: dict[str, np.ndarray] = field(default_factory=dict)  # per head task: [n_labels]
+    cls: np.ndarray | None = None  # [dim]: the <cls> token's last-layer vector, when asked for
+
+
+def top_k(probabilities: np.ndarray, labels: list[str], k: int) -> list[tuple[str, float]]:
+    """The k most probable labels, best first (ties broken by label order)."""
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [(labels[i], float(probabilities[i])) for i in order]
 
 
 class OnnxEmbedder:
@@ -66,6 +74,8 @@ class OnnxEmbedder:
         self.outputs = OUTPUTS
         self.max_tokens = max_tokens
         self.dim = int(self.metadata["architecture"]["dim"])
+        self.labels: dict[str, list[str]] = self.metadata.get("labels") or {}  # head task -> label names
+        self.name = path.name
 
     @property
     def provider(self) -> str:
@@ -73,32 +83,145 @@ class OnnxEmbedder:
 
     def encode(self, sequences: list[str], crop: bool = False) -> list[tuple[np.ndarray, bool]]:
         """Validate and tokenise; bad sequences raise ``SequenceError`` naming index and position."""
-        out = []
-        for i, seq in enumerate(sequences):
-            if not isinstance(seq, str) or not seq.strip():
-                raise SequenceError(i, "empty sequence")
-            seq = seq.strip().upper()
-            bad = tokens.illegal_position(seq)
-            if bad is not None:
-                raise SequenceError(i, f"illegal residue {seq[bad]!r} at position {bad + 1}; allowed: {tokens.RESIDUE_LETTERS}")
-            if len(seq) > tokens.MAX_RESIDUES and not crop:
-                raise SequenceError(
-                    i,
-                    f"{len(seq)} residues exceed the limit of {tokens.MAX_RESIDUES} (ask for crop to embed the first {tokens.MAX_RESIDUES})",
-                )
-            ids = tokens.encode(seq)
-            out.append((data.crop(ids, None), len(ids) > tokens.MAX_RESIDUES))
-        return out
+        return [(data.crop(ids, None), len(ids) > tokens.MAX_RESIDUES) for ids in map(tokens.encode, validate(sequences, crop))]
 
-    def embed(self, sequences: list[str], per_residue: bool = False, crop: bool = False) -> list[Embedding]:
+    def run(self, sequences: list[str], tasks: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return stack(self.embed(sequences, tasks=tasks), tasks, self.dim)
+
+    def embed(
+        self, sequences: list[str], per_residue: bool = False, crop: bool = False, tasks: list[str] | None = None, cls: bool = False
+    ) -> list[Embedding]:
+        """Embeddings in input order; ``tasks`` (default: every head in the graph) adds head probabilities."""
+        tasks = list(self.labels) if tasks is None else tasks
+        unknown = [t for t in tasks if t not in self.labels]
+        if unknown:
+            have = ", ".join(self.labels) or "none"
+            raise ValueError(f"no {', '.join(unknown)} head in this model (heads: {have}); add one with `distill probe`")
         encoded = self.encode(sequences, crop)
         lengths = np.array([len(ids) for ids, _ in encoded], dtype=np.int64)
         results: list[Embedding | None] = [None] * len(encoded)
-        wanted = ["sequence_embedding", "residue_embeddings"] if per_residue else ["sequence_embedding"]
+        wanted = ["sequence_embedding", *(f"{t}_probabilities" for t in tasks)] + (["residue_embeddings"] if per_residue or cls else [])
         for group in data.token_budget_groups(lengths, np.arange(len(encoded)), self.max_tokens):
             batch = tokens.pad_batch([encoded[i][0] for i in group]).numpy()
             outs = self.session.run(wanted, {"tokens": batch.astype(np.int32 if self.int32 else np.int64)})
             for row, i in enumerate(group):
-                residues = outs[1][row, 1 : lengths[i] + 1].copy() if per_residue else None
-                results[i] = Embedding(outs[0][row].copy(), residues, encoded[i][1])
+                residues = outs[-1][row, 1 : lengths[i] + 1].copy() if per_residue else None
+                probs = {t: outs[1 + k][row].copy() for k, t in enumerate(tasks)}
+                first = outs[-1][row, 0].copy() if cls else None
+                results[i] = Embedding(outs[0][row].copy(), residues, encoded[i][1], probs, first)
         return results
+
+
+def validate(sequences: list[str], crop: bool = False) -> list[str]:
+    """Upper-cased sequences, or ``SequenceError`` naming the index and the problem (shared by every backend)."""
+    out = []
+    for i, seq in enumerate(sequences):
+        if not isinstance(seq, str) or not seq.strip():
+            raise SequenceError(i, "empty sequence")
+        seq = seq.strip().upper()
+        bad = tokens.illegal_position(seq)
+        if bad is not None:
+            raise SequenceError(i, f"illegal residue {seq[bad]!r} at position {bad + 1}; allowed: {tokens.RESIDUE_LETTERS}")
+        if len(seq) > tokens.MAX_RESIDUES and not crop:
+            raise SequenceError(
+                i, f"{len(seq)} residues exceed the limit of {tokens.MAX_RESIDUES} (ask for crop to embed the first {tokens.MAX_RESIDUES})"
+            )
+        out.append(seq)
+    return out
+
+
+class TorchEmbedder:
+    """The same interface as ``OnnxEmbedder`` over a PyTorch model (a bundle, or ESM-1b with probed heads).
+
+    CUDA (bf16 autocast) when available, else CPU. ``heads`` maps task -> ``distill.probe.Head``.
+    """
+
+    def __init__(
+        self, model, heads: dict | None = None, name: str = "", metadata: dict | None = None, device: str = "auto", max_tokens: int = 16384
+    ):  # noqa: ANN001
+        import torch
+
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+        self.model = model.to(self.device).eval()
+        self.heads = heads or {}
+        self.name = name
+        self.dim = model.cfg.dim
+        self.labels = {t: h.labels for t, h in self.heads.items()}
+        self.metadata = {"architecture": model.cfg.to_dict(), "parameters": model.num_parameters(), **(metadata or {})}
+        self.max_tokens = max_tokens
+
+    @property
+    def provider(self) -> str:
+        return f"torch-{self.device.type}"
+
+    def embed(
+        self, sequences: list[str], per_residue: bool = False, crop: bool = False, tasks: list[str] | None = None, cls: bool = False
+    ) -> list[Embedding]:
+        import torch
+
+        from distill.model import sequence_embedding
+
+        tasks = list(self.labels) if tasks is None else tasks
+        unknown = [t for t in tasks if t not in self.labels]
+        if unknown:
+            raise ValueError(
+                f"no {', '.join(unknown)} head in this model (heads: {', '.join(self.labels) or 'none'}); add one with `distill probe`"
+            )
+        seqs = validate(sequences, crop)
+        encoded = [data.crop(tokens.encode(s), None) for s in seqs]
+        lengths = np.array([len(e) for e in encoded], dtype=np.int64)
+        results: list[Embedding | None] = [None] * len(seqs)
+        for group in data.token_budget_groups(lengths, np.arange(len(seqs)), self.max_tokens):
+            toks = tokens.pad_batch([encoded[i] for i in group]).to(self.device)
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                reps = self.model(toks)["representations"].float()
+            pooled = sequence_embedding(reps, toks)
+            probs = {}
+            for t in tasks:
+                x = pooled if self.heads[t].pooling == "mean" else reps[:, 0]
+                probs[t] = self.heads[t].probabilities(x.cpu().numpy())
+            pooled_np, reps_np = pooled.cpu().numpy(), reps.cpu().numpy() if per_residue else None
+            for row, i in enumerate(group):
+                residues = reps_np[row, 1 : lengths[i] + 1].copy() if per_residue else None
+                results[i] = Embedding(
+                    pooled_np[row].copy(), residues, len(seqs[i]) > tokens.MAX_RESIDUES, {t: probs[t][row] for t in tasks}
+                )
+        return results
+
+    def run(self, sequences: list[str], tasks: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return stack(self.embed(sequences, tasks=tasks), tasks, self.dim)
+
+
+def stack(embeddings: list[Embedding], tasks: list[str], dim: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """List of ``Embedding`` -> ([n, dim] matrix, task -> [n, labels] matrix): what ``distill annotate`` consumes."""
+    vectors = np.stack([e.sequence for e in embeddings]) if embeddings else np.zeros((0, dim), np.float32)
+    return vectors, {t: np.stack([e.probabilities[t] for e in embeddings]) for t in tasks}
+
+
+def load_embedder(spec: str, heads: str | None = None, providers: str = "auto", max_tokens: int = 16384):  # noqa: ANN201
+    """One place that turns a model argument into an inference object.
+
+    ``X.onnx`` -> ``OnnxEmbedder`` (heads are in the graph); a student bundle -> ``TorchEmbedder`` with the
+    bundle's heads; a fair-esm name / ``.pt`` (ESM-1b) -> ``TorchEmbedder`` with the heads in ``heads`` (a
+    directory of ``<task>/`` head folders, as ``distill probe --out`` writes them).
+    """
+    from distill.bundle import is_bundle, load_any
+    from distill.probe import heads_of, load_head
+
+    path = Path(spec)
+    if path.suffix == ".onnx":
+        return OnnxEmbedder(path, providers, max_tokens)
+    model, card = load_any(spec)
+    found = {}
+    if heads:
+        hp = Path(heads)
+        found = (
+            {hp.name: load_head(hp, model.cfg.dim)}
+            if (hp / "labels.json").is_file()
+            else {d.name: load_head(d, model.cfg.dim) for d in sorted(hp.iterdir()) if (d / "labels.json").is_file()}
+        )
+    elif is_bundle(path):
+        found = heads_of(path, model.cfg.dim)
+    device = "cpu" if providers == "cpu" else "auto"
+    name = path.name if path.exists() else spec
+    return TorchEmbedder(model, found, name, {"source": spec, "preset": card.get("preset")}, device, max_tokens)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from esm_checkpoints import write_tiny_esm1b, write_tiny_esm2  # noqa: E402
+
+# Embedding caches of the test session live in a fresh directory: never the user's, never a previous run's.
+os.environ["ESM_DISTILL_CACHE"] = tempfile.mkdtemp(prefix="esm-distill-test-cache-")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

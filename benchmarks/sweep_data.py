@@ -1,0 +1,73 @@
+"""Cut the real-data sweep's sets from ../shared/data (docs/results.md); deterministic.
+
+    python benchmarks/sweep_data.py OUT_DIR
+
+Every labelled file is split 50/50 by a hash of the record id: one half joins the masked-LM training set
+(with the unlabelled UniProt proteins), the other half is only ever probed, so the probes never test on
+sequences the teacher or the students saw in training.
+    mlm.fasta      ProFET UniProt train+valid + the MLM halves (Pfam capped at 60 per family, SCOPe 2,500)
+    valid.fasta    ProFET test split (held-out perplexity)
+    pfam/          probe halves of the 54 Pfam families, capped at 100 per family
+    scope.fa       probe half of SCOPe 2.07 40% (ASTRAL headers)
+"""
+
+import csv
+import hashlib
+import random
+import sys
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def read_fasta(path: Path) -> list[tuple[str, str]]:
+    records, header, chunks = [], None, []
+    for line in path.read_text().splitlines():
+        if line.startswith(">"):
+            if header:
+                records.append((header, "".join(chunks)))
+            header, chunks = line[1:], []
+        else:
+            chunks.append(line.strip())
+    if header:
+        records.append((header, "".join(chunks)))
+    return records
+
+
+def probe_half(header: str) -> bool:
+    return hashlib.blake2b(header.split()[0].encode(), digest_size=8).digest()[0] % 2 == 0
+
+
+def write(path: Path, records: list[tuple[str, str]]) -> None:
+    path.write_text("".join(f">{h}\n{s.upper()}\n" for h, s in records))
+
+
+def main(out: Path) -> None:
+    rng = random.Random(3)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pfam").mkdir(exist_ok=True)
+    mlm = []
+    for split in ("train", "valid", "test"):
+        with open(SHARED / "unlabeled" / f"ProFET_NP_SP_Cleaved.{split}.csv") as f:
+            rows = [(f"ProFET_{split}_{i:04d}", r["seq"].upper()) for i, r in enumerate(csv.DictReader(f))]
+        rows = [(h, s) for h, s in rows if set(s) <= set("LAGVSERTIDPKQNFYMHWCXBUZO")]
+        if split == "test":
+            write(out / "valid.fasta", rows)
+        else:
+            mlm += rows
+    for family in sorted((SHARED / "pfam_families").glob("PF*.fasta")):
+        records = read_fasta(family)
+        probe = [r for r in records if probe_half(r[0])]
+        train = [r for r in records if not probe_half(r[0])]
+        mlm += rng.sample(train, min(60, len(train)))
+        write(out / "pfam" / family.name, rng.sample(probe, min(100, len(probe))))
+    scope = read_fasta(SHARED / "scope" / "astral-scopedom-40-2.07.shared85.fa")
+    mlm += rng.sample([r for r in scope if not probe_half(r[0])], 2500)
+    write(out / "scope.fa", [r for r in scope if probe_half(r[0])])
+    rng.shuffle(mlm)
+    write(out / "mlm.fasta", mlm)
+    print(f"mlm.fasta {len(mlm)} records")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,335 @@
+"""`distill annotate`: a FASTA of any size -> one TSV row per record (+ embeddings), streaming and resumable.
+
+Data flow: FASTA records (streamed, bad records become error rows) -> chunks of ``chunk_records`` records ->
+valid sequences (over-long ones cut into overlapping windows) -> a backend (ONNX Runtime, torch, or the
+BentoML service over HTTP) that batches by token budget, length-sorted inside the chunk -> rows written in
+input order.
+
+Crash safety: a chunk's rows are appended to the TSV and its embeddings saved as one shard file, both
+flushed to disk, and only then ``OUT.progress.json`` is replaced (atomically) with the new record count and
+TSV byte length. ``--resume`` truncates the TSV to the recorded length (dropping any half-written chunk),
+drops shards past it, skips the recorded records and carries on. The embeddings container (HDF5, Parquet or
+.npy) is assembled from the shards at the end, so a kill never corrupts it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from distill import tokens
+from distill.fasta import count_records, iter_records
+from distill.io import atomic_path, atomic_write, atomic_write_json, read_json_object
+
+LONG_POLICIES = ("windows", "crop")
+WINDOW = tokens.MAX_RESIDUES  # 1,022 residues per window
+STRIDE = WINDOW // 2  # 50% overlap
+EMBEDDING_SUFFIXES = (".h5", ".hdf5", ".parquet", ".npy")
+
+
+class Backend(Protocol):
+    """Runs validated sequences of at most 1,022 residues; returns embeddings and per-task probabilities."""
+
+    name: str
+    dim: int
+    labels: dict[str, list[str]]
+    metadata: dict[str, Any]
+
+    def run(self, sequences: list[str], tasks: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]: ...
+
+
+def windows(length: int) -> list[tuple[int, int]]:
+    """Overlapping [start, end) windows of ``WINDOW`` residues covering a sequence; the last one ends at the end."""
+    if length <= WINDOW:
+        return [(0, length)]
+    starts = list(range(0, length - WINDOW, STRIDE)) + [length - WINDOW]
+    return [(s, s + WINDOW) for s in starts]
+
+
+@dataclass
+class Row:
+    id: str
+    length: int
+    status: str  # ok | error
+    message: str
+    embedding: np.ndarray | None = None
+    probabilities: dict[str, np.ndarray] | None = None
+
+
+def annotate_chunk(records: list, backend: Backend, tasks: list[str], long_policy: str) -> list[Row]:
+    """Rows for one chunk of FASTA records, in input order."""
+    rows: list[Row] = []
+    pieces: list[str] = []  # sequences sent to the backend
+    owner: list[int] = []  # pieces -> row index
+    for r in records:
+        if r.error:
+            rows.append(Row(r.id, len(r.sequence), "error", r.error))
+            continue
+        seq = r.sequence
+        message = ""
+        if len(seq) > WINDOW:
+            if long_policy == "crop":
+                spans, message = [(0, WINDOW)], f"cropped: leading {WINDOW} of {len(seq)} residues"
+            else:
+                spans = windows(len(seq))
+                message = f"windows: {len(spans)} x {WINDOW} residues (stride {STRIDE}), averaged"
+        else:
+            spans = [(0, len(seq))]
+        for s, e in spans:
+            pieces.append(seq[s:e])
+            owner.append(len(rows))
+        rows.append(Row(r.id, len(seq), "ok", message))
+    if not pieces:
+        return rows
+    emb, probs = backend.run(pieces, tasks)
+    owner_arr = np.array(owner)
+    for i, row in enumerate(rows):
+        sel = np.flatnonzero(owner_arr == i)
+        if len(sel):
+            row.embedding = emb[sel].mean(0)
+            row.probabilities = {t: probs[t][sel].mean(0) for t in tasks}
+    return rows
+
+
+def tsv_header(tasks: list[str], top_k: int) -> str:
+    cols = ["id", "length"]
+    for t in tasks:
+        for k in range(1, top_k + 1):
+            cols += [f"{t}_label_{k}", f"{t}_prob_{k}"]
+    return "\t".join(cols + ["status", "message"]) + "\n"
+
+
+def tsv_row(row: Row, tasks: list[str], labels: dict[str, list[str]], top_k: int) -> str:
+    cells = [_clean(row.id), str(row.length)]
+    for t in tasks:
+        if row.probabilities is None:
+            cells += [""] * (2 * top_k)
+            continue
+        p = row.probabilities[t]
+        for i in np.argsort(-p, kind="stable")[:top_k]:
+            cells += [labels[t][i], f"{p[i]:.4f}"]
+    return "\t".join(cells + [row.status, _clean(row.message)]) + "\n"
+
+
+def _clean(text: str) -> str:
+    return text.replace("\t", " ").replace("\n", " ")
+
+
+def _fingerprint(input_path: Path, settings: dict[str, Any]) -> str:
+    st = input_path.stat()
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    h.update(f"{input_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _chunks(path: Path, size: int, skip: int) -> Iterator[list]:
+    chunk = []
+    for n, record in enumerate(iter_records(path, warn_duplicates=False)):
+        if n < skip:
+            continue
+        chunk.append(record)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+@dataclass
+class Summary:
+    records: int
+    ok: int
+    errors: int
+    seconds: float
+    residues: int
+    output: Path
+    embeddings: Path | None
+
+
+def annotate(
+    input_path: Path,
+    backend: Backend,
+    output: Path,
+    tasks: list[str] | None = None,
+    top_k: int = 1,
+    embeddings: Path | None = None,
+    long_policy: str = "windows",
+    resume: bool = False,
+    chunk_records: int = 1024,
+    console: Console | None = None,
+    quiet: bool = False,
+) -> Summary:
+    console = console or Console(stderr=True, soft_wrap=True)
+    input_path, output = Path(input_path), Path(output)
+    if not input_path.is_file():
+        raise FileNotFoundError(f"input FASTA {input_path} does not exist")
+    if long_policy not in LONG_POLICIES:
+        raise ValueError(f"--long must be one of {', '.join(LONG_POLICIES)}, got {long_policy!r}")
+    if top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {top_k}")
+    tasks = list(backend.labels) if tasks is None else tasks
+    missing = [t for t in tasks if t not in backend.labels]
+    if missing:
+        raise ValueError(
+            f"the model has no {', '.join(missing)} head (heads: {', '.join(backend.labels) or 'none'}); add one with `distill probe`"
+        )
+    if top_k > min((len(backend.labels[t]) for t in tasks), default=top_k):
+        raise ValueError(f"--top-k {top_k} exceeds the number of labels of a head")
+    if embeddings is not None and not str(embeddings).endswith(EMBEDDING_SUFFIXES):
+        raise ValueError(f"--embeddings must end in one of {', '.join(EMBEDDING_SUFFIXES)}: {embeddings}")
+
+    progress_path = output.with_name(output.name + ".progress.json")
+    parts = output.with_name(output.name + ".parts")
+    settings = {
+        "model": backend.name,
+        "tasks": tasks,
+        "top_k": top_k,
+        "long": long_policy,
+        "embeddings": str(embeddings or ""),
+        "chunk": chunk_records,
+    }
+    fingerprint = _fingerprint(input_path, settings)
+    done = {"records": 0, "bytes": 0, "chunks": 0, "ok": 0, "errors": 0, "residues": 0}
+    if resume and not progress_path.is_file() and output.exists():
+        raise FileExistsError(f"{output} exists but has no progress file {progress_path}, so it was not written by a resumable run")
+    if resume and progress_path.is_file():
+        state = read_json_object(progress_path, "annotate progress file")
+        if state.get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"{progress_path} belongs to a different run (input file, model or settings changed); "
+                f"remove {output} and {progress_path} to start over"
+            )
+        if state.get("complete"):
+            console.print(f"{output} is already complete ({state['records']} records); nothing to do")
+            return Summary(state["records"], state["ok"], state["errors"], 0.0, state["residues"], output, embeddings)
+        done = {k: state[k] for k in done}
+        with open(output, "r+b") as f:
+            f.truncate(done["bytes"])  # anything after the last recorded chunk is a half-written chunk
+        for shard in parts.glob("chunk-*.npz") if parts.is_dir() else []:
+            if int(shard.stem.split("-")[1]) >= done["chunks"]:
+                shard.unlink()
+        console.print(f"resuming {output} after {done['records']} records")
+    else:
+        if output.exists() or progress_path.exists():
+            raise FileExistsError(f"{output} exists; continue it with --resume or choose another -o")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(tsv_header(tasks, top_k))
+        done["bytes"] = output.stat().st_size
+        shutil.rmtree(parts, ignore_errors=True)
+        atomic_write_json(progress_path, {"fingerprint": fingerprint, "settings": settings, "complete": False, **done})
+    if embeddings is not None:
+        parts.mkdir(exist_ok=True)
+
+    total = count_records(input_path)
+    start = time.perf_counter()
+    columns = [
+        TextColumn("annotating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[sps]:,.0f} seq/s  {task.fields[rps]:,.0f} res/s"),
+        TimeRemainingColumn(),
+    ]
+    new_residues = 0
+    with Progress(*columns, console=console, disable=quiet) as bar, open(output, "ab") as out:
+        task = bar.add_task("annotate", total=total, completed=done["records"], sps=0.0, rps=0.0)
+        for chunk in _chunks(input_path, chunk_records, done["records"]):
+            rows = annotate_chunk(chunk, backend, tasks, long_policy)
+            if embeddings is not None:
+                ok = [r for r in rows if r.embedding is not None]
+                vectors = np.stack([r.embedding for r in ok]).astype(np.float32) if ok else np.zeros((0, backend.dim), np.float32)
+                shard = parts / f"chunk-{done['chunks']:08d}.npz"
+                _save_shard(shard, [r.id for r in ok], vectors)
+            out.write("".join(tsv_row(r, tasks, backend.labels, top_k) for r in rows).encode())
+            out.flush()
+            os.fsync(out.fileno())
+            n_ok = sum(r.status == "ok" for r in rows)
+            residues = sum(r.length for r in rows if r.status == "ok")
+            new_residues += residues
+            done = {
+                "records": done["records"] + len(rows),
+                "bytes": out.tell(),
+                "chunks": done["chunks"] + 1,
+                "ok": done["ok"] + n_ok,
+                "errors": done["errors"] + len(rows) - n_ok,
+                "residues": done["residues"] + residues,
+            }
+            atomic_write_json(progress_path, {"fingerprint": fingerprint, "settings": settings, "complete": False, **done})
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.update(task, completed=done["records"], sps=(done["records"]) / elapsed, rps=new_residues / elapsed)
+    if embeddings is not None:
+        write_embeddings(parts, embeddings, backend, done["chunks"])
+        shutil.rmtree(parts, ignore_errors=True)
+    atomic_write_json(progress_path, {"fingerprint": fingerprint, "settings": settings, "complete": True, **done})
+    seconds = time.perf_counter() - start
+    return Summary(done["records"], done["ok"], done["errors"], seconds, done["residues"], output, embeddings)
+
+
+def _save_shard(path: Path, ids: list[str], vectors: np.ndarray) -> None:
+    """One chunk's embeddings: ids + a float32 matrix, written atomically."""
+
+    def write(p: Path) -> None:
+        with open(p, "wb") as f:
+            np.savez(f, ids=np.array(ids, dtype=str), vectors=vectors)
+
+    atomic_write(path, write)
+
+
+def _shards(parts: Path, n: int) -> Iterator[tuple[list[str], np.ndarray]]:
+    for i in range(n):
+        with np.load(parts / f"chunk-{i:08d}.npz") as z:
+            yield [str(x) for x in z["ids"]], z["vectors"]
+
+
+def write_embeddings(parts: Path, path: Path, backend: Backend, n_chunks: int) -> None:
+    """Assemble the shards into the requested container, atomically, carrying the model's metadata."""
+
+    meta = {"model": backend.name, "dim": backend.dim, "pooling": "mean", **{k: v for k, v in backend.metadata.items() if k != "labels"}}
+    suffix = path.suffix.lower()
+    with atomic_path(path) as tmp:
+        if suffix in (".h5", ".hdf5"):
+            import h5py
+
+            with h5py.File(tmp, "w") as f:  # one dataset per id, as bio_embeddings writes them
+                f.attrs["esm_distill"] = json.dumps(meta, default=str)
+                for ids, vectors in _shards(parts, n_chunks):
+                    for rid, v in zip(ids, vectors, strict=True):
+                        name = rid.replace("/", "%2F")  # '/' would make HDF5 groups
+                        ds = f.create_dataset(name, data=v)
+                        ds.attrs["original_id"] = rid
+        elif suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            schema = pa.schema(
+                [("id", pa.string()), ("embedding", pa.list_(pa.float32(), backend.dim))],
+                metadata={"esm_distill": json.dumps(meta, default=str)},
+            )
+            with pq.ParquetWriter(tmp, schema) as w:
+                for ids, vectors in _shards(parts, n_chunks):
+                    emb = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), backend.dim)
+                    w.write_table(pa.Table.from_arrays([pa.array(ids, pa.string()), emb], schema=schema))
+        else:  # .npy: a [records, dim] matrix; ids in PATH.ids.txt (same order)
+            n = sum(len(ids) for ids, _ in _shards(parts, n_chunks))
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, backend.dim))
+            row = 0
+            id_lines = []
+            for ids, vectors in _shards(parts, n_chunks):
+                arr[row : row + len(ids)] = vectors
+                row += len(ids)
+                id_lines += ids
+            arr.flush()
+            del arr
+            ids_path = path.with_name(path.name.removesuffix(".npy") + ".ids.txt")
+            with atomic_path(ids_path) as ids_tmp:
+                ids_tmp.write_text("".join(x + "\n" for x in id_lines))

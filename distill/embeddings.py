@@ -1,0 +1,158 @@
+"""Frozen per-sequence features for probing: any model spec -> [N, dim] float32, cached on disk.
+
+Model specs (the same everywhere a model is named):
+  DIR              a student bundle
+  NAME | FILE.pt   a fair-esm model (``esm1b_t33_650M_UR50S``, ``esm2_t6_8M_UR50D``, a local checkpoint)
+  random:PRESET    a randomly initialised model of a preset size (baseline: what does training add?)
+  random:DIR       a randomly initialised model with the bundle's architecture
+  composition      amino-acid composition, 25 frequencies (baseline: what does a Transformer add?)
+
+Embeddings are computed once per (model weights, sequences, pooling) and cached as ``.npy`` (ESM-1b on a CPU
+is slow: never twice). Sequences over 1,022 residues are embedded on their leading 1,022 (counted, reported).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from distill import data, tokens
+from distill.io import atomic_save_npy, sha256_file
+from distill.model import ESM, PRESETS, ModelConfig, build_student, sequence_embedding
+
+POOLINGS = ("mean", "cls")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ESM_DISTILL_CACHE", Path.home() / ".cache" / "esm-distill")) / "embeddings"
+
+
+def sequences_sha256(sequences: list[str]) -> str:
+    h = hashlib.sha256()
+    for s in sequences:
+        h.update(s.encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def tensors_sha256(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Featurizer:
+    """A named feature extractor; ``model`` is None for the composition baseline."""
+
+    name: str
+    fingerprint: str  # identifies the weights: part of every cache key
+    dim: int
+    parameters: int
+    model: ESM | None
+    card: dict
+    source: str = ""  # the spec it came from (a bundle path enables the train/test overlap check)
+
+    def features(
+        self, sequences: list[str], pooling: str = "mean", max_tokens: int = 8192, device: str = "cpu", quiet: bool = True
+    ) -> np.ndarray:
+        if pooling not in POOLINGS:
+            raise ValueError(f"--pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        key = hashlib.sha256(f"{self.fingerprint}|{sequences_sha256(sequences)}|{pooling}|lead-crop-1022".encode()).hexdigest()[:24]
+        path = cache_dir() / f"{key}.npy"
+        if path.is_file():
+            try:
+                cached = np.load(path)
+                if cached.shape == (len(sequences), self.dim):
+                    return cached
+            except (ValueError, OSError):
+                pass  # a damaged cache file is recomputed and replaced
+        out = composition(sequences) if self.model is None else embed(self.model, sequences, pooling, max_tokens, device, self.name, quiet)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_npy(path, out)
+        return out
+
+
+def composition(sequences: list[str]) -> np.ndarray:
+    """Frequencies of the 25 residue letters, in ``tokens.RESIDUE_LETTERS`` order."""
+    out = np.zeros((len(sequences), len(tokens.RESIDUE_LETTERS)), dtype=np.float32)
+    index = {c: i for i, c in enumerate(tokens.RESIDUE_LETTERS)}
+    for row, seq in enumerate(sequences):
+        for c in seq:
+            out[row, index[c]] += 1
+        out[row] /= max(len(seq), 1)
+    return out
+
+
+@torch.no_grad()
+def embed(
+    model: ESM, sequences: list[str], pooling: str, max_tokens: int, device: str = "cpu", name: str = "", quiet: bool = True
+) -> np.ndarray:
+    """Pooled last-layer representations, length-bucketed token-budget batches, input order kept."""
+    dev = torch.device(device)
+    model = model.to(dev).eval()
+    encoded = [data.crop(tokens.encode(s), None) for s in sequences]
+    lengths = np.array([len(e) for e in encoded], dtype=np.int64)
+    out = np.zeros((len(sequences), model.cfg.dim), dtype=np.float32)
+    groups = data.token_budget_groups(lengths, np.arange(len(encoded)), max_tokens)
+    columns = [TextColumn(f"embedding with {name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, disable=quiet, transient=True) as progress:
+        task = progress.add_task("embed", total=len(sequences))
+        for group in groups:
+            toks = tokens.pad_batch([encoded[i] for i in group]).to(dev)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                reps = model(toks)["representations"].float()
+            pooled = sequence_embedding(reps, toks) if pooling == "mean" else reps[:, 0]
+            out[group] = pooled.cpu().numpy()
+            progress.advance(task, len(group))
+    return out
+
+
+def n_cropped(sequences: list[str]) -> int:
+    return sum(len(s) > tokens.MAX_RESIDUES for s in sequences)
+
+
+def featurizer(spec: str) -> Featurizer:
+    """Resolve a model spec (see the module docstring)."""
+    from distill.bundle import is_bundle, load_any, read_bundle_config
+
+    if spec == "composition":
+        n = len(tokens.RESIDUE_LETTERS)
+        return Featurizer("composition", "composition-v1", n, 0, None, {"name": "composition"}, spec)
+    if spec.startswith("random:"):
+        what = spec.split(":", 1)[1]
+        if what in PRESETS:
+            cfg = ModelConfig.preset(what)
+        elif is_bundle(Path(what)):
+            cfg = ModelConfig(**read_bundle_config(Path(what))["model"])
+        else:
+            raise ValueError(f"{spec!r}: after random: give a preset ({', '.join(PRESETS)}) or a bundle directory")
+        model = build_student(cfg, seed=0).eval()
+        name = f"random-h{cfg.dim}-L{cfg.layers}"
+        return Featurizer(name, f"random-seed0-{tensors_sha256(model)}", cfg.dim, model.num_parameters(), model, {"name": name}, spec)
+    model, card = load_any(spec)
+    p = Path(spec)
+    if p.is_dir():
+        fingerprint, name = sha256_file(p / "model.safetensors"), _bundle_name(p, card)
+    elif p.suffix == ".pt" and p.is_file():
+        fingerprint, name = sha256_file(p), p.stem
+    else:
+        fingerprint, name = tensors_sha256(model), spec
+    return Featurizer(name, fingerprint, model.cfg.dim, model.num_parameters(), model, card, spec)
+
+
+def _bundle_name(path: Path, card: dict) -> str:
+    """``Student-h128-L8-T2.0`` as the study writes it; ``-vanilla`` when trained without a teacher."""
+    cfg, training = card["model"], card.get("training", {})
+    base = f"Student-h{cfg['dim']}-L{cfg['layers']}"
+    if not training:
+        return f"{base} ({path.name})"
+    return base + ("-vanilla" if not training.get("lam") else f"-T{float(training.get('temperature', 0)):.1f}")

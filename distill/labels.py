@@ -1,0 +1,187 @@
+"""Labelled protein sets for probing: FASTA with the label in the header, Stockholm alignments, or TSV.
+
+Formats (chosen by content, not by file name):
+  FASTA, ASTRAL-style   ``>d1dlwa_ a.1.1.1 (A:) ...``  sccs -> superfamily ``a.1.1`` (task scope), family kept too
+  FASTA, Pfam-style     ``>Q9XYZ/10-80 PF00041`` or ``PF00041.20``  -> ``PF00041`` (task pfam)
+  Stockholm             one family per file, label from ``#=GF AC``; gaps stripped, residues upper-cased
+  TSV                   ``id<TAB>label<TAB>sequence`` (a ``#`` line or a header row ``id label sequence`` is skipped)
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from distill import tokens
+from distill.fasta import iter_records, open_text
+
+TASKS = ("pfam", "scope")
+SCCS = re.compile(r"^[a-l]\.\d+\.\d+\.\d+$")
+PFAM = re.compile(r"^(PF\d{5})(\.\d+)?$")
+LABELLED_SUFFIXES = (".fa", ".fasta", ".faa", ".fas", ".sto", ".stockholm", ".tsv", ".gz")
+
+
+class LabelError(ValueError):
+    """A labelled file that cannot be read; the message names the file and record."""
+
+
+@dataclass
+class LabelledSet:
+    ids: list[str]
+    sequences: list[str]  # upper-case residue letters
+    labels: list[str]  # the task's label (Pfam accession or SCOPe superfamily)
+    groups: list[str] = field(default_factory=list)  # SCOPe family (full sccs) for family-holdout; else = label
+    sources: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, index: np.ndarray | list[int]) -> LabelledSet:
+        take = [int(i) for i in index]
+        return LabelledSet(*([getattr(self, f)[i] for i in take] for f in ("ids", "sequences", "labels", "groups", "sources")))
+
+    def counts(self) -> Counter:
+        return Counter(self.labels)
+
+
+def expand(specs: list[str]) -> list[Path]:
+    """Files, directories (their labelled files) and globs -> a sorted, de-duplicated file list."""
+    out: list[Path] = []
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(LABELLED_SUFFIXES))
+            if not found:
+                raise LabelError(f"{p} holds no labelled files ({', '.join(LABELLED_SUFFIXES)})")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        elif any(c in spec for c in "*?["):
+            found = sorted(Path(f) for f in glob.glob(spec))
+            if not found:
+                raise LabelError(f"the pattern {spec!r} matches no files")
+            out += found
+        else:
+            raise LabelError(f"{spec} does not exist")
+    return list(dict.fromkeys(out))
+
+
+def sniff(path: Path) -> str:
+    with open_text(path) as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            if line.startswith("# STOCKHOLM"):
+                return "stockholm"
+            if line.startswith(">"):
+                return "fasta"
+            if "\t" in line:
+                return "tsv"
+            break
+    raise LabelError(
+        f"{path}: unknown label format (expected FASTA with labels in headers, Stockholm 1.0, or TSV id<TAB>label<TAB>sequence)"
+    )
+
+
+def parse_label(raw: str, task: str, where: str) -> tuple[str, str]:
+    """(label, group) for one raw label: an sccs for scope, a Pfam accession for pfam."""
+    if task == "scope":
+        if not SCCS.match(raw):
+            raise LabelError(f"{where}: {raw!r} is not a SCOPe sccs like a.1.1.1 (class.fold.superfamily.family)")
+        return ".".join(raw.split(".")[:3]), raw
+    m = PFAM.match(raw)
+    if not m:
+        raise LabelError(f"{where}: {raw!r} is not a Pfam accession like PF00041 or PF00041.20")
+    return m.group(1), m.group(1)
+
+
+def _check_sequence(seq: str, where: str) -> str:
+    if not seq:
+        raise LabelError(f"{where}: empty sequence")
+    bad = tokens.illegal_position(seq)
+    if bad is not None:
+        raise LabelError(f"{where}: illegal residue {seq[bad]!r} at position {bad + 1}")
+    return seq
+
+
+def _read_fasta(path: Path, task: str) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for r in iter_records(path):
+        where = f"{path}:{r.line} (record {r.id!r})"
+        if r.error:
+            raise LabelError(r.error)
+        fields = r.description.split()
+        if not fields:
+            raise LabelError(f"{where}: no label in the header; expected '>ID LABEL ...' (ASTRAL sccs or Pfam accession)")
+        label, group = parse_label(fields[0], task, where)
+        rows.append((r.id, _check_sequence(r.sequence.upper(), where), label, group))
+    return rows
+
+
+def _read_stockholm(path: Path, task: str) -> list[tuple[str, str, str, str]]:
+    accession, seqs, first_line = None, {}, {}
+    with open_text(path) as fh:
+        for n, line in enumerate(fh, 1):
+            line = line.rstrip("\n")
+            if line.startswith("#=GF AC"):
+                accession = line.split()[2]
+            elif line.startswith("//"):
+                break
+            elif line and not line.startswith("#"):
+                parts = line.split()
+                if len(parts) != 2:
+                    raise LabelError(f"{path}:{n}: expected 'NAME aligned-sequence', got {line[:60]!r}")
+                seqs[parts[0]] = seqs.get(parts[0], "") + parts[1]
+                first_line.setdefault(parts[0], n)
+    if accession is None:
+        raise LabelError(f"{path}: Stockholm file without a '#=GF AC' line, so it has no family label")
+    label, group = parse_label(accession, task, f"{path} (#=GF AC)")
+    rows = []
+    for name, aligned in seqs.items():
+        seq = re.sub(r"[.\-]", "", aligned).upper()
+        rows.append((name, _check_sequence(seq, f"{path}:{first_line[name]} (record {name!r})"), label, group))
+    return rows
+
+
+def _read_tsv(path: Path, task: str) -> list[tuple[str, str, str, str]]:
+    rows = []
+    with open_text(path) as fh:
+        for n, line in enumerate(fh, 1):
+            line = line.rstrip("\n")
+            if not line.strip() or line.startswith("#") or (n == 1 and line.lower().split("\t")[:3] == ["id", "label", "sequence"]):
+                continue
+            parts = line.split("\t")
+            if len(parts) != 3:
+                raise LabelError(f"{path}:{n}: expected 3 tab-separated columns id, label, sequence; got {len(parts)}")
+            rid, raw, seq = (p.strip() for p in parts)
+            where = f"{path}:{n} (record {rid!r})"
+            label, group = parse_label(raw, task, where)
+            rows.append((rid, _check_sequence(seq.upper(), where), label, group))
+    return rows
+
+
+READERS = {"fasta": _read_fasta, "stockholm": _read_stockholm, "tsv": _read_tsv}
+
+
+def read_labelled(specs: list[str] | str, task: str) -> LabelledSet:
+    """Read every file named by ``specs`` (files, directories, globs) for ``task`` (pfam or scope)."""
+    if task not in TASKS:
+        raise LabelError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    specs = [specs] if isinstance(specs, str) else specs
+    out = LabelledSet([], [], [], [], [])
+    seen: dict[str, str] = {}
+    for path in expand(specs):
+        for rid, seq, label, group in READERS[sniff(path)](path, task):
+            if rid in seen:
+                raise LabelError(f"{path}: record id {rid!r} also occurs in {seen[rid]}; ids must be unique across the labelled files")
+            seen[rid] = str(path)
+            for name, value in (("ids", rid), ("sequences", seq), ("labels", label), ("groups", group), ("sources", str(path))):
+                getattr(out, name).append(value)
+    if not out.ids:
+        raise LabelError(f"no labelled records in {', '.join(specs)}")
+    return out

@@ -1,0 +1,300 @@
+"""Frozen-embedding probes: a softmax-regression (or small MLP) head on sequence embeddings.
+
+The protocol, stated in every table we print: embeddings from the frozen model (``mean`` over residues or the
+``cls`` token), standardised; labels with fewer than ``min_per_class`` examples dropped (counted); a stratified
+random split, or for SCOPe a family-holdout split (test domains come from families absent from training, within
+superfamilies seen in training: the remote-homology setting); a validation split taken from the training part
+for early stopping; class-weighted cross-entropy; fixed seeds.
+
+A head lives next to its model: ``BUNDLE/heads/<task>/{head.safetensors, labels.json}``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+from sklearn.model_selection import train_test_split
+
+from distill.io import atomic_write, atomic_write_json, read_json_object
+from distill.labels import LabelledSet
+
+HEAD_FORMAT = "esm-distill-head"
+SPLITS = ("random", "family-holdout")
+
+
+class HeadError(ValueError):
+    """A head that is missing, corrupt, or does not fit the model it is used with."""
+
+
+class ProbeHead(nn.Module):
+    """Standardise, then linear (``hidden=0``) or Linear-GELU-Dropout-Linear; outputs logits."""
+
+    def __init__(self, dim: int, classes: int, hidden: int = 0):
+        super().__init__()
+        self.dim, self.classes, self.hidden = dim, classes, hidden
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+        if hidden:
+            self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.1), nn.Linear(hidden, classes))
+        else:
+            self.net = nn.Sequential(nn.Linear(dim, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) * self.scale)
+
+
+@dataclass
+class Head:
+    module: ProbeHead
+    labels: list[str]
+    card: dict[str, Any]  # task, pooling, dim, hidden, model fingerprint, protocol, metrics
+
+    @property
+    def task(self) -> str:
+        return self.card["task"]
+
+    @property
+    def pooling(self) -> str:
+        return self.card["pooling"]
+
+    @torch.no_grad()
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        if features.ndim != 2 or features.shape[1] != self.module.dim:
+            raise HeadError(f"the {self.task} head takes {self.module.dim}-dim embeddings, got shape {tuple(features.shape)}")
+        return torch.softmax(self.module(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))), -1).numpy()
+
+    def save(self, directory: Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in self.module.state_dict().items()}
+        atomic_write(directory / "head.safetensors", lambda p: save_file(state, str(p)))
+        atomic_write_json(directory / "labels.json", {"format": HEAD_FORMAT, "labels": self.labels, **self.card})
+        return directory
+
+
+def load_head(directory: Path, dim: int | None = None) -> Head:
+    """Read ``head.safetensors`` + ``labels.json``; ``dim`` (the model's width) is checked when given."""
+    directory = Path(directory)
+    card_path, weights = directory / "labels.json", directory / "head.safetensors"
+    if not card_path.is_file() or not weights.is_file():
+        raise HeadError(f"{directory} is not a classification head: needs head.safetensors and labels.json")
+    try:
+        card = read_json_object(card_path)
+    except ValueError as e:
+        raise HeadError(str(e)) from e
+    if card.get("format") != HEAD_FORMAT or not isinstance(card.get("labels"), list):
+        raise HeadError(f"{card_path} is not an esm-distill head card (format {card.get('format')!r})")
+    labels = card.pop("labels")
+    card.pop("format")
+    if dim is not None and card["dim"] != dim:
+        raise HeadError(f"{directory}: the head was trained on {card['dim']}-dim embeddings, but the model's width is {dim}")
+    module = ProbeHead(card["dim"], len(labels), card.get("hidden", 0))
+    try:
+        module.load_state_dict(load_file(str(weights)))
+    except (SafetensorError, RuntimeError) as e:
+        raise HeadError(f"{weights} is corrupt or does not match {card_path} ({len(labels)} labels, dim {card['dim']}): {e}") from e
+    return Head(module.eval(), labels, card)
+
+
+def heads_of(bundle: Path, dim: int | None = None) -> dict[str, Head]:
+    """Every head stored in a bundle, by task."""
+    root = Path(bundle) / "heads"
+    if not root.is_dir():
+        return {}
+    return {d.name: load_head(d, dim) for d in sorted(root.iterdir()) if (d / "labels.json").is_file()}
+
+
+# ---- splits ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Split:
+    train: np.ndarray
+    test: np.ndarray
+    notes: list[str] = field(default_factory=list)  # what was dropped or held back, and why
+
+
+def drop_rare(ds: LabelledSet, min_per_class: int) -> tuple[np.ndarray, list[str]]:
+    counts = ds.counts()
+    rare = {label for label, n in counts.items() if n < min_per_class}
+    keep = np.array([i for i, label in enumerate(ds.labels) if label not in rare], dtype=np.int64)
+    notes = []
+    if rare:
+        notes.append(f"dropped {len(rare)} labels with fewer than {min_per_class} examples ({len(ds) - len(keep)} sequences)")
+    if len({ds.labels[i] for i in keep}) < 2:
+        raise ValueError(
+            f"fewer than 2 classes have at least {min_per_class} examples ({len(counts)} labels in the data); lower --min-per-class"
+        )
+    return keep, notes
+
+
+def make_split(ds: LabelledSet, kind: str, seed: int, test_fraction: float = 0.2, min_per_class: int = 10) -> Split:
+    if kind not in SPLITS:
+        raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {kind!r}")
+    keep, notes = drop_rare(ds, min_per_class)
+    labels = np.array(ds.labels)[keep]
+    if kind == "random":
+        train, test = train_test_split(keep, test_size=test_fraction, stratify=labels, random_state=seed)
+        return Split(np.sort(train), np.sort(test), notes)
+    groups = np.array(ds.groups)[keep]
+    if (groups == labels).all():
+        raise ValueError("--split family-holdout needs family labels below the class (SCOPe sccs); these data have none")
+    rng = np.random.default_rng(seed)
+    test_mask = np.zeros(len(keep), dtype=bool)
+    single = 0
+    for label in sorted(set(labels)):
+        members = np.flatnonzero(labels == label)
+        families = sorted(set(groups[members]))
+        if len(families) < 2:
+            single += 1
+            continue
+        rng.shuffle(families)
+        held = 0
+        for fam in families[:-1]:  # at least one family stays in training
+            if held >= test_fraction * len(members):
+                break
+            in_fam = members[groups[members] == fam]
+            test_mask[in_fam] = True
+            held += len(in_fam)
+    notes.append(f"family-holdout: {single} superfamilies with a single family are training-only")
+    return Split(keep[~test_mask], keep[test_mask], notes)
+
+
+# ---- training -------------------------------------------------------------------------------------
+
+
+def train_head(
+    x: np.ndarray,
+    y: np.ndarray,
+    classes: int,
+    hidden: int = 0,
+    seed: int = 0,
+    valid_fraction: float = 0.1,
+    max_epochs: int = 200,
+    patience: int = 10,
+    lr: float = 3e-3,
+    weight_decay: float = 1e-4,
+    batch_size: int = 256,
+) -> tuple[ProbeHead, dict[str, Any]]:
+    """Class-weighted cross-entropy, AdamW, early stopping on validation loss; returns the best head."""
+    torch.manual_seed(seed)
+    idx = np.arange(len(y))
+    counts = np.bincount(y, minlength=classes)
+    can_stratify = counts[counts > 0].min() >= 2 and int(valid_fraction * len(y)) >= (counts > 0).sum()
+    tr, va = train_test_split(idx, test_size=valid_fraction, stratify=y if can_stratify else None, random_state=seed)
+    head = ProbeHead(x.shape[1], classes, hidden)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    yt = torch.from_numpy(y.astype(np.int64))
+    head.mean.copy_(xt[tr].mean(0))
+    head.scale.copy_(1.0 / xt[tr].std(0).clamp_min(1e-6))
+    weight = torch.from_numpy(len(y) / (classes * np.maximum(counts, 1))).float()  # "balanced" class weights
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    best, best_loss, bad, epochs = copy.deepcopy(head.state_dict()), math.inf, 0, 0
+    for epochs in range(1, max_epochs + 1):  # noqa: B007 (the count is reported)
+        head.train()
+        for b in torch.from_numpy(tr)[torch.randperm(len(tr), generator=gen)].split(batch_size):
+            loss = F.cross_entropy(head(xt[b]), yt[b], weight=weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        head.eval()
+        with torch.no_grad():
+            val_loss = F.cross_entropy(head(xt[va]), yt[va], weight=weight).item()
+        if val_loss < best_loss - 1e-4:
+            best, best_loss, bad = copy.deepcopy(head.state_dict()), val_loss, 0
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    head.load_state_dict(best)
+    return head.eval(), {"epochs": epochs, "best_valid_loss": best_loss, "n_valid": len(va)}
+
+
+# ---- metrics --------------------------------------------------------------------------------------
+
+METRIC_COLUMNS = [
+    "accuracy",
+    "precision_macro",
+    "recall_macro",
+    "f1_macro",
+    "precision_weighted",
+    "recall_weighted",
+    "f1_weighted",
+]
+
+
+def classification_metrics(y_true: list[str] | np.ndarray, y_pred: list[str] | np.ndarray) -> dict[str, float]:
+    """scikit-learn's accuracy and precision/recall/F1, macro- and weighted-averaged (undefined terms count 0)."""
+    out = {"accuracy": float(accuracy_score(y_true, y_pred))}
+    for avg in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average=avg, zero_division=0)
+        out |= {f"precision_{avg}": float(p), f"recall_{avg}": float(r), f"f1_{avg}": float(f)}
+    return out
+
+
+@dataclass
+class ProbeResult:
+    head: Head
+    metrics: dict[str, Any]
+    y_true: list[str]
+    y_pred: list[str]
+    test_index: np.ndarray
+    notes: list[str]
+
+
+def run_probe(
+    features: np.ndarray,
+    ds: LabelledSet,
+    task: str,
+    split: Split,
+    protocol: dict[str, Any],
+    hidden: int = 0,
+    seed: int = 0,
+    test_features: np.ndarray | None = None,
+    test_ds: LabelledSet | None = None,
+) -> ProbeResult:
+    """Train a head on ``split.train`` and score it on ``split.test`` (or on a separate test set)."""
+    labels = sorted({ds.labels[i] for i in split.train})
+    if len(labels) < 2:
+        raise ValueError(f"the {task} training split has {len(labels)} class; a classifier needs at least 2")
+    index = {label: i for i, label in enumerate(labels)}
+    y = np.array([index[ds.labels[i]] for i in split.train])
+    module, fit_info = train_head(features[split.train], y, len(labels), hidden, seed)
+    notes = list(split.notes)
+    if test_ds is None:
+        test_x, truth, test_index = features[split.test], [ds.labels[i] for i in split.test], split.test
+    else:
+        known = np.array([i for i, label in enumerate(test_ds.labels) if label in index], dtype=np.int64)
+        if len(known) < len(test_ds):
+            notes.append(f"{len(test_ds) - len(known)} test sequences have labels absent from training; not scored")
+        test_x, truth, test_index = test_features[known], [test_ds.labels[i] for i in known], known
+    if len(truth) == 0:
+        raise ValueError(f"no test examples for {task} after the split; use more data or a lower --min-per-class")
+    head = Head(module, labels, {"task": task, "dim": module.dim, "hidden": hidden, "protocol": protocol})
+    pred = [labels[i] for i in head.probabilities(test_x).argmax(1)]
+    metrics = classification_metrics(truth, pred) | {
+        "classes": len(labels),
+        "n_train": len(split.train),
+        "n_test": len(truth),
+        "head_epochs": fit_info["epochs"],
+    }
+    head.card["metrics"] = metrics
+    return ProbeResult(head, metrics, truth, pred, test_index, notes)
+
+
+def label_counts_line(ds: LabelledSet) -> str:
+    c = Counter(ds.labels)
+    return f"{len(ds)} sequences, {len(c)} labels (largest {c.most_common(1)[0][1]}, smallest {min(c.values())})"

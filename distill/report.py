@@ -1,0 +1,233 @@
+"""`distill probe` and `distill evaluate`: frozen-embedding probes of several models under one stated protocol.
+
+Data flow: labelled files -> LabelledSet -> one split for all models -> per model: cached embeddings -> head
+-> metrics (+ perplexity on a shared held-out FASTA) -> one table (markdown, CSV, JSON) and the figures.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from distill import data, plots, tokens
+from distill.bundle import training_digests
+from distill.embeddings import Featurizer, featurizer, n_cropped
+from distill.io import atomic_write_json, atomic_write_text
+from distill.labels import LabelledSet, read_labelled
+from distill.probe import METRIC_COLUMNS, ProbeResult, Split, drop_rare, label_counts_line, make_split, run_probe
+
+# Compact models a reviewer expects next to ours, used when their weights are in the torch hub cache.
+ESM2_BASELINES = ("esm2_t6_8M_UR50D", "esm2_t12_35M_UR50D")
+
+
+@dataclass
+class ProbeConfig:
+    task: str
+    data: list[str]
+    test: list[str] | None = None
+    split: str = "random"
+    pooling: str = "mean"
+    hidden: int = 0  # 0 = softmax regression; > 0 = one hidden layer (--mlp)
+    min_per_class: int = 10
+    test_fraction: float = 0.2
+    seed: int = 0
+    max_tokens: int = 8192
+    device: str = "cpu"
+    notes: list[str] = field(default_factory=list)
+
+    def protocol(self) -> dict[str, Any]:
+        return {
+            "probe": "frozen embeddings, standardised; "
+            + (f"MLP, one hidden layer of {self.hidden}" if self.hidden else "linear softmax regression"),
+            "loss": "class-weighted cross-entropy, AdamW, early stopping on a 10% validation part of the training split",
+            "pooling": self.pooling,
+            "split": self.split if self.test is None else "given test set",
+            "test_fraction": self.test_fraction if self.test is None else None,
+            "seed": self.seed,
+            "min_per_class": self.min_per_class,
+            "data": self.data,
+            "test": self.test,
+        }
+
+    def describe(self, n_classes: int, n_train: int, n_test: int) -> str:
+        split = {
+            "random": f"stratified random split {1 - self.test_fraction:.0%}/{self.test_fraction:.0%}",
+            "family-holdout": "family-holdout split (test families absent from training, superfamilies seen)",
+        }[self.split]
+        if self.test:
+            split = f"given test set {', '.join(self.test)}"
+        probe = f"MLP probe ({self.hidden} hidden)" if self.hidden else "linear probe (softmax regression)"
+        return (
+            f"Protocol: frozen-embedding {probe} on standardised {self.pooling}-pooled embeddings, class-weighted "
+            f"cross-entropy, early stopping on 10% of the training part; {split}, seed {self.seed}; labels with fewer "
+            f"than {self.min_per_class} examples dropped. Task {self.task}: {n_classes} classes, {n_train} training and "
+            f"{n_test} test sequences. Precision, recall and F1 are given macro-averaged (every class counts the same) "
+            f"and weighted by class support."
+        )
+
+
+@dataclass
+class Prepared:
+    """The labelled data and the one split every model is probed on."""
+
+    ds: LabelledSet
+    split: Split
+    test_ds: LabelledSet | None
+
+
+def prepare(cfg: ProbeConfig, console: Console) -> Prepared:
+    ds = read_labelled(cfg.data, cfg.task)
+    console.print(f"{cfg.task}: {label_counts_line(ds)} from {len(set(ds.sources))} file(s)")
+    test_ds = read_labelled(cfg.test, cfg.task) if cfg.test else None
+    if test_ds is None:
+        split = make_split(ds, cfg.split, cfg.seed, cfg.test_fraction, cfg.min_per_class)
+    else:
+        keep, notes = drop_rare(ds, cfg.min_per_class)
+        split = Split(keep, np.array([], dtype=np.int64), notes)
+    for note in split.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    cropped = n_cropped(ds.sequences) + (n_cropped(test_ds.sequences) if test_ds else 0)
+    if cropped:
+        console.print(
+            f"[yellow]note:[/] {cropped} sequences exceed {tokens.MAX_RESIDUES} residues; they are embedded on their leading {tokens.MAX_RESIDUES}"
+        )
+    return Prepared(ds, split, test_ds)
+
+
+def overlap_warning(feat: Featurizer, prepared: Prepared) -> str | None:
+    """How many test sequences the model saw in MLM training (bundles record digests of their training set)."""
+    if not feat.source or not Path(feat.source).is_dir():
+        return None
+    seen = training_digests(Path(feat.source))
+    if seen is None:
+        return None
+    test = prepared.test_ds.sequences if prepared.test_ds is not None else [prepared.ds.sequences[i] for i in prepared.split.test]
+    digests = data.sequence_digests([tokens.encode(s) for s in test])
+    n = int(np.isin(digests, seen).sum())
+    if n == 0:
+        return None
+    return f"{n} of {len(test)} test sequences ({n / len(test):.1%}) occur in {feat.name}'s MLM training data"
+
+
+def probe_one(
+    feat: Featurizer, cfg: ProbeConfig, prepared: Prepared, console: Console, quiet: bool = False
+) -> tuple[ProbeResult, np.ndarray]:
+    warning = overlap_warning(feat, prepared)
+    if warning:
+        console.print(f"[yellow]warning:[/] {warning}")
+    x = feat.features(prepared.ds.sequences, cfg.pooling, cfg.max_tokens, cfg.device, quiet=quiet)
+    tx = feat.features(prepared.test_ds.sequences, cfg.pooling, cfg.max_tokens, cfg.device, quiet=quiet) if prepared.test_ds else None
+    protocol = cfg.protocol() | {"model": feat.name, "model_fingerprint": feat.fingerprint}
+    result = run_probe(x, prepared.ds, cfg.task, prepared.split, protocol, cfg.hidden, cfg.seed, tx, prepared.test_ds)
+    result.head.card |= {"pooling": cfg.pooling, "model_fingerprint": feat.fingerprint}
+    if warning:
+        result.notes.append(warning)
+    test_x = tx[result.test_index] if tx is not None else x[result.test_index]
+    return result, test_x
+
+
+def held_out_perplexity(feat: Featurizer, fasta: Path, cfg: ProbeConfig) -> float | None:
+    if feat.model is None:
+        return None
+    from distill.evaluate import perplexity
+
+    ppl, _ = perplexity(feat.model, data.load_fasta(fasta), cfg.max_tokens, torch.device(cfg.device))
+    return ppl
+
+
+def available_esm2() -> list[str]:
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    return [name for name in ESM2_BASELINES if (hub / f"{name}.pt").is_file()]
+
+
+def evaluate_models(
+    specs: list[str],
+    cfg: ProbeConfig,
+    out: Path,
+    console: Console,
+    ppl_data: Path | None = None,
+    baselines: bool = False,
+    tsne_top: int = 10,
+) -> list[dict[str, Any]]:
+    """Probe every model on the same split; write results.{md,csv,json} and the figures into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    prepared = prepare(cfg, console)
+    specs = list(specs)
+    if baselines:
+        first = next((s for s in specs if Path(s).is_dir()), "small")
+        specs += [f"random:{first}", "composition"]
+        found = available_esm2()
+        specs += found
+        missing = [n for n in ESM2_BASELINES if n not in found]
+        if missing:
+            console.print(f"[yellow]note:[/] ESM-2 baselines {', '.join(missing)} are not in the torch hub cache; their rows are left out")
+    rows, panels, confusions, ppl_points = [], {}, {}, {}
+    for spec in specs:
+        feat = featurizer(spec)
+        console.print(f"probing {feat.name} ({feat.parameters / 1e6:.2f}M parameters, dim {feat.dim})")
+        result, test_x = probe_one(feat, cfg, prepared, console)
+        ppl = held_out_perplexity(feat, ppl_data, cfg) if ppl_data else None
+        row = {"model": feat.name, "spec": spec, "parameters": feat.parameters, **result.metrics, "perplexity": ppl, "notes": result.notes}
+        rows.append(row)
+        panels[feat.name] = test_x
+        confusions[feat.name] = (result.y_true, result.y_pred)
+        if ppl is not None:
+            ppl_points[feat.name] = (feat.parameters, ppl)
+        truth = result.y_true
+    first = rows[0]
+    header = cfg.describe(first["classes"], first["n_train"], first["n_test"])
+    write_tables(rows, header, out)
+    plots.tsne_panels(panels, truth, out / "tsne.png", top=tsne_top, seed=cfg.seed)
+    plots.confusion_panels(confusions, out / "confusion.png")
+    if ppl_points:
+        plots.perplexity_vs_parameters(ppl_points, out / "perplexity.png")
+    return rows
+
+
+COLUMN_TITLES = {
+    "accuracy": "Accuracy",
+    "precision_macro": "Precision (macro)",
+    "recall_macro": "Recall (macro)",
+    "f1_macro": "F1 (macro)",
+    "precision_weighted": "Precision (weighted)",
+    "recall_weighted": "Recall (weighted)",
+    "f1_weighted": "F1 (weighted)",
+}
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    cols = ["Model", "Parameters", *COLUMN_TITLES.values(), "Classes", "Test seqs", "Perplexity"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        ppl = f"{r['perplexity']:.2f}" if r.get("perplexity") is not None else "-"
+        params = f"{r['parameters'] / 1e6:.2f}M" if r["parameters"] else "0"
+        cells = [r["model"], params, *(f"{r[c]:.3f}" for c in METRIC_COLUMNS), str(r["classes"]), str(r["n_test"]), ppl]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_tables(rows: list[dict[str, Any]], header: str, out: Path) -> None:
+    atomic_write_text(out / "results.md", header + "\n\n" + markdown_table(rows) + "\n")
+    atomic_write_json(out / "results.json", {"protocol": header, "rows": rows})
+    fields = ["model", "spec", "parameters", *METRIC_COLUMNS, "classes", "n_train", "n_test", "perplexity"]
+    lines: list[str] = []
+
+    class _Sink:
+        def write(self, s: str) -> None:
+            lines.append(s)
+
+    writer = csv.DictWriter(_Sink(), fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "results.csv", "".join(lines))
+
+
+def config_dict(cfg: ProbeConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(cfg)))

@@ -1,0 +1,376 @@
+"""The esm-distill BentoML service: protein embeddings and Pfam / SCOPe calls over HTTP.
+
+Three BentoML services, the way BentoML composes models (``bentoml.depends``):
+
+  EsmDistillService   the public API: validates requests (4xx naming the sequence and the problem), turns
+                      probabilities into top-k calls, times and compares backends
+  Engine              the student: one batchable ``infer`` (adaptive batching: concurrent requests share
+                      forward passes; inside a batch, length bucketing by token budget)
+  Reference           the optional comparison model (ESM-1b, fair-esm name or local .pt, with probed heads)
+
+Configuration (environment; `distill serve` sets it):
+  ESM_DISTILL_MODEL            model-store tag (`distill import`), default esm-distill-student:latest
+  ESM_DISTILL_BACKEND          student-onnx (default; CUDA provider when present, else CPU) | student-torch
+  ESM_DISTILL_VARIANT          fp32 (default) | int8 (when imported with --int8)
+  ESM_DISTILL_COMPARE          fair-esm name or .pt for /compare (optional)
+  ESM_DISTILL_COMPARE_HEADS    head directory for it (`distill probe MODEL --out DIR` per task)
+  ESM_DISTILL_BATCHING         1 (default) | 0: adaptive batching off (for benchmarks)
+  ESM_DISTILL_MAX_SEQUENCES    per request (default 64); ESM_DISTILL_MAX_RESIDUES per request (default 65536)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Literal
+
+import bentoml
+import numpy as np
+from bentoml.exceptions import InternalServerError, InvalidArgument
+from pydantic import BaseModel, Field
+
+MODEL_TAG = os.environ.get("ESM_DISTILL_MODEL", "esm-distill-student:latest")
+BACKEND = os.environ.get("ESM_DISTILL_BACKEND", "student-onnx")
+VARIANT = os.environ.get("ESM_DISTILL_VARIANT", "fp32")
+COMPARE = os.environ.get("ESM_DISTILL_COMPARE", "")
+COMPARE_HEADS = os.environ.get("ESM_DISTILL_COMPARE_HEADS", "")
+BATCHING = os.environ.get("ESM_DISTILL_BATCHING", "1") != "0"
+MAX_SEQUENCES = int(os.environ.get("ESM_DISTILL_MAX_SEQUENCES", "64"))
+MAX_RESIDUES = int(os.environ.get("ESM_DISTILL_MAX_RESIDUES", "65536"))
+MAX_LENGTH = 1022  # residues per sequence (ESM-1b's 1,024 positions minus <cls> and <eos>)
+MAX_TOP_K = 20
+TIMEOUT = 600
+
+
+# ---- I/O models ------------------------------------------------------------------------------------
+
+
+class Embedded(BaseModel):
+    embedding: list[float]
+    # [] rather than None when not asked for: bentoml's client cannot decode a null array
+    residues: list[list[float]] = Field(default_factory=list, description="[length, dim] per-residue vectors when per_residue is true")
+    cropped: bool = Field(False, description="only the leading 1,022 residues were embedded (crop: true)")
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    dim: int
+    pooling: str
+    results: list[Embedded]
+
+
+class Call(BaseModel):
+    label: str
+    probability: float
+
+
+class Classified(BaseModel):
+    calls: dict[str, list[Call]] = Field(description="per task, the top-k labels, most probable first")
+    cropped: bool = False
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    results: list[Classified]
+
+
+class ModelAnswer(BaseModel):
+    model: str
+    available: bool
+    reason: str = ""
+    seconds: float = 0.0
+    results: list[Classified] = []
+
+
+class CompareResponse(BaseModel):
+    student: ModelAnswer
+    reference: ModelAnswer
+    top1_agreement: dict[str, float] = Field(default_factory=dict, description="per task, fraction of sequences whose top-1 labels agree")
+
+
+class AnnotateResponse(BaseModel):
+    model: str
+    embeddings: list[list[float]]
+    probabilities: dict[str, list[list[float]]]
+
+
+class InfoResponse(BaseModel):
+    model: str
+    tag: str
+    backend: str
+    provider: str
+    preset: str
+    parameters: int
+    dim: int
+    labels: dict[str, list[str]]
+    max_length: int
+    max_sequences: int
+    max_residues: int
+    batching: bool
+    reference: dict[str, Any]
+
+
+# ---- validation (shared by every endpoint) -----------------------------------------------------------
+
+
+def check_sequences(sequences: list[str], crop: bool) -> list[str]:
+    """Upper-cased sequences; anything wrong is a 400 that names the sequence index and the problem."""
+    from export.runtime import SequenceError, validate
+
+    if not sequences:
+        raise InvalidArgument("sequences is empty: send at least one sequence")
+    if len(sequences) > MAX_SEQUENCES:
+        raise InvalidArgument(f"{len(sequences)} sequences in one request; the limit is {MAX_SEQUENCES}")
+    try:
+        seqs = validate(sequences, crop)
+    except SequenceError as e:
+        raise InvalidArgument(str(e)) from e
+    total = sum(min(len(s), MAX_LENGTH) for s in seqs)
+    if total > MAX_RESIDUES:
+        raise InvalidArgument(f"{total} residues in one request; the limit is {MAX_RESIDUES}")
+    return [s[:MAX_LENGTH] for s in seqs]
+
+
+def check_tasks(tasks: tuple[str, ...], labels: dict[str, list[str]], top_k: int) -> list[str]:
+    """The asked-for heads (empty: all of them), checked; and top_k in range."""
+    if not labels:
+        raise InvalidArgument(
+            "no head in this model: classification needs heads (`distill probe BUNDLE --task pfam|scope`, then re-import)"
+        )
+    tasks = list(tasks) or list(labels)
+    unknown = [t for t in tasks if t not in labels]
+    if unknown:
+        raise InvalidArgument(f"unknown task(s) {unknown}; this model has heads for {', '.join(labels)}")
+    if not 1 <= top_k <= min(MAX_TOP_K, *(len(labels[t]) for t in tasks)):
+        raise InvalidArgument(f"top_k must be between 1 and {min(MAX_TOP_K, *(len(labels[t]) for t in tasks))}, got {top_k}")
+    return tasks
+
+
+def top_calls(probabilities: dict[str, list[float]], labels: dict[str, list[str]], tasks: list[str], top_k: int) -> dict[str, list[Call]]:
+    from export.runtime import top_k as best
+
+    return {t: [Call(label=lab, probability=p) for lab, p in best(np.asarray(probabilities[t]), labels[t], top_k)] for t in tasks}
+
+
+def _rows(embeddings: list, tasks: list[str]) -> list[dict[str, Any]]:
+    return [
+        {
+            "mean": e.sequence.tolist(),
+            "cls": e.cls.tolist() if e.cls is not None else None,
+            "probabilities": {t: e.probabilities[t].tolist() for t in tasks},
+        }
+        for e in embeddings
+    ]
+
+
+async def call(method, *args: Any) -> Any:  # noqa: ANN001
+    """A call to a dependency, retried on a dropped pooled connection.
+
+    BentoML 1.4's inter-service client keeps idle connections longer (aiohttp, 15 s) than the callee's server
+    keeps them open (uvicorn, 5 s), so the first requests after a pause can hit a closed socket
+    (bentoml/BentoML#4971, fix proposed in #5698). Every engine call is a pure function of its input, so
+    sending it again is safe.
+    """
+    import aiohttp
+
+    for attempt in range(3):
+        try:
+            return await method(*args)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientConnectionResetError):
+            if attempt == 2:
+                raise
+
+
+# ---- services ---------------------------------------------------------------------------------------
+
+
+@bentoml.service(name="esm-distill-engine", workers=1, traffic={"timeout": TIMEOUT})
+class Engine:
+    """The student. ``infer`` takes plain sequence lists so BentoML can concatenate concurrent requests."""
+
+    stored = bentoml.models.BentoModel(MODEL_TAG)
+
+    def __init__(self) -> None:
+        from serve.store import open_stored
+
+        self.embedder = open_stored(self.stored.path, BACKEND, VARIANT)
+        self.tag = str(self.stored.tag)
+        self.meta = dict(self.stored.info.metadata)
+
+    def _infer(self, sequences: list[str]) -> list[dict[str, Any]]:
+        try:
+            return _rows(self.embedder.embed(sequences, tasks=list(self.embedder.labels), cls=True), list(self.embedder.labels))
+        except Exception as e:  # a failed batch fails its requests with a 5xx, never the server
+            raise InternalServerError(
+                f"the {BACKEND} backend failed on a batch of {len(sequences)} sequences: {type(e).__name__}: {e}"
+            ) from e
+
+    @bentoml.api(batchable=True, max_batch_size=256, max_latency_ms=60_000)
+    def infer(self, sequences: list[str]) -> list[dict[str, Any]]:
+        return self._infer(sequences)
+
+    @bentoml.api
+    def infer_unbatched(self, sequences: list[str]) -> list[dict[str, Any]]:
+        return self._infer(sequences)
+
+    @bentoml.api
+    def residues(self, sequences: list[str]) -> list[list[list[float]]]:
+        return [e.residues.tolist() for e in self.embedder.embed(sequences, per_residue=True, tasks=[])]
+
+    @bentoml.api
+    def card(self) -> dict[str, Any]:
+        return {
+            "model": self.stored.tag.name,
+            "tag": self.tag,
+            "backend": BACKEND,
+            "provider": self.embedder.provider,
+            "preset": self.meta.get("preset") or "",
+            "parameters": self.meta.get("parameters") or 0,
+            "dim": self.embedder.dim,
+            "labels": self.embedder.labels,
+        }
+
+
+@bentoml.service(name="esm-distill-reference", workers=1, traffic={"timeout": TIMEOUT})
+class Reference:
+    """ESM-1b (or any fair-esm model) for /compare; optional: without it, /compare says why it cannot answer."""
+
+    def __init__(self) -> None:
+        self.embedder = None
+        self.reason = (
+            "no comparison model configured: start the service with `distill serve MODEL --compare-with esm1b_t33_650M_UR50S` (or a .pt)"
+        )
+        if COMPARE:
+            try:
+                from export.runtime import load_embedder
+
+                self.embedder = load_embedder(COMPARE, COMPARE_HEADS or None)
+                self.reason = ""
+            except Exception as e:  # offline, missing file, bad heads: the service still starts
+                self.reason = f"comparison model {COMPARE!r} could not be loaded: {e}"
+
+    @bentoml.api
+    def infer(self, sequences: list[str]) -> dict[str, Any]:
+        if self.embedder is None:
+            return {"available": False, "reason": self.reason, "model": COMPARE or "", "labels": {}}
+        start = time.perf_counter()
+        rows = _rows(self.embedder.embed(sequences, tasks=list(self.embedder.labels)), list(self.embedder.labels))
+        return {
+            "available": True,
+            "model": self.embedder.name,
+            "labels": self.embedder.labels,
+            "rows": rows,
+            "seconds": time.perf_counter() - start,
+        }
+
+    @bentoml.api
+    def card(self) -> dict[str, Any]:
+        if self.embedder is None:
+            return {"available": False, "reason": self.reason}
+        return {"available": True, "model": self.embedder.name, "dim": self.embedder.dim, "labels": sorted(self.embedder.labels)}
+
+
+@bentoml.service(name="esm-distill", traffic={"timeout": TIMEOUT, "concurrency": 128})
+class EsmDistillService:
+    engine = bentoml.depends(Engine)
+    reference = bentoml.depends(Reference)
+
+    def __init__(self) -> None:
+        self._card: dict[str, Any] | None = None
+
+    async def card(self) -> dict[str, Any]:
+        if self._card is None:
+            self._card = await call(self.engine.to_async.card)
+        return self._card
+
+    async def run(self, sequences: list[str]) -> list[dict[str, Any]]:
+        engine = self.engine.to_async
+        return await call(engine.infer if BATCHING else engine.infer_unbatched, sequences)
+
+    @bentoml.api
+    async def embed(
+        self, sequences: list[str], pooling: Literal["mean", "cls"] = "mean", per_residue: bool = False, crop: bool = False
+    ) -> EmbedResponse:
+        """One vector per sequence (mean over residues, or the <cls> token), in input order; per-residue matrices when asked."""
+        seqs = check_sequences(sequences, crop)
+        card = await self.card()
+        rows = await self.run(seqs)
+        residues = await call(self.engine.to_async.residues, seqs) if per_residue else [[] for _ in seqs]
+        results = [
+            Embedded(embedding=row[pooling], residues=res, cropped=len(orig.strip()) > MAX_LENGTH)
+            for row, res, orig in zip(rows, residues, sequences, strict=True)
+        ]
+        return EmbedResponse(model=card["model"], dim=card["dim"], pooling=pooling, results=results)
+
+    @bentoml.api
+    async def classify(self, sequences: list[str], tasks: tuple[str, ...] = (), top_k: int = 1, crop: bool = False) -> ClassifyResponse:
+        """Per sequence and task, the top-k labels with probabilities."""
+        card = await self.card()
+        tasks = check_tasks(tasks, card["labels"], top_k)
+        seqs = check_sequences(sequences, crop)
+        rows = await self.run(seqs)
+        results = [
+            Classified(calls=top_calls(r["probabilities"], card["labels"], tasks, top_k), cropped=len(o.strip()) > MAX_LENGTH)
+            for r, o in zip(rows, sequences, strict=True)
+        ]
+        return ClassifyResponse(model=card["model"], results=results)
+
+    @bentoml.api
+    async def annotate(self, sequences: list[str], tasks: tuple[str, ...] = (), all_tasks: bool = True) -> AnnotateResponse:
+        """Embeddings and full probability vectors (what `distill annotate --url` consumes); no tasks and all_tasks false: embeddings only."""
+        card = await self.card()
+        tasks = check_tasks(tasks, card["labels"], 1) if tasks or (all_tasks and card["labels"]) else []
+        rows = await self.run(check_sequences(sequences, crop=False))
+        return AnnotateResponse(
+            model=card["model"],
+            embeddings=[r["mean"] for r in rows],
+            probabilities={t: [r["probabilities"][t] for r in rows] for t in tasks},
+        )
+
+    @bentoml.api
+    async def compare(self, sequences: list[str], tasks: tuple[str, ...] = (), top_k: int = 1, crop: bool = False) -> CompareResponse:
+        """The same sequences through the student and the comparison model (ESM-1b): calls side by side, agreement, latency."""
+        card = await self.card()
+        tasks = check_tasks(tasks, card["labels"], top_k)
+        seqs = check_sequences(sequences, crop)
+        start = time.perf_counter()
+        rows = await self.run(seqs)
+        student = ModelAnswer(
+            model=card["model"],
+            available=True,
+            seconds=time.perf_counter() - start,
+            results=[Classified(calls=top_calls(r["probabilities"], card["labels"], tasks, top_k)) for r in rows],
+        )
+        ref = await call(self.reference.to_async.infer, seqs)
+        if not ref["available"]:
+            return CompareResponse(student=student, reference=ModelAnswer(model=ref["model"], available=False, reason=ref["reason"]))
+        missing = [t for t in tasks if t not in ref["labels"]]
+        if missing:
+            reason = f"the comparison model has no {', '.join(missing)} head (probe it: distill probe {ref['model']} --task ... --out DIR)"
+            return CompareResponse(student=student, reference=ModelAnswer(model=ref["model"], available=False, reason=reason))
+        reference = ModelAnswer(
+            model=ref["model"],
+            available=True,
+            seconds=ref["seconds"],
+            results=[Classified(calls=top_calls(r["probabilities"], ref["labels"], tasks, top_k)) for r in ref["rows"]],
+        )
+        agreement = {
+            t: float(np.mean([a.calls[t][0].label == b.calls[t][0].label for a, b in zip(student.results, reference.results, strict=True)]))
+            for t in tasks
+        }
+        return CompareResponse(student=student, reference=reference, top1_agreement=agreement)
+
+    @bentoml.api
+    async def info(self) -> InfoResponse:
+        """The model card: preset, parameters, backend, provider, label sets, limits, comparison model."""
+        card = await self.card()
+        ref = await call(self.reference.to_async.card)
+        return InfoResponse(
+            **card, max_length=MAX_LENGTH, max_sequences=MAX_SEQUENCES, max_residues=MAX_RESIDUES, batching=BATCHING, reference=ref
+        )
+
+    @bentoml.api
+    async def health(self) -> dict[str, Any]:
+        """Ready when the engine answers (BentoML's /readyz and /livez are served too)."""
+        card = await self.card()
+        return {"status": "ok", "model": card["model"], "backend": card["backend"], "provider": card["provider"]}

@@ -1,0 +1,90 @@
+"""Students in BentoML's model store: `distill import` writes them, the service reads them.
+
+A stored model holds ``model.onnx`` (fp32 graph, with the heads as ``<task>_probabilities`` outputs),
+optionally ``model.int8.onnx``, and the student bundle itself under ``bundle/`` when it came from one (the
+``student-torch`` backend uses it). Metadata: preset, parameters, tasks, source and its sha256.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+BACKENDS = ("student-onnx", "student-torch")
+
+
+def model_name(source: str) -> str:
+    """A model-store name from a bundle or file path: ``esm-distill-<name>`` (letters, digits, - _ .)."""
+    p = Path(source)
+    stem = p.parent.name if p.name == "student" and p.is_dir() else p.name.removesuffix(".onnx")
+    return "esm-distill-" + (re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-").lower() or "model")
+
+
+def import_model(source: str, name: str | None = None, int8: bool = False) -> str:
+    """Put a student bundle (exported to ONNX with its heads here) or an exported ``.onnx`` into the store; returns the tag."""
+    import bentoml
+
+    from distill.bundle import is_bundle, load_any
+    from distill.probe import heads_of
+    from export.onnx import export, read_metadata, source_of
+
+    path = Path(source)
+    name = name or model_name(source)
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp)
+        if is_bundle(path):
+            model, card = load_any(source)
+            heads = heads_of(path, model.cfg.dim)
+            result = export(model, staged / "model.onnx", source_of(source, card), int8=int8, heads=heads or None)
+            shutil.copytree(path, staged / "bundle")
+            if int8 and "int8" not in result.paths:
+                raise ValueError("the int8 graph failed its parity check; import without --int8")
+        elif path.suffix == ".onnx" and path.is_file():
+            meta = read_metadata(path)
+            if meta.get("esm_distill_contract") is None:
+                raise ValueError(f"{path} is not an esm-distill graph (no esm_distill_contract in its metadata)")
+            shutil.copy2(path, staged / "model.onnx")
+            variant = path.with_name(path.stem + ".int8.onnx")
+            if int8:
+                if not variant.is_file():
+                    raise ValueError(f"--int8 needs {variant} beside {path} (distill export onnx --int8)")
+                shutil.copy2(variant, staged / "model.int8.onnx")
+        else:
+            raise ValueError(f"{source} is neither a student bundle directory nor an exported .onnx graph")
+        meta = read_metadata(staged / "model.onnx")
+        info: dict[str, Any] = {
+            "preset": meta.get("preset"),
+            "parameters": meta.get("parameters"),
+            "dim": meta["architecture"]["dim"],
+            "tasks": sorted(meta.get("labels") or {}),
+            "source": str(source),
+            "source_sha256": meta.get("source_sha256", ""),
+            "int8": (staged / "model.int8.onnx").is_file(),
+            "bundle": (staged / "bundle").is_dir(),
+        }
+        with bentoml.models.create(name, labels={"framework": "esm-distill"}, metadata=info) as ref:
+            for item in staged.iterdir():
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, Path(ref.path) / item.name)
+        return str(ref.tag)
+
+
+def open_stored(path: Path, backend: str = "student-onnx", variant: str = "fp32", providers: str = "auto", max_tokens: int = 16384):  # noqa: ANN201
+    """The inference object for a stored model directory (``OnnxEmbedder`` or ``TorchEmbedder``)."""
+    from export.runtime import OnnxEmbedder, load_embedder
+
+    path = Path(path)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
+    if backend == "student-torch":
+        if not (path / "bundle").is_dir():
+            raise ValueError("the student-torch backend needs a model imported from a bundle (this one was imported from an .onnx file)")
+        return load_embedder(str(path / "bundle"), providers=providers, max_tokens=max_tokens)
+    if variant not in ("fp32", "int8"):
+        raise ValueError(f"unknown variant {variant!r}; choose fp32 or int8")
+    graph = path / ("model.int8.onnx" if variant == "int8" else "model.onnx")
+    if not graph.is_file():
+        raise ValueError(f"this model was imported without its int8 graph ({graph} missing); re-import with --int8")
+    return OnnxEmbedder(graph, providers, max_tokens)

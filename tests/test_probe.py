@@ -1,0 +1,165 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import EXAMPLES, shared
+from sklearn.metrics import f1_score
+from typer.testing import CliRunner
+
+from distill import embeddings, tokens
+from distill.bundle import save_bundle
+from distill.cli import app
+from distill.data import sequence_digests
+from distill.labels import LabelledSet, read_labelled
+from distill.model import ESM, ModelConfig
+from distill.probe import HeadError, classification_metrics, heads_of, load_head, make_split, run_probe
+
+runner = CliRunner()
+TEACHER = EXAMPLES / "teacher" / "tiny_esm1b_t4_192.pt"
+
+
+def test_metrics_match_hand_computation():
+    truth = ["a", "a", "b", "b", "c"]
+    pred = ["a", "b", "b", "b", "a"]
+    m = classification_metrics(truth, pred)
+    # per class (precision, recall, F1): a (1/2, 1/2, 1/2), b (2/3, 1, 4/5), c (0, 0, 0); supports 2, 2, 1
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["precision_macro"] == pytest.approx((1 / 2 + 2 / 3 + 0) / 3)
+    assert m["recall_macro"] == pytest.approx((1 / 2 + 1 + 0) / 3)
+    assert m["f1_macro"] == pytest.approx((1 / 2 + 4 / 5 + 0) / 3)
+    assert m["precision_weighted"] == pytest.approx((2 * 1 / 2 + 2 * 2 / 3) / 5)
+    assert m["recall_weighted"] == pytest.approx(3 / 5)
+    assert m["f1_weighted"] == pytest.approx((2 * 1 / 2 + 2 * 4 / 5) / 5)
+
+
+def toy(labels: list[str], groups: list[str] | None = None) -> LabelledSet:
+    n = len(labels)
+    return LabelledSet([f"r{i}" for i in range(n)], ["MKV"] * n, labels, groups or labels, ["x"] * n)
+
+
+def test_random_split_is_stratified_seeded_and_drops_rare_labels_with_a_count():
+    ds = toy(["a"] * 20 + ["b"] * 10 + ["c"] * 3)
+    split = make_split(ds, "random", seed=0, min_per_class=5)
+    assert split.notes == ["dropped 1 labels with fewer than 5 examples (3 sequences)"]
+    assert {ds.labels[i] for i in split.test} == {"a", "b"} and len(split.test) == 6
+    assert not set(split.train) & set(split.test) and len(split.train) + len(split.test) == 30
+    assert (make_split(ds, "random", seed=0, min_per_class=5).test == split.test).all()
+    with pytest.raises(ValueError, match="fewer than 2 classes"):
+        make_split(toy(["a"] * 20 + ["b"] * 3), "random", seed=0, min_per_class=5)
+
+
+def test_family_holdout_tests_unseen_families_of_seen_superfamilies():
+    ds = read_labelled(str(EXAMPLES / "scope.fasta"), "scope")
+    split = make_split(ds, "family-holdout", seed=0, min_per_class=10)
+    train_fams = {ds.groups[i] for i in split.train}
+    test_fams = {ds.groups[i] for i in split.test}
+    assert test_fams and not train_fams & test_fams
+    assert {ds.labels[i] for i in split.test} <= {ds.labels[i] for i in split.train}
+    assert 0.1 < len(split.test) / len(ds) < 0.5
+    with pytest.raises(ValueError, match="needs family labels"):
+        make_split(read_labelled(str(EXAMPLES / "pfam.fasta"), "pfam"), "family-holdout", seed=0)
+
+
+def test_embedding_cache_pooling_and_composition(monkeypatch):
+    feat = embeddings.featurizer(str(TEACHER))
+    seqs = ["MKTAYIAKQR", "GSHMLEDPVKK", "MKV"]
+    mean = feat.features(seqs, "mean")
+    cls = feat.features(seqs, "cls")
+    with torch.no_grad():
+        toks = tokens.pad_batch([tokens.encode(s) for s in seqs])
+        reps = feat.model(toks)["representations"]
+    np.testing.assert_allclose(cls, reps[:, 0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(mean[2], reps[2, 1:4].mean(0).numpy(), atol=1e-5)
+    monkeypatch.setattr(embeddings, "embed", lambda *a, **k: pytest.fail("recomputed a cached embedding"))
+    np.testing.assert_array_equal(feat.features(seqs, "mean"), mean)
+    comp = embeddings.featurizer("composition").features(["AAKL"], "mean")
+    assert comp[0, tokens.RESIDUE_LETTERS.index("A")] == 0.5 and comp.sum() == pytest.approx(1.0)
+
+
+def test_linear_probe_on_a_tiny_model_is_well_above_chance_on_real_scope_superfamilies():
+    ds = read_labelled(str(shared("scope/astral-scopedom-40-2.07.shared85.fa")), "scope")
+    rng = np.random.default_rng(0)
+    big = [label for label, n in ds.counts().most_common(12)]
+    take = np.concatenate([rng.choice([i for i, x in enumerate(ds.labels) if x == label], 40, replace=False) for label in big])
+    ds = ds.subset(take)
+    x = embeddings.featurizer(str(TEACHER)).features(ds.sequences, "mean")
+    split = make_split(ds, "random", seed=0)
+    result = run_probe(x, ds, "scope", split, {"test": True})
+    chance = 1 / 12
+    assert result.metrics["classes"] == 12 and result.metrics["n_test"] == 96
+    assert result.metrics["accuracy"] > 3 * chance, result.metrics
+    assert result.metrics["f1_macro"] == pytest.approx(f1_score(result.y_true, result.y_pred, average="macro"))
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A tiny random bundle whose recorded training set is the first 100 sequences of examples/pfam.fasta."""
+    torch.manual_seed(0)
+    pfam = read_labelled(str(EXAMPLES / "pfam.fasta"), "pfam")
+    digests = sequence_digests([tokens.encode(s) for s in pfam.sequences[:100]])
+    return save_bundle(tmp_path_factory.mktemp("b") / "student", ESM(ModelConfig(2, 32, 4, 64)), "custom", {"lam": 0}, digests)
+
+
+def test_cli_probe_writes_head_export_carries_it_and_onnx_matches_torch(bundle, tmp_path):
+    res = runner.invoke(app, ["probe", str(bundle), "--data", str(EXAMPLES / "pfam.fasta"), "--task", "pfam", "--min-per-class", "5"])
+    assert res.exit_code == 0, res.output
+    assert "Protocol: frozen-embedding linear probe" in res.output and "| Accuracy |" in res.output
+    assert "Task pfam: 54 classes, 648 training and 162 test sequences" in res.output
+    assert "test sequences" in res.output and "MLM training data" in res.output  # the overlap warning
+    head = heads_of(bundle, 32)["pfam"]
+    assert len(head.labels) == 54 and head.card["metrics"]["n_test"] == 162 and head.pooling == "mean"
+
+    onnx_path = tmp_path / "s.onnx"
+    res = runner.invoke(app, ["export", "onnx", str(bundle), "-o", str(onnx_path), "--heads"])
+    assert res.exit_code == 0, res.output
+    from export.runtime import OnnxEmbedder, top_k
+
+    emb = OnnxEmbedder(onnx_path)
+    assert emb.labels["pfam"] == head.labels
+    seqs = read_labelled(str(EXAMPLES / "pfam.fasta"), "pfam").sequences[:7]
+    got = emb.embed(seqs)
+    feats = embeddings.featurizer(str(bundle)).features(seqs, "mean")
+    want = head.probabilities(feats)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g.probabilities["pfam"], w, atol=1e-5)
+    best = top_k(got[0].probabilities["pfam"], emb.labels["pfam"], 3)
+    assert [b[0] for b in best] == [head.labels[i] for i in np.argsort(-want[0])[:3]]
+    with pytest.raises(ValueError, match="no scope head in this model"):
+        emb.embed(seqs, tasks=["scope"])
+
+
+def test_head_errors(bundle, tmp_path):
+    res = runner.invoke(app, ["probe", str(TEACHER), "--data", str(EXAMPLES / "pfam.fasta"), "--task", "pfam"])
+    assert res.exit_code == 2 and "pass --out DIR" in res.output
+    res = runner.invoke(app, ["probe", str(bundle), "--data", str(EXAMPLES / "pfam.fasta"), "--task", "pfam", "--min-per-class", "50"])
+    assert res.exit_code == 2 and "fewer than 2 classes have at least 50 examples" in res.output
+    head_dir = tmp_path / "h"
+    res = runner.invoke(app, ["probe", "composition", "--data", str(EXAMPLES / "pfam.fasta"), "--task", "pfam", "--out", str(head_dir), "--min-per-class", "5"])
+    assert res.exit_code == 0, res.output
+    with pytest.raises(HeadError, match="trained on 25-dim embeddings, but the model's width is 32"):
+        load_head(head_dir, dim=32)
+    (head_dir / "head.safetensors").write_bytes(b"garbage")
+    with pytest.raises(HeadError, match="corrupt"):
+        load_head(head_dir)
+    (head_dir / "labels.json").write_text("{not json")
+    with pytest.raises(HeadError, match="labels.json"):
+        load_head(head_dir)
+
+
+def test_cli_evaluate_writes_one_table_csv_json_and_figures(bundle, tmp_path):
+    out = tmp_path / "eval"
+    args = ["evaluate", str(TEACHER), str(bundle), "--data", str(EXAMPLES / "scope.fasta"), "--task", "scope"]
+    args += ["--split", "family-holdout", "--baselines", "--ppl-data", str(EXAMPLES / "valid.fasta"), "--out", str(out)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["tiny_esm1b_t4_192", "Student-h32-L2-vanilla", "random-h32-L2", "composition"]
+    assert "family-holdout split" in res.output and "| F1 (macro) |" in res.output and "| F1 (weighted) |" in res.output
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("model,spec,parameters,accuracy,precision_macro")
+    assert float(csv_lines[1].split(",")[6]) == pytest.approx(rows[0]["f1_macro"])
+    assert rows[0]["perplexity"] == pytest.approx(14.48, abs=0.01) and rows[3]["perplexity"] is None
+    assert "ESM-2 baselines esm2_t6_8M_UR50D, esm2_t12_35M_UR50D are not in the torch hub cache" in res.output
+    for png in ("tsne.png", "confusion.png", "perplexity.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / png).stat().st_size > 10_000

@@ -1,0 +1,231 @@
+"""The BentoML service for real: `distill serve` in a subprocess, called over HTTP on a loopback port."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import EXAMPLES, REPO
+from typer.testing import CliRunner
+
+from distill.bundle import save_bundle
+from distill.cli import app
+from distill.fasta import read_fasta
+from distill.model import ESM, ModelConfig
+
+runner = CliRunner()
+TEACHER = EXAMPLES / "teacher" / "tiny_esm1b_t4_192.pt"
+SEQS = [r.sequence for r in read_fasta(EXAMPLES / "valid.fasta")][:40]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, payload, raw: bytes | None = None) -> tuple[int, object]:
+    data = raw if raw is not None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A tiny student with Pfam and SCOPe heads, imported into a private model store and served; ESM comparison on."""
+    root = tmp_path_factory.mktemp("svc")
+    env = {**os.environ, "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "True", "ESM_DISTILL_MAX_RESIDUES": "20000"}
+    os.environ["BENTOML_HOME"] = env["BENTOML_HOME"]  # for `distill import` in this process
+    torch.manual_seed(0)
+    bundle = save_bundle(root / "tiny" / "student", ESM(ModelConfig(2, 32, 4, 64)), "custom")
+    for task, data in (("pfam", "pfam.fasta"), ("scope", "scope.fasta")):
+        res = runner.invoke(app, ["probe", str(bundle), "--data", str(EXAMPLES / data), "--task", task, "--min-per-class", "5"])
+        assert res.exit_code == 0, res.output
+        res = runner.invoke(app, ["probe", str(TEACHER), "--data", str(EXAMPLES / data), "--task", task, "--min-per-class", "5", "--out", str(root / "teacher-heads" / task)])
+        assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["import", str(bundle)])
+    assert res.exit_code == 0, res.output
+    tag = res.output.strip().splitlines()[-1]
+    port = free_port()
+    cmd = [sys.executable, "-m", "distill", "serve", tag, "--port", str(port), "--compare-with", str(TEACHER), "--compare-heads", str(root / "teacher-heads")]
+    proc = subprocess.Popen(cmd, env=env, stdout=open(root / "serve.log", "w"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            if urllib.request.urlopen(f"{url}/readyz", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("server did not become ready:\n" + (root / "serve.log").read_text()[-3000:])
+    from bentoml.models import get
+
+    stored = Path(get(tag).path)
+    yield {"url": url, "tag": tag, "graph": stored / "model.onnx", "root": root, "env": env, "bundle": bundle}
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+    os.environ.pop("BENTOML_HOME", None)
+
+
+@pytest.fixture(scope="module")
+def direct(server):
+    """The same graph run in-process: what every HTTP answer must equal."""
+    from export.runtime import OnnxEmbedder
+
+    emb = OnnxEmbedder(server["graph"])
+    return emb, {s: e for s, e in zip(SEQS, emb.embed(SEQS, cls=True), strict=True)}
+
+
+def test_embed_and_classify_equal_direct_onnx_inference_in_input_order(server, direct):
+    import bentoml
+
+    emb, ref = direct
+    with bentoml.SyncHTTPClient(server["url"]) as client:
+        out = client.embed(sequences=SEQS[:9], pooling="mean")
+        cls = client.embed(sequences=SEQS[:3], pooling="cls", per_residue=True)
+        calls = client.classify(sequences=SEQS[:5], tasks=["pfam", "scope"], top_k=3)
+    assert out["dim"] == 32 and len(out["results"]) == 9
+    for seq, r in zip(SEQS[:9], out["results"], strict=True):
+        np.testing.assert_allclose(r["embedding"], ref[seq].sequence, atol=1e-5)
+    for seq, r in zip(SEQS[:3], cls["results"], strict=True):
+        np.testing.assert_allclose(r["embedding"], ref[seq].cls, atol=1e-5)
+        assert np.asarray(r["residues"]).shape == (len(seq), 32)
+    for seq, r in zip(SEQS[:5], calls["results"], strict=True):
+        for task in ("pfam", "scope"):
+            p = ref[seq].probabilities[task]
+            order = np.argsort(-p)[:3]
+            assert [c["label"] for c in r["calls"][task]] == [emb.labels[task][i] for i in order]
+            np.testing.assert_allclose([c["probability"] for c in r["calls"][task]], p[order], atol=1e-5)
+
+
+def test_info_health_openapi_and_bentoml_endpoints(server):
+    status, info = post(f"{server['url']}/info", {})
+    assert status == 200 and info["tag"] == server["tag"] and info["backend"] == "student-onnx"
+    assert info["provider"] == "CPUExecutionProvider" and set(info["labels"]) == {"pfam", "scope"} and info["max_length"] == 1022
+    assert info["reference"]["available"] and info["reference"]["model"] == "tiny_esm1b_t4_192.pt"
+    assert post(f"{server['url']}/health", {}) == (200, {"status": "ok", "model": info["model"], "backend": "student-onnx", "provider": "CPUExecutionProvider"})
+    spec = json.loads(urllib.request.urlopen(f"{server['url']}/docs.json").read())
+    assert spec["openapi"].startswith("3.")
+    for path in ("/embed", "/classify", "/compare", "/annotate", "/info", "/health"):
+        assert "post" in spec["paths"][path], path
+    from openapi_spec_validator import validate
+
+    # BentoML's own task-queue schema (TaskStatusResponse, not part of our API) uses a JSON-Schema null type
+    # that OpenAPI 3.0 lacks; everything of ours must validate.
+    spec["components"]["schemas"].pop("TaskStatusResponse", None)
+    validate(spec)
+    for path in ("/livez", "/metrics"):
+        assert urllib.request.urlopen(f"{server['url']}{path}").status == 200
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "payload", "message"),
+    [
+        ("embed", b"{not json", "json"),
+        ("embed", {"sequences": "MKV"}, "sequences"),
+        ("classify", {"sequences": ["MKV"], "top_k": "three"}, "top_k"),
+        ("embed", {"sequences": []}, "sequences is empty"),
+        ("embed", {"sequences": ["MKV", " "]}, "sequence 1: empty sequence"),
+        ("embed", {"sequences": ["MKV", "MKVLAJ"]}, "sequence 1: illegal residue 'J' at position 6"),
+        ("embed", {"sequences": ["M" * 1023]}, "sequence 0: 1023 residues exceed the limit of 1022 (ask for crop"),
+        ("embed", {"sequences": ["MKV"] * 65}, "65 sequences in one request; the limit is 64"),
+        ("embed", {"sequences": ["M" * 1000] * 21}, "21000 residues in one request; the limit is 20000"),
+        ("classify", {"sequences": ["MKV"], "tasks": ["go"]}, "unknown task(s) ['go']"),
+        ("classify", {"sequences": ["MKV"], "top_k": 0}, "top_k must be between 1 and 20"),
+        ("classify", {"sequences": ["MKV"], "top_k": 500}, "top_k must be between 1 and 20"),
+        ("compare", {"sequences": ["MKV"], "tasks": ["go"]}, "unknown task(s) ['go']"),
+    ],
+)
+def test_bad_input_is_a_4xx_naming_the_problem_and_the_server_stays_up(server, endpoint, payload, message):
+    status, body = post(f"{server['url']}/{endpoint}", None if isinstance(payload, bytes) else payload, payload if isinstance(payload, bytes) else None)
+    assert 400 <= status < 500, (status, body)
+    assert message.lower() in str(body).lower(), body
+    assert post(f"{server['url']}/health", {})[0] == 200
+
+
+def test_crop_is_opt_in_per_request(server, direct):
+    emb, _ = direct
+    long = SEQS[0] * 12
+    status, body = post(f"{server['url']}/embed", {"sequences": [long], "crop": True})
+    assert status == 200 and body["results"][0]["cropped"] is True
+    np.testing.assert_allclose(body["results"][0]["embedding"], emb.embed([long[:1022]])[0].sequence, atol=1e-5)
+
+
+def test_compare_returns_both_models_agreement_and_latency(server):
+    from export.runtime import load_embedder
+
+    status, body = post(f"{server['url']}/compare", {"sequences": SEQS[:6], "tasks": ["pfam"], "top_k": 2})
+    assert status == 200, body
+    ref = load_embedder(str(TEACHER), str(server["root"] / "teacher-heads"))
+    want = [ref.labels["pfam"][int(np.argmax(e.probabilities["pfam"]))] for e in ref.embed(SEQS[:6], tasks=["pfam"])]
+    got_ref = [r["calls"]["pfam"][0]["label"] for r in body["reference"]["results"]]
+    got_student = [r["calls"]["pfam"][0]["label"] for r in body["student"]["results"]]
+    assert got_ref == want
+    assert body["top1_agreement"]["pfam"] == pytest.approx(np.mean([a == b for a, b in zip(got_ref, got_student, strict=True)]))
+    assert body["student"]["seconds"] > 0 and body["reference"]["seconds"] > 0
+
+
+def test_compare_without_a_reference_says_why(monkeypatch):
+    from serve import service
+
+    monkeypatch.setattr(service, "COMPARE", "")
+    ref = service.Reference.inner()
+    assert ref.infer(["MKV"]) == {"available": False, "reason": ref.reason, "model": "", "labels": {}}
+    assert "--compare-with esm1b_t33_650M_UR50S" in ref.reason
+
+
+def test_concurrent_clients_of_mixed_lengths_never_get_each_others_answers(server, direct):
+    _, ref = direct
+    rng = np.random.default_rng(0)
+    jobs = [[SEQS[i] for i in rng.choice(len(SEQS), rng.integers(1, 5), replace=False)] for _ in range(32 * 40)]
+
+    def call(seqs):
+        status, body = post(f"{server['url']}/embed", {"sequences": seqs})
+        assert status == 200, body
+        return all(np.allclose(r["embedding"], ref[s].sequence, atol=1e-5) for s, r in zip(seqs, body["results"], strict=True))
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(call, jobs))
+    assert len(results) == 1280 and all(results)
+
+
+def test_annotate_through_the_service_equals_local_annotation(server, tmp_path):
+    from distill.annotate import annotate
+    from distill.http_backend import HttpBackend
+    from export.runtime import OnnxEmbedder
+
+    fasta = tmp_path / "in.fa"
+    fasta.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(SEQS[:20])) + ">bad\nMKJ\n>long\n" + SEQS[0] * 14 + "\n")
+    local = annotate(fasta, OnnxEmbedder(server["graph"]), tmp_path / "local.tsv", top_k=2, embeddings=tmp_path / "local.npy", quiet=True)
+    remote = annotate(fasta, HttpBackend(server["url"]), tmp_path / "remote.tsv", top_k=2, embeddings=tmp_path / "remote.npy", quiet=True)
+    assert (local.ok, local.errors) == (remote.ok, remote.errors) == (21, 1)
+    assert (tmp_path / "local.tsv").read_text() == (tmp_path / "remote.tsv").read_text()
+    np.testing.assert_allclose(np.load(tmp_path / "local.npy"), np.load(tmp_path / "remote.npy"), atol=1e-5)
+
+
+def test_bentoml_build_works_offline(server):
+    env = {**server["env"], "ESM_DISTILL_MODEL": server["tag"]}
+    res = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    bento_tag = res.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    import yaml
+    from bentoml import get as get_bento
+
+    os.environ["BENTOML_HOME"] = server["env"]["BENTOML_HOME"]
+    card = yaml.safe_load((Path(get_bento(bento_tag).path) / "bento.yaml").read_text())
+    engine = next(s for s in card["services"] if s["name"] == "esm-distill-engine")
+    assert [m["tag"] for m in engine["models"]] == [server["tag"]]

@@ -1,0 +1,68 @@
+import json
+
+import pytest
+from conftest import EXAMPLES, write_fasta
+
+from distill.fasta import read_fasta
+from distill.sweep import grid, load_config, run_sweep
+
+TEACHER = EXAMPLES / "teacher" / "tiny_esm1b_t4_192.pt"
+
+
+def test_grid_trains_vanilla_once_per_preset_and_names_runs_like_the_study():
+    cfg = {"presets": ["small", "medium"], "temperatures": [1.0, 2.0], "lambdas": [0.0, 0.5]}
+    names = [r[0] for r in grid(cfg)]
+    assert names == [
+        "Student-h128-L8-vanilla", "Student-h128-L8-T1.0", "Student-h128-L8-T2.0",
+        "Student-h256-L10-vanilla", "Student-h256-L10-T1.0", "Student-h256-L10-T2.0",
+    ]  # fmt: skip
+    assert [r[0] for r in grid(cfg | {"lambdas": [0.3, 0.7]})][:2] == ["Student-h128-L8-T1.0-lam0.3", "Student-h128-L8-T1.0-lam0.7"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("out = 'x'\n[[", "is not valid TOML"),
+        ("out = 'x'\ndata = 'd'\nteacher = 't'\npresets = ['small']\n[tasks.pfam]\ndata = ['p']\n[fit]\nlearning_rate = 1\n", "[fit] has unknown settings ['learning_rate']"),
+        ("out = 'x'\ndata = 'd'\nteacher = 't'\npresets = ['huge']\n[tasks.pfam]\ndata = ['p']\n", "unknown preset 'huge'"),
+        ("out = 'x'\ndata = 'd'\nteacher = 't'\npresets = ['small']\n[tasks.go]\ndata = ['p']\n", "unknown task [tasks.go]"),
+        ("out = 'x'\ndata = 'd'\npresets = ['small']\n", "missing required key 'teacher'"),
+        ("out = 'x'\nepochz = 3\n", "unknown keys ['epochz']"),
+    ],
+)
+def test_bad_sweep_configs_are_named(tmp_path, text, message):
+    path = tmp_path / "sweep.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as e:
+        load_config(path)
+    assert message in str(e.value) and str(path) in str(e.value)
+
+
+def test_sweep_trains_probes_reports_and_resumes_without_redoing(tmp_path, capsys):
+    records = [(r.id, r.sequence) for r in read_fasta(EXAMPLES / "train.fasta") if len(r.sequence) < 120][:48]
+    train = write_fasta(tmp_path / "train.fasta", records)
+    pfam = write_fasta(tmp_path / "pfam.fasta", [(f"{r.id} {r.description}", r.sequence) for r in list(read_fasta(EXAMPLES / "pfam.fasta"))[:150]])
+    config = tmp_path / "sweep.toml"
+    config.write_text(
+        f"out = '{tmp_path / 'report'}'\ndata = '{train}'\nvalid = '{EXAMPLES / 'valid.fasta'}'\nteacher = '{TEACHER}'\n"
+        "presets = ['small']\ntemperatures = [2.0]\nlambdas = [0.0, 0.5]\nepochs = 1\nteacher_cache = true\nbaselines = true\n"
+        "[fit]\nbatch_size = 16\nquiet = true\n"
+        f"[tasks.pfam]\ndata = ['{pfam}']\nmin_per_class = 5\n"
+    )
+    from rich.console import Console
+
+    report = run_sweep(config, Console(stderr=True, soft_wrap=True))
+    text = report.read_text()
+    assert "| Model | Params | Accuracy | Precision | Recall | F1 |" in text
+    for name in ("tiny_esm1b_t4_192", "Student-h128-L8-vanilla", "Student-h128-L8-T2.0", "random-h128-L8", "composition"):
+        assert f"| {name} |" in text
+    assert "Protocol: frozen-embedding linear probe" in text and "![t-SNE](pfam/tsne.png)" in text
+    assert (tmp_path / "report" / "teacher-cache").is_dir()
+    assert json.loads((tmp_path / "report" / "runs" / "Student-h128-L8-T2.0" / "student" / "config.json").read_text())["training"]["teacher_cache"]
+    weights = (tmp_path / "report" / "runs" / "Student-h128-L8-T2.0" / "student" / "model.safetensors").stat().st_mtime_ns
+
+    capsys.readouterr()
+    run_sweep(config, Console(stderr=True, soft_wrap=True))
+    err = capsys.readouterr().err
+    assert "Student-h128-L8-vanilla: finished earlier, skipped" in err and "Student-h128-L8-T2.0: finished earlier, skipped" in err
+    assert (tmp_path / "report" / "runs" / "Student-h128-L8-T2.0" / "student" / "model.safetensors").stat().st_mtime_ns == weights
