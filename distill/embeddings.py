@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from distill import data, tokens
@@ -104,7 +105,7 @@ def embed(
     out = np.zeros((len(sequences), model.cfg.dim), dtype=np.float32)
     groups = data.token_budget_groups(lengths, np.arange(len(encoded)), max_tokens)
     columns = [TextColumn(f"embedding with {name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    with Progress(*columns, disable=quiet, transient=True) as progress:
+    with Progress(*columns, disable=quiet, transient=True, console=Console(stderr=True)) as progress:
         task = progress.add_task("embed", total=len(sequences))
         for group in groups:
             toks = tokens.pad_batch([encoded[i] for i in group]).to(dev)

@@ -135,7 +135,10 @@ def test_head_errors(bundle, tmp_path):
     res = runner.invoke(app, ["probe", str(bundle), "--data", str(EXAMPLES / "pfam.fasta"), "--task", "pfam", "--min-per-class", "50"])
     assert res.exit_code == 2 and "fewer than 2 classes have at least 50 examples" in res.output
     head_dir = tmp_path / "h"
-    res = runner.invoke(app, ["probe", "composition", "--data", str(EXAMPLES / "pfam.fasta"), "--task", "pfam", "--out", str(head_dir), "--min-per-class", "5"])
+    res = runner.invoke(
+        app,
+        ["probe", "composition", "--data", str(EXAMPLES / "pfam.fasta"), "--task", "pfam", "--out", str(head_dir), "--min-per-class", "5"],
+    )
     assert res.exit_code == 0, res.output
     with pytest.raises(HeadError, match="trained on 25-dim embeddings, but the model's width is 32"):
         load_head(head_dir, dim=32)

@@ -54,13 +54,39 @@ def server(tmp_path_factory):
     for task, data in (("pfam", "pfam.fasta"), ("scope", "scope.fasta")):
         res = runner.invoke(app, ["probe", str(bundle), "--data", str(EXAMPLES / data), "--task", task, "--min-per-class", "5"])
         assert res.exit_code == 0, res.output
-        res = runner.invoke(app, ["probe", str(TEACHER), "--data", str(EXAMPLES / data), "--task", task, "--min-per-class", "5", "--out", str(root / "teacher-heads" / task)])
+        res = runner.invoke(
+            app,
+            [
+                "probe",
+                str(TEACHER),
+                "--data",
+                str(EXAMPLES / data),
+                "--task",
+                task,
+                "--min-per-class",
+                "5",
+                "--out",
+                str(root / "teacher-heads" / task),
+            ],
+        )
         assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["import", str(bundle)])
     assert res.exit_code == 0, res.output
     tag = res.output.strip().splitlines()[-1]
     port = free_port()
-    cmd = [sys.executable, "-m", "distill", "serve", tag, "--port", str(port), "--compare-with", str(TEACHER), "--compare-heads", str(root / "teacher-heads")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "distill",
+        "serve",
+        tag,
+        "--port",
+        str(port),
+        "--compare-with",
+        str(TEACHER),
+        "--compare-heads",
+        str(root / "teacher-heads"),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=open(root / "serve.log", "w"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(240):
@@ -117,7 +143,10 @@ def test_info_health_openapi_and_bentoml_endpoints(server):
     assert status == 200 and info["tag"] == server["tag"] and info["backend"] == "student-onnx"
     assert info["provider"] == "CPUExecutionProvider" and set(info["labels"]) == {"pfam", "scope"} and info["max_length"] == 1022
     assert info["reference"]["available"] and info["reference"]["model"] == "tiny_esm1b_t4_192.pt"
-    assert post(f"{server['url']}/health", {}) == (200, {"status": "ok", "model": info["model"], "backend": "student-onnx", "provider": "CPUExecutionProvider"})
+    assert post(f"{server['url']}/health", {}) == (
+        200,
+        {"status": "ok", "model": info["model"], "backend": "student-onnx", "provider": "CPUExecutionProvider"},
+    )
     spec = json.loads(urllib.request.urlopen(f"{server['url']}/docs.json").read())
     assert spec["openapi"].startswith("3.")
     for path in ("/embed", "/classify", "/compare", "/annotate", "/info", "/health"):
@@ -151,7 +180,9 @@ def test_info_health_openapi_and_bentoml_endpoints(server):
     ],
 )
 def test_bad_input_is_a_4xx_naming_the_problem_and_the_server_stays_up(server, endpoint, payload, message):
-    status, body = post(f"{server['url']}/{endpoint}", None if isinstance(payload, bytes) else payload, payload if isinstance(payload, bytes) else None)
+    status, body = post(
+        f"{server['url']}/{endpoint}", None if isinstance(payload, bytes) else payload, payload if isinstance(payload, bytes) else None
+    )
     assert 400 <= status < 500, (status, body)
     assert message.lower() in str(body).lower(), body
     assert post(f"{server['url']}/health", {})[0] == 200
@@ -219,7 +250,9 @@ def test_annotate_through_the_service_equals_local_annotation(server, tmp_path):
 
 def test_bentoml_build_works_offline(server):
     env = {**server["env"], "ESM_DISTILL_MODEL": server["tag"]}
-    res = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     bento_tag = res.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     import yaml

@@ -23,7 +23,10 @@ def test_grid_trains_vanilla_once_per_preset_and_names_runs_like_the_study():
     ("text", "message"),
     [
         ("out = 'x'\n[[", "is not valid TOML"),
-        ("out = 'x'\ndata = 'd'\nteacher = 't'\npresets = ['small']\n[tasks.pfam]\ndata = ['p']\n[fit]\nlearning_rate = 1\n", "[fit] has unknown settings ['learning_rate']"),
+        (
+            "out = 'x'\ndata = 'd'\nteacher = 't'\npresets = ['small']\n[tasks.pfam]\ndata = ['p']\n[fit]\nlearning_rate = 1\n",
+            "[fit] has unknown settings ['learning_rate']",
+        ),
         ("out = 'x'\ndata = 'd'\nteacher = 't'\npresets = ['huge']\n[tasks.pfam]\ndata = ['p']\n", "unknown preset 'huge'"),
         ("out = 'x'\ndata = 'd'\nteacher = 't'\npresets = ['small']\n[tasks.go]\ndata = ['p']\n", "unknown task [tasks.go]"),
         ("out = 'x'\ndata = 'd'\npresets = ['small']\n", "missing required key 'teacher'"),
@@ -41,7 +44,9 @@ def test_bad_sweep_configs_are_named(tmp_path, text, message):
 def test_sweep_trains_probes_reports_and_resumes_without_redoing(tmp_path, capsys):
     records = [(r.id, r.sequence) for r in read_fasta(EXAMPLES / "train.fasta") if len(r.sequence) < 120][:48]
     train = write_fasta(tmp_path / "train.fasta", records)
-    pfam = write_fasta(tmp_path / "pfam.fasta", [(f"{r.id} {r.description}", r.sequence) for r in list(read_fasta(EXAMPLES / "pfam.fasta"))[:150]])
+    pfam = write_fasta(
+        tmp_path / "pfam.fasta", [(f"{r.id} {r.description}", r.sequence) for r in list(read_fasta(EXAMPLES / "pfam.fasta"))[:150]]
+    )
     config = tmp_path / "sweep.toml"
     config.write_text(
         f"out = '{tmp_path / 'report'}'\ndata = '{train}'\nvalid = '{EXAMPLES / 'valid.fasta'}'\nteacher = '{TEACHER}'\n"
@@ -58,7 +63,9 @@ def test_sweep_trains_probes_reports_and_resumes_without_redoing(tmp_path, capsy
         assert f"| {name} |" in text
     assert "Protocol: frozen-embedding linear probe" in text and "![t-SNE](pfam/tsne.png)" in text
     assert (tmp_path / "report" / "teacher-cache").is_dir()
-    assert json.loads((tmp_path / "report" / "runs" / "Student-h128-L8-T2.0" / "student" / "config.json").read_text())["training"]["teacher_cache"]
+    assert json.loads((tmp_path / "report" / "runs" / "Student-h128-L8-T2.0" / "student" / "config.json").read_text())["training"][
+        "teacher_cache"
+    ]
     weights = (tmp_path / "report" / "runs" / "Student-h128-L8-T2.0" / "student" / "model.safetensors").stat().st_mtime_ns
 
     capsys.readouterr()

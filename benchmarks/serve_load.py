@@ -1,0 +1,159 @@
+"""Load benchmark of the BentoML service on loopback (bounded in requests and time).
+
+    python benchmarks/serve_load.py [--presets small large] [--seconds 8] [--max-requests 2000]
+
+For each preset (random weights: speed does not depend on training), backend (student-onnx,
+student-torch) and adaptive batching on/off, it imports the model into a private BentoML store, starts
+`distill serve`, and drives /embed at concurrency 1, 8 and 32 with requests of 1-8 real SCOPe domains
+(30-400 residues, so lengths mix). It prints requests/s, sequences/s, p50/p95/p99 latency and errors, and the
+same requests embedded in-process by the same backend (no HTTP), so the HTTP overhead shows as a ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from distill.bundle import save_bundle  # noqa: E402
+from distill.fasta import read_fasta  # noqa: E402
+from distill.model import ModelConfig, build_student  # noqa: E402
+
+
+def sequences() -> list[str]:
+    scope = REPO.parent / "shared" / "data" / "scope" / "astral-scopedom-40-2.07.shared85.fa"
+    source = scope if scope.is_file() else REPO / "export" / "parity.fasta"
+    return [r.sequence for r in read_fasta(source) if 30 <= len(r.sequence) <= 400][:2000]
+
+
+def requests_of(seqs: list[str], n: int, seed: int = 0) -> list[list[str]]:
+    rng = np.random.default_rng(seed)
+    return [[seqs[i] for i in rng.choice(len(seqs), rng.integers(1, 9))] for _ in range(n)]
+
+
+def post(url: str, payload: dict) -> None:
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        r.read()
+
+
+def drive(url: str, reqs: list[list[str]], concurrency: int, seconds: float) -> dict:
+    latencies, errors, done_seqs = [], 0, 0
+    stop = time.perf_counter() + seconds
+    index = iter(range(len(reqs)))
+
+    def worker() -> None:
+        nonlocal errors, done_seqs
+        for i in index:
+            if time.perf_counter() > stop:
+                return
+            t0 = time.perf_counter()
+            try:
+                post(f"{url}/embed", {"sequences": reqs[i]})
+                latencies.append(time.perf_counter() - t0)
+                done_seqs += len(reqs[i])
+            except Exception:
+                errors += 1
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for f in [pool.submit(worker) for _ in range(concurrency)]:
+            f.result()
+    wall = time.perf_counter() - start
+    lat = np.array(latencies) * 1000
+    return {
+        "requests": len(latencies),
+        "req_s": len(latencies) / wall,
+        "seq_s": done_seqs / wall,
+        "p50": float(np.percentile(lat, 50)),
+        "p95": float(np.percentile(lat, 95)),
+        "p99": float(np.percentile(lat, 99)),
+        "errors": errors,
+    }
+
+
+def in_process(embedder, reqs: list[list[str]], seconds: float) -> float:
+    n, start = 0, time.perf_counter()
+    for r in reqs:
+        embedder.embed(r)
+        n += len(r)
+        if time.perf_counter() - start > seconds:
+            break
+    return n / (time.perf_counter() - start)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--presets", nargs="+", default=["small", "large"])
+    ap.add_argument("--backends", nargs="+", default=["student-onnx", "student-torch"])
+    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
+    ap.add_argument("--seconds", type=float, default=8.0, help="per concurrency level")
+    ap.add_argument("--max-requests", type=int, default=2000, help="per concurrency level")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    seqs = sequences()
+    reqs = requests_of(seqs, args.max_requests)
+    tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
+    env = {**os.environ, "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
+    os.environ["BENTOML_HOME"] = env["BENTOML_HOME"]
+    from serve.store import import_model, open_stored
+
+    print(f"{len(seqs)} SCOPe domains, requests of 1-8 sequences, {args.seconds:.0f} s or {args.max_requests} requests per level")
+    header = f"{'preset':7s} {'backend':14s} {'batching':8s} {'conc':>4s} {'req/s':>7s} {'seq/s':>7s} {'p50 ms':>7s} {'p95 ms':>7s} {'p99 ms':>7s} {'err':>4s} {'in-proc seq/s':>13s} {'HTTP/in-proc':>12s}"
+    print(header)
+    for preset in args.presets:
+        bundle = save_bundle(tmp / preset / "student", build_student(ModelConfig.preset(preset), seed=0), preset)
+        tag = import_model(str(bundle), f"bench-{preset}")
+        stored = Path(__import__("bentoml").models.get(tag).path)
+        for backend in args.backends:
+            embedder = open_stored(stored, backend)
+            base = in_process(embedder, reqs, args.seconds)
+            for batching in (True, False):
+                port = free_port()
+                cmd = [sys.executable, "-m", "distill", "serve", tag, "--port", str(port), "--backend", backend] + (
+                    [] if batching else ["--no-batching"]
+                )
+                proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                url = f"http://127.0.0.1:{port}"
+                for _ in range(240):
+                    try:
+                        if urllib.request.urlopen(f"{url}/readyz", timeout=2).status == 200:
+                            break
+                    except OSError:
+                        time.sleep(0.5)
+                try:
+                    drive(url, reqs[:50], 4, 5)  # warm-up
+                    for c in args.concurrency:
+                        r = drive(url, reqs, c, args.seconds)
+                        print(
+                            f"{preset:7s} {backend:14s} {'on' if batching else 'off':8s} {c:4d} {r['req_s']:7.1f} {r['seq_s']:7.1f} "
+                            f"{r['p50']:7.1f} {r['p95']:7.1f} {r['p99']:7.1f} {r['errors']:4d} {base:13.1f} {r['seq_s'] / base:12.2f}",
+                            flush=True,
+                        )
+                finally:
+                    os.killpg(proc.pid, 15)
+                    proc.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    main()
