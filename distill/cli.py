@@ -200,9 +200,10 @@ FractionOpt = Annotated[float, typer.Option(help="Test fraction of the random / 
 SeedOpt = Annotated[int, typer.Option(help="Seed of split and head training.")]
 TokensOpt = Annotated[int, typer.Option(help="Token budget per forward pass when embedding.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+LabelsOpt = Annotated[Path | None, typer.Option(help="id<TAB>label file labelling plain-FASTA --data/--test by record id.")]
 
 
-def _probe_config(task, data, test, split, pooling, mlp, min_per_class, test_fraction, seed, max_tokens, device):  # noqa: ANN001, ANN202
+def _probe_config(task, data, test, split, pooling, mlp, min_per_class, test_fraction, seed, max_tokens, device, labels=None):  # noqa: ANN001, ANN202
     from distill.report import ProbeConfig
     from distill.train import Distributed, pick_device
 
@@ -221,6 +222,7 @@ def _probe_config(task, data, test, split, pooling, mlp, min_per_class, test_fra
         seed,
         max_tokens,
         dev,
+        str(labels) if labels else None,
     )
 
 
@@ -238,6 +240,7 @@ def probe(
     seed: SeedOpt = 0,
     max_tokens: TokensOpt = 8192,
     device: DeviceOpt = "auto",
+    labels: LabelsOpt = None,
     out: Annotated[Path | None, typer.Option(help="Head directory. [default: MODEL/heads/TASK for a bundle]")] = None,
 ) -> None:
     """Train a Pfam or SCOPe classification head on frozen embeddings and store it with the model."""
@@ -246,7 +249,7 @@ def probe(
     from distill.report import markdown_table, prepare, probe_one
 
     try:
-        cfg = _probe_config(task, data, test, split, pooling, mlp, min_per_class, test_fraction, seed, max_tokens, device)
+        cfg = _probe_config(task, data, test, split, pooling, mlp, min_per_class, test_fraction, seed, max_tokens, device, labels)
         if out is None:
             if not is_bundle(Path(model)):
                 raise ValueError(f"{model} is not a student bundle, so there is nowhere default to put the head: pass --out DIR")
@@ -280,6 +283,7 @@ def evaluate(
     seed: SeedOpt = 0,
     max_tokens: TokensOpt = 8192,
     device: DeviceOpt = "auto",
+    labels: LabelsOpt = None,
     ppl_data: Annotated[Path | None, typer.Option(help="Held-out FASTA for the perplexity column (same for every model).")] = None,
     baselines: Annotated[
         bool, typer.Option(help="Add rows: random init of the first bundle's size, amino-acid composition, cached ESM-2 8M/35M.")
@@ -291,7 +295,7 @@ def evaluate(
 
     out = out or Path(f"eval-{task}")
     try:
-        cfg = _probe_config(task, data, test, split, pooling, mlp, min_per_class, test_fraction, seed, max_tokens, device)
+        cfg = _probe_config(task, data, test, split, pooling, mlp, min_per_class, test_fraction, seed, max_tokens, device, labels)
         rows = evaluate_models(models, cfg, out, console, ppl_data, baselines)
     except USER_ERRORS as e:
         _fail(e)
@@ -379,10 +383,18 @@ def import_cmd(
 
 @app.command()
 def serve(
-    model: Annotated[str, typer.Argument(help="Model-store tag (name:version), student bundle or exported .onnx (imported first).")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Model-store tag (name:version), student bundle or exported .onnx (imported first); with --backend esm1b a fair-esm name or .pt."
+        ),
+    ],
     port: Annotated[int, typer.Option(help="HTTP port.")] = 3000,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
-    backend: Annotated[str, typer.Option(help="student-onnx (ONNX Runtime; CUDA when present) or student-torch.")] = "student-onnx",
+    backend: Annotated[
+        str, typer.Option(help="student-onnx (ONNX Runtime; CUDA when present), student-torch, or esm1b (MODEL is a fair-esm name / .pt).")
+    ] = "student-onnx",
+    heads: Annotated[Path | None, typer.Option(help="With --backend esm1b: its heads (distill probe MODEL --out DIR/<task>).")] = None,
     variant: Annotated[str, typer.Option(help="fp32 or int8 (needs `distill import --int8`).")] = "fp32",
     compare_with: Annotated[str | None, typer.Option(help="Comparison model for /compare: esm1b_t33_650M_UR50S or a fair-esm .pt.")] = None,
     compare_heads: Annotated[
@@ -400,7 +412,12 @@ def serve(
         if backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         tag = model
-        if Path(model).exists():
+        if backend == "esm1b":
+            from distill.pretrained import is_fair_esm_spec
+
+            if not is_fair_esm_spec(model):
+                raise ValueError(f"--backend esm1b serves a fair-esm model: give its name or a .pt, not {model!r}")
+        elif Path(model).exists():
             tag = import_model(model, None, variant == "int8")
             console.print(f"imported {model} as {tag}")
         else:
@@ -414,7 +431,9 @@ def serve(
         _fail(e)
     env = {
         **os.environ,
-        "ESM_DISTILL_MODEL": tag,
+        "ESM_DISTILL_MODEL": tag if backend != "esm1b" else "",
+        "ESM_DISTILL_ESM1B": model if backend == "esm1b" else "",
+        "ESM_DISTILL_ESM1B_HEADS": str(heads or ""),
         "ESM_DISTILL_BACKEND": backend,
         "ESM_DISTILL_VARIANT": variant,
         "ESM_DISTILL_COMPARE": compare_with or "",

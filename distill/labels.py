@@ -168,15 +168,52 @@ def _read_tsv(path: Path, task: str) -> list[tuple[str, str, str, str]]:
 READERS = {"fasta": _read_fasta, "stockholm": _read_stockholm, "tsv": _read_tsv}
 
 
-def read_labelled(specs: list[str] | str, task: str) -> LabelledSet:
-    """Read every file named by ``specs`` (files, directories, globs) for ``task`` (pfam or scope)."""
+def read_label_map(path: Path, task: str) -> dict[str, tuple[str, str]]:
+    """A two-column ``id<TAB>label`` file -> {id: (label, group)}."""
+    path = Path(path)
+    out: dict[str, tuple[str, str]] = {}
+    with open_text(path) as fh:
+        for n, line in enumerate(fh, 1):
+            line = line.rstrip("\n")
+            if not line.strip() or line.startswith("#"):
+                continue
+            parts = line.split("\t")
+            if len(parts) != 2:
+                raise LabelError(f"{path}:{n}: expected 2 tab-separated columns id, label; got {len(parts)}")
+            rid, raw = (p.strip() for p in parts)
+            if rid in out:
+                raise LabelError(f"{path}:{n}: id {rid!r} is labelled twice")
+            out[rid] = parse_label(raw, task, f"{path}:{n} (id {rid!r})")
+    return out
+
+
+def _with_label_map(path: Path, labels: dict[str, tuple[str, str]], labels_path: Path) -> list[tuple[str, str, str, str]]:
+    """Plain FASTA records labelled by id from a separate label file."""
+    rows = []
+    for r in iter_records(path):
+        if r.error:
+            raise LabelError(r.error)
+        if r.id not in labels:
+            raise LabelError(f"{path}:{r.line}: record {r.id!r} has no label in {labels_path}")
+        rows.append((r.id, _check_sequence(r.sequence.upper(), f"{path}:{r.line} (record {r.id!r})"), *labels[r.id]))
+    return rows
+
+
+def read_labelled(specs: list[str] | str, task: str, labels_file: Path | None = None) -> LabelledSet:
+    """Read every file named by ``specs`` (files, directories, globs) for ``task`` (pfam or scope).
+
+    With ``labels_file`` (``id<TAB>label`` lines), the sequences are plain FASTA and every record's label
+    comes from that file; ids missing on either side are errors.
+    """
     if task not in TASKS:
         raise LabelError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     specs = [specs] if isinstance(specs, str) else specs
     out = LabelledSet([], [], [], [], [])
     seen: dict[str, str] = {}
+    label_map = read_label_map(labels_file, task) if labels_file else None
     for path in expand(specs):
-        for rid, seq, label, group in READERS[sniff(path)](path, task):
+        rows = _with_label_map(path, label_map, labels_file) if label_map is not None else READERS[sniff(path)](path, task)
+        for rid, seq, label, group in rows:
             if rid in seen:
                 raise LabelError(f"{path}: record id {rid!r} also occurs in {seen[rid]}; ids must be unique across the labelled files")
             seen[rid] = str(path)
@@ -184,4 +221,8 @@ def read_labelled(specs: list[str] | str, task: str) -> LabelledSet:
                 getattr(out, name).append(value)
     if not out.ids:
         raise LabelError(f"no labelled records in {', '.join(specs)}")
+    if label_map is not None:
+        unused = [rid for rid in label_map if rid not in seen]
+        if unused:
+            raise LabelError(f"{labels_file}: {len(unused)} labelled ids have no sequence in {', '.join(specs)} (first: {unused[0]!r})")
     return out

@@ -40,6 +40,7 @@ class ProbeConfig:
     seed: int = 0
     max_tokens: int = 8192
     device: str = "cpu"
+    labels: str | None = None  # id<TAB>label file for plain-FASTA --data / --test
     notes: list[str] = field(default_factory=list)
 
     def protocol(self) -> dict[str, Any]:
@@ -83,9 +84,10 @@ class Prepared:
 
 
 def prepare(cfg: ProbeConfig, console: Console) -> Prepared:
-    ds = read_labelled(cfg.data, cfg.task)
+    labels = Path(cfg.labels) if cfg.labels else None
+    ds = read_labelled(cfg.data, cfg.task, labels)
     console.print(f"{cfg.task}: {label_counts_line(ds)} from {len(set(ds.sources))} file(s)")
-    test_ds = read_labelled(cfg.test, cfg.task) if cfg.test else None
+    test_ds = read_labelled(cfg.test, cfg.task, labels) if cfg.test else None
     if test_ds is None:
         split = make_split(ds, cfg.split, cfg.seed, cfg.test_fraction, cfg.min_per_class)
     else:

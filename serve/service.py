@@ -10,7 +10,8 @@ Three BentoML services, the way BentoML composes models (``bentoml.depends``):
 
 Configuration (environment; `distill serve` sets it):
   ESM_DISTILL_MODEL            model-store tag (`distill import`), default esm-distill-student:latest
-  ESM_DISTILL_BACKEND          student-onnx (default; CUDA provider when present, else CPU) | student-torch
+  ESM_DISTILL_BACKEND          student-onnx (default; CUDA provider when present, else CPU) | student-torch |
+                               esm1b (ESM_DISTILL_ESM1B: fair-esm name or .pt, frozen; heads from ESM_DISTILL_ESM1B_HEADS)
   ESM_DISTILL_VARIANT          fp32 (default) | int8 (when imported with --int8)
   ESM_DISTILL_COMPARE          fair-esm name or .pt for /compare (optional)
   ESM_DISTILL_COMPARE_HEADS    head directory for it (`distill probe MODEL --out DIR` per task)
@@ -29,9 +30,11 @@ import numpy as np
 from bentoml.exceptions import InternalServerError, InvalidArgument
 from pydantic import BaseModel, Field
 
-MODEL_TAG = os.environ.get("ESM_DISTILL_MODEL", "esm-distill-student:latest")
+MODEL_TAG = os.environ.get("ESM_DISTILL_MODEL") or "esm-distill-student:latest"
 BACKEND = os.environ.get("ESM_DISTILL_BACKEND", "student-onnx")
 VARIANT = os.environ.get("ESM_DISTILL_VARIANT", "fp32")
+ESM1B = os.environ.get("ESM_DISTILL_ESM1B", "esm1b_t33_650M_UR50S")
+ESM1B_HEADS = os.environ.get("ESM_DISTILL_ESM1B_HEADS", "")
 COMPARE = os.environ.get("ESM_DISTILL_COMPARE", "")
 COMPARE_HEADS = os.environ.get("ESM_DISTILL_COMPARE_HEADS", "")
 BATCHING = os.environ.get("ESM_DISTILL_BATCHING", "1") != "0"
@@ -188,13 +191,21 @@ async def call(method, *args: Any) -> Any:  # noqa: ANN001
 class Engine:
     """The student. ``infer`` takes plain sequence lists so BentoML can concatenate concurrent requests."""
 
-    stored = bentoml.models.BentoModel(MODEL_TAG)
+    if BACKEND != "esm1b":  # BentoML resolves (and a Bento carries) declared models at start-up
+        stored = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
+        if BACKEND == "esm1b":  # the teacher itself, served like a student (heads probed on its embeddings)
+            from export.runtime import load_embedder
+
+            self.embedder = load_embedder(ESM1B, ESM1B_HEADS or None)
+            self.tag, self.name = ESM1B, self.embedder.name
+            self.meta = {"preset": "fair-esm", "parameters": self.embedder.metadata["parameters"]}
+            return
         from serve.store import open_stored
 
         self.embedder = open_stored(self.stored.path, BACKEND, VARIANT)
-        self.tag = str(self.stored.tag)
+        self.tag, self.name = str(self.stored.tag), self.stored.tag.name
         self.meta = dict(self.stored.info.metadata)
 
     def _infer(self, sequences: list[str]) -> list[dict[str, Any]]:
@@ -220,7 +231,7 @@ class Engine:
     @bentoml.api
     def card(self) -> dict[str, Any]:
         return {
-            "model": self.stored.tag.name,
+            "model": self.name,
             "tag": self.tag,
             "backend": BACKEND,
             "provider": self.embedder.provider,

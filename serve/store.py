@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-BACKENDS = ("student-onnx", "student-torch")
+BACKENDS = ("student-onnx", "student-torch", "esm1b")
 
 
 def model_name(source: str) -> str:
@@ -76,7 +76,7 @@ def open_stored(path: Path, backend: str = "student-onnx", variant: str = "fp32"
     from export.runtime import OnnxEmbedder, load_embedder
 
     path = Path(path)
-    if backend not in BACKENDS:
+    if backend not in BACKENDS[:2]:
         raise ValueError(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
     if backend == "student-torch":
         if not (path / "bundle").is_dir():

@@ -86,3 +86,21 @@ def test_bundled_samples_parse():
     scope = read_labelled(str(EXAMPLES / "scope.fasta"), "scope")
     assert (len(pfam), len(set(pfam.labels))) == (810, 54)
     assert (len(scope), len(set(scope.labels))) == (500, 20) and len(set(scope.groups)) >= 60
+
+
+def test_separate_label_file_by_id_and_mismatches_named(tmp_path):
+    fasta = tmp_path / "seqs.fa"
+    fasta.write_text(">a some description\nMKV\n>b\nGSH\n")
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("a\tPF00018\nb\tPF00397.2\n")
+    ds = read_labelled(str(fasta), "pfam", labels)
+    assert ds.labels == ["PF00018", "PF00397"] and ds.sequences == ["MKV", "GSH"]
+    labels.write_text("a\tPF00018\n")
+    with pytest.raises(LabelError, match=r"seqs.fa:3: record 'b' has no label in .*labels.tsv"):
+        read_labelled(str(fasta), "pfam", labels)
+    labels.write_text("a\tPF00018\nb\tPF00397\nc\tPF00041\n")
+    with pytest.raises(LabelError, match=r"labels.tsv: 1 labelled ids have no sequence in .* \(first: 'c'\)"):
+        read_labelled(str(fasta), "pfam", labels)
+    labels.write_text("a\tPF00018\tx\n")
+    with pytest.raises(LabelError, match=r"labels.tsv:1: expected 2 tab-separated columns"):
+        read_labelled(str(fasta), "pfam", labels)

@@ -262,3 +262,31 @@ def test_bentoml_build_works_offline(server):
     card = yaml.safe_load((Path(get_bento(bento_tag).path) / "bento.yaml").read_text())
     engine = next(s for s in card["services"] if s["name"] == "esm-distill-engine")
     assert [m["tag"] for m in engine["models"]] == [server["tag"]]
+
+
+def test_esm1b_backend_serves_a_fair_esm_checkpoint_with_its_heads(server):
+    """`--backend esm1b`: the teacher itself behind the same API (here the bundled tiny ESM-1b-format checkpoint)."""
+    from export.runtime import load_embedder
+
+    port = free_port()
+    heads = server["root"] / "teacher-heads"
+    cmd = [sys.executable, "-m", "distill", "serve", str(TEACHER), "--backend", "esm1b", "--heads", str(heads), "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=server["env"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                if urllib.request.urlopen(f"{url}/readyz", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        status, body = post(f"{url}/classify", {"sequences": SEQS[:4], "tasks": ["scope"], "top_k": 1})
+        assert status == 200, body
+        ref = load_embedder(str(TEACHER), str(heads))
+        want = [ref.labels["scope"][int(np.argmax(e.probabilities["scope"]))] for e in ref.embed(SEQS[:4], tasks=["scope"])]
+        assert [r["calls"]["scope"][0]["label"] for r in body["results"]] == want
+        status, info = post(f"{url}/info", {})
+        assert info["backend"] == "esm1b" and info["provider"] == "torch-cpu" and info["parameters"] == 2021025
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
