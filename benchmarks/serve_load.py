@@ -53,6 +53,7 @@ def post(url: str, payload: dict) -> None:
 
 def drive(url: str, reqs: list[list[str]], concurrency: int, seconds: float) -> dict:
     latencies, errors, done_seqs = [], 0, 0
+    kinds: dict[str, int] = {}
     stop = time.perf_counter() + seconds
     index = iter(range(len(reqs)))
 
@@ -66,8 +67,11 @@ def drive(url: str, reqs: list[list[str]], concurrency: int, seconds: float) -> 
                 post(f"{url}/embed", {"sequences": reqs[i]})
                 latencies.append(time.perf_counter() - t0)
                 done_seqs += len(reqs[i])
-            except Exception:
+            except Exception as e:  # counted and classified, never hidden
                 errors += 1
+                detail = e.read().decode()[:120] if hasattr(e, "read") else str(e)[:120]
+                kind = f"{type(e).__name__}: {detail}"
+                kinds[kind] = kinds.get(kind, 0) + 1
 
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -83,6 +87,7 @@ def drive(url: str, reqs: list[list[str]], concurrency: int, seconds: float) -> 
         "p95": float(np.percentile(lat, 95)),
         "p99": float(np.percentile(lat, 99)),
         "errors": errors,
+        "error_kinds": kinds,
     }
 
 
@@ -109,6 +114,7 @@ def main() -> None:
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     ap.add_argument("--seconds", type=float, default=8.0, help="per concurrency level")
     ap.add_argument("--max-requests", type=int, default=2000, help="per concurrency level")
+    ap.add_argument("--batching", nargs="+", default=["on", "off"], choices=["on", "off"])
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     seqs = sequences()
@@ -128,7 +134,7 @@ def main() -> None:
         for backend in args.backends:
             embedder = open_stored(stored, backend)
             base = in_process(embedder, reqs, args.seconds)
-            for batching in (True, False):
+            for batching in [b == "on" for b in args.batching]:
                 port = free_port()
                 cmd = [sys.executable, "-m", "distill", "serve", tag, "--port", str(port), "--backend", backend] + (
                     [] if batching else ["--no-batching"]
@@ -150,6 +156,8 @@ def main() -> None:
                             f"{r['p50']:7.1f} {r['p95']:7.1f} {r['p99']:7.1f} {r['errors']:4d} {base:13.1f} {r['seq_s'] / base:12.2f}",
                             flush=True,
                         )
+                        for kind, count in r["error_kinds"].items():
+                            print(f"        {count} x {kind}")
                 finally:
                     os.killpg(proc.pid, 15)
                     proc.wait(timeout=60)

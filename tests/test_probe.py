@@ -166,3 +166,23 @@ def test_cli_evaluate_writes_one_table_csv_json_and_figures(bundle, tmp_path):
     assert "ESM-2 baselines esm2_t6_8M_UR50D, esm2_t12_35M_UR50D are not in the torch hub cache" in res.output
     for png in ("tsne.png", "confusion.png", "perplexity.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / png).stat().st_size > 10_000
+
+
+def test_cls_pooled_head_exports_and_matches_torch(tmp_path):
+    torch.manual_seed(1)
+    b = save_bundle(tmp_path / "student", ESM(ModelConfig(2, 32, 4, 64)), "custom")
+    args = ["probe", str(b), "--data", str(EXAMPLES / "scope.fasta"), "--task", "scope", "--pooling", "cls", "--mlp"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    head = heads_of(b)["scope"]
+    assert head.pooling == "cls" and head.card["hidden"] == 256
+    res = runner.invoke(app, ["export", "onnx", str(b), "-o", str(tmp_path / "s.onnx"), "--heads"])
+    assert res.exit_code == 0, res.output  # the export's parity check covers the head probabilities
+    from export.onnx import read_metadata
+    from export.runtime import OnnxEmbedder, load_embedder
+
+    assert read_metadata(tmp_path / "s.onnx")["heads"]["scope"]["pooling"] == "cls"
+    seqs = read_labelled(str(EXAMPLES / "scope.fasta"), "scope").sequences[:5]
+    onnx_probs = [e.probabilities["scope"] for e in OnnxEmbedder(tmp_path / "s.onnx").embed(seqs)]
+    torch_probs = [e.probabilities["scope"] for e in load_embedder(str(b)).embed(seqs)]
+    np.testing.assert_allclose(onnx_probs, torch_probs, atol=1e-4)  # the export contract's fp32 bound
