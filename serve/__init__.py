@@ -1,1 +1,1 @@
-"""Filled by a later issue; see the README roadmap."""
+"""The BentoML service (service.py) and the model-store helpers behind `distill import` / `distill serve` (store.py)."""
