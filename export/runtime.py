@@ -51,6 +51,15 @@ class Embedding:
     cls: np.ndarray | None = None  # [dim]: the <cls> token's last-layer vector, when asked for
 
 
+def heads_asked(labels: dict[str, list[str]], tasks: list[str] | None) -> list[str]:
+    """The asked-for head tasks (default: all of them); an unknown one is an error naming what exists."""
+    tasks = list(labels) if tasks is None else tasks
+    unknown = [t for t in tasks if t not in labels]
+    if unknown:
+        raise ValueError(f"no {', '.join(unknown)} head in this model (heads: {', '.join(labels) or 'none'}); add one with `distill probe`")
+    return tasks
+
+
 def top_k(probabilities: np.ndarray, labels: list[str], k: int) -> list[tuple[str, float]]:
     """The k most probable labels, best first (ties broken by label order)."""
     order = np.argsort(-probabilities, kind="stable")[:k]
@@ -92,11 +101,7 @@ class OnnxEmbedder:
         self, sequences: list[str], per_residue: bool = False, crop: bool = False, tasks: list[str] | None = None, cls: bool = False
     ) -> list[Embedding]:
         """Embeddings in input order; ``tasks`` (default: every head in the graph) adds head probabilities."""
-        tasks = list(self.labels) if tasks is None else tasks
-        unknown = [t for t in tasks if t not in self.labels]
-        if unknown:
-            have = ", ".join(self.labels) or "none"
-            raise ValueError(f"no {', '.join(unknown)} head in this model (heads: {have}); add one with `distill probe`")
+        tasks = heads_asked(self.labels, tasks)
         encoded = self.encode(sequences, crop)
         lengths = np.array([len(ids) for ids, _ in encoded], dtype=np.int64)
         results: list[Embedding | None] = [None] * len(encoded)
@@ -161,12 +166,7 @@ class TorchEmbedder:
 
         from distill.model import sequence_embedding
 
-        tasks = list(self.labels) if tasks is None else tasks
-        unknown = [t for t in tasks if t not in self.labels]
-        if unknown:
-            raise ValueError(
-                f"no {', '.join(unknown)} head in this model (heads: {', '.join(self.labels) or 'none'}); add one with `distill probe`"
-            )
+        tasks = heads_asked(self.labels, tasks)
         seqs = validate(sequences, crop)
         encoded = [data.crop(tokens.encode(s), None) for s in seqs]
         lengths = np.array([len(e) for e in encoded], dtype=np.int64)

@@ -33,6 +33,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(url: str, proc: subprocess.Popen, log: Path | None = None) -> None:
+    """Poll BentoML's /readyz (up to 2 minutes); fail with the server log if it never answers."""
+    for _ in range(240):
+        try:
+            if urllib.request.urlopen(f"{url}/readyz", timeout=2).status == 200:
+                return
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(proc.pid, 9)
+    pytest.fail("server did not become ready" + (":\n" + log.read_text()[-3000:] if log else ""))
+
+
 def post(url: str, payload, raw: bytes | None = None) -> tuple[int, object]:
     data = raw if raw is not None else json.dumps(payload).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
@@ -89,15 +101,7 @@ def server(tmp_path_factory):
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=open(root / "serve.log", "w"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            if urllib.request.urlopen(f"{url}/readyz", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("server did not become ready:\n" + (root / "serve.log").read_text()[-3000:])
+    wait_ready(url, proc, root / "serve.log")
     from bentoml.models import get
 
     stored = Path(get(tag).path)
@@ -274,12 +278,7 @@ def test_esm1b_backend_serves_a_fair_esm_checkpoint_with_its_heads(server):
     proc = subprocess.Popen(cmd, env=server["env"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):
-            try:
-                if urllib.request.urlopen(f"{url}/readyz", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
+        wait_ready(url, proc)
         status, body = post(f"{url}/classify", {"sequences": SEQS[:4], "tasks": ["scope"], "top_k": 1})
         assert status == 200, body
         ref = load_embedder(str(TEACHER), str(heads))
