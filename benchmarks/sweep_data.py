@@ -17,21 +17,17 @@ import random
 import sys
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from distill.fasta import iter_records  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data"
 
 
 def read_fasta(path: Path) -> list[tuple[str, str]]:
-    records, header, chunks = [], None, []
-    for line in path.read_text().splitlines():
-        if line.startswith(">"):
-            if header:
-                records.append((header, "".join(chunks)))
-            header, chunks = line[1:], []
-        else:
-            chunks.append(line.strip())
-    if header:
-        records.append((header, "".join(chunks)))
-    return records
+    """(header without '>', sequence) pairs through the package's reader."""
+    return [(f"{r.id} {r.description}".strip(), r.sequence) for r in iter_records(path, warn_duplicates=False)]
 
 
 def probe_half(header: str) -> bool:

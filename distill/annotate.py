@@ -71,7 +71,7 @@ def annotate_chunk(records: list, backend: Backend, tasks: list[str], long_polic
     """Rows for one chunk of FASTA records, in input order."""
     rows: list[Row] = []
     pieces: list[str] = []  # sequences sent to the backend
-    owner: list[int] = []  # pieces -> row index
+    ranges: list[tuple[int, int]] = []  # per ok row: its pieces are pieces[start:stop]
     for r in records:
         if r.error:
             rows.append(Row(r.id, len(r.sequence), "error", r.error))
@@ -86,19 +86,15 @@ def annotate_chunk(records: list, backend: Backend, tasks: list[str], long_polic
                 message = f"windows: {len(spans)} x {WINDOW} residues (stride {STRIDE}), averaged"
         else:
             spans = [(0, len(seq))]
-        for s, e in spans:
-            pieces.append(seq[s:e])
-            owner.append(len(rows))
+        ranges.append((len(pieces), len(pieces) + len(spans)))
+        pieces += [seq[s:e] for s, e in spans]
         rows.append(Row(r.id, len(seq), "ok", message))
     if not pieces:
         return rows
     emb, probs = backend.run(pieces, tasks)
-    owner_arr = np.array(owner)
-    for i, row in enumerate(rows):
-        sel = np.flatnonzero(owner_arr == i)
-        if len(sel):
-            row.embedding = emb[sel].mean(0)
-            row.probabilities = {t: probs[t][sel].mean(0) for t in tasks}
+    for row, (start, stop) in zip((r for r in rows if r.status == "ok"), ranges, strict=True):
+        row.embedding = emb[start:stop].mean(0)
+        row.probabilities = {t: probs[t][start:stop].mean(0) for t in tasks}
     return rows
 
 
@@ -268,7 +264,7 @@ def annotate(
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.update(task, completed=done["records"], sps=(done["records"]) / elapsed, rps=new_residues / elapsed)
     if embeddings is not None:
-        write_embeddings(parts, embeddings, backend, done["chunks"])
+        write_embeddings(parts, embeddings, backend, done["chunks"], done["ok"])
         shutil.rmtree(parts, ignore_errors=True)
     atomic_write_json(progress_path, {"fingerprint": fingerprint, "settings": settings, "complete": True, **done})
     seconds = time.perf_counter() - start
@@ -291,7 +287,7 @@ def _shards(parts: Path, n: int) -> Iterator[tuple[list[str], np.ndarray]]:
             yield [str(x) for x in z["ids"]], z["vectors"]
 
 
-def write_embeddings(parts: Path, path: Path, backend: Backend, n_chunks: int) -> None:
+def write_embeddings(parts: Path, path: Path, backend: Backend, n_chunks: int, n_rows: int) -> None:
     """Assemble the shards into the requested container, atomically, carrying the model's metadata."""
 
     meta = {"model": backend.name, "dim": backend.dim, "pooling": "mean", **{k: v for k, v in backend.metadata.items() if k != "labels"}}
@@ -320,8 +316,7 @@ def write_embeddings(parts: Path, path: Path, backend: Backend, n_chunks: int) -
                     emb = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), backend.dim)
                     w.write_table(pa.Table.from_arrays([pa.array(ids, pa.string()), emb], schema=schema))
         else:  # .npy: a [records, dim] matrix; ids in PATH.ids.txt (same order)
-            n = sum(len(ids) for ids, _ in _shards(parts, n_chunks))
-            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, backend.dim))
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_rows, backend.dim))
             row = 0
             id_lines = []
             for ids, vectors in _shards(parts, n_chunks):

@@ -23,11 +23,12 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from distill import data, tokens
+from distill import tokens
 from distill.io import atomic_save_npy, sha256_file
-from distill.model import ESM, PRESETS, ModelConfig, build_student, sequence_embedding
+from distill.model import ESM, PRESETS, ModelConfig, build_student
 
 POOLINGS = ("mean", "cls")
+EMBED_CHUNK = 4096  # sequences per progress step
 
 
 def cache_dir() -> Path:
@@ -93,27 +94,24 @@ def composition(sequences: list[str]) -> np.ndarray:
     return out
 
 
-@torch.no_grad()
 def embed(
     model: ESM, sequences: list[str], pooling: str, max_tokens: int, device: str = "cpu", name: str = "", quiet: bool = True
 ) -> np.ndarray:
-    """Pooled last-layer representations, length-bucketed token-budget batches, input order kept."""
-    dev = torch.device(device)
-    model = model.to(dev).eval()
-    encoded = [data.crop(tokens.encode(s), None) for s in sequences]
-    lengths = np.array([len(e) for e in encoded], dtype=np.int64)
+    """Pooled last-layer vectors through the one torch inference class (``export.runtime.TorchEmbedder``).
+
+    Sequences go in chunks only so that the progress bar moves; each chunk is length-bucketed by token budget.
+    """
+    from export.runtime import TorchEmbedder
+
+    embedder = TorchEmbedder(model, device=device, max_tokens=max_tokens)
     out = np.zeros((len(sequences), model.cfg.dim), dtype=np.float32)
-    groups = data.token_budget_groups(lengths, np.arange(len(encoded)), max_tokens)
     columns = [TextColumn(f"embedding with {name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*columns, disable=quiet, transient=True, console=Console(stderr=True)) as progress:
         task = progress.add_task("embed", total=len(sequences))
-        for group in groups:
-            toks = tokens.pad_batch([encoded[i] for i in group]).to(dev)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                reps = model(toks)["representations"].float()
-            pooled = sequence_embedding(reps, toks) if pooling == "mean" else reps[:, 0]
-            out[group] = pooled.cpu().numpy()
-            progress.advance(task, len(group))
+        for start in range(0, len(sequences), EMBED_CHUNK):
+            part = embedder.embed(sequences[start : start + EMBED_CHUNK], crop=True, tasks=[], cls=pooling == "cls")
+            out[start : start + len(part)] = [e.sequence if pooling == "mean" else e.cls for e in part]
+            progress.advance(task, len(part))
     return out
 
 

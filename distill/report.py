@@ -7,8 +7,8 @@ Data flow: labelled files -> LabelledSet -> one split for all models -> per mode
 from __future__ import annotations
 
 import csv
-import json
-from dataclasses import asdict, dataclass, field
+import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,6 @@ class ProbeConfig:
     max_tokens: int = 8192
     device: str = "cpu"
     labels: str | None = None  # id<TAB>label file for plain-FASTA --data / --test
-    notes: list[str] = field(default_factory=list)
 
     def protocol(self) -> dict[str, Any]:
         return {
@@ -135,12 +134,12 @@ def probe_one(
     return result, test_x
 
 
-def held_out_perplexity(feat: Featurizer, fasta: Path, cfg: ProbeConfig) -> float | None:
+def held_out_perplexity(feat: Featurizer, seqs: data.SequenceSet, cfg: ProbeConfig) -> float | None:
     if feat.model is None:
         return None
     from distill.evaluate import perplexity
 
-    ppl, _ = perplexity(feat.model, data.load_fasta(fasta), cfg.max_tokens, torch.device(cfg.device))
+    ppl, _ = perplexity(feat.model, seqs, cfg.max_tokens, torch.device(cfg.device))
     return ppl
 
 
@@ -170,23 +169,24 @@ def evaluate_models(
         missing = [n for n in ESM2_BASELINES if n not in found]
         if missing:
             console.print(f"[yellow]note:[/] ESM-2 baselines {', '.join(missing)} are not in the torch hub cache; their rows are left out")
+    ppl_set = data.load_fasta(ppl_data) if ppl_data else None
     rows, panels, confusions, ppl_points = [], {}, {}, {}
     for spec in specs:
         feat = featurizer(spec)
         console.print(f"probing {feat.name} ({feat.parameters / 1e6:.2f}M parameters, dim {feat.dim})")
         result, test_x = probe_one(feat, cfg, prepared, console)
-        ppl = held_out_perplexity(feat, ppl_data, cfg) if ppl_data else None
+        ppl = held_out_perplexity(feat, ppl_set, cfg) if ppl_set else None
         row = {"model": feat.name, "spec": spec, "parameters": feat.parameters, **result.metrics, "perplexity": ppl, "notes": result.notes}
         rows.append(row)
         panels[feat.name] = test_x
         confusions[feat.name] = (result.y_true, result.y_pred)
         if ppl is not None:
             ppl_points[feat.name] = (feat.parameters, ppl)
-        truth = result.y_true
     first = rows[0]
     header = cfg.describe(first["classes"], first["n_train"], first["n_test"])
     write_tables(rows, header, out)
-    plots.tsne_panels(panels, truth, out / "tsne.png", top=tsne_top, seed=cfg.seed)
+    # every model is scored on the same test set, so the last result's labels serve all panels
+    plots.tsne_panels(panels, result.y_true, out / "tsne.png", top=tsne_top, seed=cfg.seed)
     plots.confusion_panels(confusions, out / "confusion.png")
     if ppl_points:
         plots.perplexity_vs_parameters(ppl_points, out / "perplexity.png")
@@ -219,17 +219,8 @@ def write_tables(rows: list[dict[str, Any]], header: str, out: Path) -> None:
     atomic_write_text(out / "results.md", header + "\n\n" + markdown_table(rows) + "\n")
     atomic_write_json(out / "results.json", {"protocol": header, "rows": rows})
     fields = ["model", "spec", "parameters", *METRIC_COLUMNS, "classes", "n_train", "n_test", "perplexity"]
-    lines: list[str] = []
-
-    class _Sink:
-        def write(self, s: str) -> None:
-            lines.append(s)
-
-    writer = csv.DictWriter(_Sink(), fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(out / "results.csv", "".join(lines))
-
-
-def config_dict(cfg: ProbeConfig) -> dict[str, Any]:
-    return json.loads(json.dumps(asdict(cfg)))
+    atomic_write_text(out / "results.csv", buffer.getvalue())

@@ -54,7 +54,7 @@ TOP_KEYS = {
     "tasks",
     "seed",
 }
-TASK_KEYS = {f.name for f in fields(ProbeConfig)} - {"task", "notes", "device"}
+TASK_KEYS = {f.name for f in fields(ProbeConfig)} - {"task", "device"}
 
 
 def load_config(path: Path) -> dict[str, Any]:

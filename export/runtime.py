@@ -180,12 +180,14 @@ class TorchEmbedder:
             for t in tasks:
                 x = pooled if self.heads[t].pooling == "mean" else reps[:, 0]
                 probs[t] = self.heads[t].probabilities(x.cpu().numpy())
-            pooled_np, reps_np = pooled.cpu().numpy(), reps.cpu().numpy() if per_residue else None
+            pooled_np = pooled.cpu().numpy()
+            reps_np = reps.cpu().numpy() if per_residue else None
+            cls_np = reps[:, 0].cpu().numpy() if cls else None
             for row, i in enumerate(group):
                 residues = reps_np[row, 1 : lengths[i] + 1].copy() if per_residue else None
-                results[i] = Embedding(
-                    pooled_np[row].copy(), residues, len(seqs[i]) > tokens.MAX_RESIDUES, {t: probs[t][row] for t in tasks}
-                )
+                first = cls_np[row].copy() if cls else None
+                long = len(seqs[i]) > tokens.MAX_RESIDUES
+                results[i] = Embedding(pooled_np[row].copy(), residues, long, {t: probs[t][row] for t in tasks}, first)
         return results
 
     def run(self, sequences: list[str], tasks: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:

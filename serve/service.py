@@ -225,8 +225,10 @@ class Engine:
         return self._infer(sequences)
 
     @bentoml.api
-    def residues(self, sequences: list[str]) -> list[list[list[float]]]:
-        return [e.residues.tolist() for e in self.embedder.embed(sequences, per_residue=True, tasks=[])]
+    def residues(self, sequences: list[str]) -> list[dict[str, Any]]:
+        """Like ``infer`` plus the [length, dim] matrices (unbatched: per-residue answers are large)."""
+        embedded = self.embedder.embed(sequences, per_residue=True, tasks=[], cls=True)
+        return [row | {"residues": e.residues.tolist()} for row, e in zip(_rows(embedded, []), embedded, strict=True)]
 
     @bentoml.api
     def card(self) -> dict[str, Any]:
@@ -305,11 +307,10 @@ class EsmDistillService:
         """One vector per sequence (mean over residues, or the <cls> token), in input order; per-residue matrices when asked."""
         seqs = check_sequences(sequences, crop)
         card = await self.card()
-        rows = await self.run(seqs)
-        residues = await call(self.engine.to_async.residues, seqs) if per_residue else [[] for _ in seqs]
+        rows = await (call(self.engine.to_async.residues, seqs) if per_residue else self.run(seqs))  # one forward pass either way
         results = [
-            Embedded(embedding=row[pooling], residues=res, cropped=len(orig.strip()) > MAX_LENGTH)
-            for row, res, orig in zip(rows, residues, sequences, strict=True)
+            Embedded(embedding=row[pooling], residues=row.get("residues", []), cropped=len(orig.strip()) > MAX_LENGTH)
+            for row, orig in zip(rows, sequences, strict=True)
         ]
         return EmbedResponse(model=card["model"], dim=card["dim"], pooling=pooling, results=results)
 
