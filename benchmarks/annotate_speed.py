@@ -27,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from distill.annotate import annotate  # noqa: E402
+from distill.annotate import Options, annotate  # noqa: E402
 from distill.fasta import read_fasta  # noqa: E402
 from distill.model import ModelConfig, build_student  # noqa: E402
 from export.onnx import export  # noqa: E402
@@ -86,7 +86,7 @@ def main() -> None:
         export(model, graph, {"source": "random", "preset": preset}, int8=True, strict=False)
         for variant, path in (("fp32", graph), ("int8", graph.with_name(f"{preset}.int8.onnx"))):
             out = tmp / f"{preset}-{variant}.tsv"
-            summary = annotate(fasta, OnnxEmbedder(path), out, embeddings=tmp / f"{preset}-{variant}.h5", quiet=True)
+            summary = annotate(fasta, OnnxEmbedder(path), out, Options(embeddings=tmp / f"{preset}-{variant}.h5", quiet=True))
             rows.append(
                 (
                     f"distill annotate, {preset} ({model.num_parameters() / 1e6:.1f}M), ONNX {variant}",

@@ -65,6 +65,7 @@ class Row:
     message: str
     embedding: np.ndarray | None = None
     probabilities: dict[str, np.ndarray] | None = None
+    sequence: str = ""  # kept for the reference index's alignment re-ranking
 
 
 def annotate_chunk(records: list, backend: Backend, tasks: list[str], long_policy: str) -> list[Row]:
@@ -88,7 +89,7 @@ def annotate_chunk(records: list, backend: Backend, tasks: list[str], long_polic
             spans = [(0, len(seq))]
         ranges.append((len(pieces), len(pieces) + len(spans)))
         pieces += [seq[s:e] for s, e in spans]
-        rows.append(Row(r.id, len(seq), "ok", message))
+        rows.append(Row(r.id, len(seq), "ok", message, sequence=seq))
     if not pieces:
         return rows
     emb, probs = backend.run(pieces, tasks)
@@ -98,24 +99,60 @@ def annotate_chunk(records: list, backend: Backend, tasks: list[str], long_polic
     return rows
 
 
-def tsv_header(tasks: list[str], top_k: int) -> str:
-    cols = ["id", "length"]
-    for t in tasks:
-        for k in range(1, top_k + 1):
-            cols += [f"{t}_label_{k}", f"{t}_prob_{k}"]
-    return "\t".join(cols + ["status", "message"]) + "\n"
+NO_CALL = "-"  # the label written when the top probability (or similarity) is below the calibrated threshold
 
 
-def tsv_row(row: Row, tasks: list[str], labels: dict[str, list[str]], top_k: int) -> str:
-    cells = [_clean(row.id), str(row.length)]
-    for t in tasks:
-        if row.probabilities is None:
-            cells += [""] * (2 * top_k)
-            continue
-        p = row.probabilities[t]
-        for i in np.argsort(-p, kind="stable")[:top_k]:
-            cells += [labels[t][i], f"{p[i]:.4f}"]
-    return "\t".join(cells + [row.status, _clean(row.message)]) + "\n"
+@dataclass
+class Columns:
+    """What a TSV row holds: per task top-k labels (``-`` below the threshold), then reference neighbours."""
+
+    tasks: list[str]
+    labels: dict[str, list[str]]
+    top_k: int
+    thresholds: dict[str, float]  # per task: calls need a probability >= this
+    reference: Any = None  # a distill.index.ReferenceIndex
+    reference_k: int = 0
+
+    def header(self) -> str:
+        cols = ["id", "length"]
+        for t in self.tasks:
+            for k in range(1, self.top_k + 1):
+                cols += [f"{t}_label_{k}", f"{t}_prob_{k}"]
+        if self.reference is not None:
+            cols.append("ref_call")
+            for k in range(1, self.reference_k + 1):
+                cols += [f"ref_id_{k}", f"ref_label_{k}", f"ref_similarity_{k}"] + ([f"ref_score_{k}"] if self.reference.align else [])
+        return "\t".join(cols + ["status", "message"]) + "\n"
+
+    def row(self, row: Row, neighbours: tuple | None) -> str:
+        cells = [_clean(row.id), str(row.length)]
+        for t in self.tasks:
+            if row.probabilities is None:
+                cells += [""] * (2 * self.top_k)
+                continue
+            p = row.probabilities[t]
+            for i in np.argsort(-p, kind="stable")[: self.top_k]:
+                cells += [self.labels[t][i] if p[i] >= self.thresholds.get(t, 0.0) else NO_CALL, f"{p[i]:.4f}"]
+        if self.reference is not None:
+            per = 3 + bool(self.reference.align)
+            if neighbours is None:
+                cells += [""] * (1 + per * self.reference_k)
+            else:
+                ids, labels, sims, scores = neighbours
+                call_scores = scores if scores is not None else sims
+                cells.append(labels[0] if call_scores[0] >= self.reference.threshold else NO_CALL)
+                for j, (rid, label, sim) in enumerate(zip(ids, labels, sims, strict=True)):
+                    cells += [_clean(rid), label, f"{sim:.4f}"] + ([f"{scores[j]:.0f}"] if scores is not None else [])
+        return "\t".join(cells + [row.status, _clean(row.message)]) + "\n"
+
+    def rows(self, rows: list[Row]) -> str:
+        found: dict[int, tuple] = {}
+        ok = [i for i, r in enumerate(rows) if r.embedding is not None]
+        if self.reference is not None and ok:
+            nn = self.reference.search(np.stack([rows[i].embedding for i in ok]), self.reference_k, [rows[i].sequence for i in ok])
+            scores = nn.scores if nn.scores is not None else [None] * len(ok)
+            found = {i: (nn.ids[j], nn.labels[j], nn.similarities[j], scores[j]) for j, i in enumerate(ok)}
+        return "".join(self.row(r, found.get(i)) for i, r in enumerate(rows))
 
 
 def _clean(text: str) -> str:
@@ -153,53 +190,58 @@ class Summary:
     embeddings: Path | None
 
 
-def annotate(
-    input_path: Path,
-    backend: Backend,
-    output: Path,
-    tasks: list[str] | None = None,
-    top_k: int = 1,
-    embeddings: Path | None = None,
-    long_policy: str = "windows",
-    resume: bool = False,
-    chunk_records: int = 1024,
-    console: Console | None = None,
-    quiet: bool = False,
-) -> Summary:
-    console = console or Console(stderr=True, soft_wrap=True)
-    input_path, output = Path(input_path), Path(output)
-    if not input_path.is_file():
-        raise FileNotFoundError(f"input FASTA {input_path} does not exist")
-    if long_policy not in LONG_POLICIES:
-        raise ValueError(f"--long must be one of {', '.join(LONG_POLICIES)}, got {long_policy!r}")
-    if top_k < 1:
-        raise ValueError(f"--top-k must be at least 1, got {top_k}")
-    tasks = list(backend.labels) if tasks is None else tasks
+@dataclass
+class Options:
+    """What ``distill annotate`` was asked for, besides input, backend and output."""
+
+    tasks: list[str] | None = None
+    top_k: int = 1
+    embeddings: Path | None = None
+    long_policy: str = "windows"
+    resume: bool = False
+    chunk_records: int = 1024
+    quiet: bool = False
+    min_probability: float | None = None  # overrides every head's calibrated threshold
+    reference: Path | None = None  # a `distill index` directory: nearest references beside the calls
+    reference_k: int = 3
+
+
+def columns_for(backend: Backend, opts: Options) -> Columns:
+    """Check the options against the backend (heads, top-k, the reference index's model) -> the TSV's columns."""
+    if opts.long_policy not in LONG_POLICIES:
+        raise ValueError(f"--long must be one of {', '.join(LONG_POLICIES)}, got {opts.long_policy!r}")
+    if opts.top_k < 1 or opts.reference_k < 1:
+        raise ValueError(f"--top-k and --reference-k must be at least 1, got {opts.top_k} and {opts.reference_k}")
+    if opts.min_probability is not None and not 0 <= opts.min_probability <= 1:
+        raise ValueError(f"--min-probability must be in [0, 1], got {opts.min_probability}")
+    tasks = list(backend.labels) if opts.tasks is None else opts.tasks
     missing = [t for t in tasks if t not in backend.labels]
     if missing:
         raise ValueError(
             f"the model has no {', '.join(missing)} head (heads: {', '.join(backend.labels) or 'none'}); add one with `distill probe`"
         )
-    if top_k > min((len(backend.labels[t]) for t in tasks), default=top_k):
-        raise ValueError(f"--top-k {top_k} exceeds the number of labels of a head")
-    if embeddings is not None and not str(embeddings).endswith(EMBEDDING_SUFFIXES):
-        raise ValueError(f"--embeddings must end in one of {', '.join(EMBEDDING_SUFFIXES)}: {embeddings}")
+    if opts.top_k > min((len(backend.labels[t]) for t in tasks), default=opts.top_k):
+        raise ValueError(f"--top-k {opts.top_k} exceeds the number of labels of a head")
+    if opts.embeddings is not None and not str(opts.embeddings).endswith(EMBEDDING_SUFFIXES):
+        raise ValueError(f"--embeddings must end in one of {', '.join(EMBEDDING_SUFFIXES)}: {opts.embeddings}")
+    found = getattr(backend, "thresholds", {})
+    thresholds = {t: opts.min_probability if opts.min_probability is not None else found.get(t, 0.0) for t in tasks}
+    reference = None
+    if opts.reference is not None:
+        from distill.index import load_index
 
-    progress_path = output.with_name(output.name + ".progress.json")
-    parts = output.with_name(output.name + ".parts")
-    settings = {
-        "model": backend.name,
-        "tasks": tasks,
-        "top_k": top_k,
-        "long": long_policy,
-        "embeddings": str(embeddings or ""),
-        "chunk": chunk_records,
-    }
-    fingerprint = _fingerprint(input_path, settings)
+        reference = load_index(opts.reference)
+        reference.check_model(lambda seqs: backend.run(seqs, [])[0])
+    return Columns(tasks, backend.labels, opts.top_k, thresholds, reference, min(opts.reference_k, len(reference or [0])))
+
+
+def _start(input_path: Path, output: Path, opts: Options, cols: Columns, fingerprint: str, settings: dict, console: Console) -> dict | None:
+    """A fresh run (header written) or the resumed state; None when the output is already complete."""
+    progress_path, parts = _progress_path(output), output.with_name(output.name + ".parts")
     done = {"records": 0, "bytes": 0, "chunks": 0, "ok": 0, "errors": 0, "residues": 0}
-    if resume and not progress_path.is_file() and output.exists():
+    if opts.resume and not progress_path.is_file() and output.exists():
         raise FileExistsError(f"{output} exists but has no progress file {progress_path}, so it was not written by a resumable run")
-    if resume and progress_path.is_file():
+    if opts.resume and progress_path.is_file():
         state = read_json_object(progress_path, "annotate progress file")
         if state.get("fingerprint") != fingerprint:
             raise ValueError(
@@ -208,7 +250,7 @@ def annotate(
             )
         if state.get("complete"):
             console.print(f"{output} is already complete ({state['records']} records); nothing to do")
-            return Summary(state["records"], state["ok"], state["errors"], 0.0, state["residues"], output, embeddings)
+            return None
         done = {k: state[k] for k in done}
         with open(output, "r+b") as f:
             f.truncate(done["bytes"])  # anything after the last recorded chunk is a half-written chunk
@@ -216,59 +258,69 @@ def annotate(
             if int(shard.stem.split("-")[1]) >= done["chunks"]:
                 shard.unlink()
         console.print(f"resuming {output} after {done['records']} records")
-    else:
-        if output.exists() or progress_path.exists():
-            raise FileExistsError(f"{output} exists; continue it with --resume or choose another -o")
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(tsv_header(tasks, top_k))
-        done["bytes"] = output.stat().st_size
-        shutil.rmtree(parts, ignore_errors=True)
-        atomic_write_json(progress_path, {"fingerprint": fingerprint, "settings": settings, "complete": False, **done})
-    if embeddings is not None:
-        parts.mkdir(exist_ok=True)
+        return done
+    if output.exists() or progress_path.exists():
+        raise FileExistsError(f"{output} exists; continue it with --resume or choose another -o")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(cols.header())
+    done["bytes"] = output.stat().st_size
+    shutil.rmtree(parts, ignore_errors=True)
+    atomic_write_json(progress_path, {"fingerprint": fingerprint, "settings": settings, "complete": False, **done})
+    return done
 
+
+def _progress_path(output: Path) -> Path:
+    return output.with_name(output.name + ".progress.json")
+
+
+def annotate(input_path: Path, backend: Backend, output: Path, opts: Options | None = None, console: Console | None = None) -> Summary:
+    opts = opts or Options()
+    console = console or Console(stderr=True, soft_wrap=True)
+    input_path, output = Path(input_path), Path(output)
+    if not input_path.is_file():
+        raise FileNotFoundError(f"input FASTA {input_path} does not exist")
+    cols = columns_for(backend, opts)
     total = count_records(input_path)
+    if total == 0:
+        raise ValueError(f"{input_path} holds no FASTA records; nothing to annotate")
+    settings = {"model": backend.name, "tasks": cols.tasks, "top_k": opts.top_k, "long": opts.long_policy, "embeddings": str(opts.embeddings or ""),
+                "chunk": opts.chunk_records, "thresholds": cols.thresholds, "reference": str(opts.reference or ""), "reference_k": cols.reference_k}  # fmt: skip
+    fingerprint = _fingerprint(input_path, settings)
+    done = _start(input_path, output, opts, cols, fingerprint, settings, console)
+    if done is None:
+        state = read_json_object(_progress_path(output), "annotate progress file")
+        return Summary(state["records"], state["ok"], state["errors"], 0.0, state["residues"], output, opts.embeddings)
+    parts = output.with_name(output.name + ".parts")
+    if opts.embeddings is not None:
+        parts.mkdir(exist_ok=True)
     start = time.perf_counter()
-    columns = [
-        TextColumn("annotating"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[sps]:,.0f} seq/s  {task.fields[rps]:,.0f} res/s"),
-        TimeRemainingColumn(),
-    ]
+    columns = [TextColumn("annotating"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[sps]:,.0f} seq/s  {task.fields[rps]:,.0f} res/s"), TimeRemainingColumn()]  # fmt: skip
     new_residues = 0
-    with Progress(*columns, console=console, disable=quiet) as bar, open(output, "ab") as out:
+    with Progress(*columns, console=console, disable=opts.quiet) as bar, open(output, "ab") as out:
         task = bar.add_task("annotate", total=total, completed=done["records"], sps=0.0, rps=0.0)
-        for chunk in _chunks(input_path, chunk_records, done["records"]):
-            rows = annotate_chunk(chunk, backend, tasks, long_policy)
-            if embeddings is not None:
+        for chunk in _chunks(input_path, opts.chunk_records, done["records"]):
+            rows = annotate_chunk(chunk, backend, cols.tasks, opts.long_policy)
+            if opts.embeddings is not None:
                 ok = [r for r in rows if r.embedding is not None]
                 vectors = np.stack([r.embedding for r in ok]).astype(np.float32) if ok else np.zeros((0, backend.dim), np.float32)
-                shard = parts / f"chunk-{done['chunks']:08d}.npz"
-                _save_shard(shard, [r.id for r in ok], vectors)
-            out.write("".join(tsv_row(r, tasks, backend.labels, top_k) for r in rows).encode())
+                _save_shard(parts / f"chunk-{done['chunks']:08d}.npz", [r.id for r in ok], vectors)
+            out.write(cols.rows(rows).encode())
             out.flush()
             os.fsync(out.fileno())
             n_ok = sum(r.status == "ok" for r in rows)
             residues = sum(r.length for r in rows if r.status == "ok")
             new_residues += residues
-            done = {
-                "records": done["records"] + len(rows),
-                "bytes": out.tell(),
-                "chunks": done["chunks"] + 1,
-                "ok": done["ok"] + n_ok,
-                "errors": done["errors"] + len(rows) - n_ok,
-                "residues": done["residues"] + residues,
-            }
-            atomic_write_json(progress_path, {"fingerprint": fingerprint, "settings": settings, "complete": False, **done})
+            done = {"records": done["records"] + len(rows), "bytes": out.tell(), "chunks": done["chunks"] + 1, "ok": done["ok"] + n_ok,
+                    "errors": done["errors"] + len(rows) - n_ok, "residues": done["residues"] + residues}  # fmt: skip
+            atomic_write_json(_progress_path(output), {"fingerprint": fingerprint, "settings": settings, "complete": False, **done})
             elapsed = max(time.perf_counter() - start, 1e-9)
-            bar.update(task, completed=done["records"], sps=(done["records"]) / elapsed, rps=new_residues / elapsed)
-    if embeddings is not None:
-        write_embeddings(parts, embeddings, backend, done["chunks"], done["ok"])
+            bar.update(task, completed=done["records"], sps=done["records"] / elapsed, rps=new_residues / elapsed)
+    if opts.embeddings is not None:
+        write_embeddings(parts, opts.embeddings, backend, done["chunks"], done["ok"])
         shutil.rmtree(parts, ignore_errors=True)
-    atomic_write_json(progress_path, {"fingerprint": fingerprint, "settings": settings, "complete": True, **done})
-    seconds = time.perf_counter() - start
-    return Summary(done["records"], done["ok"], done["errors"], seconds, done["residues"], output, embeddings)
+    atomic_write_json(_progress_path(output), {"fingerprint": fingerprint, "settings": settings, "complete": True, **done})
+    return Summary(done["records"], done["ok"], done["errors"], time.perf_counter() - start, done["residues"], output, opts.embeddings)
 
 
 def _save_shard(path: Path, ids: list[str], vectors: np.ndarray) -> None:

@@ -22,7 +22,7 @@ console = Console(stderr=True, soft_wrap=True)  # never hard-wrap messages in lo
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError)
 
 
-def _fail(e: BaseException) -> None:
+def fail(e: BaseException) -> None:
     console.print(f"[bold red]error:[/] {e}")
     raise typer.Exit(2)
 
@@ -79,7 +79,7 @@ def fit(
         cfg = _resume_config(resume, given) if resume is not None else _fresh_config(config, given)
         result = run_fit(cfg, resume=resume is not None)
     except USER_ERRORS as e:
-        _fail(e)
+        fail(e)
     if not result.completed:
         raise typer.Exit(130)
 
@@ -142,7 +142,7 @@ def teacher_cache_cmd(
         )  # fmt: skip
         stats = teacher_cache.build(seqs, net, key, output, max_tokens, dev, shard_size, quiet)
     except USER_ERRORS as e:
-        _fail(e)
+        fail(e)
     console.print(
         f"teacher cache {output}: {views} view(s) of {len(seqs)} sequences, {stats['bytes'] / 1e6:.1f} MB, "
         f"teacher ran {stats['seconds']:.1f}s ({stats['tokens'] / max(stats['seconds'], 1e-9):,.0f} tokens/s)"
@@ -169,7 +169,7 @@ def perplexity(
         seqs = load_fasta(fasta)
         value, n = ppl(net.to(dev), seqs, max_tokens, dev, mask_rate)
     except USER_ERRORS as e:
-        _fail(e)
+        fail(e)
     params = card.get("parameters", 0)
     print(
         json.dumps(
@@ -259,7 +259,7 @@ def probe(
         result, _ = probe_one(feat, cfg, prepared, console)
         result.head.save(out)
     except USER_ERRORS as e:
-        _fail(e)
+        fail(e)
     m = result.metrics
     print(cfg.describe(m["classes"], m["n_train"], m["n_test"]))
     print()
@@ -298,7 +298,7 @@ def evaluate(
         cfg = _probe_config(task, data, test, split, pooling, mlp, min_per_class, test_fraction, seed, max_tokens, device, labels)
         rows = evaluate_models(models, cfg, out, console, ppl_data, baselines)
     except USER_ERRORS as e:
-        _fail(e)
+        fail(e)
     print((out / "results.md").read_text().split("\n\n")[0])
     print()
     print(markdown_table(rows))
@@ -313,7 +313,7 @@ def sweep(config: Annotated[Path, typer.Argument(help="Sweep config (TOML): pres
     try:
         path = run_sweep(config, console)
     except USER_ERRORS as e:
-        _fail(e)
+        fail(e)
     print(path.read_text())
     console.print(f"report: {path}")
 
@@ -338,8 +338,14 @@ def annotate(
     max_tokens: Annotated[int, typer.Option(help="Token budget per forward pass.")] = 16384,
     chunk_records: Annotated[int, typer.Option(help="Records per chunk: the unit of length sorting and of resume.")] = 1024,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    min_probability: Annotated[
+        float | None, typer.Option(help="Write '-' (no call) below this top probability. [default: each head's calibrated threshold]")
+    ] = None,
+    reference: Annotated[Path | None, typer.Option(help="A `distill index` directory: nearest labelled references beside the calls.")] = None,
+    reference_k: Annotated[int, typer.Option(help="Reference neighbours per record (id, label, cosine similarity).")] = 3,
 ) -> None:
     """Annotate every record of a FASTA: TSV calls per task (+ embeddings), nothing dropped, resumable."""
+    from distill.annotate import Options
     from distill.annotate import annotate as run
 
     try:
@@ -354,9 +360,10 @@ def annotate(
 
             backend = load_embedder(model, heads, providers, max_tokens)
         task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
-        summary = run(input, backend, output, task_list, top_k, embeddings, long, resume, chunk_records, console, quiet)
+        opts = Options(task_list, top_k, embeddings, long, resume, chunk_records, quiet, min_probability, reference, reference_k)
+        summary = run(input, backend, output, opts, console)
     except USER_ERRORS as e:
-        _fail(e)
+        fail(e)
     rate = summary.records / summary.seconds if summary.seconds else 0.0
     console.print(
         f"{summary.records} records: {summary.ok} ok, {summary.errors} error -> {summary.output}"
@@ -377,7 +384,7 @@ def import_cmd(
     try:
         tag = import_model(model, name, int8)
     except USER_ERRORS as e:
-        _fail(e)
+        fail(e)
     print(tag)
 
 
@@ -401,6 +408,7 @@ def serve(
         Path | None, typer.Option(help="Heads of the comparison model (distill probe MODEL --out DIR/<task>).")
     ] = None,
     batching: Annotated[bool, typer.Option(help="Adaptive batching across concurrent requests.")] = True,
+    reference: Annotated[Path | None, typer.Option(help="A `distill index` directory: /classify adds nearest labelled references.")] = None,
 ) -> None:
     """Serve a student with BentoML: /embed, /classify, /compare, /annotate, /info, /health (+ /readyz, /livez, /metrics)."""
     import os
@@ -409,6 +417,8 @@ def serve(
     from serve.store import BACKENDS, import_model
 
     try:
+        if reference is not None and not (reference / "index.json").is_file():
+            raise ValueError(f"--reference {reference} is not a `distill index` directory (no index.json)")
         if backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         tag = model
@@ -428,7 +438,7 @@ def serve(
             except bentoml.exceptions.NotFound as e:
                 raise ValueError(f"{model} is neither a path nor a model in the BentoML store (`bentoml models list`)") from e
     except USER_ERRORS as e:
-        _fail(e)
+        fail(e)
     env = {
         **os.environ,
         "ESM_DISTILL_MODEL": tag if backend != "esm1b" else "",
@@ -439,6 +449,7 @@ def serve(
         "ESM_DISTILL_COMPARE": compare_with or "",
         "ESM_DISTILL_COMPARE_HEADS": str(compare_heads or ""),
         "ESM_DISTILL_BATCHING": "1" if batching else "0",
+        "ESM_DISTILL_REFERENCE": str(reference.resolve()) if reference else "",
     }
     cmd = [sys.executable, "-m", "bentoml", "serve", "serve.service:EsmDistillService", "--port", str(port), "--host", host]
     console.print(f"serving {tag} on http://{host}:{port} ({backend}, {variant}): {' '.join(cmd[2:])}")
@@ -458,7 +469,7 @@ def export_esm(
         model, _ = load_bundle(bundle)
         paths = save_fair_esm(model, output)
     except USER_ERRORS as e:
-        _fail(e)
+        fail(e)
     console.print(f"wrote {paths[0]} and {paths[1]}")
 
 
@@ -493,7 +504,7 @@ def export_onnx(
                 )
         result = export(net, output, source_of(model, card), opset, fp16, int8, optimize, trt, heads=found)
     except (*USER_ERRORS, ExportError) as e:
-        _fail(e)
+        fail(e)
     print(f"{'variant':8s} {'file':40s} {'MB':>7s}  {'max|d logits|':>13s} {'max|d emb|':>11s} {'min cos':>9s} {'top-1 masked':>12s}")
     for r in result.reports:
         path = result.paths[r.variant]
@@ -509,6 +520,16 @@ def export_onnx(
               f"--minShapes={lo} --optShapes={opt} --maxShapes={hi} --fp16 --saveEngine={result.paths['trt'].with_suffix('.plan')}")  # fmt: skip
     else:
         print(f"TensorRT: the fp32 graph is not TensorRT 8.5-ready ({'; '.join(problems)}); add --trt for a graph that is")
+
+
+def _register_call_commands() -> None:
+    from distill import cli_calls  # its own module: this one is long enough
+
+    app.command()(cli_calls.finetune)
+    app.command()(cli_calls.index)
+
+
+_register_call_commands()
 
 
 def main() -> None:

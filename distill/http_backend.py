@@ -28,6 +28,7 @@ class HttpBackend:
         self.name = info["model"]
         self.dim = int(info["dim"])
         self.labels: dict[str, list[str]] = info["labels"]
+        self.thresholds: dict[str, float] = info.get("min_probability", {})  # calibrated no-call thresholds
         self.metadata: dict[str, Any] = {"service": self.url, "backend": info.get("backend"), "preset": info.get("preset")}
 
     def _post(self, endpoint: str, payload: dict[str, Any]) -> dict[str, Any]:

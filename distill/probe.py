@@ -39,20 +39,33 @@ class HeadError(ValueError):
 
 
 class ProbeHead(nn.Module):
-    """Standardise, then linear (``hidden=0``) or Linear-GELU-Dropout-Linear; outputs logits."""
+    """Standardise, then linear (``hidden=0``) or Linear-GELU-Dropout-Linear; outputs logits.
 
-    def __init__(self, dim: int, classes: int, hidden: int = 0):
+    ``cosine_scale > 0`` makes the last layer a cosine classifier (NormFace): ``s * cos(z, w_c)``. Class vectors
+    of unit length stop frequent classes from growing large weights, which is what many classes with 5-50
+    examples each need. ``temperature`` (set by calibration, 1 otherwise) divides the logits; it lives in the
+    card, not in the weights, so heads written before calibration existed still load.
+    """
+
+    def __init__(self, dim: int, classes: int, hidden: int = 0, cosine_scale: float = 0.0):
         super().__init__()
-        self.dim, self.classes, self.hidden = dim, classes, hidden
+        self.dim, self.classes, self.hidden, self.cosine_scale = dim, classes, hidden, cosine_scale
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("scale", torch.ones(dim))
+        self.register_buffer("temperature", torch.ones(()), persistent=False)
         if hidden:
             self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.1), nn.Linear(hidden, classes))
         else:
             self.net = nn.Sequential(nn.Linear(dim, classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) * self.scale)
+        z = (x - self.mean) * self.scale
+        if self.cosine_scale:
+            z = F.normalize(self.net[:-1](z), dim=-1)
+            logits = self.cosine_scale * F.linear(z, F.normalize(self.net[-1].weight, dim=-1))
+        else:
+            logits = self.net(z)
+        return logits / self.temperature
 
 
 @dataclass
@@ -68,6 +81,11 @@ class Head:
     @property
     def pooling(self) -> str:
         return self.card["pooling"]
+
+    @property
+    def min_probability(self) -> float:
+        """The calibrated no-call threshold (0 for heads without calibration: every top label is a call)."""
+        return float(self.card.get("calibration", {}).get("threshold", 0.0))
 
     @torch.no_grad()
     def probabilities(self, features: np.ndarray) -> np.ndarray:
@@ -100,7 +118,8 @@ def load_head(directory: Path, dim: int | None = None) -> Head:
     card.pop("format")
     if dim is not None and card["dim"] != dim:
         raise HeadError(f"{directory}: the head was trained on {card['dim']}-dim embeddings, but the model's width is {dim}")
-    module = ProbeHead(card["dim"], len(labels), card.get("hidden", 0))
+    module = ProbeHead(card["dim"], len(labels), card.get("hidden", 0), card.get("cosine_scale", 0.0))
+    module.temperature.fill_(card.get("calibration", {}).get("temperature", 1.0))
     try:
         module.load_state_dict(load_file(str(weights)))
     except (SafetensorError, RuntimeError) as e:

@@ -84,6 +84,8 @@ class OnnxEmbedder:
         self.max_tokens = max_tokens
         self.dim = int(self.metadata["architecture"]["dim"])
         self.labels: dict[str, list[str]] = self.metadata.get("labels") or {}  # head task -> label names
+        heads = self.metadata.get("heads") or {}
+        self.thresholds = {t: float(heads.get(t, {}).get("calibration", {}).get("threshold", 0.0)) for t in self.labels}  # no-call
         self.name = path.name
 
     @property
@@ -152,6 +154,7 @@ class TorchEmbedder:
         self.name = name
         self.dim = model.cfg.dim
         self.labels = {t: h.labels for t, h in self.heads.items()}
+        self.thresholds = {t: h.min_probability for t, h in self.heads.items()}  # no-call below these
         self.metadata = {"architecture": model.cfg.to_dict(), "parameters": model.num_parameters(), **(metadata or {})}
         self.max_tokens = max_tokens
 

@@ -17,6 +17,7 @@ Configuration (environment; `distill serve` sets it):
   ESM_DISTILL_COMPARE_HEADS    head directory for it (`distill probe MODEL --out DIR` per task)
   ESM_DISTILL_BATCHING         1 (default) | 0: adaptive batching off (for benchmarks)
   ESM_DISTILL_MAX_SEQUENCES    per request (default 64); ESM_DISTILL_MAX_RESIDUES per request (default 65536)
+  ESM_DISTILL_REFERENCE        a `distill index` directory: /classify adds the nearest labelled references
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ ESM1B_HEADS = os.environ.get("ESM_DISTILL_ESM1B_HEADS", "")
 COMPARE = os.environ.get("ESM_DISTILL_COMPARE", "")
 COMPARE_HEADS = os.environ.get("ESM_DISTILL_COMPARE_HEADS", "")
 BATCHING = os.environ.get("ESM_DISTILL_BATCHING", "1") != "0"
+REFERENCE_INDEX = os.environ.get("ESM_DISTILL_REFERENCE", "")
 MAX_SEQUENCES = int(os.environ.get("ESM_DISTILL_MAX_SEQUENCES", "64"))
 MAX_RESIDUES = int(os.environ.get("ESM_DISTILL_MAX_RESIDUES", "65536"))
 MAX_LENGTH = 1022  # residues per sequence (ESM-1b's 1,024 positions minus <cls> and <eos>)
@@ -67,9 +69,21 @@ class Call(BaseModel):
     probability: float
 
 
+class Neighbour(BaseModel):
+    id: str
+    label: str
+    similarity: float = Field(description="cosine similarity of the embeddings")
+    score: float = Field(0.0, description="Smith-Waterman score (BLOSUM62, 11/1) when the index re-ranks by alignment, else 0")
+
+
 class Classified(BaseModel):
     calls: dict[str, list[Call]] = Field(description="per task, the top-k labels, most probable first")
+    no_call: dict[str, bool] = Field(
+        default_factory=dict, description="per task, true when the top probability is below the head's calibrated threshold: none of these labels"
+    )
     cropped: bool = False
+    neighbours: list[Neighbour] = Field(default_factory=list, description="nearest labelled references (with a reference index)")
+    reference_call: str = Field("", description="the nearest reference's label when its similarity clears the index's threshold, else '-'")
 
 
 class ClassifyResponse(BaseModel):
@@ -106,6 +120,8 @@ class InfoResponse(BaseModel):
     parameters: int
     dim: int
     labels: dict[str, list[str]]
+    min_probability: dict[str, float] = Field(description="per task, the calibrated no-call threshold (0: none)")
+    reference_index: dict[str, Any] = Field(default_factory=dict, description="the reference index, when configured")
     max_length: int
     max_sequences: int
     max_residues: int
@@ -241,6 +257,7 @@ class Engine:
             "parameters": self.meta.get("parameters") or 0,
             "dim": self.embedder.dim,
             "labels": self.embedder.labels,
+            "min_probability": getattr(self.embedder, "thresholds", {}),
         }
 
 
@@ -290,6 +307,35 @@ class EsmDistillService:
 
     def __init__(self) -> None:
         self._card: dict[str, Any] | None = None
+        self._index = None
+        if REFERENCE_INDEX:
+            from distill.index import load_index
+
+            self._index = load_index(REFERENCE_INDEX)
+            self._index_checked = False
+
+    async def index(self):  # noqa: ANN201
+        """The reference index, checked once against the served model (another model's index is refused)."""
+        if self._index is not None and not self._index_checked:
+            rows = await self.run(self._index.card["check"]["sequences"])
+            self._index.check_model(lambda _: np.array([r["mean"] for r in rows]))
+            self._index_checked = True
+        return self._index
+
+    async def classified(self, rows: list[dict[str, Any]], sequences: list[str], tasks: list[str], top_k: int) -> list[Classified]:
+        card, index = await self.card(), await self.index()
+        out = []
+        for r, o in zip(rows, sequences, strict=True):
+            calls = top_calls(r["probabilities"], card["labels"], tasks, top_k)
+            no_call = {t: calls[t][0].probability < card["min_probability"].get(t, 0.0) for t in tasks}
+            out.append(Classified(calls=calls, no_call=no_call, cropped=len(o.strip()) > MAX_LENGTH))
+        if index is not None:
+            nn = index.search(np.array([r["mean"] for r in rows], dtype=np.float32), top_k, [s.strip().upper() for s in sequences])
+            scores = nn.scores if nn.scores is not None else np.zeros_like(nn.similarities)
+            for c, ids, labels, sims, sc, calls in zip(out, nn.ids, nn.labels, nn.similarities, scores, nn.call_scores, strict=True):
+                c.neighbours = [Neighbour(id=i, label=lab, similarity=float(s), score=float(x)) for i, lab, s, x in zip(ids, labels, sims, sc, strict=True)]
+                c.reference_call = labels[0] if calls[0] >= index.threshold else "-"
+        return out
 
     async def card(self) -> dict[str, Any]:
         if self._card is None:
@@ -316,16 +362,12 @@ class EsmDistillService:
 
     @bentoml.api
     async def classify(self, sequences: list[str], tasks: tuple[str, ...] = (), top_k: int = 1, crop: bool = False) -> ClassifyResponse:
-        """Per sequence and task, the top-k labels with probabilities."""
+        """Per sequence and task, the top-k labels with probabilities, the no-call flag, and reference neighbours when configured."""
         card = await self.card()
         tasks = check_tasks(tasks, card["labels"], top_k)
         seqs = check_sequences(sequences, crop)
         rows = await self.run(seqs)
-        results = [
-            Classified(calls=top_calls(r["probabilities"], card["labels"], tasks, top_k), cropped=len(o.strip()) > MAX_LENGTH)
-            for r, o in zip(rows, sequences, strict=True)
-        ]
-        return ClassifyResponse(model=card["model"], results=results)
+        return ClassifyResponse(model=card["model"], results=await self.classified(rows, sequences, tasks, top_k))
 
     @bentoml.api
     async def annotate(self, sequences: list[str], tasks: tuple[str, ...] = (), all_tasks: bool = True) -> AnnotateResponse:
@@ -377,8 +419,10 @@ class EsmDistillService:
         """The model card: preset, parameters, backend, provider, label sets, limits, comparison model."""
         card = await self.card()
         ref = await call(self.reference.to_async.card)
+        index = await self.index()
+        summary = {k: v for k, v in index.card.items() if k not in ("check",)} | {"path": REFERENCE_INDEX} if index is not None else {}
         return InfoResponse(
-            **card, max_length=MAX_LENGTH, max_sequences=MAX_SEQUENCES, max_residues=MAX_RESIDUES, batching=BATCHING, reference=ref
+            **card, reference_index=summary, max_length=MAX_LENGTH, max_sequences=MAX_SEQUENCES, max_residues=MAX_RESIDUES, batching=BATCHING, reference=ref
         )
 
     @bentoml.api

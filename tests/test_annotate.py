@@ -11,7 +11,7 @@ import torch
 from conftest import EXAMPLES, REPO
 from typer.testing import CliRunner
 
-from distill.annotate import WINDOW, annotate, windows
+from distill.annotate import WINDOW, Options, annotate, windows
 from distill.bundle import save_bundle
 from distill.cli import app
 from distill.fasta import read_fasta
@@ -80,9 +80,9 @@ def test_onnx_and_torch_backends_agree_and_embeddings_files_are_standard(bundle,
 
     b, graph = bundle
     fasta = write_input(tmp_path / "in.fa", REAL[:25])
-    s1 = annotate(fasta, load_embedder(str(b)), tmp_path / "torch.tsv", embeddings=tmp_path / "e.h5", quiet=True)
-    s2 = annotate(fasta, OnnxEmbedder(graph), tmp_path / "onnx.tsv", embeddings=tmp_path / "e.parquet", quiet=True)
-    annotate(fasta, OnnxEmbedder(graph), tmp_path / "npy.tsv", embeddings=tmp_path / "e.npy", quiet=True)
+    s1 = annotate(fasta, load_embedder(str(b)), tmp_path / "torch.tsv", Options(embeddings=tmp_path / "e.h5", quiet=True))
+    s2 = annotate(fasta, OnnxEmbedder(graph), tmp_path / "onnx.tsv", Options(embeddings=tmp_path / "e.parquet", quiet=True))
+    annotate(fasta, OnnxEmbedder(graph), tmp_path / "npy.tsv", Options(embeddings=tmp_path / "e.npy", quiet=True))
     assert s1.ok == s2.ok == 25
     t1 = [line.split("\t") for line in (tmp_path / "torch.tsv").read_text().splitlines()[1:]]
     t2 = [line.split("\t") for line in (tmp_path / "onnx.tsv").read_text().splitlines()[1:]]

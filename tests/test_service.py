@@ -239,14 +239,14 @@ def test_concurrent_clients_of_mixed_lengths_never_get_each_others_answers(serve
 
 
 def test_annotate_through_the_service_equals_local_annotation(server, tmp_path):
-    from distill.annotate import annotate
+    from distill.annotate import Options, annotate
     from distill.http_backend import HttpBackend
     from export.runtime import OnnxEmbedder
 
     fasta = tmp_path / "in.fa"
     fasta.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(SEQS[:20])) + ">bad\nMKJ\n>long\n" + SEQS[0] * 14 + "\n")
-    local = annotate(fasta, OnnxEmbedder(server["graph"]), tmp_path / "local.tsv", top_k=2, embeddings=tmp_path / "local.npy", quiet=True)
-    remote = annotate(fasta, HttpBackend(server["url"]), tmp_path / "remote.tsv", top_k=2, embeddings=tmp_path / "remote.npy", quiet=True)
+    local = annotate(fasta, OnnxEmbedder(server["graph"]), tmp_path / "local.tsv", Options(top_k=2, embeddings=tmp_path / "local.npy", quiet=True))
+    remote = annotate(fasta, HttpBackend(server["url"]), tmp_path / "remote.tsv", Options(top_k=2, embeddings=tmp_path / "remote.npy", quiet=True))
     assert (local.ok, local.errors) == (remote.ok, remote.errors) == (21, 1)
     assert (tmp_path / "local.tsv").read_text() == (tmp_path / "remote.tsv").read_text()
     np.testing.assert_allclose(np.load(tmp_path / "local.npy"), np.load(tmp_path / "remote.npy"), atol=1e-5)

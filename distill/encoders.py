@@ -1,0 +1,54 @@
+"""A model spec -> a trainable ESM encoder, for the commands that train or index (``finetune``, ``index``).
+
+Specs: a student bundle directory; ``random:PRESET[@SEED]`` or ``random:BUNDLE[@SEED]`` (a fresh model of that
+size, seed 0 unless given); a fair-esm model name or ``.pt`` checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distill.bundle import is_bundle, load_any, read_bundle_config
+from distill.embeddings import tensors_sha256
+from distill.io import sha256_file
+from distill.model import ESM, PRESETS, ModelConfig, build_student
+
+
+@dataclass
+class Encoder:
+    name: str
+    model: ESM
+    card: dict[str, Any]
+    fingerprint: str  # sha256 of the weights: what heads, indexes and fine-tuned bundles record as their parent
+    heads: list[str] = field(default_factory=list)  # tasks of the heads stored with a bundle
+
+
+def parse_random(spec: str) -> tuple[ModelConfig, int]:
+    what, _, seed = spec.removeprefix("random:").partition("@")
+    if seed and not seed.isdigit():
+        raise ValueError(f"{spec!r}: the seed after @ must be a non-negative integer")
+    if what in PRESETS:
+        cfg = ModelConfig.preset(what)
+    elif is_bundle(Path(what)):
+        cfg = ModelConfig(**read_bundle_config(Path(what))["model"])
+    else:
+        raise ValueError(f"{spec!r}: after random: give a preset ({', '.join(PRESETS)}) or a bundle directory, optionally @SEED")
+    return cfg, int(seed or 0)
+
+
+def load_encoder(spec: str) -> Encoder:
+    if spec.startswith("random:"):
+        cfg, seed = parse_random(spec)
+        model = build_student(cfg, seed=seed)
+        preset = next((p for p, v in PRESETS.items() if ModelConfig.preset(p) == cfg), None)
+        card = {"name": spec, "model": cfg.to_dict(), "preset": preset, "parameters": model.num_parameters()}
+        return Encoder(spec, model, card, tensors_sha256(model))
+    model, card = load_any(spec)
+    path = Path(spec)
+    if path.is_dir():
+        heads = sorted(d.name for d in (path / "heads").iterdir() if (d / "labels.json").is_file()) if (path / "heads").is_dir() else []
+        return Encoder(path.name, model, card, sha256_file(path / "model.safetensors"), heads)
+    fingerprint = sha256_file(path) if path.is_file() else tensors_sha256(model)
+    return Encoder(path.stem if path.is_file() else spec, model, card, fingerprint)
