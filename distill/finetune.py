@@ -47,6 +47,7 @@ from distill.train import Distributed, StopRequested, lr_lambda, pick_device
 
 CLASS_WEIGHTS = ("none", "balanced")
 HEAD_KINDS = ("cosine", "linear")
+RESUME_OVERRIDABLE = {"quiet", "device"}  # what a resumed run may change
 COSINE_SCALE = 16.0  # logit scale of the cosine head: softmax can reach ~1 - 1e-6 over hundreds of classes
 
 
@@ -285,10 +286,10 @@ def save_checkpoint(out: Path, model: ESM, head: ProbeHead, opt, sched, counters
 def resume_state(out: Path, cfg: FinetuneConfig, model: ESM, head: ProbeHead, opt, sched) -> dict[str, Any]:
     if not (out / "checkpoint.json").is_file():
         raise FileNotFoundError(f"{out} has no checkpoint.json: nothing to resume (was it a `distill finetune` run directory?)")
-    saved = read_json_object(out / "config.json")
-    if saved != json.loads(json.dumps(asdict(cfg))) | {"quiet": saved.get("quiet"), "device": saved.get("device")}:
-        changed = sorted(k for k, v in asdict(cfg).items() if k not in ("quiet", "device") and saved.get(k) != json.loads(json.dumps(v)))
-        raise ValueError(f"--resume: the options differ from the run in {out} ({', '.join(changed)}); resume with the same options")
+    saved, given = read_json_object(out / "config.json"), json.loads(json.dumps(asdict(cfg)))  # JSON round trip: lists, not tuples
+    changed = sorted(k for k, v in given.items() if k not in RESUME_OVERRIDABLE and saved.get(k) != v)
+    if changed:
+        raise ValueError(f"--resume: these options differ from the run in {out}: {', '.join(changed)}; resume with the same options")
     load_weights(out / "last", model, head)
     state = torch.load(out / "last" / "state.pt", map_location="cpu", weights_only=True)
     opt.load_state_dict(state["optimizer"])
@@ -330,7 +331,8 @@ class FinetuneResult:
     notes: list[str]
 
 
-def finetune(cfg: FinetuneConfig, resume: bool = False, console: Console | None = None) -> FinetuneResult:
+def finetune(cfg: FinetuneConfig, resume: bool = False, console: Console | None = None, stop_after: int | None = None) -> FinetuneResult:
+    """The recipe; ``stop_after`` ends this invocation (resumably) after that many epochs, like a kill would."""
     console = console or Console(stderr=True, soft_wrap=True)
     cfg.validate()
     out = Path(cfg.out)
@@ -369,6 +371,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, console: Console | None 
                         "best_epoch": epoch + 1 if improved else counters["best_epoch"], "bad": 0 if improved else counters["bad"] + 1}  # fmt: skip
             _log_epoch(out, console, counters, train_loss, metrics, cfg.quiet)
             save_checkpoint(out, model, head, opt, sched, counters)
+            stop.requested |= stop_after is not None and counters["epoch"] >= stop_after
     if stop.requested:
         console.print(f"stopped after epoch {counters['epoch']}; continue with --resume")
         return FinetuneResult(out, None, counters, d.notes)
@@ -411,5 +414,8 @@ def write_bundle(out: Path, cfg: FinetuneConfig, encoder: Encoder, model: ESM, h
     console.print(f"calibration: temperature {calibration['temperature']:.3f}, ECE {calibration['ece_before']:.4f} -> "
                   f"{calibration['ece_after']:.4f}; no-call below p = {calibration['threshold']:.4f} for precision "
                   f">= {cfg.target_precision} (coverage {calibration['coverage']:.3f} of validation sequences)")  # fmt: skip
+    if not calibration["reached"]:
+        console.print(f"[yellow]warning:[/] no threshold reaches precision {cfg.target_precision} on validation + negatives, so every call "
+                      "of this head is a no-call; add training data, train longer, or lower --target-precision")  # fmt: skip
     atomic_write_json(out / "metrics.json", {"valid": metrics, "calibration": calibration, **counters})
     return bundle

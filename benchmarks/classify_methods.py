@@ -1,0 +1,210 @@
+"""The methods of benchmarks/classify_vs_hmmer.py: each trains on d["train"] and predicts d["test"] and d["negatives"]."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Result:
+    pred: list[str]
+    scores: np.ndarray  # top score per test sequence (probability, bit score, alignment score, cosine)
+    negative_scores: np.ndarray
+    train_seconds: float
+    predict_seconds: float  # test sequences only
+    threshold: float | None = None  # the product's calibrated no-call threshold
+    scaling: dict = field(default_factory=dict)  # how prediction cost grows with the number of classes
+
+    def scale_to(self, classes_to: int, classes_now: int) -> float:
+        """Factor on seq/s when the label set grows to ``classes_to`` (see the module docstring of the benchmark)."""
+        kind = self.scaling.get("kind", "linear")
+        if kind == "linear":  # cost proportional to profiles / references
+            return classes_now / classes_to
+        if kind == "head":  # fixed encoder cost + dim x classes multiply-adds
+            enc, dim = self.scaling["encoder_macs"], self.scaling["dim"]
+            return (enc + dim * classes_now) / (enc + dim * classes_to)
+        # index: embed (fixed) + flat search (proportional to references) + alignment (fixed)
+        fixed, search = self.scaling["fixed_s"], self.scaling["search_s"]
+        return (fixed + search) / (fixed + search * classes_to / classes_now)
+
+
+def shrink(d: dict, n_classes: int, out: Path) -> dict:
+    """The first ``n_classes`` labels only (--quick), the training part written to ``out`` for the product's commands."""
+    keep = set(sorted(set(d["train"].labels))[:n_classes])
+
+    def pick(ds):  # noqa: ANN001, ANN202
+        return ds.subset([i for i, label in enumerate(ds.labels) if label in keep])
+
+    train = pick(d["train"])
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{d['task']}_train_quick.fasta"
+    path.write_text("".join(f">{i} {g}\n{s}\n" for i, g, s in zip(train.ids, train.groups, train.sequences, strict=True)))
+    return d | {"train": train, "test": pick(d["test"]), "negatives": d["negatives"][:20], "train_path": str(path)}
+
+
+# ---- alignment tools ------------------------------------------------------------------------------
+
+
+def hmmer(d: dict) -> Result:
+    import pyfamsa
+    import pyhmmer
+
+    alphabet = pyhmmer.easel.Alphabet.amino()
+    builder, background = pyhmmer.plan7.Builder(alphabet), pyhmmer.plan7.Background(alphabet)
+    t = time.perf_counter()
+    by_class = defaultdict(list)
+    for rid, seq, label in zip(d["train"].ids, d["train"].sequences, d["train"].labels, strict=True):
+        by_class[label].append((rid, seq))
+    aligner, hmms = pyfamsa.Aligner(threads=2), []
+    for label, members in sorted(by_class.items()):
+        if len(members) > 1:
+            msa = aligner.align([pyfamsa.Sequence(f"s{i}".encode(), s.encode()) for i, (_, s) in enumerate(members)])
+            rows = [pyhmmer.easel.TextSequence(name=g.id, sequence=g.sequence.decode()) for g in msa]
+        else:
+            rows = [pyhmmer.easel.TextSequence(name=b"s0", sequence=members[0][1])]
+        text = pyhmmer.easel.TextMSA(name=label.encode(), sequences=rows)
+        hmm, _, _ = builder.build_msa(text.digitize(alphabet), background)
+        hmms.append(hmm)
+    train_s = time.perf_counter() - t
+
+    def scan(seqs: list[str]) -> tuple[list[str], np.ndarray]:
+        queries = [pyhmmer.easel.TextSequence(name=str(i).encode(), sequence=s).digitize(alphabet) for i, s in enumerate(seqs)]
+        pred, best = ["-"] * len(seqs), np.full(len(seqs), -np.inf)
+        for i, hits in enumerate(pyhmmer.hmmer.hmmscan(queries, hmms, cpus=2)):
+            if len(hits):
+                top = max(hits, key=lambda h: h.score)
+                name = top.name if isinstance(top.name, str) else top.name.decode()
+                pred[i], best[i] = name, top.score
+        return pred, best
+
+    t = time.perf_counter()
+    pred, scores = scan(d["test"].sequences)
+    predict_s = time.perf_counter() - t
+    return Result(pred, scores, scan(d["negatives"])[1], train_s, predict_s)
+
+
+def nearest_neighbour(d: dict) -> Result:
+    from distill.align import Aligner
+
+    t = time.perf_counter()
+    aligner = Aligner(d["train"].sequences, threads=2)
+    train_s = time.perf_counter() - t
+    everything = np.arange(len(d["train"]))
+
+    def search(seqs: list[str]) -> tuple[list[str], np.ndarray]:
+        pred, best = [], np.zeros(len(seqs))
+        for i, s in enumerate(seqs):
+            scores = aligner.scores(s, everything)
+            j = int(np.argmax(scores))
+            pred.append(d["train"].labels[j])
+            best[i] = scores[j]
+        return pred, best
+
+    t = time.perf_counter()
+    pred, scores = search(d["test"].sequences)
+    predict_s = time.perf_counter() - t
+    return Result(pred, scores, search(d["negatives"])[1], train_s, predict_s)
+
+
+# ---- the product ----------------------------------------------------------------------------------
+
+
+def linear_probe(d: dict, out: Path) -> Result:
+    from distill.embeddings import featurizer
+    from distill.probe import train_head
+
+    feat = featurizer("random:small")
+    labels = sorted(set(d["train"].labels))
+    y = np.array([labels.index(label) for label in d["train"].labels])
+    t = time.perf_counter()
+    head, _ = train_head(feat.features(d["train"].sequences, max_tokens=8192), y, len(labels))
+    train_s = time.perf_counter() - t
+    import torch
+
+    def predict(seqs: list[str]) -> tuple[list[str], np.ndarray]:
+        with torch.no_grad():
+            p = torch.softmax(head(torch.from_numpy(feat.features(seqs, max_tokens=8192))), -1).numpy()
+        return [labels[i] for i in p.argmax(1)], p.max(1)
+
+    t = time.perf_counter()
+    pred, scores = predict(d["test"].sequences)
+    predict_s = time.perf_counter() - t  # includes embedding (the cache is cold for the test set)
+    return Result(pred, scores, predict(d["negatives"])[1], train_s, predict_s, scaling={"kind": "head", "encoder_macs": _encoder_macs(feat.model, d), "dim": feat.dim})
+
+
+def _encoder_macs(model, d: dict) -> float:  # noqa: ANN001
+    """Multiply-adds of one forward pass over a test sequence of mean length (weights x tokens)."""
+    tokens = np.mean([min(len(s), 1022) + 2 for s in d["test"].sequences])
+    return float(model.num_parameters() * tokens)
+
+
+def finetune_settings(task: str, quick: bool) -> dict:
+    """Fixed before scoring the test set (from validation behaviour of the first Pfam runs); SCOPe gets fewer epochs."""
+    if quick:
+        return {"small": {"epochs": 1, "lr": 2e-3}}
+    if task == "pfam":
+        return {"small": {"epochs": 8, "lr": 2e-3}, "medium": {"epochs": 4, "lr": 1e-3}}
+    return {"small": {"epochs": 3, "lr": 2e-3}}  # ~3 min an epoch here; fine-tuning alone does not learn SCOPe on a CPU budget
+
+
+def finetuned(d: dict, run: Path, model: str, seed: int, settings: dict, teacher: Path | None = None) -> Result:
+    from distill.finetune import FinetuneConfig, finetune
+    from export.runtime import load_embedder
+
+    t = time.perf_counter()
+    cfg = FinetuneConfig(model, [d["train_path"]], d["task"], str(run), seed=seed, teacher=str(teacher) if teacher else None, quiet=True, **settings)
+    result = finetune(cfg, resume=(run / "checkpoint.json").is_file())
+    train_s = time.perf_counter() - t
+    embedder = load_embedder(str(result.bundle), providers="cpu")
+    head = next(iter(embedder.heads.values()))
+
+    def predict(seqs: list[str]) -> tuple[list[str], np.ndarray]:
+        p = embedder.run([s[:1022] for s in seqs], [d["task"]])[1][d["task"]]
+        return [head.labels[i] for i in p.argmax(1)], p.max(1)
+
+    t = time.perf_counter()
+    pred, scores = predict(d["test"].sequences)
+    predict_s = time.perf_counter() - t
+    scaling = {"kind": "head", "encoder_macs": _encoder_macs(embedder.model, d), "dim": embedder.dim}
+    return Result(pred, scores, predict(d["negatives"])[1], train_s, predict_s, head.min_probability, scaling)
+
+
+def reference(d: dict, index_dir: Path, bundle: Path, align: int) -> Result:
+    from rich.console import Console
+
+    from distill.embeddings import embed
+    from distill.index import load_index
+    from distill.index_build import index_command
+
+    t = time.perf_counter()
+    if not (index_dir / "index.json").is_file():
+        index_command(str(bundle), [d["train_path"]], d["task"], index_dir, False, None, "", 0.99, 8192, "cpu", Console(quiet=True), align)
+    train_s = time.perf_counter() - t
+    index = load_index(index_dir)
+    from distill.bundle import load_bundle
+
+    model, _ = load_bundle(bundle)
+    timing = {"fixed_s": 0.0, "search_s": 0.0}
+
+    def predict(seqs: list[str]) -> tuple[list[str], np.ndarray]:
+        t0 = time.perf_counter()
+        vectors = embed(model, seqs, index.card["pooling"], 8192)
+        t1 = time.perf_counter()
+        index.search(vectors, 1)  # cosine search alone, for the scaling estimate
+        t2 = time.perf_counter()
+        nn = index.search(vectors, 1, [s.upper() for s in seqs])
+        t3 = time.perf_counter()
+        timing.update(fixed_s=(t1 - t0) + max(0.0, (t3 - t2) - (t2 - t1)), search_s=t2 - t1)
+        return [labels[0] for labels in nn.labels], nn.call_scores[:, 0]
+
+    t = time.perf_counter()
+    pred, scores = predict(d["test"].sequences)
+    predict_s = time.perf_counter() - t
+    scaling = {"kind": "index", **timing}
+    negative_scores = predict(d["negatives"])[1]
+    return Result(pred, scores, negative_scores, train_s, predict_s, index.threshold, scaling)
