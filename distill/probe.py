@@ -239,7 +239,7 @@ def train_head(
             if bad >= patience:
                 break
     head.load_state_dict(best)
-    return head.eval(), {"epochs": epochs, "best_valid_loss": best_loss, "n_valid": len(va)}
+    return head.eval(), {"epochs": epochs, "best_valid_loss": best_loss, "n_valid": len(va), "valid_index": va}
 
 
 # ---- metrics --------------------------------------------------------------------------------------
@@ -284,8 +284,13 @@ def run_probe(
     seed: int = 0,
     test_features: np.ndarray | None = None,
     test_ds: LabelledSet | None = None,
+    negative_features: np.ndarray | None = None,
 ) -> ProbeResult:
-    """Train a head on ``split.train`` and score it on ``split.test`` (or on a separate test set)."""
+    """Train a head on ``split.train`` and score it on ``split.test`` (or on a separate test set).
+
+    With ``negative_features`` (embeddings of residue-shuffled sequences) the head is calibrated on its early-stopping
+    validation part plus those negatives: temperature and no-call threshold, as for fine-tuned heads.
+    """
     labels = sorted({ds.labels[i] for i in split.train})
     if len(labels) < 2:
         raise ValueError(f"the {task} training split has {len(labels)} class; a classifier needs at least 2")
@@ -303,6 +308,15 @@ def run_probe(
     if len(truth) == 0:
         raise ValueError(f"no test examples for {task} after the split; use more data or a lower --min-per-class")
     head = Head(module, labels, {"task": task, "dim": module.dim, "hidden": hidden, "protocol": protocol})
+    if negative_features is not None:
+        from distill.calibration import calibrate
+
+        va = fit_info["valid_index"]
+        with torch.no_grad():
+            logits = module(torch.from_numpy(np.ascontiguousarray(features[split.train][va], dtype=np.float32))).numpy()
+            neg = module(torch.from_numpy(np.ascontiguousarray(negative_features, dtype=np.float32))).numpy()
+        head.card["calibration"] = calibrate(logits, y[va], neg)
+        module.temperature.fill_(head.card["calibration"]["temperature"])
     pred = [labels[i] for i in head.probabilities(test_x).argmax(1)]
     metrics = classification_metrics(truth, pred) | {
         "classes": len(labels),

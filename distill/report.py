@@ -117,8 +117,11 @@ def overlap_warning(feat: Featurizer, prepared: Prepared) -> str | None:
     return f"{n} of {len(test)} test sequences ({n / len(test):.1%}) occur in {feat.name}'s MLM training data"
 
 
+NEGATIVES = 1000  # residue-shuffled training sequences that calibrate a stored head's no-call
+
+
 def probe_one(
-    feat: Featurizer, cfg: ProbeConfig, prepared: Prepared, console: Console, quiet: bool = False
+    feat: Featurizer, cfg: ProbeConfig, prepared: Prepared, console: Console, quiet: bool = False, calibrate: bool = False
 ) -> tuple[ProbeResult, np.ndarray]:
     warning = overlap_warning(feat, prepared)
     if warning:
@@ -126,7 +129,13 @@ def probe_one(
     x = feat.features(prepared.ds.sequences, cfg.pooling, cfg.max_tokens, cfg.device, quiet=quiet)
     tx = feat.features(prepared.test_ds.sequences, cfg.pooling, cfg.max_tokens, cfg.device, quiet=quiet) if prepared.test_ds else None
     protocol = cfg.protocol() | {"model": feat.name, "model_fingerprint": feat.fingerprint}
-    result = run_probe(x, prepared.ds, cfg.task, prepared.split, protocol, cfg.hidden, cfg.seed, tx, prepared.test_ds)
+    neg = None
+    if calibrate:
+        from distill.calibration import shuffled
+
+        train = prepared.split.train[np.random.default_rng([cfg.seed, 13]).permutation(len(prepared.split.train))[:NEGATIVES]]
+        neg = feat.features(shuffled([prepared.ds.sequences[i] for i in sorted(train)], cfg.seed), cfg.pooling, cfg.max_tokens, cfg.device, quiet=quiet)
+    result = run_probe(x, prepared.ds, cfg.task, prepared.split, protocol, cfg.hidden, cfg.seed, tx, prepared.test_ds, neg)
     result.head.card |= {"pooling": cfg.pooling, "model_fingerprint": feat.fingerprint}
     if warning:
         result.notes.append(warning)

@@ -180,3 +180,15 @@ def test_random_spec_with_a_seed(pfam4):
     assert a.fingerprint == b.fingerprint != c.fingerprint and a.card["preset"] == "small"
     with pytest.raises(ValueError, match="seed after @"):
         load_encoder("random:small@x")
+
+
+def test_a_fine_tuned_cosine_head_exports_to_onnx_with_its_temperature_and_threshold(tuned, pfam4, tmp_path):
+    from export.runtime import OnnxEmbedder, load_embedder
+
+    res = runner.invoke(app, ["export", "onnx", str(tuned), "-o", str(tmp_path / "t.onnx"), "--heads"])
+    assert res.exit_code == 0, res.output
+    onnx, torch_ = OnnxEmbedder(tmp_path / "t.onnx"), load_embedder(str(tuned), providers="cpu")
+    seqs = [r.sequence for r in pfam4["test"]]
+    np.testing.assert_allclose(onnx.run(seqs, ["pfam"])[1]["pfam"], torch_.run(seqs, ["pfam"])[1]["pfam"], atol=1e-5)
+    assert onnx.thresholds == torch_.thresholds and 0 < onnx.thresholds["pfam"] < 1
+    assert heads_of(tuned)["pfam"].module.temperature.item() != 1.0  # so the graph must carry it

@@ -109,6 +109,9 @@ def test_cli_probe_writes_head_export_carries_it_and_onnx_matches_torch(bundle, 
     assert "test sequences" in res.output and "MLM training data" in res.output  # the overlap warning
     head = heads_of(bundle, 32)["pfam"]
     assert len(head.labels) == 54 and head.card["metrics"]["n_test"] == 162 and head.pooling == "mean"
+    c = head.card["calibration"]  # calibrated on the head's validation part + 648 shuffled training sequences
+    assert c["n_negatives"] == 648 and c["n_valid"] > 0 and head.module.temperature.item() == pytest.approx(c["temperature"])
+    assert "calibration: temperature" in res.output and "no-call below" in res.output
 
     onnx_path = tmp_path / "s.onnx"
     res = runner.invoke(app, ["export", "onnx", str(bundle), "-o", str(onnx_path), "--heads"])
@@ -116,7 +119,7 @@ def test_cli_probe_writes_head_export_carries_it_and_onnx_matches_torch(bundle, 
     from export.runtime import OnnxEmbedder, top_k
 
     emb = OnnxEmbedder(onnx_path)
-    assert emb.labels["pfam"] == head.labels
+    assert emb.labels["pfam"] == head.labels and emb.thresholds["pfam"] == pytest.approx(head.min_probability)
     seqs = read_labelled(str(EXAMPLES / "pfam.fasta"), "pfam").sequences[:7]
     got = emb.embed(seqs)
     feats = embeddings.featurizer(str(bundle)).features(seqs, "mean")

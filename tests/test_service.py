@@ -85,6 +85,8 @@ def server(tmp_path_factory):
     res = runner.invoke(app, ["import", str(bundle)])
     assert res.exit_code == 0, res.output
     tag = res.output.strip().splitlines()[-1]
+    res = runner.invoke(app, ["index", str(bundle), "--data", str(EXAMPLES / "pfam.fasta"), "--task", "pfam", "-o", str(root / "index")])
+    assert res.exit_code == 0, res.output
     port = free_port()
     cmd = [
         sys.executable,
@@ -98,6 +100,8 @@ def server(tmp_path_factory):
         str(TEACHER),
         "--compare-heads",
         str(root / "teacher-heads"),
+        "--reference",
+        str(root / "index"),
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=open(root / "serve.log", "w"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -105,7 +109,7 @@ def server(tmp_path_factory):
     from bentoml.models import get
 
     stored = Path(get(tag).path)
-    yield {"url": url, "tag": tag, "graph": stored / "model.onnx", "root": root, "env": env, "bundle": bundle}
+    yield {"url": url, "tag": tag, "graph": stored / "model.onnx", "root": root, "env": env, "bundle": bundle, "index": root / "index"}
     os.killpg(proc.pid, 15)
     proc.wait(timeout=30)
     os.environ.pop("BENTOML_HOME", None)
@@ -289,3 +293,26 @@ def test_esm1b_backend_serves_a_fair_esm_checkpoint_with_its_heads(server):
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
+
+
+def test_classify_flags_no_calls_and_lists_reference_neighbours(server):
+    from distill.calibration import shuffled
+    from distill.index import load_index
+    from distill.probe import heads_of
+    from export.runtime import OnnxEmbedder
+
+    status, info = post(f"{server['url']}/info", {})
+    heads = heads_of(server["bundle"])
+    assert status == 200 and info["min_probability"] == pytest.approx({t: h.min_probability for t, h in heads.items()})
+    assert info["reference_index"]["count"] == 810 and info["reference_index"]["task"] == "pfam"
+    seqs = SEQS[:4] + shuffled(SEQS[:2], 0)
+    status, body = post(f"{server['url']}/classify", {"sequences": seqs, "top_k": 3})
+    assert status == 200, body
+    index = load_index(server["index"])
+    vectors = np.stack([e.sequence for e in OnnxEmbedder(server["graph"]).embed(seqs)])
+    nn = index.search(vectors, 3)
+    for r, ids, sims in zip(body["results"], nn.ids, nn.similarities, strict=True):
+        for t, calls in r["calls"].items():
+            assert r["no_call"][t] == (calls[0]["probability"] < info["min_probability"][t])
+        assert [n["id"] for n in r["neighbours"]] == ids and [n["similarity"] for n in r["neighbours"]] == pytest.approx(sims.tolist(), abs=1e-5)
+        assert r["reference_call"] == (ids and r["neighbours"][0]["label"] if sims[0] >= index.threshold else "-")

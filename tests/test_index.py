@@ -1,0 +1,111 @@
+"""distill index: build, append a new class, alignment re-ranking, model check, annotate --reference, bad input."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import EXAMPLES
+from typer.testing import CliRunner
+
+from distill.bundle import save_bundle
+from distill.cli import app
+from distill.fasta import read_fasta
+from distill.index import IndexError_, load_index
+from distill.model import ModelConfig, build_student
+
+pytest.importorskip("faiss")
+pytest.importorskip("pyopal")
+runner = CliRunner()
+OLD, NEW = ("PF00004", "PF00005", "PF00072"), "PF00076"
+
+
+def write(path: Path, records: list) -> Path:
+    path.write_text("".join(f">{r.id} {r.description}\n{r.sequence}\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("index")
+    records = list(read_fasta(EXAMPLES / "pfam.fasta"))
+    by = {f: [r for r in records if r.description == f] for f in (*OLD, NEW)}
+    save_bundle(root / "tiny", build_student(ModelConfig(layers=2, dim=32, heads=2, ffn=64), seed=0), None)
+    save_bundle(root / "other", build_student(ModelConfig(layers=2, dim=32, heads=2, ffn=64), seed=1), None)
+    return {
+        "root": root,
+        "old": write(root / "old.fasta", [r for f in OLD for r in by[f][:10]]),
+        "new": write(root / "new.fasta", by[NEW][:10]),
+        "queries": write(root / "q.fasta", [r for f in (*OLD, NEW) for r in by[f][10:15]]),
+        "truth": {r.id: f for f in (*OLD, NEW) for r in by[f][10:15]},
+    }
+
+
+def build(refs: dict, out: Path, *extra: str, model: str = "tiny", data: str = "old") -> None:
+    args = ["index", str(refs["root"] / model), "--data", str(refs[data]), "--task", "pfam", "-o", str(out), *extra]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+
+
+def annotate(refs: dict, index: Path, out: Path, model: str = "tiny") -> dict[str, dict[str, str]]:
+    args = ["annotate", str(refs["queries"]), "-o", str(out), "--model", str(refs["root"] / model), "--reference", str(index), "--quiet"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    lines = [line.split("\t") for line in out.read_text().splitlines()]
+    return {row[0]: dict(zip(lines[0], row, strict=True)) for row in lines[1:]}
+
+
+def test_an_appended_class_becomes_callable_without_retraining(refs, tmp_path):
+    index = tmp_path / "idx"
+    build(refs, index, "--align", "20")
+    before = annotate(refs, index, tmp_path / "before.tsv")
+    new_ids = [i for i, f in refs["truth"].items() if f == NEW]
+    assert all(before[i]["ref_label_1"] != NEW for i in new_ids)  # not in the index yet
+    build(refs, index, "--append", data="new")
+    assert len(load_index(index)) == 40 and load_index(index).card["appended"] == 1
+    after = annotate(refs, index, tmp_path / "after.tsv")
+    assert sum(after[i]["ref_call"] == NEW for i in new_ids) >= 4, [after[i] for i in new_ids]
+    # Calls are right and scored by alignment, best first; cosine similarities are reported beside them.
+    right = np.mean([after[i]["ref_call"] == f for i, f in refs["truth"].items() if after[i]["ref_call"] != "-"])
+    assert right >= 0.9 and all(float(r["ref_score_1"]) >= float(r["ref_score_2"]) for r in after.values())
+    again = runner.invoke(app, ["index", str(refs["root"] / "tiny"), "--data", str(refs["new"]), "--task", "pfam", "-o", str(index), "--append"])
+    assert again.exit_code == 2 and "10 ids are already in the index" in again.output
+
+
+def test_alignment_reranking_orders_candidates_by_smith_waterman_score(refs, tmp_path):
+    import pyopal
+
+    build(refs, tmp_path / "idx", "--align", "30")
+    index = load_index(tmp_path / "idx")
+    query = next(iter(read_fasta(refs["queries"]))).sequence
+    nn = index.search(index.vectors[:1], 3, [query])
+    cand = index.search(index.vectors[:1], 30)  # the 30 candidates by cosine
+    direct = pyopal.align(query, [index.sequences[index.ids.index(i)] for i in cand.ids[0]], "BLOSUM62", gap_open=11, gap_extend=1)
+    best = sorted(((h.score, cand.ids[0][h.target_index]) for h in direct), key=lambda t: -t[0])[:3]
+    assert [s for s, _ in best] == list(nn.scores[0]) and nn.ids[0][0] == best[0][1]
+
+
+def test_cosine_index_calibration_and_model_check(refs, tmp_path):
+    build(refs, tmp_path / "idx")
+    index = load_index(tmp_path / "idx")
+    c = index.card["calibration"]
+    assert c["score"] == "cosine" and 0 <= c["leave_one_out_accuracy"] <= 1 and c["n_negatives"] == 30
+    assert index.card["check"]["sequences"] and index.card["pooling"] == "mean" and index.align == 0
+    # Another model (same size, other weights) is refused, for annotate and for append.
+    args = ["annotate", str(refs["queries"]), "-o", str(tmp_path / "x.tsv"), "--model", str(refs["root"] / "other"), "--reference", str(tmp_path / "idx")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "the index was built with" in result.output and "rebuild it" in result.output
+    assert not (tmp_path / "x.tsv").exists()
+    appended = runner.invoke(app, ["index", str(refs["root"] / "other"), "--data", str(refs["new"]), "--task", "pfam", "-o", str(tmp_path / "idx"), "--append"])
+    assert appended.exit_code == 2 and "embeds its reference sequences differently" in appended.output
+    assert len(load_index(tmp_path / "idx")) == 30  # nothing written
+
+
+def test_index_errors_are_clear(refs, tmp_path):
+    with pytest.raises(IndexError_, match="not a reference index"):
+        load_index(tmp_path)
+    build(refs, tmp_path / "idx")
+    (tmp_path / "idx" / "entries.tsv").write_text("a\tb\tMKV\n")
+    with pytest.raises(IndexError_, match="corrupt: 30 vectors, 1 entries"):
+        load_index(tmp_path / "idx")
+    again = runner.invoke(app, ["index", str(refs["root"] / "tiny"), "--data", str(refs["old"]), "--task", "pfam", "-o", str(tmp_path / "idx")])
+    assert again.exit_code == 2 and "--append" in again.output
