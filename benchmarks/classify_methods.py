@@ -134,7 +134,14 @@ def linear_probe(d: dict, out: Path) -> Result:
     t = time.perf_counter()
     pred, scores = predict(d["test"].sequences)
     predict_s = time.perf_counter() - t  # includes embedding (the cache is cold for the test set)
-    return Result(pred, scores, predict(d["negatives"])[1], train_s, predict_s, scaling={"kind": "head", "encoder_macs": _encoder_macs(feat.model, d), "dim": feat.dim})
+    return Result(
+        pred,
+        scores,
+        predict(d["negatives"])[1],
+        train_s,
+        predict_s,
+        scaling={"kind": "head", "encoder_macs": _encoder_macs(feat.model, d), "dim": feat.dim},
+    )
 
 
 def _encoder_macs(model, d: dict) -> float:  # noqa: ANN001
@@ -157,7 +164,9 @@ def finetuned(d: dict, run: Path, model: str, seed: int, settings: dict, teacher
     from export.runtime import load_embedder
 
     t = time.perf_counter()
-    cfg = FinetuneConfig(model, [d["train_path"]], d["task"], str(run), seed=seed, teacher=str(teacher) if teacher else None, quiet=True, **settings)
+    cfg = FinetuneConfig(
+        model, [d["train_path"]], d["task"], str(run), seed=seed, teacher=str(teacher) if teacher else None, quiet=True, **settings
+    )
     result = finetune(cfg, resume=(run / "checkpoint.json").is_file())
     train_s = time.perf_counter() - t
     embedder = load_embedder(str(result.bundle), providers="cpu")

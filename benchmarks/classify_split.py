@@ -81,9 +81,14 @@ def main() -> None:
     info = {
         "seed": args.seed,
         "pfam": {"train": len(pfam_train), "test": len(pfam_test), "families": len({r[1] for r in pfam_train})},
-        "scope": {"train": len(scope_train), "test": len(scope_test), "outside": len(outside),
-                  "superfamilies": len({".".join(r[1].split()[0].split(".")[:3]) for r in scope_train}),
-                  "test_family_seen": sum(seen.values()), "test_family_unseen": len(seen) - sum(seen.values())},  # fmt: skip
+        "scope": {
+            "train": len(scope_train),
+            "test": len(scope_test),
+            "outside": len(outside),
+            "superfamilies": len({".".join(r[1].split()[0].split(".")[:3]) for r in scope_train}),
+            "test_family_seen": sum(seen.values()),
+            "test_family_unseen": len(seen) - sum(seen.values()),
+        },  # fmt: skip
         "scope_test_seen": seen,
     }
     (args.out / "split.json").write_text(json.dumps(info, indent=1))

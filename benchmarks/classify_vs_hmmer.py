@@ -40,8 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import classify_split  # noqa: E402
 import classify_methods as methods  # noqa: E402
+import classify_split  # noqa: E402
 
 from distill.calibration import shuffled  # noqa: E402
 from distill.labels import read_labelled  # noqa: E402
@@ -62,7 +62,14 @@ def load_task(split: Path, task: str, seed: int) -> dict:
         outside = [r.sequence.upper() for r in classify_split.iter_records(split / "scope_outside.fa", warn_duplicates=False)]
         negatives = [outside[i] for i in sorted(rng.permutation(len(outside))[:N_NEGATIVES])]
     seen = json.loads((split / "split.json").read_text())["scope_test_seen"] if task == "scope" else None
-    return {"task": task, "train": train, "test": test, "negatives": negatives, "seen": seen, "train_path": str(split / f"{task}_train.{suffix}")}
+    return {
+        "task": task,
+        "train": train,
+        "test": test,
+        "negatives": negatives,
+        "seen": seen,
+        "train_path": str(split / f"{task}_train.{suffix}"),
+    }
 
 
 def score(name: str, result: methods.Result, d: dict, classes: int) -> dict:
@@ -100,16 +107,29 @@ def run_task(d: dict, out: Path, seeds: list[int], quick: bool) -> list[dict]:
     ]
     ft = methods.finetune_settings(task, quick)
     for seed in seeds:
-        plan.append((f"fine-tuned small, seed {seed}", lambda s=seed: methods.finetuned(d, out / f"small-{s}", f"random:small@{s}", s, ft["small"])))
+        plan.append(
+            (f"fine-tuned small, seed {seed}", lambda s=seed: methods.finetuned(d, out / f"small-{s}", f"random:small@{s}", s, ft["small"]))
+        )
     if ft.get("medium"):
         plan.append(("fine-tuned medium, seed 0", lambda: methods.finetuned(d, out / "medium-0", "random:medium", 0, ft["medium"])))
         plan.append(("task distillation medium -> small, seed 0",
                      lambda: methods.finetuned(d, out / "distilled-0", "random:small", 0, ft["small"], teacher=out / "medium-0" / "model")))  # fmt: skip
-    plan.append(("reference index (fine-tuned small, cosine)", lambda: methods.reference(d, out / "index", out / f"small-{seeds[0]}" / "model", 0)))
-    plan.append(("reference index + Smith-Waterman re-rank of 200", lambda: methods.reference(d, out / "index-align", out / f"small-{seeds[0]}" / "model", 200)))
+    plan.append(
+        ("reference index (fine-tuned small, cosine)", lambda: methods.reference(d, out / "index", out / f"small-{seeds[0]}" / "model", 0))
+    )
+    plan.append(
+        (
+            "reference index + Smith-Waterman re-rank of 200",
+            lambda: methods.reference(d, out / "index-align", out / f"small-{seeds[0]}" / "model", 200),
+        )
+    )
     rows = []
     for name, fn in plan:
-        cache = out / (name.split(",")[0].split(" (")[0].replace(" ", "_").replace(">", "").replace("+", "") + name.split(",")[-1].replace(" ", "_") + ".json")
+        cache = out / (
+            name.split(",")[0].split(" (")[0].replace(" ", "_").replace(">", "").replace("+", "")
+            + name.split(",")[-1].replace(" ", "_")
+            + ".json"
+        )
         if cache.is_file():
             rows.append(json.loads(cache.read_text()))
             continue

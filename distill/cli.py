@@ -344,7 +344,9 @@ def annotate(
     min_probability: Annotated[
         float | None, typer.Option(help="Write '-' (no call) below this top probability. [default: each head's calibrated threshold]")
     ] = None,
-    reference: Annotated[Path | None, typer.Option(help="A `distill index` directory: nearest labelled references beside the calls.")] = None,
+    reference: Annotated[
+        Path | None, typer.Option(help="A `distill index` directory: nearest labelled references beside the calls.")
+    ] = None,
     reference_k: Annotated[int, typer.Option(help="Reference neighbours per record (id, label, cosine similarity).")] = 3,
 ) -> None:
     """Annotate every record of a FASTA: TSV calls per task (+ embeddings), nothing dropped, resumable."""

@@ -18,11 +18,15 @@ D = FinetuneConfig(model="", data=[], task="", out="")  # the defaults
 
 def finetune(
     model: Annotated[str, typer.Argument(help="Encoder to start from: a bundle, random:PRESET[@SEED], or a fair-esm name / .pt.")],
-    data: Annotated[list[str], typer.Option("--data", help="Labelled training files, directories or globs (FASTA headers, Stockholm, TSV).")],
+    data: Annotated[
+        list[str], typer.Option("--data", help="Labelled training files, directories or globs (FASTA headers, Stockholm, TSV).")
+    ],
     task: Annotated[str, typer.Option(help="pfam (Pfam accession) or scope (SCOPe superfamily).")],
     out: Annotated[Path, typer.Option(help="Run directory; the fine-tuned bundle is OUT/model.")],
     valid: Annotated[list[str] | None, typer.Option("--valid", help="Labelled validation files (early stopping, calibration).")] = None,
-    valid_fraction: Annotated[float, typer.Option(help="Without --valid: this fraction of each class (stratified) validates.")] = D.valid_fraction,
+    valid_fraction: Annotated[
+        float, typer.Option(help="Without --valid: this fraction of each class (stratified) validates.")
+    ] = D.valid_fraction,
     labels: Annotated[Path | None, typer.Option(help="id<TAB>label file for plain-FASTA --data / --valid.")] = None,
     epochs: Annotated[int, typer.Option(help="At most this many epochs (early stopping may end sooner).")] = D.epochs,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, 5% warm-up, cosine decay).")] = D.lr,
@@ -31,14 +35,22 @@ def finetune(
     freeze_layers: Annotated[int, typer.Option(help="Keep the embeddings and the first N layers fixed.")] = D.freeze_layers,
     pooling: Annotated[str, typer.Option(help="Sequence embedding fed to the head: mean over residues, or cls.")] = D.pooling,
     head: Annotated[str, typer.Option(help="cosine (NormFace, for many small classes) or linear.")] = D.head,
-    class_weights: Annotated[str, typer.Option(help=f"{' or '.join(CLASS_WEIGHTS)}: balanced trades top-1 accuracy for rare-class recall.")] = D.class_weights,
-    min_per_class: Annotated[int, typer.Option(help="Classes with fewer training sequences leave the label set (they become no-call negatives).")] = D.min_per_class,
+    class_weights: Annotated[
+        str, typer.Option(help=f"{' or '.join(CLASS_WEIGHTS)}: balanced trades top-1 accuracy for rare-class recall.")
+    ] = D.class_weights,
+    min_per_class: Annotated[
+        int, typer.Option(help="Classes with fewer training sequences leave the label set (they become no-call negatives).")
+    ] = D.min_per_class,
     patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better validation macro-F1.")] = D.patience,
-    negative_rate: Annotated[float, typer.Option(help="Residue-shuffled copies per step (share of the step), trained towards 'none of these'.")] = D.negative_rate,
+    negative_rate: Annotated[
+        float, typer.Option(help="Residue-shuffled copies per step (share of the step), trained towards 'none of these'.")
+    ] = D.negative_rate,
     teacher: Annotated[str | None, typer.Option(help="Task distillation: a fine-tuned bundle with a head for TASK.")] = None,
     lam: Annotated[float, typer.Option(help="Weight of the teacher's soft targets: (1-lam) CE + lam T^2 KL.")] = D.lam,
     temperature: Annotated[float, typer.Option(help="Task-distillation temperature T.")] = D.temperature,
-    target_precision: Annotated[float, typer.Option(help="The no-call threshold is set for this precision on validation + negatives.")] = D.target_precision,
+    target_precision: Annotated[
+        float, typer.Option(help="The no-call threshold is set for this precision on validation + negatives.")
+    ] = D.target_precision,
     seed: Annotated[int, typer.Option(help="Seed of the head, the validation split, data order and crops.")] = D.seed,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (bf16 autocast).")] = D.device,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last epoch checkpoint (same options).")] = False,
@@ -61,7 +73,9 @@ def finetune(
 
 
 def index(
-    model: Annotated[str, typer.Argument(help="The model whose embeddings are indexed: a bundle, random:PRESET[@SEED], fair-esm name / .pt.")],
+    model: Annotated[
+        str, typer.Argument(help="The model whose embeddings are indexed: a bundle, random:PRESET[@SEED], fair-esm name / .pt.")
+    ],
     data: Annotated[list[str], typer.Option("--data", help="Labelled reference files (FASTA headers, Stockholm, TSV).")],
     task: Annotated[str, typer.Option(help="pfam or scope: how labels are read.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Index directory.")],

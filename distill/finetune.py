@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +32,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from safetensors.torch import load_file, load_model, save_file, save_model
 
 from distill import data, tokens
 from distill.bundle import save_bundle
 from distill.calibration import DEFAULT_TARGET_PRECISION, calibrate, shuffled
 from distill.embeddings import POOLINGS, embed
 from distill.encoders import Encoder, load_encoder
-from distill.io import atomic_write_json, read_json_object
-from distill.labels import LabelledSet, read_labelled
+from distill.finetune_checkpoints import load_weights, resume_state, save_checkpoint, save_weights
+from distill.finetune_data import Data, setup_data
+from distill.io import atomic_write_json
 from distill.model import ESM, sequence_embedding
 from distill.probe import Head, ProbeHead, classification_metrics
 from distill.train import Distributed, StopRequested, lr_lambda, pick_device
 
 CLASS_WEIGHTS = ("none", "balanced")
 HEAD_KINDS = ("cosine", "linear")
-RESUME_OVERRIDABLE = {"quiet", "device"}  # what a resumed run may change
 COSINE_SCALE = 16.0  # logit scale of the cosine head: softmax can reach ~1 - 1e-6 over hundreds of classes
 
 
@@ -99,62 +98,7 @@ class FinetuneConfig:
                 raise ValueError(message)
 
 
-@dataclass
-class Data:
-    train: LabelledSet
-    valid: LabelledSet
-    labels: list[str]
-    y_train: np.ndarray
-    y_valid: np.ndarray
-    outside: list[str]  # sequences of classes outside the label set: negatives for the no-call
-    notes: list[str] = field(default_factory=list)
-
-
 # ---- setup ----------------------------------------------------------------------------------------
-
-
-def stratified_valid(ds: LabelledSet, fraction: float, seed: int) -> np.ndarray:
-    """Validation mask: ``floor(fraction * n)`` of each class (keyed shuffle), at least one left for training."""
-    mask = np.zeros(len(ds), dtype=bool)
-    labels = np.array(ds.labels)
-    for k, label in enumerate(sorted(set(ds.labels))):
-        members = np.flatnonzero(labels == label)
-        take = min(int(fraction * len(members)), len(members) - 1)
-        if take > 0:
-            mask[np.random.default_rng([seed, k, 11]).permutation(members)[:take]] = True
-    return mask
-
-
-def setup_data(cfg: FinetuneConfig) -> Data:
-    labels_file = Path(cfg.labels) if cfg.labels else None
-    ds = read_labelled(cfg.data, cfg.task, labels_file)
-    if cfg.valid:
-        train, valid = ds, read_labelled(cfg.valid, cfg.task, labels_file)
-    else:
-        is_valid = stratified_valid(ds, cfg.valid_fraction, cfg.seed)
-        train, valid = ds.subset(np.flatnonzero(~is_valid)), ds.subset(np.flatnonzero(is_valid))
-    counts = train.counts()
-    kept = sorted(label for label, n in counts.items() if n >= cfg.min_per_class)
-    notes = []
-    if len(counts) < 2:
-        raise ValueError(f"{', '.join(cfg.data)}: only one class ({next(iter(counts))}); a classifier needs at least 2")
-    if len(kept) < 2:
-        raise ValueError(f"fewer than 2 classes have {cfg.min_per_class} training sequences; lower --min-per-class or add data")
-    unknown = sorted(set(valid.labels) - set(counts))
-    if cfg.valid and unknown:
-        raise ValueError(f"--valid has labels absent from the training data: {', '.join(unknown[:5])}" + (" ..." if len(unknown) > 5 else ""))
-    index = {label: i for i, label in enumerate(kept)}
-    outside = [s for s, label in zip(train.sequences, train.labels, strict=True) if label not in index]
-    outside += [s for s, label in zip(valid.sequences, valid.labels, strict=True) if label not in index]
-    if len(kept) < len(counts):
-        notes.append(f"{len(counts) - len(kept)} classes with fewer than {cfg.min_per_class} training sequences left the label set; "
-                     f"their {len(outside)} sequences are no-call negatives")  # fmt: skip
-    train = train.subset([i for i, label in enumerate(train.labels) if label in index])
-    valid = valid.subset([i for i, label in enumerate(valid.labels) if label in index])
-    if len(valid) == 0:
-        raise ValueError("no validation sequences: give --valid FILE or raise --valid-fraction (classes need 1/fraction members)")
-    y = [np.array([index[label] for label in s.labels], dtype=np.int64) for s in (train, valid)]
-    return Data(train, valid, kept, y[0], y[1], outside, notes)
 
 
 def build_head(encoder: ESM, cfg: FinetuneConfig, n_classes: int) -> ProbeHead:
@@ -190,7 +134,9 @@ def pooled(model: ESM, toks: torch.Tensor, pooling: str) -> torch.Tensor:
     return sequence_embedding(reps, toks) if pooling == "mean" else reps[:, 0]
 
 
-def task_loss(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, soft: torch.Tensor | None, cfg: FinetuneConfig) -> torch.Tensor:
+def task_loss(
+    logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, soft: torch.Tensor | None, cfg: FinetuneConfig
+) -> torch.Tensor:
     """Summed over the micro-batch: CE, or (1-lam) CE + lam T^2 KL(teacher/T || student/T).
 
     Rows with ``y == -1`` are residue-shuffled negatives (Outlier Exposure, Hendrycks et al. 2019): their loss is
@@ -207,7 +153,9 @@ def task_loss(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None
     return loss + (1 - cfg.lam) * ce + cfg.lam * t * t * kl
 
 
-def step_examples(seqs: list[np.ndarray], y: np.ndarray, step: np.ndarray, epoch: int, cfg: FinetuneConfig) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+def step_examples(
+    seqs: list[np.ndarray], y: np.ndarray, step: np.ndarray, epoch: int, cfg: FinetuneConfig
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """The step's keyed random crops, plus residue-shuffled copies of a ``negative_rate`` share of them (label -1).
 
     Returns (crops, labels, training-set row of each example, for the teacher's logits).
@@ -218,29 +166,49 @@ def step_examples(seqs: list[np.ndarray], y: np.ndarray, step: np.ndarray, epoch
     return crops + negs, np.r_[y[step], -np.ones(n_neg, dtype=np.int64)], np.r_[step, step[:n_neg]]
 
 
-def train_epoch(model: ESM, head: ProbeHead, opt, sched, d: Data, epoch: int, cfg: FinetuneConfig, ctx: dict) -> float:
-    """One pass over the training sequences in keyed, length-bucketed steps; returns the mean loss."""
-    model.train()
-    head.train()
+class Classifier(torch.nn.Module):
+    """Encoder + head as one module, so DistributedDataParallel sees (and all-reduces) both."""
+
+    def __init__(self, model: ESM, head: ProbeHead, pooling: str):
+        super().__init__()
+        self.model, self.head, self.pooling = model, head, pooling
+
+    def forward(self, toks: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=toks.device.type == "cuda"):
+            return self.head(pooled(self.model, toks, self.pooling).float())
+
+
+def train_epoch(net: torch.nn.Module, opt, sched, d: Data, epoch: int, cfg: FinetuneConfig, ctx: dict) -> float:
+    """One pass over the training sequences in keyed, length-bucketed steps; returns the mean loss.
+
+    Under torchrun each rank takes every ``world``-th example of a step (by length, so ranks get similar work);
+    gradients are all-reduced once per step, and the loss is scaled so the result is the global-step mean.
+    """
+    net.train()
+    dist, device = ctx["dist"], ctx["device"]
     seqs = [tokens.encode(s) for s in d.train.sequences]
     lengths = np.array([min(len(s), tokens.MAX_RESIDUES) for s in seqs])
     total, n = 0.0, 0
     for step in data.plan_epoch(lengths, cfg.batch_size, cfg.seed, epoch):
         crops, y, rows = step_examples(seqs, d.y_train, step, epoch, cfg)
+        mine = np.argsort([len(c) for c in crops], kind="stable")[dist.rank :: dist.world]
+        scale = 1.0 if len(mine) else 0.0  # a rank without examples joins the all-reduce with a zero-weight pass
+        mine = mine if len(mine) else np.array([0])
         opt.zero_grad(set_to_none=True)
-        for group in data.token_budget_groups(np.array([len(c) for c in crops]), np.arange(len(crops)), cfg.max_tokens):
-            toks = tokens.pad_batch([crops[g] for g in group]).to(ctx["device"])
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ctx["device"].type == "cuda"):
-                logits = head(pooled(model, toks, cfg.pooling).float())
-            soft = ctx["soft"][torch.as_tensor(rows[group])].to(ctx["device"]) if ctx["soft"] is not None else None
-            loss = task_loss(logits, torch.from_numpy(y[group]).to(ctx["device"]), ctx["weight"], soft, cfg) / len(step)
-            loss.backward()
-            total += loss.item() * len(step)
-        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(head.parameters()), 1.0)
+        groups = data.token_budget_groups(np.array([len(c) for c in crops]), mine, cfg.max_tokens)
+        for j, group in enumerate(groups):
+            sync = dist.world == 1 or j == len(groups) - 1
+            with nullcontext() if sync else net.no_sync():
+                logits = net(tokens.pad_batch([crops[g] for g in group]).to(device))
+                soft = ctx["soft"][torch.as_tensor(rows[group])].to(device) if ctx["soft"] is not None else None
+                loss = task_loss(logits, torch.from_numpy(y[group]).to(device), ctx["weight"], soft, cfg) / len(step)
+                (loss * scale * dist.world).backward()  # DDP averages over ranks; the step's loss is their sum
+            total += loss.item() * len(step) * scale
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         sched.step()
         n += len(step)
-    return total / max(n, 1)
+    return dist.sum([total])[0] / max(n, 1)
 
 
 @torch.no_grad()
@@ -256,51 +224,14 @@ def validate(model: ESM, head: ProbeHead, d: Data, cfg: FinetuneConfig, device: 
     return {"valid_loss": loss, **{f"valid_{k}": v for k, v in classification_metrics(d.valid.labels, pred).items()}}
 
 
-# ---- checkpoints ----------------------------------------------------------------------------------
-
-
-def save_weights(directory: Path, model: ESM, head: ProbeHead) -> None:
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(tmp / "head.safetensors"))
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
-
-
-def load_weights(directory: Path, model: ESM, head: ProbeHead) -> None:
-    try:
-        load_model(model, str(directory / "model.safetensors"), strict=True)
-        head.load_state_dict(load_file(str(directory / "head.safetensors")))
-    except Exception as e:  # safetensors, shape and key errors mean the same to the user
-        raise ValueError(f"{directory} is corrupt or does not match this run's model: {e}") from e
-
-
-def save_checkpoint(out: Path, model: ESM, head: ProbeHead, opt, sched, counters: dict[str, Any]) -> None:
-    save_weights(out / "last", model, head)
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, out / "last" / "state.pt")
-    atomic_write_json(out / "checkpoint.json", counters)
-
-
-def resume_state(out: Path, cfg: FinetuneConfig, model: ESM, head: ProbeHead, opt, sched) -> dict[str, Any]:
-    if not (out / "checkpoint.json").is_file():
-        raise FileNotFoundError(f"{out} has no checkpoint.json: nothing to resume (was it a `distill finetune` run directory?)")
-    saved, given = read_json_object(out / "config.json"), json.loads(json.dumps(asdict(cfg)))  # JSON round trip: lists, not tuples
-    changed = sorted(k for k, v in given.items() if k not in RESUME_OVERRIDABLE and saved.get(k) != v)
-    if changed:
-        raise ValueError(f"--resume: these options differ from the run in {out}: {', '.join(changed)}; resume with the same options")
-    load_weights(out / "last", model, head)
-    state = torch.load(out / "last" / "state.pt", map_location="cpu", weights_only=True)
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    return read_json_object(out / "checkpoint.json")
-
-
 # ---- the recipe -----------------------------------------------------------------------------------
 
 
 def make_optimizer(model: ESM, head: ProbeHead, cfg: FinetuneConfig, steps: int):
+    # The masked-LM head (its own layers; the tied embedding is used) plays no part in classification: fixed, so
+    # DDP does not wait for gradients that never come. The bundle keeps it as it was, for perplexity and export.
+    for p in (*model.lm_head.dense.parameters(), *model.lm_head.layer_norm.parameters(), model.lm_head.bias):
+        p.requires_grad_(False)
     frozen = freeze(model, cfg.freeze_layers)
     params = [p for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -332,51 +263,69 @@ class FinetuneResult:
 
 
 def finetune(cfg: FinetuneConfig, resume: bool = False, console: Console | None = None, stop_after: int | None = None) -> FinetuneResult:
-    """The recipe; ``stop_after`` ends this invocation (resumably) after that many epochs, like a kill would."""
-    console = console or Console(stderr=True, soft_wrap=True)
+    """The recipe; ``stop_after`` ends this invocation (resumably) after that many epochs, like a kill would.
+
+    Under torchrun every rank trains its share of each step; rank 0 validates, checkpoints and writes the bundle.
+    """
     cfg.validate()
-    out = Path(cfg.out)
+    dist = Distributed.from_env()
+    console = console or Console(stderr=True, soft_wrap=True)
+    console.quiet = console.quiet or not dist.main
+    out, device = Path(cfg.out), pick_device(cfg.device, dist)
     if not resume and (out / "checkpoint.json").exists():
         raise FileExistsError(f"{out} holds a fine-tuning run; continue it with --resume or choose another --out")
-    device = pick_device(cfg.device, Distributed())
     d = setup_data(cfg)
     encoder = load_encoder(cfg.model)
     model, head = encoder.model.float().to(device), build_head(encoder.model, cfg, len(d.labels)).to(device)
-    steps = cfg.epochs * math.ceil(len(d.train) / cfg.batch_size)
-    opt, sched, n_frozen = make_optimizer(model, head, cfg, steps)
+    opt, sched, n_frozen = make_optimizer(model, head, cfg, cfg.epochs * math.ceil(len(d.train) / cfg.batch_size))
+    net = Classifier(model, head, cfg.pooling)
+    net = torch.nn.parallel.DistributedDataParallel(net) if dist.world > 1 else net
     counts = np.bincount(d.y_train, minlength=len(d.labels))
     weight = torch.from_numpy(len(d.y_train) / (len(d.labels) * counts)).float().to(device) if cfg.class_weights == "balanced" else None
-    ctx = {"device": device, "weight": weight, "soft": teacher_logits(cfg, d, device)}
+    ctx = {"device": device, "dist": dist, "weight": weight, "soft": teacher_logits(cfg, d, device)}
     for note in d.notes:
         console.print(f"[yellow]note:[/] {note}")
     console.print(f"fine-tuning {encoder.name} on {cfg.task}: {len(d.labels)} classes, {len(d.train)} training and {len(d.valid)} "
-                  f"validation sequences, {cfg.class_weights} class weights, {cfg.head} head" + (f", {n_frozen:,} parameters frozen" if n_frozen else ""))  # fmt: skip
+                  f"validation sequences, {cfg.class_weights} class weights, {cfg.head} head" + (f", {n_frozen:,} parameters frozen" if n_frozen else "")
+                  + (f", {dist.world} processes" if dist.world > 1 else ""))  # fmt: skip
     counters = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "bad": 0}
     if resume:
         counters = resume_state(out, cfg, model, head, opt, sched)
         console.print(f"resuming {out} after epoch {counters['epoch']}")
-    else:
+    elif dist.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "config.json", asdict(cfg))
         (out / "metrics.jsonl").write_text("")
     with StopRequested() as stop:
         while counters["epoch"] < cfg.epochs and counters["bad"] < cfg.patience and not stop.requested:
-            epoch = counters["epoch"]
-            train_loss = train_epoch(model, head, opt, sched, d, epoch, cfg, ctx)
-            metrics = validate(model, head, d, cfg, device)
-            improved = metrics["valid_f1_macro"] > counters["best_f1"]
-            if improved:
-                save_weights(out / "best", model, head)
-            counters = {"epoch": epoch + 1, "best_f1": max(counters["best_f1"], metrics["valid_f1_macro"]),
-                        "best_epoch": epoch + 1 if improved else counters["best_epoch"], "bad": 0 if improved else counters["bad"] + 1}  # fmt: skip
-            _log_epoch(out, console, counters, train_loss, metrics, cfg.quiet)
-            save_checkpoint(out, model, head, opt, sched, counters)
+            train_loss = train_epoch(net, opt, sched, d, counters["epoch"], cfg, ctx)
+            counters = end_epoch(out, model, head, opt, sched, d, cfg, counters, train_loss, console) if dist.main else counters
+            counters = dist.broadcast(counters)
             stop.requested |= stop_after is not None and counters["epoch"] >= stop_after
+            stop.requested = dist.sum([float(stop.requested)])[0] > 0
     if stop.requested:
         console.print(f"stopped after epoch {counters['epoch']}; continue with --resume")
         return FinetuneResult(out, None, counters, d.notes)
-    load_weights(out / "best", model, head)
-    return FinetuneResult(out, write_bundle(out, cfg, encoder, model, head, d, device, counters, console), counters, d.notes)
+    bundle = None
+    if dist.main:
+        load_weights(out / "best", model, head)
+        bundle = write_bundle(out, cfg, encoder, model, head, d, device, counters, console)
+    dist.barrier()
+    return FinetuneResult(out, bundle or out / "model", counters, d.notes)
+
+
+def end_epoch(out: Path, model: ESM, head: ProbeHead, opt, sched, d: Data, cfg: FinetuneConfig, counters: dict,
+              train_loss: float, console: Console) -> dict:  # fmt: skip
+    """Validate, keep the best weights, log, checkpoint; returns the new counters."""
+    metrics = validate(model, head, d, cfg, next(model.parameters()).device)
+    improved = metrics["valid_f1_macro"] > counters["best_f1"]
+    if improved:
+        save_weights(out / "best", model, head)
+    counters = {"epoch": counters["epoch"] + 1, "best_f1": max(counters["best_f1"], metrics["valid_f1_macro"]),
+                "best_epoch": counters["epoch"] + 1 if improved else counters["best_epoch"], "bad": 0 if improved else counters["bad"] + 1}  # fmt: skip
+    _log_epoch(out, console, counters, train_loss, metrics, cfg.quiet)
+    save_checkpoint(out, model, head, opt, sched, counters)
+    return counters
 
 
 def _log_epoch(out: Path, console: Console, counters: dict, train_loss: float, metrics: dict, quiet: bool) -> None:
@@ -405,7 +354,9 @@ def write_bundle(out: Path, cfg: FinetuneConfig, encoder: Encoder, model: ESM, h
     training = {"finetune": {"task": cfg.task, "parent": cfg.model, "parent_fingerprint": encoder.fingerprint, "best_epoch": counters["best_epoch"]},
                 "parent_training": encoder.card.get("training", {})}  # fmt: skip
     bundle = out / "model"
-    save_bundle(bundle, model.cpu(), encoder.card.get("preset"), training, data.sequence_digests([tokens.encode(s) for s in d.train.sequences]))
+    save_bundle(
+        bundle, model.cpu(), encoder.card.get("preset"), training, data.sequence_digests([tokens.encode(s) for s in d.train.sequences])
+    )
     Head(head.cpu().eval(), d.labels, card).save(bundle / "heads" / cfg.task)
     dropped = [t for t in encoder.heads if t != cfg.task]
     if dropped:

@@ -106,7 +106,9 @@ class ReferenceIndex:
         check = self.card["check"]
         got = normalise(embed_fn(check["sequences"]))
         if got.shape[1] != self.vectors.shape[1]:
-            raise IndexError_(f"the index holds {self.vectors.shape[1]}-dim embeddings of {self.card['model']}; this model's are {got.shape[1]}-dim")
+            raise IndexError_(
+                f"the index holds {self.vectors.shape[1]}-dim embeddings of {self.card['model']}; this model's are {got.shape[1]}-dim"
+            )
         cos = float((got * normalise(np.array(check["vectors"]))).sum(1).min())
         if cos < CHECK_COSINE:
             raise IndexError_(
@@ -128,7 +130,9 @@ def load_index(directory: Path) -> ReferenceIndex:
     directory = Path(directory)
     card_path = directory / "index.json"
     if not card_path.is_file():
-        raise IndexError_(f"{directory} is not a reference index (no index.json); build one with `distill index MODEL --data ... -o {directory}`")
+        raise IndexError_(
+            f"{directory} is not a reference index (no index.json); build one with `distill index MODEL --data ... -o {directory}`"
+        )
     card = read_json_object(card_path, "index card")
     if card.get("format") != FORMAT:
         raise IndexError_(f"{card_path} is not an esm-distill index card (format {card.get('format')!r})")
@@ -172,7 +176,12 @@ def build_index(
     if previous is None:
         card = card | {"check": {"sequences": sequences[:N_CHECK], "vectors": vectors[:N_CHECK].tolist()}}
     else:
-        vectors, ids, labels, sequences = np.r_[previous.vectors, vectors], previous.ids + ids, previous.labels + labels, previous.sequences + sequences
+        vectors, ids, labels, sequences = (
+            np.r_[previous.vectors, vectors],
+            previous.ids + ids,
+            previous.labels + labels,
+            previous.sequences + sequences,
+        )
     index = ReferenceIndex(vectors, ids, labels, sequences, card)
     pick = sorted(np.random.default_rng([seed, 3]).permutation(len(sequences))[:MAX_NEGATIVES])
     negatives = shuffled([sequences[i] for i in pick], seed)

@@ -47,7 +47,9 @@ def index_command(
         return embed(net, sequences, pooling, max_tokens, dev, encoder.name, quiet=False)
 
     if previous is not None and align and align != previous.align:
-        raise ValueError(f"the index at {output} re-ranks {previous.align} candidates; --align {align} would change its calls (leave it out)")
+        raise ValueError(
+            f"the index at {output} re-ranks {previous.align} candidates; --align {align} would change its calls (leave it out)"
+        )
     if align < 0:
         raise ValueError(f"--align must be 0 (cosine calls) or a number of candidates to align, got {align}")
     card = {"model": model, "fingerprint": encoder.fingerprint, "pooling": pooling, "dim": net.cfg.dim, "task": task, "align": align}

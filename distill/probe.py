@@ -53,10 +53,11 @@ class ProbeHead(nn.Module):
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("scale", torch.ones(dim))
         self.register_buffer("temperature", torch.ones(()), persistent=False)
+        bias = not cosine_scale  # a cosine classifier compares directions only
         if hidden:
-            self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.1), nn.Linear(hidden, classes))
+            self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.1), nn.Linear(hidden, classes, bias=bias))
         else:
-            self.net = nn.Sequential(nn.Linear(dim, classes))
+            self.net = nn.Sequential(nn.Linear(dim, classes, bias=bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = (x - self.mean) * self.scale

@@ -134,7 +134,9 @@ def probe_one(
         from distill.calibration import shuffled
 
         train = prepared.split.train[np.random.default_rng([cfg.seed, 13]).permutation(len(prepared.split.train))[:NEGATIVES]]
-        neg = feat.features(shuffled([prepared.ds.sequences[i] for i in sorted(train)], cfg.seed), cfg.pooling, cfg.max_tokens, cfg.device, quiet=quiet)
+        neg = feat.features(
+            shuffled([prepared.ds.sequences[i] for i in sorted(train)], cfg.seed), cfg.pooling, cfg.max_tokens, cfg.device, quiet=quiet
+        )
     result = run_probe(x, prepared.ds, cfg.task, prepared.split, protocol, cfg.hidden, cfg.seed, tx, prepared.test_ds, neg)
     result.head.card |= {"pooling": cfg.pooling, "model_fingerprint": feat.fingerprint}
     if warning:

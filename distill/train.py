@@ -152,6 +152,14 @@ class Distributed:
         if self.world > 1:
             torch_dist.barrier()
 
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (decisions such as early stopping must agree)."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch_dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64)
         if self.world > 1:

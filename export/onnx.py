@@ -370,8 +370,12 @@ def export(
         "parameters": model.num_parameters(),
         "labels": {task: h.labels for task, h in (heads or {}).items()},
         "heads": {
-            task: {"pooling": h.pooling, "hidden": h.card.get("hidden", 0), "metrics": h.card.get("metrics", {}),
-                   "calibration": h.card.get("calibration", {})}  # fmt: skip
+            task: {
+                "pooling": h.pooling,
+                "hidden": h.card.get("hidden", 0),
+                "metrics": h.card.get("metrics", {}),
+                "calibration": h.card.get("calibration", {}),
+            }  # fmt: skip
             for task, h in (heads or {}).items()
         },
         **source,

@@ -79,7 +79,8 @@ class Neighbour(BaseModel):
 class Classified(BaseModel):
     calls: dict[str, list[Call]] = Field(description="per task, the top-k labels, most probable first")
     no_call: dict[str, bool] = Field(
-        default_factory=dict, description="per task, true when the top probability is below the head's calibrated threshold: none of these labels"
+        default_factory=dict,
+        description="per task, true when the top probability is below the head's calibrated threshold: none of these labels",
     )
     cropped: bool = False
     neighbours: list[Neighbour] = Field(default_factory=list, description="nearest labelled references (with a reference index)")
@@ -333,7 +334,10 @@ class EsmDistillService:
             nn = index.search(np.array([r["mean"] for r in rows], dtype=np.float32), top_k, [s.strip().upper() for s in sequences])
             scores = nn.scores if nn.scores is not None else np.zeros_like(nn.similarities)
             for c, ids, labels, sims, sc, calls in zip(out, nn.ids, nn.labels, nn.similarities, scores, nn.call_scores, strict=True):
-                c.neighbours = [Neighbour(id=i, label=lab, similarity=float(s), score=float(x)) for i, lab, s, x in zip(ids, labels, sims, sc, strict=True)]
+                c.neighbours = [
+                    Neighbour(id=i, label=lab, similarity=float(s), score=float(x))
+                    for i, lab, s, x in zip(ids, labels, sims, sc, strict=True)
+                ]
                 c.reference_call = labels[0] if calls[0] >= index.threshold else "-"
         return out
 
@@ -422,7 +426,13 @@ class EsmDistillService:
         index = await self.index()
         summary = {k: v for k, v in index.card.items() if k not in ("check",)} | {"path": REFERENCE_INDEX} if index is not None else {}
         return InfoResponse(
-            **card, reference_index=summary, max_length=MAX_LENGTH, max_sequences=MAX_SEQUENCES, max_residues=MAX_RESIDUES, batching=BATCHING, reference=ref
+            **card,
+            reference_index=summary,
+            max_length=MAX_LENGTH,
+            max_sequences=MAX_SEQUENCES,
+            max_residues=MAX_RESIDUES,
+            batching=BATCHING,
+            reference=ref,
         )
 
     @bentoml.api

@@ -144,7 +144,9 @@ def test_shuffled_sequences_get_the_no_call_while_real_ones_are_called(pfam4, tu
     p = float(by_id["shuffled"][3])
     assert (by_id["shuffled"][2] == "-") == (p < threshold)
     assert (by_id["real"][2] == "-") == (float(by_id["real"][3]) < threshold) and by_id["real"][2] in (*FAMILIES, "-")
-    forced = runner.invoke(app, ["annotate", str(fasta), "-o", str(tmp_path / "b.tsv"), "--model", str(tuned), "--quiet", "--min-probability", "0"])
+    forced = runner.invoke(
+        app, ["annotate", str(fasta), "-o", str(tmp_path / "b.tsv"), "--model", str(tuned), "--quiet", "--min-probability", "0"]
+    )
     assert forced.exit_code == 0 and "\t-\t" not in (tmp_path / "b.tsv").read_text()
 
 
@@ -167,7 +169,18 @@ def test_bad_labelled_data_is_refused_before_anything_is_written(pfam4, tmp_path
 def test_validation_labels_unknown_to_training_are_refused(pfam4, tmp_path):
     records = list(read_fasta(EXAMPLES / "pfam.fasta"))
     valid = write_labelled(tmp_path / "v.fasta", [r for r in records if r.description == "PF00018"][:3])
-    args = ["finetune", str(pfam4["tiny"]), "--data", str(pfam4["train"]), "--valid", str(valid), "--task", "pfam", "--out", str(tmp_path / "r")]
+    args = [
+        "finetune",
+        str(pfam4["tiny"]),
+        "--data",
+        str(pfam4["train"]),
+        "--valid",
+        str(valid),
+        "--task",
+        "pfam",
+        "--out",
+        str(tmp_path / "r"),
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and "--valid has labels absent from the training data: PF00018" in result.output
     assert not (tmp_path / "r").exists()
@@ -192,3 +205,28 @@ def test_a_fine_tuned_cosine_head_exports_to_onnx_with_its_temperature_and_thres
     np.testing.assert_allclose(onnx.run(seqs, ["pfam"])[1]["pfam"], torch_.run(seqs, ["pfam"])[1]["pfam"], atol=1e-5)
     assert onnx.thresholds == torch_.thresholds and 0 < onnx.thresholds["pfam"] < 1
     assert heads_of(tuned)["pfam"].module.temperature.item() != 1.0  # so the graph must carry it
+
+
+def test_torchrun_two_processes_match_one(pfam4, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    args = ["finetune", str(pfam4["tiny"]), "--data", str(pfam4["train"]), "--task", "pfam", "--epochs", "2", "--batch-size", "8",
+            "--lr", "3e-3", "--valid-fraction", "0.2", "--quiet"]  # fmt: skip
+    single = runner.invoke(app, [*args, "--out", str(tmp_path / "one")])
+    assert single.exit_code == 0, single.output
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "distill"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*cmd, *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300, start_new_session=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")]
+    assert [r["train_loss"] for r in rows[1]] == pytest.approx([r["train_loss"] for r in rows[0]], rel=1e-4)
+    a, b = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("one", "two"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4)

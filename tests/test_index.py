@@ -67,7 +67,9 @@ def test_an_appended_class_becomes_callable_without_retraining(refs, tmp_path):
     # Calls are right and scored by alignment, best first; cosine similarities are reported beside them.
     right = np.mean([after[i]["ref_call"] == f for i, f in refs["truth"].items() if after[i]["ref_call"] != "-"])
     assert right >= 0.9 and all(float(r["ref_score_1"]) >= float(r["ref_score_2"]) for r in after.values())
-    again = runner.invoke(app, ["index", str(refs["root"] / "tiny"), "--data", str(refs["new"]), "--task", "pfam", "-o", str(index), "--append"])
+    again = runner.invoke(
+        app, ["index", str(refs["root"] / "tiny"), "--data", str(refs["new"]), "--task", "pfam", "-o", str(index), "--append"]
+    )
     assert again.exit_code == 2 and "10 ids are already in the index" in again.output
 
 
@@ -91,11 +93,22 @@ def test_cosine_index_calibration_and_model_check(refs, tmp_path):
     assert c["score"] == "cosine" and 0 <= c["leave_one_out_accuracy"] <= 1 and c["n_negatives"] == 30
     assert index.card["check"]["sequences"] and index.card["pooling"] == "mean" and index.align == 0
     # Another model (same size, other weights) is refused, for annotate and for append.
-    args = ["annotate", str(refs["queries"]), "-o", str(tmp_path / "x.tsv"), "--model", str(refs["root"] / "other"), "--reference", str(tmp_path / "idx")]
+    args = [
+        "annotate",
+        str(refs["queries"]),
+        "-o",
+        str(tmp_path / "x.tsv"),
+        "--model",
+        str(refs["root"] / "other"),
+        "--reference",
+        str(tmp_path / "idx"),
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and "the index was built with" in result.output and "rebuild it" in result.output
     assert not (tmp_path / "x.tsv").exists()
-    appended = runner.invoke(app, ["index", str(refs["root"] / "other"), "--data", str(refs["new"]), "--task", "pfam", "-o", str(tmp_path / "idx"), "--append"])
+    appended = runner.invoke(
+        app, ["index", str(refs["root"] / "other"), "--data", str(refs["new"]), "--task", "pfam", "-o", str(tmp_path / "idx"), "--append"]
+    )
     assert appended.exit_code == 2 and "embeds its reference sequences differently" in appended.output
     assert len(load_index(tmp_path / "idx")) == 30  # nothing written
 
@@ -107,5 +120,7 @@ def test_index_errors_are_clear(refs, tmp_path):
     (tmp_path / "idx" / "entries.tsv").write_text("a\tb\tMKV\n")
     with pytest.raises(IndexError_, match="corrupt: 30 vectors, 1 entries"):
         load_index(tmp_path / "idx")
-    again = runner.invoke(app, ["index", str(refs["root"] / "tiny"), "--data", str(refs["old"]), "--task", "pfam", "-o", str(tmp_path / "idx")])
+    again = runner.invoke(
+        app, ["index", str(refs["root"] / "tiny"), "--data", str(refs["old"]), "--task", "pfam", "-o", str(tmp_path / "idx")]
+    )
     assert again.exit_code == 2 and "--append" in again.output

@@ -249,8 +249,12 @@ def test_annotate_through_the_service_equals_local_annotation(server, tmp_path):
 
     fasta = tmp_path / "in.fa"
     fasta.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(SEQS[:20])) + ">bad\nMKJ\n>long\n" + SEQS[0] * 14 + "\n")
-    local = annotate(fasta, OnnxEmbedder(server["graph"]), tmp_path / "local.tsv", Options(top_k=2, embeddings=tmp_path / "local.npy", quiet=True))
-    remote = annotate(fasta, HttpBackend(server["url"]), tmp_path / "remote.tsv", Options(top_k=2, embeddings=tmp_path / "remote.npy", quiet=True))
+    local = annotate(
+        fasta, OnnxEmbedder(server["graph"]), tmp_path / "local.tsv", Options(top_k=2, embeddings=tmp_path / "local.npy", quiet=True)
+    )
+    remote = annotate(
+        fasta, HttpBackend(server["url"]), tmp_path / "remote.tsv", Options(top_k=2, embeddings=tmp_path / "remote.npy", quiet=True)
+    )
     assert (local.ok, local.errors) == (remote.ok, remote.errors) == (21, 1)
     assert (tmp_path / "local.tsv").read_text() == (tmp_path / "remote.tsv").read_text()
     np.testing.assert_allclose(np.load(tmp_path / "local.npy"), np.load(tmp_path / "remote.npy"), atol=1e-5)
@@ -314,5 +318,7 @@ def test_classify_flags_no_calls_and_lists_reference_neighbours(server):
     for r, ids, sims in zip(body["results"], nn.ids, nn.similarities, strict=True):
         for t, calls in r["calls"].items():
             assert r["no_call"][t] == (calls[0]["probability"] < info["min_probability"][t])
-        assert [n["id"] for n in r["neighbours"]] == ids and [n["similarity"] for n in r["neighbours"]] == pytest.approx(sims.tolist(), abs=1e-5)
+        assert [n["id"] for n in r["neighbours"]] == ids and [n["similarity"] for n in r["neighbours"]] == pytest.approx(
+            sims.tolist(), abs=1e-5
+        )
         assert r["reference_call"] == (ids and r["neighbours"][0]["label"] if sims[0] >= index.threshold else "-")
