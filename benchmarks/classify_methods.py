@@ -19,6 +19,7 @@ class Result:
     predict_seconds: float  # test sequences only
     threshold: float | None = None  # the product's calibrated no-call threshold
     scaling: dict = field(default_factory=dict)  # how prediction cost grows with the number of classes
+    extra: dict = field(default_factory=dict)  # more columns for the row
 
     def scale_to(self, classes_to: int, classes_now: int) -> float:
         """Factor on seq/s when the label set grows to ``classes_to`` (see the module docstring of the benchmark)."""
@@ -183,7 +184,8 @@ def finetuned(d: dict, run: Path, model: str, seed: int, settings: dict, teacher
     return Result(pred, scores, predict(d["negatives"])[1], train_s, predict_s, head.min_probability, scaling)
 
 
-def reference(d: dict, index_dir: Path, bundle: Path, align: int) -> Result:
+def reference(d: dict, index_dir: Path, bundle: Path | str, align: int) -> Result:
+    """``distill index`` over the training set with ``bundle`` (any model spec), then nearest-reference calls."""
     from rich.console import Console
 
     from distill.embeddings import embed
@@ -195,9 +197,9 @@ def reference(d: dict, index_dir: Path, bundle: Path, align: int) -> Result:
         index_command(str(bundle), [d["train_path"]], d["task"], index_dir, False, None, "", 0.99, 8192, "cpu", Console(quiet=True), align)
     train_s = time.perf_counter() - t
     index = load_index(index_dir)
-    from distill.bundle import load_bundle
+    from distill.encoders import load_encoder
 
-    model, _ = load_bundle(bundle)
+    model = load_encoder(str(bundle)).model.eval()
     timing = {"fixed_s": 0.0, "search_s": 0.0}
 
     def predict(seqs: list[str]) -> tuple[list[str], np.ndarray]:
@@ -216,4 +218,6 @@ def reference(d: dict, index_dir: Path, bundle: Path, align: int) -> Result:
     predict_s = time.perf_counter() - t
     scaling = {"kind": "index", **timing}
     negative_scores = predict(d["negatives"])[1]
-    return Result(pred, scores, negative_scores, train_s, predict_s, index.threshold, scaling)
+    result = Result(pred, scores, negative_scores, train_s, predict_s, index.threshold, scaling)
+    result.extra = {"leave_one_out_accuracy": index.card["calibration"]["leave_one_out_accuracy"]}  # the validation signal
+    return result

@@ -85,6 +85,7 @@ def score(name: str, result: methods.Result, d: dict, classes: int) -> dict:
     row = {"method": name, "accuracy": m["accuracy"], "f1_macro": m["f1_macro"], "coverage_p99": swept.coverage,
            "train_s": result.train_seconds, "seq_per_s": len(truth) / result.predict_seconds,
            "seq_per_s_pfam_a": len(truth) / result.predict_seconds * result.scale_to(PFAM_A, classes)}  # fmt: skip
+    row |= result.extra
     if d["seen"] is not None:
         seen = np.array([d["seen"][i] for i in d["test"].ids])
         row |= {"accuracy_seen": float(correct[seen].mean()), "accuracy_unseen": float(correct[~seen].mean())}
@@ -121,6 +122,12 @@ def run_task(d: dict, out: Path, seeds: list[int], quick: bool) -> list[dict]:
         (
             "reference index + Smith-Waterman re-rank of 200",
             lambda: methods.reference(d, out / "index-align", out / f"small-{seeds[0]}" / "model", 200),
+        )
+    )
+    plan.append(
+        (
+            "reference index over random-init small + re-rank of 200",
+            lambda: methods.reference(d, out / "index-random-align", "random:small", 200),
         )
     )
     rows = []
@@ -163,7 +170,15 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def table(rows: list[dict], task: str) -> str:
     cols = ["accuracy", "f1_macro"] + (["accuracy_seen", "accuracy_unseen"] if task == "scope" else [])
-    cols += ["coverage_p99", "calibrated_precision", "calibrated_coverage", "train_s", "seq_per_s", "seq_per_s_pfam_a"]
+    cols += [
+        "coverage_p99",
+        "calibrated_precision",
+        "calibrated_coverage",
+        "leave_one_out_accuracy",
+        "train_s",
+        "seq_per_s",
+        "seq_per_s_pfam_a",
+    ]
     lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in rows:
         cells = []

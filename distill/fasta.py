@@ -95,7 +95,7 @@ def iter_records(path: Path, warn_duplicates: bool = True) -> Iterator[Record]:
                     yield Record(f"<no id, line {lineno}>", "", "", lineno, f"{path}: line {lineno}: header '>' has no record id")
                     rid, skipping = None, True
             elif line and rid is not None:
-                lines.append((lineno, line.upper().replace(" ", "")))
+                lines.append((lineno, tokens.ascii_upper(line).replace(" ", "")))
             elif line and not skipping:
                 yield Record(
                     f"<no header, line {lineno}>",

@@ -119,7 +119,7 @@ def _read_fasta(path: Path, task: str) -> list[tuple[str, str, str, str]]:
         if not fields:
             raise LabelError(f"{where}: no label in the header; expected '>ID LABEL ...' (ASTRAL sccs or Pfam accession)")
         label, group = parse_label(fields[0], task, where)
-        rows.append((r.id, _check_sequence(r.sequence.upper(), where), label, group))
+        rows.append((r.id, _check_sequence(tokens.ascii_upper(r.sequence), where), label, group))
     return rows
 
 
@@ -143,7 +143,7 @@ def _read_stockholm(path: Path, task: str) -> list[tuple[str, str, str, str]]:
     label, group = parse_label(accession, task, f"{path} (#=GF AC)")
     rows = []
     for name, aligned in seqs.items():
-        seq = re.sub(r"[.\-]", "", aligned).upper()
+        seq = tokens.ascii_upper(re.sub(r"[.\-]", "", aligned))
         rows.append((name, _check_sequence(seq, f"{path}:{first_line[name]} (record {name!r})"), label, group))
     return rows
 
@@ -161,7 +161,7 @@ def _read_tsv(path: Path, task: str) -> list[tuple[str, str, str, str]]:
             rid, raw, seq = (p.strip() for p in parts)
             where = f"{path}:{n} (record {rid!r})"
             label, group = parse_label(raw, task, where)
-            rows.append((rid, _check_sequence(seq.upper(), where), label, group))
+            rows.append((rid, _check_sequence(tokens.ascii_upper(seq), where), label, group))
     return rows
 
 
@@ -195,7 +195,7 @@ def _with_label_map(path: Path, labels: dict[str, tuple[str, str]], labels_path:
             raise LabelError(r.error)
         if r.id not in labels:
             raise LabelError(f"{path}:{r.line}: record {r.id!r} has no label in {labels_path}")
-        rows.append((r.id, _check_sequence(r.sequence.upper(), f"{path}:{r.line} (record {r.id!r})"), *labels[r.id]))
+        rows.append((r.id, _check_sequence(tokens.ascii_upper(r.sequence), f"{path}:{r.line} (record {r.id!r})"), *labels[r.id]))
     return rows
 
 

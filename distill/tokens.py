@@ -43,6 +43,15 @@ RESIDUE_IDS = torch.from_numpy(_ids(RESIDUE_LETTERS))  # the only tokens that ar
 AMINO_ACID_IDS = _ids(STANDARD_AMINO_ACIDS)
 
 
+_ASCII_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def ascii_upper(text: str) -> str:
+    """Upper-case ASCII letters only. ``str.upper`` maps some non-ASCII letters to ASCII ones ("ß" -> "SS",
+    "ı" -> "I", "ﬃ" -> "FFI"), which would turn them into residues; here they stay, and validation names them."""
+    return text.translate(_ASCII_UPPER)
+
+
 def encode(sequence: str) -> np.ndarray:
     """Residue letters -> token ids, without BOS/EOS (added at batch time, after cropping)."""
     ids = _lookup()[np.frombuffer(sequence.encode("ascii"), dtype=np.uint8)]

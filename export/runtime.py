@@ -125,7 +125,7 @@ def validate(sequences: list[str], crop: bool = False) -> list[str]:
     for i, seq in enumerate(sequences):
         if not isinstance(seq, str) or not seq.strip():
             raise SequenceError(i, "empty sequence")
-        seq = seq.strip().upper()
+        seq = tokens.ascii_upper(seq.strip())
         bad = tokens.illegal_position(seq)
         if bad is not None:
             raise SequenceError(i, f"illegal residue {seq[bad]!r} at position {bad + 1}; allowed: {tokens.RESIDUE_LETTERS}")

@@ -323,7 +323,10 @@ class EsmDistillService:
             self._index_checked = True
         return self._index
 
-    async def classified(self, rows: list[dict[str, Any]], sequences: list[str], tasks: list[str], top_k: int) -> list[Classified]:
+    async def classified(
+        self, rows: list[dict[str, Any]], sequences: list[str], seqs: list[str], tasks: list[str], top_k: int
+    ) -> list[Classified]:
+        """Calls with no-call flags (+ reference neighbours); ``sequences`` as sent (for ``cropped``), ``seqs`` as validated."""
         card, index = await self.card(), await self.index()
         out = []
         for r, o in zip(rows, sequences, strict=True):
@@ -331,7 +334,7 @@ class EsmDistillService:
             no_call = {t: calls[t][0].probability < card["min_probability"].get(t, 0.0) for t in tasks}
             out.append(Classified(calls=calls, no_call=no_call, cropped=len(o.strip()) > MAX_LENGTH))
         if index is not None:
-            nn = index.search(np.array([r["mean"] for r in rows], dtype=np.float32), top_k, [s.strip().upper() for s in sequences])
+            nn = index.search(np.array([r["mean"] for r in rows], dtype=np.float32), top_k, seqs)
             scores = nn.scores if nn.scores is not None else np.zeros_like(nn.similarities)
             for c, ids, labels, sims, sc, calls in zip(out, nn.ids, nn.labels, nn.similarities, scores, nn.call_scores, strict=True):
                 c.neighbours = [
@@ -371,7 +374,7 @@ class EsmDistillService:
         tasks = check_tasks(tasks, card["labels"], top_k)
         seqs = check_sequences(sequences, crop)
         rows = await self.run(seqs)
-        return ClassifyResponse(model=card["model"], results=await self.classified(rows, sequences, tasks, top_k))
+        return ClassifyResponse(model=card["model"], results=await self.classified(rows, sequences, seqs, tasks, top_k))
 
     @bentoml.api
     async def annotate(self, sequences: list[str], tasks: tuple[str, ...] = (), all_tasks: bool = True) -> AnnotateResponse:

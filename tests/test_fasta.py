@@ -40,6 +40,9 @@ def test_illegal_residue_names_file_record_line_and_column(tmp_path):
         (">\nMKV\n", "line 1: header '>' has no record id"),
         (">a\nMK-V\n", "illegal residue '-'"),
         (">a\nMK*\n", "illegal residue '*'"),
+        # str.upper() would make these residues ("ß" -> "SS", "ı" -> "I"); only ASCII letters are folded
+        (">a\nmkßt\n", "line 2 column 3: illegal residue 'ß'"),
+        (">a\nMıK\n", "line 2 column 2: illegal residue 'ı'"),
     ],
 )
 def test_malformed_records_are_errors(tmp_path, text, expected):

@@ -56,6 +56,8 @@ def test_tsv_and_gzip(tmp_path):
         (">x1 PF00018\n>x2 PF00018\nMKV\n", "pfam", "'x1' (line 1) has an empty sequence"),
         ("x1\tPF00018\n", "pfam", "bad.txt:1: expected 3 tab-separated columns"),
         ("x1\tglobin\tMKV\n", "pfam", "bad.txt:1 (record 'x1'): 'globin' is not a Pfam accession"),
+        ("x1\tPF00018\tmkßv\n", "pfam", "illegal residue 'ß' at position 3"),
+        ("# STOCKHOLM 1.0\n#=GF AC PF00018.1\nx/1-3 MK.ﬃ\n//\n", "pfam", "illegal residue 'ﬃ' at position 3"),
         ("# STOCKHOLM 1.0\nx/1-3 MKV\n//\n", "pfam", "without a '#=GF AC' line"),
         ("# STOCKHOLM 1.0\n#=GF AC PF00018.1\nx/1-3 MK.V extra\n//\n", "pfam", "bad.txt:3: expected 'NAME aligned-sequence'"),
     ],
