@@ -63,9 +63,15 @@ def test_every_record_gets_a_row_in_input_order_with_errors_and_long_policy(bund
     assert by_id["empty"][6] == "error" and "empty sequence" in by_id["empty"][7]
     assert by_id["long"][6] == "ok" and by_id["long"][7] == "windows: 3 x 1022 residues (stride 511), averaged"
     assert rows[0][6] == rows[-1][6] == "error" and "no '>' header" in rows[0][7] and "no record id" in rows[-1][7]
+    from distill.probe import heads_of
+
+    threshold = heads_of(b)["pfam"].min_probability  # the probe's calibrated no-call
+    assert 0 < threshold < 1
     for r in rows:
         if r[6] == "ok":
-            assert float(r[3]) >= float(r[5]) and r[2].startswith("PF")
+            assert float(r[3]) >= float(r[5])
+            for label, p in ((r[2], float(r[3])), (r[4], float(r[5]))):
+                assert label == "-" if p < threshold else label.startswith("PF"), (label, p, threshold)
     crop = tmp_path / "crop.tsv"
     res = runner.invoke(app, ["annotate", str(fasta), "--model", str(b), "-o", str(crop), "--long", "crop", "--quiet"])
     assert res.exit_code == 0
