@@ -23,9 +23,10 @@ class Result:
 
     def scale_to(self, classes_to: int, classes_now: int) -> float:
         """Factor on seq/s when the label set grows to ``classes_to`` (see the module docstring of the benchmark)."""
-        kind = self.scaling.get("kind", "linear")
-        if kind == "linear":  # cost proportional to profiles / references
-            return classes_now / classes_to
+        kind = self.scaling["kind"]
+        if kind == "affine":  # per query: fixed cost + cost per profile / reference, fitted on two database sizes
+            a, b = self.scaling["fixed_s"], self.scaling["per_class_s"]
+            return (a + b * classes_now) / (a + b * classes_to)
         if kind == "head":  # fixed encoder cost + dim x classes multiply-adds
             enc, dim = self.scaling["encoder_macs"], self.scaling["dim"]
             return (enc + dim * classes_now) / (enc + dim * classes_to)
@@ -86,7 +87,21 @@ def hmmer(d: dict) -> Result:
     t = time.perf_counter()
     pred, scores = scan(d["test"].sequences)
     predict_s = time.perf_counter() - t
-    return Result(pred, scores, scan(d["negatives"])[1], train_s, predict_s)
+    negative_scores = scan(d["negatives"])[1]
+    half = hmms[: len(hmms) // 2]
+    t = time.perf_counter()
+    for _ in pyhmmer.hmmer.hmmscan(
+        [pyhmmer.easel.TextSequence(name=b"q", sequence=s).digitize(alphabet) for s in d["test"].sequences], half, cpus=2
+    ):
+        pass
+    scaling = affine(time.perf_counter() - t, len(half), predict_s, len(hmms), len(d["test"]))
+    return Result(pred, scores, negative_scores, train_s, predict_s, scaling=scaling)
+
+
+def affine(t_small: float, n_small: int, t_big: float, n_big: int, n_queries: int) -> dict:
+    """Per-query time = a + b * database size, from two timed sizes (a clamped at 0)."""
+    b = max(t_big - t_small, 0.0) / (n_big - n_small) / n_queries
+    return {"kind": "affine", "fixed_s": max(t_big / n_queries - b * n_big, 0.0), "per_class_s": b}
 
 
 def nearest_neighbour(d: dict) -> Result:
@@ -109,7 +124,16 @@ def nearest_neighbour(d: dict) -> Result:
     t = time.perf_counter()
     pred, scores = search(d["test"].sequences)
     predict_s = time.perf_counter() - t
-    return Result(pred, scores, search(d["negatives"])[1], train_s, predict_s)
+    negative_scores = search(d["negatives"])[1]
+    half = everything[: len(everything) // 2]
+    t = time.perf_counter()
+    for s in d["test"].sequences:
+        aligner.scores(s, half)
+    # references grow with the classes (same references per class): per-class cost = per-reference cost x refs/class
+    scaling = affine(time.perf_counter() - t, len(half), predict_s, len(everything), len(d["test"]))
+    classes = len(set(d["train"].labels))
+    scaling["per_class_s"] *= len(everything) / classes
+    return Result(pred, scores, negative_scores, train_s, predict_s, scaling=scaling)
 
 
 # ---- the product ----------------------------------------------------------------------------------

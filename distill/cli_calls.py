@@ -17,7 +17,9 @@ D = FinetuneConfig(model="", data=[], task="", out="")  # the defaults
 
 
 def finetune(
-    model: Annotated[str, typer.Argument(help="Encoder to start from: a bundle, random:PRESET[@SEED], or a fair-esm name / .pt.")],
+    model: Annotated[
+        str, typer.Argument(help="Encoder to start from: a bundle, random:PRESET or random:PRESET@SEED, or a fair-esm name / .pt.")
+    ],
     data: Annotated[
         list[str], typer.Option("--data", help="Labelled training files, directories or globs (FASTA headers, Stockholm, TSV).")
     ],
@@ -74,7 +76,10 @@ def finetune(
 
 def index(
     model: Annotated[
-        str, typer.Argument(help="The model whose embeddings are indexed: a bundle, random:PRESET[@SEED], fair-esm name / .pt.")
+        str,
+        typer.Argument(
+            help="The model whose embeddings are indexed: a bundle, random:PRESET or random:PRESET@SEED, a fair-esm name / .pt."
+        ),
     ],
     data: Annotated[list[str], typer.Option("--data", help="Labelled reference files (FASTA headers, Stockholm, TSV).")],
     task: Annotated[str, typer.Option(help="pfam or scope: how labels are read.")],
