@@ -84,10 +84,7 @@ def hmmer(d: dict) -> Result:
                 pred[i], best[i] = name, top.score
         return pred, best
 
-    t = time.perf_counter()
-    pred, scores = scan(d["test"].sequences)
-    predict_s = time.perf_counter() - t
-    negative_scores = scan(d["negatives"])[1]
+    pred, scores, predict_s, negative_scores = timed(scan, d)
     half = hmms[: len(hmms) // 2]
     t = time.perf_counter()
     for _ in pyhmmer.hmmer.hmmscan(
@@ -96,6 +93,14 @@ def hmmer(d: dict) -> Result:
         pass
     scaling = affine(time.perf_counter() - t, len(half), predict_s, len(hmms), len(d["test"]))
     return Result(pred, scores, negative_scores, train_s, predict_s, scaling=scaling)
+
+
+def timed(predict, d: dict) -> tuple[list[str], np.ndarray, float, np.ndarray]:  # noqa: ANN001
+    """Predictions and scores for the test set (timed), then the negatives' scores (untimed)."""
+    t = time.perf_counter()
+    pred, scores = predict(d["test"].sequences)
+    seconds = time.perf_counter() - t
+    return pred, scores, seconds, predict(d["negatives"])[1]
 
 
 def affine(t_small: float, n_small: int, t_big: float, n_big: int, n_queries: int) -> dict:
@@ -121,10 +126,7 @@ def nearest_neighbour(d: dict) -> Result:
             best[i] = scores[j]
         return pred, best
 
-    t = time.perf_counter()
-    pred, scores = search(d["test"].sequences)
-    predict_s = time.perf_counter() - t
-    negative_scores = search(d["negatives"])[1]
+    pred, scores, predict_s, negative_scores = timed(search, d)
     half = everything[: len(everything) // 2]
     t = time.perf_counter()
     for s in d["test"].sequences:

@@ -22,7 +22,7 @@ from safetensors.torch import load_model, save_model
 
 from distill import tokens
 from distill.io import atomic_write_json, read_json_object, umask
-from distill.model import ESM, ModelConfig
+from distill.model import ESM, PRESETS, ModelConfig
 
 FORMAT = "esm-distill-bundle"
 VERSION = 1
@@ -133,6 +133,18 @@ def training_digests(directory: Path) -> np.ndarray | None:
 
 def is_bundle(path: Path) -> bool:
     return (Path(path) / "config.json").is_file()
+
+
+def parse_random(spec: str) -> tuple[ModelConfig, int]:
+    """``random:PRESET[@SEED]`` or ``random:BUNDLE[@SEED]`` -> (architecture, seed; 0 unless given)."""
+    what, _, seed = spec.removeprefix("random:").partition("@")
+    if seed and not seed.isdigit():
+        raise ValueError(f"{spec!r}: the seed after @ must be a non-negative integer")
+    if what in PRESETS:
+        return ModelConfig.preset(what), int(seed or 0)
+    if is_bundle(Path(what)):
+        return ModelConfig(**read_bundle_config(Path(what))["model"]), int(seed or 0)
+    raise ValueError(f"{spec!r}: after random: give a preset ({', '.join(PRESETS)}) or a bundle directory, optionally @SEED")
 
 
 def load_any(spec: str) -> tuple[ESM, dict[str, Any]]:

@@ -3,8 +3,8 @@
 Model specs (the same everywhere a model is named):
   DIR              a student bundle
   NAME | FILE.pt   a fair-esm model (``esm1b_t33_650M_UR50S``, ``esm2_t6_8M_UR50D``, a local checkpoint)
-  random:PRESET    a randomly initialised model of a preset size (baseline: what does training add?)
-  random:DIR       a randomly initialised model with the bundle's architecture
+  random:PRESET    a randomly initialised model of a preset size (baseline: what does training add?); @SEED: its seed
+  random:DIR       a randomly initialised model with the bundle's architecture (@SEED too)
   composition      amino-acid composition, 25 frequencies (baseline: what does a Transformer add?)
 
 Embeddings are computed once per (model weights, sequences, pooling) and cached as ``.npy`` (ESM-1b on a CPU
@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from distill import tokens
 from distill.io import atomic_save_npy, sha256_file
-from distill.model import ESM, PRESETS, ModelConfig, build_student
+from distill.model import ESM, build_student
 
 POOLINGS = ("mean", "cls")
 EMBED_CHUNK = 4096  # sequences per progress step
@@ -121,22 +121,16 @@ def n_cropped(sequences: list[str]) -> int:
 
 def featurizer(spec: str) -> Featurizer:
     """Resolve a model spec (see the module docstring)."""
-    from distill.bundle import is_bundle, load_any, read_bundle_config
+    from distill.bundle import load_any, parse_random
 
     if spec == "composition":
         n = len(tokens.RESIDUE_LETTERS)
         return Featurizer("composition", "composition-v1", n, 0, None, {"name": "composition"}, spec)
     if spec.startswith("random:"):
-        what = spec.split(":", 1)[1]
-        if what in PRESETS:
-            cfg = ModelConfig.preset(what)
-        elif is_bundle(Path(what)):
-            cfg = ModelConfig(**read_bundle_config(Path(what))["model"])
-        else:
-            raise ValueError(f"{spec!r}: after random: give a preset ({', '.join(PRESETS)}) or a bundle directory")
-        model = build_student(cfg, seed=0).eval()
-        name = f"random-h{cfg.dim}-L{cfg.layers}"
-        return Featurizer(name, f"random-seed0-{tensors_sha256(model)}", cfg.dim, model.num_parameters(), model, {"name": name}, spec)
+        cfg, seed = parse_random(spec)
+        model = build_student(cfg, seed=seed).eval()
+        name = f"random-h{cfg.dim}-L{cfg.layers}" + (f"@{seed}" if seed else "")
+        return Featurizer(name, f"random-seed{seed}-{tensors_sha256(model)}", cfg.dim, model.num_parameters(), model, {"name": name}, spec)
     model, card = load_any(spec)
     p = Path(spec)
     if p.is_dir():

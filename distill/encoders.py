@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill.bundle import is_bundle, load_any, read_bundle_config
+from distill.bundle import load_any, parse_random
 from distill.embeddings import tensors_sha256
 from distill.io import sha256_file
 from distill.model import ESM, PRESETS, ModelConfig, build_student
@@ -23,19 +23,6 @@ class Encoder:
     card: dict[str, Any]
     fingerprint: str  # sha256 of the weights: what heads, indexes and fine-tuned bundles record as their parent
     heads: list[str] = field(default_factory=list)  # tasks of the heads stored with a bundle
-
-
-def parse_random(spec: str) -> tuple[ModelConfig, int]:
-    what, _, seed = spec.removeprefix("random:").partition("@")
-    if seed and not seed.isdigit():
-        raise ValueError(f"{spec!r}: the seed after @ must be a non-negative integer")
-    if what in PRESETS:
-        cfg = ModelConfig.preset(what)
-    elif is_bundle(Path(what)):
-        cfg = ModelConfig(**read_bundle_config(Path(what))["model"])
-    else:
-        raise ValueError(f"{spec!r}: after random: give a preset ({', '.join(PRESETS)}) or a bundle directory, optionally @SEED")
-    return cfg, int(seed or 0)
 
 
 def load_encoder(spec: str) -> Encoder:

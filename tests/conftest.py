@@ -50,6 +50,12 @@ def write_fasta(path: Path, records: list[tuple[str, str]]) -> Path:
     return path
 
 
+def write_labelled(path: Path, records: list) -> Path:
+    """FASTA records (``distill.fasta.Record``) with their header descriptions (the labels) kept."""
+    path.write_text("".join(f">{r.id} {r.description}\n{r.sequence}\n" for r in records))
+    return path
+
+
 @pytest.fixture
 def small_fasta(tmp_path) -> Path:
     """60 real Pfam domains (SH3, WW, zf-C2H2: 20 each) from the bundled sample, for quick training runs."""

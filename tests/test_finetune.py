@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import EXAMPLES
+from conftest import EXAMPLES, write_labelled
 from typer.testing import CliRunner
 
 from distill.bundle import save_bundle
@@ -20,11 +20,6 @@ from distill.probe import heads_of
 runner = CliRunner()
 FAMILIES = ("PF00004", "PF00005", "PF00072", "PF00076")
 TINY = ModelConfig(layers=2, dim=32, heads=2, ffn=64)
-
-
-def write_labelled(path: Path, records: list) -> Path:
-    path.write_text("".join(f">{r.id} {r.description}\n{r.sequence}\n" for r in records))
-    return path
 
 
 @pytest.fixture(scope="module")

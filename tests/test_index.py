@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EXAMPLES
+from conftest import EXAMPLES, write_labelled
 from typer.testing import CliRunner
 
 from distill.bundle import save_bundle
@@ -19,11 +19,6 @@ runner = CliRunner()
 OLD, NEW = ("PF00004", "PF00005", "PF00072"), "PF00076"
 
 
-def write(path: Path, records: list) -> Path:
-    path.write_text("".join(f">{r.id} {r.description}\n{r.sequence}\n" for r in records))
-    return path
-
-
 @pytest.fixture(scope="module")
 def refs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("index")
@@ -33,9 +28,9 @@ def refs(tmp_path_factory) -> dict:
     save_bundle(root / "other", build_student(ModelConfig(layers=2, dim=32, heads=2, ffn=64), seed=1), None)
     return {
         "root": root,
-        "old": write(root / "old.fasta", [r for f in OLD for r in by[f][:10]]),
-        "new": write(root / "new.fasta", by[NEW][:10]),
-        "queries": write(root / "q.fasta", [r for f in (*OLD, NEW) for r in by[f][10:15]]),
+        "old": write_labelled(root / "old.fasta", [r for f in OLD for r in by[f][:10]]),
+        "new": write_labelled(root / "new.fasta", by[NEW][:10]),
+        "queries": write_labelled(root / "q.fasta", [r for f in (*OLD, NEW) for r in by[f][10:15]]),
         "truth": {r.id: f for f in (*OLD, NEW) for r in by[f][10:15]},
     }
 
