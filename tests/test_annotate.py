@@ -188,3 +188,13 @@ def test_memory_stays_bounded_as_the_input_grows(bundle, tmp_path):
 
     small, large = peak_rss(2_000), peak_rss(20_000)
     assert large - small < 20 * 1024, (small, large)
+
+
+def test_an_empty_fasta_is_refused_like_fit_refuses_it(bundle, tmp_path):
+    b, _ = bundle
+    empty = tmp_path / "empty.fasta"
+    empty.write_text("\n")
+    out = tmp_path / "calls.tsv"
+    res = runner.invoke(app, ["annotate", str(empty), "--model", str(b), "-o", str(out), "--quiet"])
+    assert res.exit_code == 2 and "holds no FASTA records; nothing to annotate" in res.output
+    assert not out.exists() and not (tmp_path / "calls.tsv.progress.json").exists()
