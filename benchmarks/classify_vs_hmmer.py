@@ -212,6 +212,7 @@ def main() -> None:
         rows = summarise(run_task(d, args.out / task, args.seeds, args.quick))
         info = f"{task}: {len(set(d['train'].labels))} classes, {len(d['train'])} training, {len(d['test'])} test, {len(d['negatives'])} negatives"
         report.append(f"### {info}\n\n{table(rows, task)}\n")
+        (args.out / task / "results.md").write_text(report[-1])
         print(report[-1], flush=True)
     (args.out / "results.md").write_text("\n".join(report))
     print(f"wrote {args.out / 'results.md'}")
