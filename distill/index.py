@@ -18,6 +18,8 @@ differently (cosine < 0.99, which int8 graphs of the same model pass) is another
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from distill.calibration import DEFAULT_TARGET_PRECISION, shuffled, threshold_for_precision
-from distill.io import atomic_save_npy, atomic_write_json, atomic_write_text, read_json_object
+from distill.io import read_json_object
 
 FORMAT = "esm-distill-index"
 N_CHECK = 8  # reference sequences kept to recognise the model
@@ -117,12 +119,21 @@ class ReferenceIndex:
             )
 
     def save(self, directory: Path) -> Path:
+        """Written whole into a temporary directory, then swapped in: a kill never leaves a half-appended index."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_save_npy(directory / "vectors.npy", self.vectors)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp, old = directory.with_name(f".{directory.name}.tmp"), directory.with_name(f".{directory.name}.old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        np.save(tmp / "vectors.npy", self.vectors)
         rows = zip(self.ids, self.labels, self.sequences, strict=True)
-        atomic_write_text(directory / "entries.tsv", "".join(f"{i}\t{label}\t{seq}\n" for i, label, seq in rows))
-        atomic_write_json(directory / "index.json", {"format": FORMAT, **self.card, "count": len(self)})
+        (tmp / "entries.tsv").write_text("".join(f"{i}\t{label}\t{seq}\n" for i, label, seq in rows))
+        (tmp / "index.json").write_text(json.dumps({"format": FORMAT, **self.card, "count": len(self)}, indent=1))
+        shutil.rmtree(old, ignore_errors=True)
+        if directory.exists():
+            directory.rename(old)
+        tmp.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
         return directory
 
 
