@@ -146,3 +146,9 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     z = np.asarray(z, dtype=np.float64)
     e = np.exp(z - z.max(1, keepdims=True))
     return e / e.sum(1, keepdims=True)
+
+
+def describe(c: dict) -> str:
+    """The one-line summary printed when a calibrated head is written."""
+    return (f"calibration: temperature {c['temperature']:.3f}, ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}; no-call below "
+            f"p = {c['threshold']:.4f} for precision >= {c['target_precision']} (coverage {c['coverage']:.3f} of validation sequences)")  # fmt: skip

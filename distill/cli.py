@@ -264,9 +264,9 @@ def probe(
     print(cfg.describe(m["classes"], m["n_train"], m["n_test"]))
     print()
     print(markdown_table([{"model": feat.name, "parameters": feat.parameters, **m, "perplexity": None}]))
-    c = result.head.card["calibration"]
-    console.print(f"calibration: temperature {c['temperature']:.3f}, ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}; no-call below "
-                  f"p = {c['threshold']:.4f} for precision >= {c['target_precision']} (coverage {c['coverage']:.3f} of validation sequences)")  # fmt: skip
+    from distill.calibration import describe
+
+    console.print(describe(result.head.card["calibration"]))
     console.print(f"head written to {out}")
 
 

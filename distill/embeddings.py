@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from distill import tokens
-from distill.io import atomic_save_npy, sha256_file
-from distill.model import ESM, build_student
+from distill.bundle import parse_random
+from distill.encoders import load_encoder
+from distill.io import atomic_save_npy
+from distill.model import ESM
 
 POOLINGS = ("mean", "cls")
 EMBED_CHUNK = 4096  # sequences per progress step
@@ -40,14 +41,6 @@ def sequences_sha256(sequences: list[str]) -> str:
     for s in sequences:
         h.update(s.encode())
         h.update(b"\n")
-    return h.hexdigest()
-
-
-def tensors_sha256(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -120,26 +113,19 @@ def n_cropped(sequences: list[str]) -> int:
 
 
 def featurizer(spec: str) -> Featurizer:
-    """Resolve a model spec (see the module docstring)."""
-    from distill.bundle import load_any, parse_random
-
+    """Resolve a model spec (see the module docstring) through ``encoders.load_encoder``, named for tables."""
     if spec == "composition":
         n = len(tokens.RESIDUE_LETTERS)
         return Featurizer("composition", "composition-v1", n, 0, None, {"name": "composition"}, spec)
+    enc = load_encoder(spec)
+    model, cfg = enc.model.eval(), enc.model.cfg
     if spec.startswith("random:"):
-        cfg, seed = parse_random(spec)
-        model = build_student(cfg, seed=seed).eval()
+        seed = parse_random(spec)[1]
         name = f"random-h{cfg.dim}-L{cfg.layers}" + (f"@{seed}" if seed else "")
-        return Featurizer(name, f"random-seed{seed}-{tensors_sha256(model)}", cfg.dim, model.num_parameters(), model, {"name": name}, spec)
-    model, card = load_any(spec)
+        return Featurizer(name, f"random-seed{seed}-{enc.fingerprint}", cfg.dim, model.num_parameters(), model, {"name": name}, spec)
     p = Path(spec)
-    if p.is_dir():
-        fingerprint, name = sha256_file(p / "model.safetensors"), _bundle_name(p, card)
-    elif p.suffix == ".pt" and p.is_file():
-        fingerprint, name = sha256_file(p), p.stem
-    else:
-        fingerprint, name = tensors_sha256(model), spec
-    return Featurizer(name, fingerprint, model.cfg.dim, model.num_parameters(), model, card, spec)
+    name = _bundle_name(p, enc.card) if p.is_dir() else (p.stem if p.suffix == ".pt" and p.is_file() else spec)
+    return Featurizer(name, enc.fingerprint, cfg.dim, model.num_parameters(), model, enc.card, spec)
 
 
 def _bundle_name(path: Path, card: dict) -> str:

@@ -6,14 +6,24 @@ size, seed 0 unless given); a fair-esm model name or ``.pt`` checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from distill.bundle import load_any, parse_random
-from distill.embeddings import tensors_sha256
 from distill.io import sha256_file
 from distill.model import ESM, PRESETS, ModelConfig, build_student
+
+
+def tensors_sha256(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 @dataclass

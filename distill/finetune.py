@@ -35,7 +35,7 @@ from rich.console import Console
 
 from distill import data, tokens
 from distill.bundle import save_bundle
-from distill.calibration import DEFAULT_TARGET_PRECISION, calibrate, shuffled
+from distill.calibration import DEFAULT_TARGET_PRECISION, calibrate, describe, shuffled
 from distill.embeddings import POOLINGS, embed
 from distill.encoders import Encoder, load_encoder
 from distill.finetune_checkpoints import load_weights, resume_state, save_checkpoint, save_weights
@@ -362,9 +362,7 @@ def write_bundle(out: Path, cfg: FinetuneConfig, encoder: Encoder, model: ESM, h
     if dropped:
         console.print(f"[yellow]note:[/] the parent's {', '.join(dropped)} head(s) were probed on the old encoder and do not fit "
                       f"the fine-tuned one; not copied (probe again: distill probe {bundle} --task ...)")  # fmt: skip
-    console.print(f"calibration: temperature {calibration['temperature']:.3f}, ECE {calibration['ece_before']:.4f} -> "
-                  f"{calibration['ece_after']:.4f}; no-call below p = {calibration['threshold']:.4f} for precision "
-                  f">= {cfg.target_precision} (coverage {calibration['coverage']:.3f} of validation sequences)")  # fmt: skip
+    console.print(describe(calibration))
     if not calibration["reached"]:
         console.print(f"[yellow]warning:[/] no threshold reaches precision {cfg.target_precision} on validation + negatives, so every call "
                       "of this head is a no-call; add training data, train longer, or lower --target-precision")  # fmt: skip

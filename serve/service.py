@@ -22,6 +22,7 @@ Configuration (environment; `distill serve` sets it):
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Any, Literal
@@ -263,7 +264,8 @@ class EsmDistillService:
             no_call = {t: calls[t][0].probability < card["min_probability"].get(t, 0.0) for t in tasks}
             out.append(Classified(calls=calls, no_call=no_call, cropped=len(o.strip()) > MAX_LENGTH))
         if index is not None:
-            nn = index.search(np.array([r["mean"] for r in rows], dtype=np.float32), top_k, seqs)
+            vectors = np.array([r["mean"] for r in rows], dtype=np.float32)
+            nn = await asyncio.to_thread(index.search, vectors, top_k, seqs)  # faiss + alignment: CPU work off the event loop
             scores = nn.scores if nn.scores is not None else np.zeros_like(nn.similarities)
             for c, ids, labels, sims, sc, calls in zip(out, nn.ids, nn.labels, nn.similarities, scores, nn.call_scores, strict=True):
                 c.neighbours = [
