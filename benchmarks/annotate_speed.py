@@ -28,10 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from distill.annotate import Options, annotate  # noqa: E402
+from distill.config import ModelConfig  # noqa: E402
 from distill.fasta import read_fasta  # noqa: E402
-from distill.model import ModelConfig, build_student  # noqa: E402
+from distill.inference import resolve  # noqa: E402
+from distill.model import build_student  # noqa: E402
 from export.onnx import export  # noqa: E402
-from export.runtime import OnnxEmbedder  # noqa: E402
 
 
 def real_sequences(n: int) -> list[tuple[str, str]]:
@@ -86,7 +87,7 @@ def main() -> None:
         export(model, graph, {"source": "random", "preset": preset}, int8=True, strict=False)
         for variant, path in (("fp32", graph), ("int8", graph.with_name(f"{preset}.int8.onnx"))):
             out = tmp / f"{preset}-{variant}.tsv"
-            summary = annotate(fasta, OnnxEmbedder(path), out, Options(embeddings=tmp / f"{preset}-{variant}.h5", quiet=True))
+            summary = annotate(fasta, resolve(path), out, Options(embeddings=tmp / f"{preset}-{variant}.h5", quiet=True))
             rows.append(
                 (
                     f"distill annotate, {preset} ({model.num_parameters() / 1e6:.1f}M), ONNX {variant}",

@@ -187,8 +187,9 @@ def finetune_settings(task: str, quick: bool) -> dict:
 
 
 def finetuned(d: dict, run: Path, model: str, seed: int, settings: dict, teacher: Path | None = None) -> Result:
-    from distill.finetune import FinetuneConfig, finetune
-    from export.runtime import load_embedder
+    from distill.config import FinetuneConfig
+    from distill.finetune import finetune
+    from distill.inference import resolve
 
     t = time.perf_counter()
     cfg = FinetuneConfig(
@@ -196,7 +197,7 @@ def finetuned(d: dict, run: Path, model: str, seed: int, settings: dict, teacher
     )
     result = finetune(cfg, resume=(run / "checkpoint.json").is_file())
     train_s = time.perf_counter() - t
-    embedder = load_embedder(str(result.bundle), providers="cpu")
+    embedder = resolve(str(result.bundle), providers="cpu")
     head = next(iter(embedder.heads.values()))
 
     def predict(seqs: list[str]) -> tuple[list[str], np.ndarray]:

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-from distill.model import ESM, ModelConfig
+from distill.config import FitConfig, ModelConfig
+from distill.model import ESM
 from distill.pretrained import save_fair_esm
-from distill.train import FitConfig, fit
+from distill.train import fit
 
 REPO = Path(__file__).resolve().parents[1]
 

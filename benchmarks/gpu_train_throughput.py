@@ -23,9 +23,10 @@ import esm
 import torch
 
 from distill import data, teacher_cache, tokens
-from distill.model import ModelConfig
+from distill.config import FitConfig, ModelConfig
+from distill.model import weights_sha256
 from distill.pretrained import from_fair_esm
-from distill.train import FitConfig, fit
+from distill.train import fit
 
 REPO = Path(__file__).resolve().parents[1]
 ESM1B = ModelConfig(layers=33, dim=1280, heads=20, ffn=5120)
@@ -37,7 +38,7 @@ def fair_esm_model(cfg: ModelConfig) -> torch.nn.Module:
         arch="roberta_large", layers=cfg.layers, embed_dim=cfg.dim, ffn_embed_dim=cfg.ffn, attention_heads=cfg.heads,
         max_positions=1024, token_dropout=True, emb_layer_norm_before=True,
     )  # fmt: skip
-    return esm.model.esm1.ProteinBertModel(args, tokens.alphabet())
+    return esm.model.esm1.ProteinBertModel(args, esm.Alphabet.from_architecture("ESM-1b"))
 
 
 def sync(device: torch.device) -> None:
@@ -73,8 +74,8 @@ def main() -> None:
     seqs = data.load_fasta(REPO / "examples" / "train.fasta")
     seqs = seqs.subset(list(range(n_seqs)))
     lengths = seqs.lengths()
-    groups = data.token_budget_groups(lengths, seqs.keys[:n_seqs], max_tokens)
-    batches = [tokens.pad_batch([data.crop(seqs.seqs[i], None) for i in g]) for g in groups]
+    groups = tokens.token_budget_groups(lengths, seqs.keys[:n_seqs], max_tokens)
+    batches = [torch.from_numpy(tokens.pad_batch([data.crop(seqs.seqs[i], None) for i in g])) for g in groups]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke)"
     print(f"device: {name}, torch {torch.__version__}, teacher {teacher_cfg.layers}x{teacher_cfg.dim} {dtype}")
 
@@ -88,7 +89,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         fasta = tmp / "train.fasta"
-        fasta.write_text("".join(f">{seqs.ids[i]}\n{''.join(tokens.alphabet().get_tok(t) for t in seqs.seqs[i])}\n" for i in range(n_seqs)))
+        fasta.write_text("".join(f">{seqs.ids[i]}\n{tokens.decode(seqs.seqs[i])}\n" for i in range(n_seqs)))
         from distill.pretrained import save_fair_esm
 
         teacher_pt, _ = save_fair_esm(ours.float().cpu(), tmp / "teacher.pt")
@@ -102,7 +103,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 net = from_fair_esm(fair).to(device, dtype=dtype).eval()
                 key = teacher_cache.CacheKey(
-                    str(teacher_pt), teacher_cache.weights_sha256(ours.float()), data.dataset_fingerprint(fasta), n_seqs, 0.15, 0, 1
+                    str(teacher_pt), weights_sha256(ours.float()), data.dataset_fingerprint(fasta), n_seqs, 0.15, 0, 1
                 )
                 teacher_cache.build(data.load_fasta(fasta), net, key, tmp / "cache", max_tokens, device, quiet=True)
                 print(f"   cache build (1 view of {n_seqs} sequences): {time.perf_counter() - t0:.1f}s")

@@ -36,14 +36,14 @@ BACKENDS = ["eager", "torch", "ort-fp32", "ort-opt", "ort-int8"]
 
 
 def batches(n: int, max_tokens: int) -> list[np.ndarray]:
-    from distill import data, tokens
+    from distill import tokens
     from distill.fasta import read_fasta
 
     records = list(read_fasta(SCOPE))
     rng = np.random.default_rng(0)
     seqs = [tokens.encode(records[i].sequence)[: tokens.MAX_RESIDUES] for i in sorted(rng.choice(len(records), n, replace=False))]
     lengths = np.array([len(s) for s in seqs])
-    return [tokens.pad_batch([seqs[i] for i in g]).numpy() for g in data.token_budget_groups(lengths, np.arange(n), max_tokens)]
+    return [tokens.pad_batch([seqs[i] for i in g]) for g in tokens.token_budget_groups(lengths, np.arange(n), max_tokens)]
 
 
 def worker(backend: str, preset: str, onnx_dir: Path, n: int, max_tokens: int) -> dict:
@@ -51,7 +51,8 @@ def worker(backend: str, preset: str, onnx_dir: Path, n: int, max_tokens: int) -
     import torch
 
     from distill import tokens
-    from distill.model import ESM, ModelConfig
+    from distill.config import ModelConfig
+    from distill.model import ESM
 
     work = batches(n, max_tokens)
     torch.manual_seed(0)
@@ -62,7 +63,7 @@ def worker(backend: str, preset: str, onnx_dir: Path, n: int, max_tokens: int) -
         cfg = model.cfg
         args = argparse.Namespace(arch="roberta_large", layers=cfg.layers, embed_dim=cfg.dim, ffn_embed_dim=cfg.ffn,
                                   attention_heads=cfg.heads, max_positions=1024, token_dropout=True, emb_layer_norm_before=True)  # fmt: skip
-        fair = esm.model.esm1.ProteinBertModel(args, tokens.alphabet()).eval()
+        fair = esm.model.esm1.ProteinBertModel(args, esm.Alphabet.from_architecture("ESM-1b")).eval()
         fair.load_state_dict({**model.state_dict(), **{k: v for k, v in fair.state_dict().items() if k.startswith("contact_head")}})
 
         def run(b):
@@ -109,7 +110,8 @@ def main() -> None:
 
     import torch
 
-    from distill.model import ESM, ModelConfig
+    from distill.config import ModelConfig
+    from distill.model import ESM
     from export.onnx import export
 
     print(f"machine: {platform.machine()}, 2 cores, torch {torch.__version__}; {args.n} SCOPe domains, --max-tokens {args.max_tokens}\n")

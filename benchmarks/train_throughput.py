@@ -29,12 +29,14 @@ import esm
 import numpy as np
 import torch
 
-from distill import data, teacher_cache
+from distill import data, teacher_cache, tokens
+from distill.config import FitConfig, ModelConfig
 from distill.fasta import read_fasta
 from distill.losses import distillation_loss, residue_logits
-from distill.model import ESM, ModelConfig
+from distill.model import ESM
 from distill.pretrained import save_fair_esm
-from distill.train import FitConfig, fit, load_teacher
+from distill.teacher_cache import load_teacher
+from distill.train import fit
 
 REPO = Path(__file__).resolve().parents[1]
 SCOPE = REPO.parent / "shared" / "data" / "scope" / "astral-scopedom-40-2.07.shared85.fa"
@@ -120,7 +122,7 @@ def profile_breakdown(fasta: Path, teacher_pt: Path, student_cfg: ModelConfig, b
     for step in data.plan_epoch(lengths, batch_size, 0, 0):
         t = time.perf_counter()
         examples = {int(i): data.masked_example(seqs.seqs[i], 0, 0, int(i), 0.15, True) for i in step}
-        groups = data.token_budget_groups(lengths, step, max_tokens)
+        groups = tokens.token_budget_groups(lengths, step, max_tokens)
         batches = [data.collate([examples[i] for i in g], g) for g in groups]
         n = sum(b.n_targets for b in batches)
         spent["masking+batching"] += time.perf_counter() - t

@@ -1,9 +1,9 @@
 """`distill annotate`: a FASTA of any size -> one TSV row per record (+ embeddings), streaming and resumable.
 
 Data flow: FASTA records (streamed, bad records become error rows) -> chunks of ``chunk_records`` records ->
-valid sequences (over-long ones cut into overlapping windows) -> a backend (ONNX Runtime, torch, or the
-BentoML service over HTTP) that batches by token budget, length-sorted inside the chunk -> rows written in
-input order.
+valid sequences -> the inference layer (``distill.inference``: over-long ones cut into overlapping windows or
+cropped, token-budget batches length-sorted inside the chunk, over ONNX Runtime, torch, or the BentoML service
+over HTTP) -> rows written in input order.
 
 Crash safety: a chunk's rows are appended to the TSV and its embeddings saved as one shard file, both
 flushed to disk, and only then ``OUT.progress.json`` is replaced (atomically) with the new record count and
@@ -22,39 +22,19 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from distill import tokens
 from distill.fasta import count_records, iter_records
+from distill.inference import Inference
+from distill.inference.sequences import long_note
 from distill.io import atomic_path, atomic_write, atomic_write_json, read_json_object
 
-LONG_POLICIES = ("windows", "crop")
-WINDOW = tokens.MAX_RESIDUES  # 1,022 residues per window
-STRIDE = WINDOW // 2  # 50% overlap
+LONG_POLICIES = ("windows", "crop")  # annotate never refuses a long record (no "error"): nothing is dropped
 EMBEDDING_SUFFIXES = (".h5", ".hdf5", ".parquet", ".npy")
-
-
-class Backend(Protocol):
-    """Runs validated sequences of at most 1,022 residues; returns embeddings and per-task probabilities."""
-
-    name: str
-    dim: int
-    labels: dict[str, list[str]]
-    metadata: dict[str, Any]
-
-    def run(self, sequences: list[str], tasks: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]: ...
-
-
-def windows(length: int) -> list[tuple[int, int]]:
-    """Overlapping [start, end) windows of ``WINDOW`` residues covering a sequence; the last one ends at the end."""
-    if length <= WINDOW:
-        return [(0, length)]
-    starts = list(range(0, length - WINDOW, STRIDE)) + [length - WINDOW]
-    return [(s, s + WINDOW) for s in starts]
 
 
 @dataclass
@@ -68,34 +48,18 @@ class Row:
     sequence: str = ""  # kept for the reference index's alignment re-ranking
 
 
-def annotate_chunk(records: list, backend: Backend, tasks: list[str], long_policy: str) -> list[Row]:
-    """Rows for one chunk of FASTA records, in input order."""
-    rows: list[Row] = []
-    pieces: list[str] = []  # sequences sent to the backend
-    ranges: list[tuple[int, int]] = []  # per ok row: its pieces are pieces[start:stop]
-    for r in records:
-        if r.error:
-            rows.append(Row(r.id, len(r.sequence), "error", r.error))
-            continue
-        seq = r.sequence
-        message = ""
-        if len(seq) > WINDOW:
-            if long_policy == "crop":
-                spans, message = [(0, WINDOW)], f"cropped: leading {WINDOW} of {len(seq)} residues"
-            else:
-                spans = windows(len(seq))
-                message = f"windows: {len(spans)} x {WINDOW} residues (stride {STRIDE}), averaged"
-        else:
-            spans = [(0, len(seq))]
-        ranges.append((len(pieces), len(pieces) + len(spans)))
-        pieces += [seq[s:e] for s, e in spans]
-        rows.append(Row(r.id, len(seq), "ok", message, sequence=seq))
-    if not pieces:
-        return rows
-    emb, probs = backend.run(pieces, tasks)
-    for row, (start, stop) in zip((r for r in rows if r.status == "ok"), ranges, strict=True):
-        row.embedding = emb[start:stop].mean(0)
-        row.probabilities = {t: probs[t][start:stop].mean(0) for t in tasks}
+def annotate_chunk(records: list, inference: Inference, tasks: list[str], long_policy: str) -> list[Row]:
+    """Rows for one chunk of FASTA records, in input order; the inference layer batches, crops or windows."""
+    rows = [
+        Row(r.id, len(r.sequence), "error", r.error)
+        if r.error
+        else Row(r.id, len(r.sequence), "ok", long_note(len(r.sequence), long_policy), sequence=r.sequence)
+        for r in records
+    ]
+    ok = [r for r in rows if r.status == "ok"]
+    if ok:
+        for row, e in zip(ok, inference.embed([r.sequence for r in ok], long_policy, tasks=tasks), strict=True):
+            row.embedding, row.probabilities = e.sequence, e.probabilities
     return rows
 
 
@@ -192,7 +156,7 @@ class Summary:
 
 @dataclass
 class Options:
-    """What ``distill annotate`` was asked for, besides input, backend and output."""
+    """What ``distill annotate`` was asked for, besides input, model and output."""
 
     tasks: list[str] | None = None
     top_k: int = 1
@@ -206,7 +170,7 @@ class Options:
     reference_k: int = 3
 
 
-def columns_for(backend: Backend, opts: Options) -> Columns:
+def columns_for(model: Inference, opts: Options) -> Columns:
     """Check the options against the backend (heads, top-k, the reference index's model) -> the TSV's columns."""
     if opts.long_policy not in LONG_POLICIES:
         raise ValueError(f"--long must be one of {', '.join(LONG_POLICIES)}, got {opts.long_policy!r}")
@@ -214,25 +178,24 @@ def columns_for(backend: Backend, opts: Options) -> Columns:
         raise ValueError(f"--top-k and --reference-k must be at least 1, got {opts.top_k} and {opts.reference_k}")
     if opts.min_probability is not None and not 0 <= opts.min_probability <= 1:
         raise ValueError(f"--min-probability must be in [0, 1], got {opts.min_probability}")
-    tasks = list(backend.labels) if opts.tasks is None else opts.tasks
-    missing = [t for t in tasks if t not in backend.labels]
+    tasks = list(model.labels) if opts.tasks is None else opts.tasks
+    missing = [t for t in tasks if t not in model.labels]
     if missing:
         raise ValueError(
-            f"the model has no {', '.join(missing)} head (heads: {', '.join(backend.labels) or 'none'}); add one with `distill probe`"
+            f"the model has no {', '.join(missing)} head (heads: {', '.join(model.labels) or 'none'}); add one with `distill probe`"
         )
-    if opts.top_k > min((len(backend.labels[t]) for t in tasks), default=opts.top_k):
+    if opts.top_k > min((len(model.labels[t]) for t in tasks), default=opts.top_k):
         raise ValueError(f"--top-k {opts.top_k} exceeds the number of labels of a head")
     if opts.embeddings is not None and not str(opts.embeddings).endswith(EMBEDDING_SUFFIXES):
         raise ValueError(f"--embeddings must end in one of {', '.join(EMBEDDING_SUFFIXES)}: {opts.embeddings}")
-    found = getattr(backend, "thresholds", {})
-    thresholds = {t: opts.min_probability if opts.min_probability is not None else found.get(t, 0.0) for t in tasks}
+    thresholds = {t: opts.min_probability if opts.min_probability is not None else model.thresholds.get(t, 0.0) for t in tasks}
     reference = None
     if opts.reference is not None:
         from distill.index import load_index
 
         reference = load_index(opts.reference)
-        reference.check_model(lambda seqs: backend.run(seqs, [])[0])
-    return Columns(tasks, backend.labels, opts.top_k, thresholds, reference, min(opts.reference_k, len(reference or [0])))
+        reference.check_model(lambda seqs: model.run(seqs, [])[0])
+    return Columns(tasks, model.labels, opts.top_k, thresholds, reference, min(opts.reference_k, len(reference or [0])))
 
 
 def _start(input_path: Path, output: Path, opts: Options, cols: Columns, fingerprint: str, settings: dict, console: Console) -> dict | None:
@@ -273,17 +236,17 @@ def _progress_path(output: Path) -> Path:
     return output.with_name(output.name + ".progress.json")
 
 
-def annotate(input_path: Path, backend: Backend, output: Path, opts: Options | None = None, console: Console | None = None) -> Summary:
+def annotate(input_path: Path, model: Inference, output: Path, opts: Options | None = None, console: Console | None = None) -> Summary:
     opts = opts or Options()
     console = console or Console(stderr=True, soft_wrap=True)
     input_path, output = Path(input_path), Path(output)
     if not input_path.is_file():
         raise FileNotFoundError(f"input FASTA {input_path} does not exist")
-    cols = columns_for(backend, opts)
+    cols = columns_for(model, opts)
     total = count_records(input_path)
     if total == 0:
         raise ValueError(f"{input_path} holds no FASTA records; nothing to annotate")
-    settings = {"model": backend.name, "tasks": cols.tasks, "top_k": opts.top_k, "long": opts.long_policy, "embeddings": str(opts.embeddings or ""),
+    settings = {"model": model.name, "tasks": cols.tasks, "top_k": opts.top_k, "long": opts.long_policy, "embeddings": str(opts.embeddings or ""),
                 "chunk": opts.chunk_records, "thresholds": cols.thresholds, "reference": str(opts.reference or ""), "reference_k": cols.reference_k}  # fmt: skip
     fingerprint = _fingerprint(input_path, settings)
     done = _start(input_path, output, opts, cols, fingerprint, settings, console)
@@ -300,10 +263,10 @@ def annotate(input_path: Path, backend: Backend, output: Path, opts: Options | N
     with Progress(*columns, console=console, disable=opts.quiet) as bar, open(output, "ab") as out:
         task = bar.add_task("annotate", total=total, completed=done["records"], sps=0.0, rps=0.0)
         for chunk in _chunks(input_path, opts.chunk_records, done["records"]):
-            rows = annotate_chunk(chunk, backend, cols.tasks, opts.long_policy)
+            rows = annotate_chunk(chunk, model, cols.tasks, opts.long_policy)
             if opts.embeddings is not None:
                 ok = [r for r in rows if r.embedding is not None]
-                vectors = np.stack([r.embedding for r in ok]).astype(np.float32) if ok else np.zeros((0, backend.dim), np.float32)
+                vectors = np.stack([r.embedding for r in ok]).astype(np.float32) if ok else np.zeros((0, model.dim), np.float32)
                 _save_shard(parts / f"chunk-{done['chunks']:08d}.npz", [r.id for r in ok], vectors)
             out.write(cols.rows(rows).encode())
             out.flush()
@@ -317,7 +280,7 @@ def annotate(input_path: Path, backend: Backend, output: Path, opts: Options | N
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.update(task, completed=done["records"], sps=done["records"] / elapsed, rps=new_residues / elapsed)
     if opts.embeddings is not None:
-        write_embeddings(parts, opts.embeddings, backend, done["chunks"], done["ok"])
+        write_embeddings(parts, opts.embeddings, model, done["chunks"], done["ok"])
         shutil.rmtree(parts, ignore_errors=True)
     atomic_write_json(_progress_path(output), {"fingerprint": fingerprint, "settings": settings, "complete": True, **done})
     return Summary(done["records"], done["ok"], done["errors"], time.perf_counter() - start, done["residues"], output, opts.embeddings)
@@ -339,10 +302,10 @@ def _shards(parts: Path, n: int) -> Iterator[tuple[list[str], np.ndarray]]:
             yield [str(x) for x in z["ids"]], z["vectors"]
 
 
-def write_embeddings(parts: Path, path: Path, backend: Backend, n_chunks: int, n_rows: int) -> None:
+def write_embeddings(parts: Path, path: Path, model: Inference, n_chunks: int, n_rows: int) -> None:
     """Assemble the shards into the requested container, atomically, carrying the model's metadata."""
 
-    meta = {"model": backend.name, "dim": backend.dim, "pooling": "mean", **{k: v for k, v in backend.metadata.items() if k != "labels"}}
+    meta = {"model": model.name, "dim": model.dim, "pooling": "mean", **{k: v for k, v in model.metadata.items() if k != "labels"}}
     suffix = path.suffix.lower()
     with atomic_path(path) as tmp:
         if suffix in (".h5", ".hdf5"):
@@ -360,15 +323,15 @@ def write_embeddings(parts: Path, path: Path, backend: Backend, n_chunks: int, n
             import pyarrow.parquet as pq
 
             schema = pa.schema(
-                [("id", pa.string()), ("embedding", pa.list_(pa.float32(), backend.dim))],
+                [("id", pa.string()), ("embedding", pa.list_(pa.float32(), model.dim))],
                 metadata={"esm_distill": json.dumps(meta, default=str)},
             )
             with pq.ParquetWriter(tmp, schema) as w:
                 for ids, vectors in _shards(parts, n_chunks):
-                    emb = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), backend.dim)
+                    emb = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), model.dim)
                     w.write_table(pa.Table.from_arrays([pa.array(ids, pa.string()), emb], schema=schema))
         else:  # .npy: a [records, dim] matrix; ids in PATH.ids.txt (same order)
-            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_rows, backend.dim))
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_rows, model.dim))
             row = 0
             id_lines = []
             for ids, vectors in _shards(parts, n_chunks):

@@ -21,8 +21,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from distill import tokens
+from distill.config import PRESETS, ModelConfig
 from distill.io import atomic_write_json, read_json_object, umask
-from distill.model import ESM, PRESETS, ModelConfig
+from distill.model import ESM, build_student
 
 FORMAT = "esm-distill-bundle"
 VERSION = 1
@@ -33,14 +34,13 @@ class BundleError(ValueError):
 
 
 def alphabet_card() -> dict[str, Any]:
-    a = tokens.alphabet()
     return {
         "name": "ESM-1b",
-        "tokens": list(a.all_toks),
-        "padding_idx": a.padding_idx,
-        "mask_idx": a.mask_idx,
-        "cls_idx": a.cls_idx,
-        "eos_idx": a.eos_idx,
+        "tokens": list(tokens.TOKENS),
+        "padding_idx": tokens.PAD,
+        "mask_idx": tokens.MASK,
+        "cls_idx": tokens.CLS,
+        "eos_idx": tokens.EOS,
         "prepend_bos": True,
         "append_eos": True,
     }
@@ -148,12 +148,18 @@ def parse_random(spec: str) -> tuple[ModelConfig, int]:
 
 
 def load_any(spec: str) -> tuple[ESM, dict[str, Any]]:
-    """A student bundle directory, a fair-esm model name, or a fair-esm ``.pt`` checkpoint."""
-    from distill.pretrained import is_fair_esm_spec, load_pretrained
+    """The one torch model loader: a bundle directory, ``random:PRESET[@SEED]`` / ``random:BUNDLE[@SEED]``, a
+    fair-esm model name, or a fair-esm ``.pt`` checkpoint -> (model in eval mode, card)."""
+    from distill.pretrained import is_fair_esm_spec, load_pretrained  # fair-esm: only for its specs
 
+    if spec.startswith("random:"):
+        cfg, seed = parse_random(spec)
+        model = build_student(cfg, seed=seed)
+        preset = next((p for p in PRESETS if ModelConfig.preset(p) == cfg), None)
+        return model.eval(), {"name": spec, "model": cfg.to_dict(), "preset": preset, "parameters": model.num_parameters()}
     if Path(spec).is_dir():
         return load_bundle(Path(spec))
     if is_fair_esm_spec(spec):
         model = load_pretrained(spec).eval()
         return model, {"name": spec, "model": model.cfg.to_dict(), "parameters": model.num_parameters(), "preset": None}
-    raise BundleError(f"{spec!r} is neither a student bundle directory, a fair-esm model name, nor a .pt checkpoint")
+    raise BundleError(f"{spec!r} is neither a student bundle directory, random:PRESET[@SEED], a fair-esm model name, nor a .pt checkpoint")

@@ -21,12 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+from scipy.optimize import minimize_scalar
+from scipy.special import logsumexp
+
+from distill.config import DEFAULT_TARGET_PRECISION
 
 ECE_BINS = 15
 T_MIN, T_MAX = 0.5, 20.0  # the temperature's range (see 1. above)
-DEFAULT_TARGET_PRECISION = 0.99
 
 
 class CalibrationError(ValueError):
@@ -44,22 +45,18 @@ def shuffled(sequences: list[str], seed: int) -> list[str]:
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
-    """The temperature minimising validation NLL (log-parametrised, L-BFGS); 1.0 when there is nothing to fit."""
+    """The temperature in [T_MIN, T_MAX] minimising validation NLL (bounded search on log T); 1.0 with nothing to fit."""
     if len(y) == 0:
         return 1.0
-    z = torch.from_numpy(np.asarray(logits, dtype=np.float64))
-    t = torch.from_numpy(np.asarray(y, dtype=np.int64))
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(z / log_t.exp(), t)
-        loss.backward()
-        return loss
+    def nll(log_t: float) -> float:
+        scaled = z / np.exp(log_t)
+        return float(np.mean(logsumexp(scaled, axis=1) - scaled[np.arange(len(y)), y]))
 
-    opt.step(closure)
-    return float(np.clip(log_t.exp().item(), T_MIN, T_MAX))
+    best = minimize_scalar(nll, bounds=(np.log(T_MIN), np.log(T_MAX)), method="bounded", options={"xatol": 1e-6})
+    return float(np.exp(best.x))
 
 
 def expected_calibration_error(probabilities: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:

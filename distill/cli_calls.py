@@ -10,8 +10,8 @@ from typing import Annotated
 
 import typer
 
-from distill.calibration import DEFAULT_TARGET_PRECISION
-from distill.finetune import CLASS_WEIGHTS, FinetuneConfig
+from distill.cli_common import console
+from distill.config import CLASS_WEIGHTS, DEFAULT_TARGET_PRECISION, FinetuneConfig
 
 D = FinetuneConfig(model="", data=[], task="", out="")  # the defaults
 
@@ -59,16 +59,16 @@ def finetune(
     quiet: Annotated[bool, typer.Option(help="No per-epoch lines.")] = False,
 ) -> None:
     """Fine-tune an encoder end to end with a classification head; writes a calibrated bundle (OUT/model)."""
-    from distill.cli import USER_ERRORS, console, fail
     from distill.finetune import finetune as run
 
-    cfg = FinetuneConfig(model, list(data), task, str(out), list(valid) if valid else None, valid_fraction, str(labels) if labels else None,
-                         epochs, lr, D.weight_decay, batch_size, max_tokens, freeze_layers, pooling, head, class_weights, min_per_class,
-                         patience, negative_rate, D.negative_weight, teacher, lam, temperature, target_precision, seed, device, quiet)  # fmt: skip
-    try:
-        result = run(cfg, resume, console)
-    except USER_ERRORS as e:
-        fail(e)
+    cfg = FinetuneConfig(
+        model=model, data=list(data), task=task, out=str(out), valid=list(valid) if valid else None, valid_fraction=valid_fraction,
+        labels=str(labels) if labels else None, epochs=epochs, lr=lr, batch_size=batch_size, max_tokens=max_tokens,
+        freeze_layers=freeze_layers, pooling=pooling, head=head, class_weights=class_weights, min_per_class=min_per_class,
+        patience=patience, negative_rate=negative_rate, teacher=teacher, lam=lam, temperature=temperature,
+        target_precision=target_precision, seed=seed, device=device, quiet=quiet,
+    )  # fmt: skip
+    result = run(cfg, resume, console)
     if result.bundle is None:
         raise typer.Exit(130)
     console.print(f"fine-tuned bundle: {result.bundle} (best epoch {result.metrics['best_epoch']})")
@@ -93,14 +93,15 @@ def index(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Embed labelled reference sequences into an index for annotation transfer (`annotate --reference`)."""
-    from distill.cli import USER_ERRORS, console, fail
     from distill.index_build import index_command
 
-    try:
-        idx = index_command(model, list(data), task, output, append, labels, pooling, target_precision, max_tokens, device, console, align)
-    except USER_ERRORS as e:
-        fail(e)
+    idx = index_command(model, list(data), task, output, append, labels, pooling, target_precision, max_tokens, device, console, align)
     c = idx.card["calibration"]
     console.print(f"{output}: {len(idx)} references, {idx.card['labels']} labels; leave-one-out nearest-neighbour accuracy "
                   f"{c['leave_one_out_accuracy']:.3f}; no-call below {c['score']} {c['threshold']:.4f} for precision >= {c['target_precision']} "
                   f"(coverage {c['coverage']:.3f})")  # fmt: skip
+
+
+def register(app: typer.Typer, export_app: typer.Typer) -> None:
+    app.command()(finetune)
+    app.command()(index)

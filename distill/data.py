@@ -124,35 +124,11 @@ class Batch:
 
 
 def collate(examples: list[tuple[np.ndarray, np.ndarray]], index: list[int]) -> Batch:
-    toks = tokens.pad_batch([inp for inp, _ in examples])
+    toks = torch.from_numpy(tokens.pad_batch([inp for inp, _ in examples]))
     labels = torch.full(toks.shape, IGNORE, dtype=torch.int64)
     for row, (_, lab) in enumerate(examples):
         labels[row, 1 : len(lab) + 1] = torch.from_numpy(lab)
     return Batch(toks, labels, index)
-
-
-def token_budget_groups(lengths: np.ndarray, index: np.ndarray, max_tokens: int) -> list[list[int]]:
-    """Split ``index`` into groups whose padded size (rows x (longest + 2)) fits ``max_tokens``.
-
-    Sorting by length first keeps similar lengths together, so padding stays small.
-    """
-    order = sorted(index.tolist(), key=lambda i: (lengths[i], i))
-    groups: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        width = lengths[i] + 2
-        if width > max_tokens:
-            raise ValueError(
-                f"--max-tokens {max_tokens} cannot hold one sequence of {lengths[i]} residues "
-                f"({width} tokens with BOS/EOS); raise it to at least {width}"
-            )
-        if current and (len(current) + 1) * width > max_tokens:  # sorted: i is the longest so far
-            groups.append(current)
-            current = []
-        current.append(i)
-    if current:
-        groups.append(current)
-    return groups
 
 
 def plan_epoch(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, window_batches: int = 32) -> list[np.ndarray]:

@@ -24,11 +24,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from distill import tokens
 from distill.bundle import parse_random
+from distill.config import POOLINGS, TRAIN_MAX_TOKENS
 from distill.encoders import load_encoder
+from distill.inference import Inference
+from distill.inference.torch_backend import TorchBackend
 from distill.io import atomic_save_npy
 from distill.model import ESM
 
-POOLINGS = ("mean", "cls")
 EMBED_CHUNK = 4096  # sequences per progress step
 
 
@@ -57,7 +59,7 @@ class Featurizer:
     source: str = ""  # the spec it came from (a bundle path enables the train/test overlap check)
 
     def features(
-        self, sequences: list[str], pooling: str = "mean", max_tokens: int = 8192, device: str = "cpu", quiet: bool = True
+        self, sequences: list[str], pooling: str = "mean", max_tokens: int = TRAIN_MAX_TOKENS, device: str = "cpu", quiet: bool = True
     ) -> np.ndarray:
         if pooling not in POOLINGS:
             raise ValueError(f"--pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
@@ -90,19 +92,17 @@ def composition(sequences: list[str]) -> np.ndarray:
 def embed(
     model: ESM, sequences: list[str], pooling: str, max_tokens: int, device: str = "cpu", name: str = "", quiet: bool = True
 ) -> np.ndarray:
-    """Pooled last-layer vectors through the one torch inference class (``export.runtime.TorchEmbedder``).
+    """Pooled last-layer vectors through the inference layer (leading 1,022 residues of longer sequences).
 
     Sequences go in chunks only so that the progress bar moves; each chunk is length-bucketed by token budget.
     """
-    from export.runtime import TorchEmbedder
-
-    embedder = TorchEmbedder(model, device=device, max_tokens=max_tokens)
+    embedder = Inference(TorchBackend(model, device=device), max_tokens)
     out = np.zeros((len(sequences), model.cfg.dim), dtype=np.float32)
     columns = [TextColumn(f"embedding with {name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*columns, disable=quiet, transient=True, console=Console(stderr=True)) as progress:
         task = progress.add_task("embed", total=len(sequences))
         for start in range(0, len(sequences), EMBED_CHUNK):
-            part = embedder.embed(sequences[start : start + EMBED_CHUNK], crop=True, tasks=[], cls=pooling == "cls")
+            part = embedder.embed(sequences[start : start + EMBED_CHUNK], "crop", tasks=[], cls=pooling == "cls")
             out[start : start + len(part)] = [e.sequence if pooling == "mean" else e.cls for e in part]
             progress.advance(task, len(part))
     return out

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill import data
+from distill import data, tokens
+from distill.bundle import load_any
+from distill.distributed import pick_device
 from distill.model import ESM
 
 
@@ -28,7 +31,7 @@ def perplexity(model: ESM, seqs: data.SequenceSet, max_tokens: int, device: torc
     model.eval()
     lengths = seqs.lengths()
     ce_sum, n = 0.0, 0
-    for group in data.token_budget_groups(lengths, np.arange(len(seqs)), max_tokens):
+    for group in tokens.token_budget_groups(lengths, np.arange(len(seqs)), max_tokens):
         examples = [data.masked_example(seqs.seqs[i], data.EVAL_SEED, 0, data.eval_key(seqs.ids[i]), mask_rate, train=False) for i in group]
         batch = data.collate(examples, group)
         toks, labels = batch.tokens.to(device), batch.labels.to(device)
@@ -39,3 +42,13 @@ def perplexity(model: ESM, seqs: data.SequenceSet, max_tokens: int, device: torc
         n += int(sel.sum())
     model.train(was_training)
     return math.exp(ce_sum / n), n
+
+
+def perplexity_of(model: str, fasta: Path, max_tokens: int, mask_rate: float, device: str) -> dict:
+    """`distill perplexity`: any model spec on a FASTA, with the fixed evaluation masking -> a JSON-able row."""
+    dev = pick_device(device)
+    net, card = load_any(model)
+    seqs = data.load_fasta(fasta)
+    value, n = perplexity(net.to(dev), seqs, max_tokens, dev, mask_rate)
+    return {"model": model, "parameters": card.get("parameters", 0), "fasta": str(fasta), "sequences": len(seqs),
+            "masked_positions": n, "perplexity": round(value, 4)}  # fmt: skip

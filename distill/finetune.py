@@ -35,67 +35,20 @@ from rich.console import Console
 
 from distill import data, tokens
 from distill.bundle import save_bundle
-from distill.calibration import DEFAULT_TARGET_PRECISION, calibrate, describe, shuffled
-from distill.embeddings import POOLINGS, embed
+from distill.calibration import calibrate, describe, shuffled
+from distill.config import FinetuneConfig
+from distill.distributed import Distributed, StopRequested, pick_device
+from distill.embeddings import embed
 from distill.encoders import Encoder, load_encoder
 from distill.finetune_checkpoints import load_weights, resume_state, save_checkpoint, save_weights
 from distill.finetune_data import Data, setup_data
+from distill.heads import Head, ProbeHead
 from distill.io import atomic_write_json
 from distill.model import ESM, sequence_embedding
-from distill.probe import Head, ProbeHead, classification_metrics
-from distill.train import Distributed, StopRequested, lr_lambda, pick_device
+from distill.probe import classification_metrics
+from distill.train import lr_lambda
 
-CLASS_WEIGHTS = ("none", "balanced")
-HEAD_KINDS = ("cosine", "linear")
 COSINE_SCALE = 16.0  # logit scale of the cosine head: softmax can reach ~1 - 1e-6 over hundreds of classes
-
-
-@dataclass
-class FinetuneConfig:
-    model: str  # bundle, random:PRESET[@SEED], fair-esm name or .pt
-    data: list[str]
-    task: str
-    out: str
-    valid: list[str] | None = None
-    valid_fraction: float = 0.1  # per class, stratified; classes too small to spare one stay training-only
-    labels: str | None = None  # id<TAB>label file for plain FASTA
-    epochs: int = 10
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    batch_size: int = 32  # sequences per optimizer step
-    max_tokens: int = 8192  # tokens per forward pass (micro-batch), as in `distill fit`
-    freeze_layers: int = 0  # embeddings + the first N layers stay fixed
-    pooling: str = "mean"
-    head: str = "cosine"
-    class_weights: str = "none"
-    min_per_class: int = 2  # classes with fewer training sequences leave the label set (they become negatives)
-    patience: int = 3  # epochs without a better validation macro-F1 before stopping
-    negative_rate: float = 0.25  # residue-shuffled copies added per step, as a share of the step (0: none)
-    negative_weight: float = 0.5  # weight of their loss towards the uniform distribution
-    teacher: str | None = None  # a fine-tuned bundle with a head for the same task
-    lam: float = 0.5
-    temperature: float = 2.0
-    target_precision: float = DEFAULT_TARGET_PRECISION
-    seed: int = 0
-    device: str = "auto"
-    quiet: bool = False
-
-    def validate(self) -> None:
-        checks = [
-            (self.pooling in POOLINGS, f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}"),
-            (self.head in HEAD_KINDS, f"--head must be one of {', '.join(HEAD_KINDS)}, got {self.head!r}"),
-            (self.class_weights in CLASS_WEIGHTS, f"--class-weights must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weights!r}"),
-            (0 < self.valid_fraction < 1 or self.valid, f"--valid-fraction must be in (0, 1), got {self.valid_fraction}"),
-            (0 <= self.lam <= 1, f"--lam must be in [0, 1], got {self.lam}"),
-            (self.temperature > 0, f"--temperature must be positive, got {self.temperature}"),
-            (0 < self.target_precision <= 1, f"--target-precision must be in (0, 1], got {self.target_precision}"),
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
-            (0 <= self.negative_rate <= 1, f"--negative-rate must be in [0, 1], got {self.negative_rate}"),
-        ]
-        checks += [(getattr(self, n) >= 1, f"--{n.replace('_', '-')} must be at least 1") for n in ("epochs", "batch_size", "patience")]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
 
 
 # ---- setup ----------------------------------------------------------------------------------------
@@ -111,7 +64,7 @@ def teacher_logits(cfg: FinetuneConfig, d: Data, device: torch.device) -> torch.
     """The task teacher's logits for every training sequence (leading crop), in the student's label order."""
     if cfg.teacher is None or cfg.lam == 0:
         return None
-    from distill.probe import heads_of
+    from distill.heads import heads_of
 
     teacher = load_encoder(cfg.teacher)
     head = heads_of(Path(cfg.teacher), teacher.model.cfg.dim).get(cfg.task) if Path(cfg.teacher).is_dir() else None
@@ -195,11 +148,11 @@ def train_epoch(net: torch.nn.Module, opt, sched, d: Data, epoch: int, cfg: Fine
         scale = 1.0 if len(mine) else 0.0  # a rank without examples joins the all-reduce with a zero-weight pass
         mine = mine if len(mine) else np.array([0])
         opt.zero_grad(set_to_none=True)
-        groups = data.token_budget_groups(np.array([len(c) for c in crops]), mine, cfg.max_tokens)
+        groups = tokens.token_budget_groups(np.array([len(c) for c in crops]), mine, cfg.max_tokens)
         for j, group in enumerate(groups):
             sync = dist.world == 1 or j == len(groups) - 1
             with nullcontext() if sync else net.no_sync():
-                logits = net(tokens.pad_batch([crops[g] for g in group]).to(device))
+                logits = net(torch.from_numpy(tokens.pad_batch([crops[g] for g in group])).to(device))
                 soft = ctx["soft"][torch.as_tensor(rows[group])].to(device) if ctx["soft"] is not None else None
                 loss = task_loss(logits, torch.from_numpy(y[group]).to(device), ctx["weight"], soft, cfg) / len(step)
                 (loss * scale * dist.world).backward()  # DDP averages over ranks; the step's loss is their sum

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from distill.heads import ProbeHead
 from distill.io import atomic_write_json, read_json_object
 from distill.model import ESM
-from distill.probe import ProbeHead
 
 if TYPE_CHECKING:
-    from distill.finetune import FinetuneConfig
+    from distill.config import FinetuneConfig
 
 RESUME_OVERRIDABLE = {"quiet", "device"}  # what a resumed run may change
 

@@ -11,7 +11,7 @@ import numpy as np
 from distill.labels import LabelledSet, read_labelled
 
 if TYPE_CHECKING:
-    from distill.finetune import FinetuneConfig
+    from distill.config import FinetuneConfig
 
 
 @dataclass

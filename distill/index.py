@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from distill.calibration import DEFAULT_TARGET_PRECISION, shuffled, threshold_for_precision
+from distill.calibration import shuffled, threshold_for_precision
+from distill.config import DEFAULT_TARGET_PRECISION
 from distill.io import read_json_object
 
 FORMAT = "esm-distill-index"

@@ -6,16 +6,17 @@ from pathlib import Path
 
 from rich.console import Console
 
-from distill.embeddings import POOLINGS, embed
+from distill.config import POOLINGS
+from distill.distributed import pick_device
+from distill.embeddings import embed
 from distill.encoders import load_encoder
 from distill.index import ReferenceIndex, build_index, load_index
 from distill.labels import read_labelled
-from distill.train import Distributed, pick_device
 
 
 def default_pooling(spec: str) -> str:
     """A fine-tuned bundle's head pooling (its embedding space is what the head was trained on), else mean."""
-    from distill.probe import heads_of
+    from distill.heads import heads_of
 
     if Path(spec).is_dir():
         heads = heads_of(Path(spec))
@@ -39,7 +40,7 @@ def index_command(
         raise ValueError(f"the index at {output} holds {previous.card['pooling']}-pooled embeddings; --pooling {pooling} would mix spaces")
     ds = read_labelled(data, task, labels)
     encoder = load_encoder(model)
-    dev = str(pick_device(device, Distributed()))
+    dev = str(pick_device(device))
     net = encoder.model.eval().to(dev)
     console.print(f"indexing {len(ds)} {task} references with {encoder.name} ({pooling} pooling)")
 

@@ -11,8 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
@@ -63,6 +61,8 @@ def atomic_save_npy(path: Path, array: Any) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
+    import torch  # lazy: the ONNX inference path writes files through this module without torch
+
     atomic_write(path, lambda p: torch.save(obj, p))
 
 

@@ -33,7 +33,7 @@ class LossParts:
 
 def residue_logits(logits: torch.Tensor) -> torch.Tensor:
     """[..., 33] -> [..., 25]: the columns of the tokens that can be MLM targets."""
-    return logits[..., tokens.RESIDUE_IDS.to(logits.device)]
+    return logits[..., torch.from_numpy(tokens.RESIDUE_IDS).to(logits.device)]
 
 
 def kd_kl_sum(student_logits: torch.Tensor, teacher_residue_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -18,52 +18,14 @@ The details that make it *exactly* ESM-1b:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import hashlib
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from distill import tokens
-
-# Layers / dim / heads from the study; the FFN is 2 x dim, which is what gives its counts.
-PRESETS: dict[str, dict[str, int]] = {
-    "small": {"layers": 8, "dim": 128, "heads": 2, "ffn": 256},  # 1.2M parameters
-    "medium": {"layers": 10, "dim": 256, "heads": 4, "ffn": 512},  # 5.6M
-    "large": {"layers": 28, "dim": 384, "heads": 6, "ffn": 768},  # 33.7M
-}
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    layers: int
-    dim: int
-    heads: int
-    ffn: int
-    max_positions: int = 1024
-    token_dropout: bool = True
-    emb_layer_norm_before: bool = True
-    position_embedding: str = "learned"  # "learned" (ESM-1b) or "rotary" (ESM-2)
-    vocab_size: int = tokens.VOCAB_SIZE
-    padding_idx: int = tokens.PAD
-    mask_idx: int = tokens.MASK
-
-    def __post_init__(self) -> None:
-        if min(self.layers, self.dim, self.heads, self.ffn) < 1:
-            raise ValueError(f"layers, dim, heads and ffn must be positive: {self}")
-        if self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
-        if self.position_embedding not in ("learned", "rotary"):
-            raise ValueError(f"position_embedding must be 'learned' or 'rotary', got {self.position_embedding!r}")
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> ModelConfig:
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from distill.config import ModelConfig
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -237,3 +199,13 @@ def build_student(cfg: ModelConfig, seed: int | None = None) -> ESM:
     if seed is not None:
         torch.manual_seed(seed)
     return ESM(cfg)
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """The one weight fingerprint: sha256 over parameter names and fp32 values (so a bf16 copy of a model hashes
+    like the model); teacher caches, heads, indexes and fine-tuned bundles record it."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -15,15 +15,16 @@ from pathlib import Path
 import esm
 import torch
 
+from distill.config import ModelConfig
+from distill.errors import UserError
 from distill.io import atomic_torch_save
-from distill.model import ESM, ModelConfig
+from distill.model import ESM
 
-DEFAULT_TEACHER = "esm1b_t33_650M_UR50S"
 _MODEL_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
 _REGRESSION_URL = "https://dl.fbaipublicfiles.com/fair-esm/regression/{name}-contact-regression.pt"
 
 
-class ModelNotAvailable(RuntimeError):
+class ModelNotAvailable(UserError):
     """A fair-esm model that is neither cached nor downloadable here."""
 
 

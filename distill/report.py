@@ -18,6 +18,7 @@ from rich.console import Console
 
 from distill import data, plots, tokens
 from distill.bundle import training_digests
+from distill.config import ProbeConfig
 from distill.embeddings import Featurizer, featurizer, n_cropped
 from distill.io import atomic_write_json, atomic_write_text
 from distill.labels import LabelledSet, read_labelled
@@ -25,52 +26,6 @@ from distill.probe import METRIC_COLUMNS, ProbeResult, Split, drop_rare, label_c
 
 # Compact models a reviewer expects next to ours, used when their weights are in the torch hub cache.
 ESM2_BASELINES = ("esm2_t6_8M_UR50D", "esm2_t12_35M_UR50D")
-
-
-@dataclass
-class ProbeConfig:
-    task: str
-    data: list[str]
-    test: list[str] | None = None
-    split: str = "random"
-    pooling: str = "mean"
-    hidden: int = 0  # 0 = softmax regression; > 0 = one hidden layer (--mlp)
-    min_per_class: int = 10
-    test_fraction: float = 0.2
-    seed: int = 0
-    max_tokens: int = 8192
-    device: str = "cpu"
-    labels: str | None = None  # id<TAB>label file for plain-FASTA --data / --test
-
-    def protocol(self) -> dict[str, Any]:
-        return {
-            "probe": "frozen embeddings, standardised; "
-            + (f"MLP, one hidden layer of {self.hidden}" if self.hidden else "linear softmax regression"),
-            "loss": "class-weighted cross-entropy, AdamW, early stopping on a 10% validation part of the training split",
-            "pooling": self.pooling,
-            "split": self.split if self.test is None else "given test set",
-            "test_fraction": self.test_fraction if self.test is None else None,
-            "seed": self.seed,
-            "min_per_class": self.min_per_class,
-            "data": self.data,
-            "test": self.test,
-        }
-
-    def describe(self, n_classes: int, n_train: int, n_test: int) -> str:
-        split = {
-            "random": f"stratified random split {1 - self.test_fraction:.0%}/{self.test_fraction:.0%}",
-            "family-holdout": "family-holdout split (test families absent from training, superfamilies seen)",
-        }[self.split]
-        if self.test:
-            split = f"given test set {', '.join(self.test)}"
-        probe = f"MLP probe ({self.hidden} hidden)" if self.hidden else "linear probe (softmax regression)"
-        return (
-            f"Protocol: frozen-embedding {probe} on standardised {self.pooling}-pooled embeddings, class-weighted "
-            f"cross-entropy, early stopping on 10% of the training part; {split}, seed {self.seed}; labels with fewer "
-            f"than {self.min_per_class} examples dropped. Task {self.task}: {n_classes} classes, {n_train} training and "
-            f"{n_test} test sequences. Precision, recall and F1 are given macro-averaged (every class counts the same) "
-            f"and weighted by class support."
-        )
 
 
 @dataclass

@@ -34,10 +34,11 @@ from typing import Any
 
 from rich.console import Console
 
+from distill.config import PRESETS, FitConfig, ProbeConfig
+from distill.errors import UserError
 from distill.io import atomic_write_text, read_json_object
-from distill.model import PRESETS
-from distill.report import ProbeConfig, evaluate_models
-from distill.train import FitConfig, fit
+from distill.report import evaluate_models
+from distill.train import fit
 
 TOP_KEYS = {
     "out",
@@ -113,12 +114,13 @@ def _finished(run: Path) -> bool:
 
 def build_cache(cfg: dict[str, Any], out: Path, views: int, console: Console) -> Path:
     from distill import data, teacher_cache
-    from distill.train import Distributed, load_teacher, pick_device
+    from distill.distributed import pick_device
+    from distill.teacher_cache import load_teacher
 
     cache = out / "teacher-cache"
     seqs = data.load_fasta(Path(cfg["data"]))
     key = dict(n_records=len(seqs), mask_rate=cfg.get("fit", {}).get("mask_rate", 0.15), seed=cfg.get("seed", 0), views=views)
-    dev = pick_device(cfg.get("fit", {}).get("device", "auto"), Distributed())
+    dev = pick_device(cfg.get("fit", {}).get("device", "auto"))
     net, sha = load_teacher(cfg["teacher"], dev)
     full = teacher_cache.CacheKey(
         teacher=cfg["teacher"], teacher_sha256=sha, data_sha256=data.dataset_fingerprint(Path(cfg["data"])), **key
@@ -157,7 +159,7 @@ def run_sweep(config: Path, console: Console) -> Path:
         result = fit(fit_cfg, resume=(run / "checkpoint.json").exists())
         timings[name] = time.perf_counter() - t0
         if not result.completed:
-            raise RuntimeError(f"{name} was interrupted; rerun `distill sweep {config}` to continue")
+            raise UserError(f"{name} was interrupted; rerun `distill sweep {config}` to continue")
     tables = {}
     for task, settings in cfg["tasks"].items():
         t0 = time.perf_counter()

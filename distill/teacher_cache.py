@@ -22,7 +22,6 @@ policy -- is checked on use: a cache built for other settings is refused, never 
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,10 +33,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from distill import data, tokens
+from distill.distributed import pick_device
 from distill.evaluate import autocast
 from distill.io import atomic_write, atomic_write_json, read_json_object
 from distill.losses import residue_logits
-from distill.model import ESM
+from distill.model import ESM, weights_sha256
+from distill.pretrained import load_pretrained
 
 FORMAT = "esm-distill-teacher-cache"
 VERSION = 1
@@ -117,7 +118,7 @@ def build(
         for view, shard in todo:
             index = np.arange(shard * shard_size, min(len(seqs), (shard + 1) * shard_size))
             per_record: dict[int, np.ndarray] = {}
-            for group in data.token_budget_groups(lengths, index, max_tokens):
+            for group in tokens.token_budget_groups(lengths, index, max_tokens):
                 examples = [data.masked_example(seqs.seqs[i], key.seed, view, int(seqs.keys[i]), key.mask_rate, train=True) for i in group]
                 batch = data.collate(examples, group)
                 toks, labels = batch.tokens.to(device), batch.labels.to(device)
@@ -184,10 +185,33 @@ class TeacherCache:
         return torch.from_numpy(np.concatenate(parts).astype(np.float32))
 
 
-def weights_sha256(model: torch.nn.Module) -> str:
-    """Identity of a teacher: hash of its parameter names and fp32 values."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+def load_teacher(spec: str, device: torch.device) -> tuple[ESM, str]:
+    """Frozen teacher (eval mode, no gradients, bf16 on CUDA) and the sha256 of its weights."""
+    teacher = load_pretrained(spec).eval().requires_grad_(False)
+    sha = weights_sha256(teacher)
+    return teacher.to(device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32), sha
+
+
+def build_command(
+    fasta: Path,
+    output: Path,
+    teacher: str,
+    views: int,
+    seed: int,
+    mask_rate: float,
+    max_tokens: int,
+    shard_size: int,
+    device: str,
+    quiet: bool,
+) -> tuple[Path, dict[str, Any], int]:
+    """`distill teacher-cache`: load DATA and the teacher, build (or resume) the cache -> (output, stats, sequences)."""
+    if views < 1 or shard_size < 1:
+        raise ValueError("--views and --shard-size must be at least 1")
+    dev = pick_device(device)
+    seqs = data.load_fasta(fasta)
+    net, sha = load_teacher(teacher, dev)
+    key = CacheKey(
+        teacher=teacher, teacher_sha256=sha, data_sha256=data.dataset_fingerprint(fasta),
+        n_records=len(seqs), mask_rate=mask_rate, seed=seed, views=views,
+    )  # fmt: skip
+    return output, build(seqs, net, key, output, max_tokens, dev, shard_size, quiet), len(seqs)

@@ -1,1 +1,1 @@
-"""ONNX export (onnx.py) and the ONNX Runtime inference class (runtime.py)."""
+"""ONNX export (onnx.py): graphs for ONNX Runtime and TensorRT, parity-checked. Running them is ``distill.inference``."""

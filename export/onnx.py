@@ -20,13 +20,9 @@ Runtime contrib ops, so they run on ONNX Runtime only; the fp32, fp16 and ``.trt
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
-import logging
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,16 +30,16 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from distill import data, tokens
 from distill.fasta import read_fasta
+from distill.inference.onnx_backend import OUTPUTS
 from distill.io import sha256_file
-from distill.model import ESM, SelfAttention, sequence_embedding
+from distill.model import ESM
+from export.graph import ExportError, GraphModule, decompose_layer_norms, export_graph, output_names, quiet_third_party
 
 CONTRACT_VERSION = 1
-OUTPUTS = ["logits", "residue_embeddings", "sequence_embedding"]
+
 HERE = Path(__file__).resolve().parent
 TRT_OPS_FILE = HERE / "tensorrt_ops.txt"
 PARITY_FASTA = HERE / "parity.fasta"
@@ -56,158 +52,6 @@ THRESHOLDS = {  # the checks every export must pass
     "fp16": {"min_cosine_sequence_embedding": 0.999},
     "int8": {"min_cosine_sequence_embedding": 0.99, "min_top1_masked": 0.98},
 }
-
-
-@contextlib.contextmanager
-def _quiet_third_party():
-    """Silence warnings our users cannot act on (torchvision ops not registered, ORT's quantisation hints)."""
-    loggers = [logging.getLogger(), logging.getLogger("torch.onnx._internal.exporter._registration")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
-class ExportError(RuntimeError):
-    """An export that cannot be made or fails a check; nothing is left behind."""
-
-
-class GraphModule(nn.Module):
-    """The graph contract in PyTorch: tokens -> (logits, residue_embeddings, sequence_embedding, *head probabilities)."""
-
-    def __init__(self, model: ESM, heads: dict[str, Any] | None = None):
-        super().__init__()
-        self.model = model
-        heads = heads or {}
-        self.tasks = list(heads)
-        self.poolings = [heads[t].pooling for t in self.tasks]
-        self.heads = nn.ModuleList([heads[t].module for t in self.tasks])
-
-    def forward(self, toks: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        toks = toks.long()  # the --trt graph takes int32
-        out = self.model(toks)
-        reps = out["representations"]
-        pooled = sequence_embedding(reps, toks)
-        probs = [torch.softmax(h(pooled if p == "mean" else reps[:, 0]), -1) for h, p in zip(self.heads, self.poolings, strict=True)]
-        return out["logits"], reps, pooled, *probs
-
-
-def output_names(heads: dict[str, Any] | None) -> list[str]:
-    return OUTPUTS + [f"{task}_probabilities" for task in heads or {}]
-
-
-class DecomposedLayerNorm(nn.Module):
-    """LayerNorm as primitive ops (ReduceMean, Sub, Pow, Sqrt, Div): TensorRT 8.5 has no LayerNormalization."""
-
-    def __init__(self, ln: nn.LayerNorm):
-        super().__init__()
-        self.weight, self.bias, self.eps = ln.weight, ln.bias, ln.eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mu = x.mean(-1, keepdim=True)
-        var = (x - mu).pow(2).mean(-1, keepdim=True)
-        return (x - mu) / torch.sqrt(var + self.eps) * self.weight + self.bias
-
-
-def _decompose_layer_norms(model: ESM) -> ESM:
-    model = copy.deepcopy(model)
-    for _, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.LayerNorm):
-                setattr(module, child_name, DecomposedLayerNorm(child))
-    return model
-
-
-# ---- fused attention for ONNX Runtime (the .opt and .int8 graphs) --------------------------------------
-# PyTorch's SDPA exports as separate MatMul/Softmax/Transpose nodes; ONNX Runtime's transformer optimizer
-# finds no attention pattern in them. So for the ONNX-Runtime-only variants, attention is exported as ORT's
-# fused com.microsoft.MultiHeadAttention: a custom op whose PyTorch implementation is SDPA.
-
-
-@torch.library.custom_op("esm_distill::mha", mutates_args=())
-def _mha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, num_heads: int) -> torch.Tensor:
-    b, t, d = q.shape
-
-    def split(x: torch.Tensor) -> torch.Tensor:
-        return x.view(b, t, num_heads, d // num_heads).transpose(1, 2)
-
-    bias = (valid[:, None, None, :] == 0).to(q.dtype) * -1e4
-    return F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=bias).transpose(1, 2).reshape(b, t, d)
-
-
-@_mha.register_fake
-def _(q, k, v, valid, num_heads):
-    return torch.empty_like(q)
-
-
-def _mha_translation():
-    """onnxscript translation of esm_distill::mha to com.microsoft.MultiHeadAttention (schema declared here)."""
-    import onnxscript
-
-    param, optional = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.FormalParameterOption.Optional
-    schema = onnx.defs.OpSchema(
-        "MultiHeadAttention", "com.microsoft", 1,
-        inputs=[param("query", "T"), param("key", "T"), param("value", "T"), param("bias", "T", param_option=optional),
-                param("key_padding_mask", "M", param_option=optional)],
-        outputs=[param("output", "T")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
-        attributes=[onnx.defs.OpSchema.Attribute("num_heads", onnx.defs.OpSchema.AttrType.INT, "")],
-    )  # fmt: skip
-    mha = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MultiHeadAttention", schema)
-
-    def translate(q, k, v, valid, num_heads: int):
-        return mha(q, k, v, None, valid, num_heads=num_heads)
-
-    return {torch.ops.esm_distill.mha.default: translate}
-
-
-class FusedAttention(nn.Module):
-    """Drop-in for SelfAttention at export time: same weights, attention through esm_distill::mha."""
-
-    def __init__(self, attn: SelfAttention):
-        super().__init__()
-        self.attn = attn
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        valid = (attn_mask[:, 0, 0, :] == 0).to(torch.int32)  # key-padding mask, 1 = real token
-        a = self.attn
-        return a.out_proj(torch.ops.esm_distill.mha(a.q_proj(x), a.k_proj(x), a.v_proj(x), valid, a.heads))
-
-
-def _fuse_attention(model: ESM) -> ESM:
-    model = copy.deepcopy(model)
-    for layer in model.layers:
-        layer.self_attn = FusedAttention(layer.self_attn)
-    return model
-
-
-def _export_graph(model: ESM, path: Path, opset: int, int32: bool, fused_attention: bool = False, heads: dict | None = None) -> None:
-    names = output_names(heads)
-    example = tokens.pad_batch([tokens.encode("MKTAYIAKQRQISFVKSHFSRQ"), tokens.encode("MKV")])
-    example = example.int() if int32 else example
-    batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=model.cfg.max_positions)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if opset == 17:
-            # The dynamo exporter builds opset 18 and cannot down-convert; TorchScript's emits 17 natively.
-            dims = {"tokens": {0: "batch", 1: "length"}, "logits": {0: "batch", 1: "length"},
-                    "residue_embeddings": {0: "batch", 1: "length"}, "sequence_embedding": {0: "batch"},
-                    **{n: {0: "batch"} for n in names[3:]}}  # fmt: skip
-            torch.onnx.export(GraphModule(model, heads).eval(), (example,), str(path), dynamo=False, opset_version=17,
-                              input_names=["tokens"], output_names=names, dynamic_axes=dims)  # fmt: skip
-            return
-        program = torch.onnx.export(
-            GraphModule(_fuse_attention(model) if fused_attention else model, heads).eval(), (example,), dynamo=True,
-            opset_version=opset, input_names=["tokens"], output_names=names, dynamic_shapes={"toks": {0: batch, 1: length}},
-            verbose=False, custom_translation_table=_mha_translation() if fused_attention else None,
-        )  # fmt: skip
-    program.save(str(path), external_data=model.num_parameters() * 4 > 1.8e9)  # protobuf's 2 GB limit
 
 
 def _set_metadata(path: Path, meta: dict[str, Any]) -> None:
@@ -361,54 +205,19 @@ def export(
     if not 17 <= opset <= 21:
         raise ExportError(f"--opset {opset} is not supported: choose 17 to 21 (ONNX Runtime {_ort_version()} runs those)")
     model = model.float().eval()
-    meta = {
-        "esm_distill_contract": CONTRACT_VERSION,
-        "inputs": {"tokens": "int64 [batch, length], ESM-1b alphabet, <cls> ... <eos>, right-padded with <pad>"},
-        "outputs": output_names(heads),
-        "alphabet": tokens.alphabet().all_toks,
-        "architecture": model.cfg.to_dict(),
-        "parameters": model.num_parameters(),
-        "labels": {task: h.labels for task, h in (heads or {}).items()},
-        "heads": {
-            task: {
-                "pooling": h.pooling,
-                "hidden": h.card.get("hidden", 0),
-                "metrics": h.card.get("metrics", {}),
-                "calibration": h.card.get("calibration", {}),
-            }  # fmt: skip
-            for task, h in (heads or {}).items()
-        },
-        **source,
-    }
+    meta = graph_metadata(model, heads, source)
     variants = ["fp32"] + [v for v, on in (("opt", optimize), ("fp16", fp16), ("int8", int8), ("trt", trt)) if on]
     written: dict[str, Path] = {}
     reports, dropped = [], {}
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.stem}.") as tmp_dir, _quiet_third_party():
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.stem}.") as tmp_dir, quiet_third_party():
         tmp = Path(tmp_dir)
         # ORT-only variants start from the fused-attention graph (rotary models: from the plain one).
         fusable = model.cfg.position_embedding == "learned"
         if fusable and (optimize or int8):
-            _export_graph(model, tmp / "fused.onnx", opset, int32=False, fused_attention=True, heads=heads)
+            export_graph(model, tmp / "fused.onnx", opset, int32=False, fused_attention=True, heads=heads)
         for variant in variants:
             path = tmp / f"{variant}.onnx"
-            ort_base = str(tmp / ("fused.onnx" if fusable else "fp32.onnx"))
-            if variant == "fp32":
-                _export_graph(model, path, opset, int32=False, heads=heads)
-            elif variant == "trt":
-                _export_graph(_decompose_layer_norms(model), path, 17, int32=True, heads=heads)
-            elif variant == "fp16":
-                from onnxruntime.transformers.float16 import convert_float_to_float16
-
-                onnx.save(convert_float_to_float16(onnx.load(str(tmp / "fp32.onnx")), keep_io_types=True), str(path))
-            elif variant == "int8":
-                from onnxruntime.quantization import QuantType, quantize_dynamic
-
-                quantize_dynamic(ort_base, str(path), weight_type=QuantType.QInt8)
-            elif variant == "opt":
-                from onnxruntime.transformers.optimizer import optimize_model
-
-                opt = optimize_model(ort_base, model_type="bert", num_heads=model.cfg.heads, hidden_size=model.cfg.dim, opt_level=0)
-                opt.save_model_to_file(str(path))
+            write_variant(model, variant, path, tmp / ("fused.onnx" if fusable else "fp32.onnx"), opset, heads)
             _set_metadata(
                 path, {**meta, "variant": variant, **({"inputs": {"tokens": "int32 [batch, length]"}} if variant == "trt" else {})}
             )
@@ -427,10 +236,54 @@ def export(
             raise ExportError("--trt graph is not TensorRT-ready: " + "; ".join(trt_problems))
         final = {}
         for variant, path in written.items():  # all checks passed: move into place
-            dest = _variant_path(out, variant)
-            os.replace(path, dest)
-            final[variant] = dest
+            final[variant] = _variant_path(out, variant)
+            os.replace(path, final[variant])
     return ExportResult(final, reports, trt_problems, dropped)
+
+
+def graph_metadata(model: ESM, heads: dict | None, source: dict[str, Any]) -> dict[str, Any]:
+    """The contract, architecture, labels and heads (with calibration) every graph carries."""
+    heads = heads or {}
+    return {
+        "esm_distill_contract": CONTRACT_VERSION,
+        "inputs": {"tokens": "int64 [batch, length], ESM-1b alphabet, <cls> ... <eos>, right-padded with <pad>"},
+        "outputs": output_names(heads),
+        "alphabet": list(tokens.TOKENS),
+        "architecture": model.cfg.to_dict(),
+        "parameters": model.num_parameters(),
+        "labels": {task: h.labels for task, h in heads.items()},
+        "heads": {
+            task: {
+                "pooling": h.pooling,
+                "hidden": h.card.get("hidden", 0),
+                "metrics": h.card.get("metrics", {}),
+                "calibration": h.card.get("calibration", {}),
+            }  # fmt: skip
+            for task, h in heads.items()
+        },
+        **source,
+    }
+
+
+def write_variant(model: ESM, variant: str, path: Path, ort_base: Path, opset: int, heads: dict | None) -> None:
+    """One variant's graph: exported from PyTorch (fp32, trt) or derived by ONNX Runtime's tools (fp16, int8, opt)."""
+    if variant == "fp32":
+        export_graph(model, path, opset, int32=False, heads=heads)
+    elif variant == "trt":
+        export_graph(decompose_layer_norms(model), path, 17, int32=True, heads=heads)
+    elif variant == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16  # ORT's tools: only when asked for
+
+        onnx.save(convert_float_to_float16(onnx.load(str(path.with_name("fp32.onnx"))), keep_io_types=True), str(path))
+    elif variant == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(ort_base), str(path), weight_type=QuantType.QInt8)
+    elif variant == "opt":
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        opt = optimize_model(str(ort_base), model_type="bert", num_heads=model.cfg.heads, hidden_size=model.cfg.dim, opt_level=0)
+        opt.save_model_to_file(str(path))
 
 
 def _ort_version() -> str:
@@ -440,10 +293,48 @@ def _ort_version() -> str:
 
 
 def source_of(spec: str, card: dict[str, Any]) -> dict[str, Any]:
-    """Provenance for the metadata: bundle (hash of its weights) or fair-esm model; ``card`` from ``load_any``."""
+    """Provenance for the metadata: bundle (hash of its weights), random-init baseline or fair-esm model."""
     p = Path(spec)
+    if spec.startswith("random:"):
+        return {"source": spec, "source_sha256": "", "preset": card.get("preset") or "custom"}
     if p.is_dir():
         return {"source": str(p), "source_sha256": sha256_file(p / "model.safetensors"), "preset": card.get("preset") or "custom"}
     if p.suffix == ".pt" and p.is_file():
         return {"source": str(p), "source_sha256": sha256_file(p), "preset": "fair-esm"}
     return {"source": spec, "source_sha256": "", "preset": "fair-esm"}
+
+
+def summary(result: ExportResult) -> str:
+    """The parity table of every variant written (or dropped), and what TensorRT needs: what `distill export onnx` prints."""
+    lines = [f"{'variant':8s} {'file':40s} {'MB':>7s}  {'max|d logits|':>13s} {'max|d emb|':>11s} {'min cos':>9s} {'top-1 masked':>12s}"]
+    for r in result.reports:
+        path, m = result.paths[r.variant], r.metrics
+        lines.append(f"{r.variant:8s} {str(path):40s} {path.stat().st_size / 1e6:7.2f}  {m['max_abs_logits']:13.2e} "
+                     f"{m['max_abs_sequence_embedding']:11.2e} {m['min_cosine_sequence_embedding']:9.6f} {m['min_top1_masked']:12.1%}")  # fmt: skip
+    lines += [f"{variant:8s} dropped: parity did not hold ({why})" for variant, why in result.dropped.items()]
+    if "trt" in result.paths:
+        lo, opt, hi = (f"tokens:{b}x{n}" for b, n in TRT_PROFILE.values())
+        lines.append(f"TensorRT: {result.paths['trt']} is ready; build an engine with:\n  trtexec --onnx={result.paths['trt']} "
+                     f"--minShapes={lo} --optShapes={opt} --maxShapes={hi} --fp16 --saveEngine={result.paths['trt'].with_suffix('.plan')}")  # fmt: skip
+    else:
+        problems = trt_readiness(result.paths["fp32"])
+        lines.append(f"TensorRT: the fp32 graph is not TensorRT 8.5-ready ({'; '.join(problems)}); add --trt for a graph that is")
+    return "\n".join(lines)
+
+
+def export_command(model: str, output: Path, opset: int, fp16: bool, int8: bool, optimize: bool, trt: bool, heads: bool) -> ExportResult:
+    """`distill export onnx`: any torch model spec (with its bundle's heads when asked) -> checked graphs."""
+    from distill.bundle import is_bundle
+    from distill.encoders import load_encoder
+    from distill.heads import heads_of
+
+    enc = load_encoder(model)
+    net, card = enc.model, enc.card
+    found = None
+    if heads:
+        found = heads_of(Path(model), net.cfg.dim) if is_bundle(Path(model)) else {}
+        if not found:
+            raise ExportError(
+                f"{model} has no classification heads: add them with `distill probe {model} --task pfam ...`, or export without --heads"
+            )
+    return export(net, output, source_of(model, card), opset, fp16, int8, optimize, trt, heads=found)

@@ -1,10 +1,27 @@
-"""The service's request and response models (pydantic): what /embed, /classify, /compare, /annotate and /info answer."""
+"""The service's pydantic models: its start-up arguments, and what /embed, /classify, /compare, /annotate and /info answer."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+
+
+class ServeArgs(BaseModel):
+    """What the service is started with: ``bentoml serve serve.service:EsmDistillService --arg model=TAG ...``
+    (``distill serve`` writes these; ``bentoml build --arg ...`` bakes them into a Bento)."""
+
+    model: str = Field("esm-distill-student:latest", description="model-store tag written by `distill import`")
+    backend: Literal["student-onnx", "student-torch", "esm1b"] = "student-onnx"
+    variant: Literal["fp32", "int8"] = "fp32"
+    esm1b: str = Field("esm1b_t33_650M_UR50S", description="backend esm1b: a fair-esm name or .pt")
+    esm1b_heads: str = Field("", description="backend esm1b: its head directory (`distill probe MODEL --out DIR/<task>`)")
+    compare: str = Field("", description="fair-esm name or .pt for /compare")
+    compare_heads: str = Field("", description="head directory of the comparison model")
+    batching: bool = Field(True, description="adaptive batching across concurrent requests")
+    reference: str = Field("", description="a `distill index` directory: /classify adds nearest labelled references")
+    max_sequences: int = Field(64, ge=1, description="sequences per request")
+    max_residues: int = Field(65536, ge=1, description="residues per request")
 
 
 class Embedded(BaseModel):

@@ -8,22 +8,14 @@ Three BentoML services, the way BentoML composes models (``bentoml.depends``):
                       forward passes; inside a batch, length bucketing by token budget)
   Reference           the optional comparison model (ESM-1b, fair-esm name or local .pt, with probed heads)
 
-Configuration (environment; `distill serve` sets it):
-  ESM_DISTILL_MODEL            model-store tag (`distill import`), default esm-distill-student:latest
-  ESM_DISTILL_BACKEND          student-onnx (default; CUDA provider when present, else CPU) | student-torch |
-                               esm1b (ESM_DISTILL_ESM1B: fair-esm name or .pt, frozen; heads from ESM_DISTILL_ESM1B_HEADS)
-  ESM_DISTILL_VARIANT          fp32 (default) | int8 (when imported with --int8)
-  ESM_DISTILL_COMPARE          fair-esm name or .pt for /compare (optional)
-  ESM_DISTILL_COMPARE_HEADS    head directory for it (`distill probe MODEL --out DIR` per task)
-  ESM_DISTILL_BATCHING         1 (default) | 0: adaptive batching off (for benchmarks)
-  ESM_DISTILL_MAX_SEQUENCES    per request (default 64); ESM_DISTILL_MAX_RESIDUES per request (default 65536)
-  ESM_DISTILL_REFERENCE        a `distill index` directory: /classify adds the nearest labelled references
+Configuration: the start-up arguments ``serve.schemas.ServeArgs`` (``bentoml.use_arguments``), given as
+``bentoml serve serve.service:EsmDistillService --arg model=TAG --arg backend=student-onnx ...``; `distill serve`
+writes them, ``bentoml build --arg ...`` bakes them into a Bento.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from typing import Any, Literal
 
@@ -31,6 +23,10 @@ import bentoml
 import numpy as np
 from bentoml.exceptions import InternalServerError, InvalidArgument
 
+from distill import tokens
+from distill.inference import SequenceError, resolve
+from distill.inference import top_k as best
+from distill.inference.sequences import Pieces, prepare
 from serve.schemas import (
     AnnotateResponse,
     Call,
@@ -42,20 +38,13 @@ from serve.schemas import (
     InfoResponse,
     ModelAnswer,
     Neighbour,
+    ServeArgs,
 )
 
-MODEL_TAG = os.environ.get("ESM_DISTILL_MODEL") or "esm-distill-student:latest"
-BACKEND = os.environ.get("ESM_DISTILL_BACKEND", "student-onnx")
-VARIANT = os.environ.get("ESM_DISTILL_VARIANT", "fp32")
-ESM1B = os.environ.get("ESM_DISTILL_ESM1B", "esm1b_t33_650M_UR50S")
-ESM1B_HEADS = os.environ.get("ESM_DISTILL_ESM1B_HEADS", "")
-COMPARE = os.environ.get("ESM_DISTILL_COMPARE", "")
-COMPARE_HEADS = os.environ.get("ESM_DISTILL_COMPARE_HEADS", "")
-BATCHING = os.environ.get("ESM_DISTILL_BATCHING", "1") != "0"
-REFERENCE_INDEX = os.environ.get("ESM_DISTILL_REFERENCE", "")
-MAX_SEQUENCES = int(os.environ.get("ESM_DISTILL_MAX_SEQUENCES", "64"))
-MAX_RESIDUES = int(os.environ.get("ESM_DISTILL_MAX_RESIDUES", "65536"))
-MAX_LENGTH = 1022  # residues per sequence (ESM-1b's 1,024 positions minus <cls> and <eos>)
+ARGS = bentoml.use_arguments(ServeArgs)
+MODEL_TAG, BACKEND, VARIANT = ARGS.model, ARGS.backend, ARGS.variant
+BATCHING, REFERENCE_INDEX = ARGS.batching, ARGS.reference
+MAX_SEQUENCES, MAX_RESIDUES = ARGS.max_sequences, ARGS.max_residues
 MAX_TOP_K = 20
 TIMEOUT = 600
 
@@ -63,22 +52,20 @@ TIMEOUT = 600
 # ---- validation (shared by every endpoint) -----------------------------------------------------------
 
 
-def check_sequences(sequences: list[str], crop: bool) -> list[str]:
-    """Upper-cased sequences; anything wrong is a 400 that names the sequence index and the problem."""
-    from export.runtime import SequenceError, validate
-
+def check_sequences(sequences: list[str], crop: bool) -> Pieces:
+    """Validated (and, when asked, cropped) sequences; anything wrong is a 400 naming the sequence index and the problem."""
     if not sequences:
         raise InvalidArgument("sequences is empty: send at least one sequence")
     if len(sequences) > MAX_SEQUENCES:
         raise InvalidArgument(f"{len(sequences)} sequences in one request; the limit is {MAX_SEQUENCES}")
     try:
-        seqs = validate(sequences, crop)
+        prepared = prepare(sequences, "crop" if crop else "error")
     except SequenceError as e:
         raise InvalidArgument(str(e)) from e
-    total = sum(min(len(s), MAX_LENGTH) for s in seqs)
+    total = sum(len(s) for s in prepared.pieces)
     if total > MAX_RESIDUES:
         raise InvalidArgument(f"{total} residues in one request; the limit is {MAX_RESIDUES}")
-    return [s[:MAX_LENGTH] for s in seqs]
+    return prepared
 
 
 def check_tasks(tasks: tuple[str, ...], labels: dict[str, list[str]], top_k: int) -> list[str]:
@@ -97,8 +84,6 @@ def check_tasks(tasks: tuple[str, ...], labels: dict[str, list[str]], top_k: int
 
 
 def top_calls(probabilities: dict[str, list[float]], labels: dict[str, list[str]], tasks: list[str], top_k: int) -> dict[str, list[Call]]:
-    from export.runtime import top_k as best
-
     return {t: [Call(label=lab, probability=p) for lab, p in best(np.asarray(probabilities[t]), labels[t], top_k)] for t in tasks}
 
 
@@ -143,10 +128,8 @@ class Engine:
 
     def __init__(self) -> None:
         if BACKEND == "esm1b":  # the teacher itself, served like a student (heads probed on its embeddings)
-            from export.runtime import load_embedder
-
-            self.embedder = load_embedder(ESM1B, ESM1B_HEADS or None)
-            self.tag, self.name = ESM1B, self.embedder.name
+            self.embedder = resolve(ARGS.esm1b, ARGS.esm1b_heads or None)
+            self.tag, self.name = ARGS.esm1b, self.embedder.name
             self.meta = {"preset": "fair-esm", "parameters": self.embedder.metadata["parameters"]}
             return
         from serve.store import open_stored
@@ -201,19 +184,17 @@ class Reference:
         self.reason = (
             "no comparison model configured: start the service with `distill serve MODEL --compare-with esm1b_t33_650M_UR50S` (or a .pt)"
         )
-        if COMPARE:
+        if ARGS.compare:
             try:
-                from export.runtime import load_embedder
-
-                self.embedder = load_embedder(COMPARE, COMPARE_HEADS or None)
+                self.embedder = resolve(ARGS.compare, ARGS.compare_heads or None)
                 self.reason = ""
             except Exception as e:  # offline, missing file, bad heads: the service still starts
-                self.reason = f"comparison model {COMPARE!r} could not be loaded: {e}"
+                self.reason = f"comparison model {ARGS.compare!r} could not be loaded: {e}"
 
     @bentoml.api
     def infer(self, sequences: list[str]) -> dict[str, Any]:
         if self.embedder is None:
-            return {"available": False, "reason": self.reason, "model": COMPARE or "", "labels": {}}
+            return {"available": False, "reason": self.reason, "model": ARGS.compare, "labels": {}}
         start = time.perf_counter()
         rows = _rows(self.embedder.embed(sequences, tasks=list(self.embedder.labels)), list(self.embedder.labels))
         return {
@@ -253,19 +234,17 @@ class EsmDistillService:
             self._index_checked = True
         return self._index
 
-    async def classified(
-        self, rows: list[dict[str, Any]], sequences: list[str], seqs: list[str], tasks: list[str], top_k: int
-    ) -> list[Classified]:
-        """Calls with no-call flags (+ reference neighbours); ``sequences`` as sent (for ``cropped``), ``seqs`` as validated."""
+    async def classified(self, rows: list[dict[str, Any]], prepared: Pieces, tasks: list[str], top_k: int) -> list[Classified]:
+        """Calls with no-call flags (+ reference neighbours), one per prepared sequence."""
         card, index = await self.card(), await self.index()
         out = []
-        for r, o in zip(rows, sequences, strict=True):
+        for r, long in zip(rows, prepared.long, strict=True):
             calls = top_calls(r["probabilities"], card["labels"], tasks, top_k)
             no_call = {t: calls[t][0].probability < card["min_probability"].get(t, 0.0) for t in tasks}
-            out.append(Classified(calls=calls, no_call=no_call, cropped=len(o.strip()) > MAX_LENGTH))
+            out.append(Classified(calls=calls, no_call=no_call, cropped=long))
         if index is not None:
             vectors = np.array([r["mean"] for r in rows], dtype=np.float32)
-            nn = await asyncio.to_thread(index.search, vectors, top_k, seqs)  # faiss + alignment: CPU work off the event loop
+            nn = await asyncio.to_thread(index.search, vectors, top_k, prepared.pieces)  # faiss + alignment: CPU work off the event loop
             scores = nn.scores if nn.scores is not None else np.zeros_like(nn.similarities)
             for c, ids, labels, sims, sc, calls in zip(out, nn.ids, nn.labels, nn.similarities, scores, nn.call_scores, strict=True):
                 c.neighbours = [
@@ -289,12 +268,13 @@ class EsmDistillService:
         self, sequences: list[str], pooling: Literal["mean", "cls"] = "mean", per_residue: bool = False, crop: bool = False
     ) -> EmbedResponse:
         """One vector per sequence (mean over residues, or the <cls> token), in input order; per-residue matrices when asked."""
-        seqs = check_sequences(sequences, crop)
+        prepared = check_sequences(sequences, crop)
         card = await self.card()
-        rows = await (call(self.engine.to_async.residues, seqs) if per_residue else self.run(seqs))  # one forward pass either way
+        pieces = prepared.pieces
+        rows = await (call(self.engine.to_async.residues, pieces) if per_residue else self.run(pieces))  # one forward pass either way
         results = [
-            Embedded(embedding=row[pooling], residues=row.get("residues", []), cropped=len(orig.strip()) > MAX_LENGTH)
-            for row, orig in zip(rows, sequences, strict=True)
+            Embedded(embedding=row[pooling], residues=row.get("residues", []), cropped=long)
+            for row, long in zip(rows, prepared.long, strict=True)
         ]
         return EmbedResponse(model=card["model"], dim=card["dim"], pooling=pooling, results=results)
 
@@ -303,16 +283,16 @@ class EsmDistillService:
         """Per sequence and task, the top-k labels with probabilities, the no-call flag, and reference neighbours when configured."""
         card = await self.card()
         tasks = check_tasks(tasks, card["labels"], top_k)
-        seqs = check_sequences(sequences, crop)
-        rows = await self.run(seqs)
-        return ClassifyResponse(model=card["model"], results=await self.classified(rows, sequences, seqs, tasks, top_k))
+        prepared = check_sequences(sequences, crop)
+        rows = await self.run(prepared.pieces)
+        return ClassifyResponse(model=card["model"], results=await self.classified(rows, prepared, tasks, top_k))
 
     @bentoml.api
     async def annotate(self, sequences: list[str], tasks: tuple[str, ...] = (), all_tasks: bool = True) -> AnnotateResponse:
         """Embeddings and full probability vectors (what `distill annotate --url` consumes); no tasks and all_tasks false: embeddings only."""
         card = await self.card()
         tasks = check_tasks(tasks, card["labels"], 1) if tasks or (all_tasks and card["labels"]) else []
-        rows = await self.run(check_sequences(sequences, crop=False))
+        rows = await self.run(check_sequences(sequences, crop=False).pieces)
         return AnnotateResponse(
             model=card["model"],
             embeddings=[r["mean"] for r in rows],
@@ -324,7 +304,7 @@ class EsmDistillService:
         """The same sequences through the student and the comparison model (ESM-1b): calls side by side, agreement, latency."""
         card = await self.card()
         tasks = check_tasks(tasks, card["labels"], top_k)
-        seqs = check_sequences(sequences, crop)
+        seqs = check_sequences(sequences, crop).pieces
         start = time.perf_counter()
         rows = await self.run(seqs)
         student = ModelAnswer(
@@ -362,7 +342,7 @@ class EsmDistillService:
         return InfoResponse(
             **card,
             reference_index=summary,
-            max_length=MAX_LENGTH,
+            max_length=tokens.MAX_RESIDUES,
             max_sequences=MAX_SEQUENCES,
             max_residues=MAX_RESIDUES,
             batching=BATCHING,

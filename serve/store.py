@@ -13,6 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from distill.config import INFERENCE_MAX_TOKENS
+from distill.inference import resolve
+
 BACKENDS = ("student-onnx", "student-torch", "esm1b")
 
 
@@ -25,10 +28,10 @@ def model_name(source: str) -> str:
 
 def import_model(source: str, name: str | None = None, int8: bool = False) -> str:
     """Put a student bundle (exported to ONNX with its heads here) or an exported ``.onnx`` into the store; returns the tag."""
-    import bentoml
+    import bentoml  # lazy, like the torch-side imports below: the service's ONNX path reads models only
 
     from distill.bundle import is_bundle, load_any
-    from distill.probe import heads_of
+    from distill.heads import heads_of
     from export.onnx import export, read_metadata, source_of
 
     path = Path(source)
@@ -71,9 +74,10 @@ def import_model(source: str, name: str | None = None, int8: bool = False) -> st
         return str(ref.tag)
 
 
-def open_stored(path: Path, backend: str = "student-onnx", variant: str = "fp32", providers: str = "auto", max_tokens: int = 16384):  # noqa: ANN201
-    """The inference object for a stored model directory (``OnnxEmbedder`` or ``TorchEmbedder``)."""
-    from export.runtime import OnnxEmbedder, load_embedder
+def open_stored(
+    path: Path, backend: str = "student-onnx", variant: str = "fp32", providers: str = "auto", max_tokens: int = INFERENCE_MAX_TOKENS
+):  # noqa: ANN201
+    """The ``Inference`` for a stored model directory (ONNX Runtime, or torch over the bundle stored with it)."""
 
     path = Path(path)
     if backend not in BACKENDS[:2]:
@@ -81,10 +85,10 @@ def open_stored(path: Path, backend: str = "student-onnx", variant: str = "fp32"
     if backend == "student-torch":
         if not (path / "bundle").is_dir():
             raise ValueError("the student-torch backend needs a model imported from a bundle (this one was imported from an .onnx file)")
-        return load_embedder(str(path / "bundle"), providers=providers, max_tokens=max_tokens)
+        return resolve(path / "bundle", providers=providers, max_tokens=max_tokens)
     if variant not in ("fp32", "int8"):
         raise ValueError(f"unknown variant {variant!r}; choose fp32 or int8")
     graph = path / ("model.int8.onnx" if variant == "int8" else "model.onnx")
     if not graph.is_file():
         raise ValueError(f"this model was imported without its int8 graph ({graph} missing); re-import with --int8")
-    return OnnxEmbedder(graph, providers, max_tokens)
+    return resolve(graph, providers=providers, max_tokens=max_tokens)

@@ -11,11 +11,13 @@ import torch
 from conftest import EXAMPLES, REPO
 from typer.testing import CliRunner
 
-from distill.annotate import WINDOW, Options, annotate, windows
+from distill.annotate import Options, annotate
 from distill.bundle import save_bundle
 from distill.cli import app
+from distill.config import ModelConfig
 from distill.fasta import read_fasta
-from distill.model import ESM, ModelConfig
+from distill.inference.sequences import WINDOW, windows
+from distill.model import ESM
 
 runner = CliRunner()
 REAL = [(r.id, r.sequence) for r in read_fasta(EXAMPLES / "valid.fasta")]
@@ -63,7 +65,7 @@ def test_every_record_gets_a_row_in_input_order_with_errors_and_long_policy(bund
     assert by_id["empty"][6] == "error" and "empty sequence" in by_id["empty"][7]
     assert by_id["long"][6] == "ok" and by_id["long"][7] == "windows: 3 x 1022 residues (stride 511), averaged"
     assert rows[0][6] == rows[-1][6] == "error" and "no '>' header" in rows[0][7] and "no record id" in rows[-1][7]
-    from distill.probe import heads_of
+    from distill.heads import heads_of
 
     threshold = heads_of(b)["pfam"].min_probability  # the probe's calibrated no-call
     assert 0 < threshold < 1
@@ -82,20 +84,20 @@ def test_onnx_and_torch_backends_agree_and_embeddings_files_are_standard(bundle,
     import h5py
     import pyarrow.parquet as pq
 
-    from export.runtime import OnnxEmbedder, load_embedder
+    from distill.inference import resolve
 
     b, graph = bundle
     fasta = write_input(tmp_path / "in.fa", REAL[:25])
-    s1 = annotate(fasta, load_embedder(str(b)), tmp_path / "torch.tsv", Options(embeddings=tmp_path / "e.h5", quiet=True))
-    s2 = annotate(fasta, OnnxEmbedder(graph), tmp_path / "onnx.tsv", Options(embeddings=tmp_path / "e.parquet", quiet=True))
-    annotate(fasta, OnnxEmbedder(graph), tmp_path / "npy.tsv", Options(embeddings=tmp_path / "e.npy", quiet=True))
+    s1 = annotate(fasta, resolve(str(b)), tmp_path / "torch.tsv", Options(embeddings=tmp_path / "e.h5", quiet=True))
+    s2 = annotate(fasta, resolve(graph), tmp_path / "onnx.tsv", Options(embeddings=tmp_path / "e.parquet", quiet=True))
+    annotate(fasta, resolve(graph), tmp_path / "npy.tsv", Options(embeddings=tmp_path / "e.npy", quiet=True))
     assert s1.ok == s2.ok == 25
     t1 = [line.split("\t") for line in (tmp_path / "torch.tsv").read_text().splitlines()[1:]]
     t2 = [line.split("\t") for line in (tmp_path / "onnx.tsv").read_text().splitlines()[1:]]
     assert [r[2] for r in t1] == [r[2] for r in t2]
     np.testing.assert_allclose([float(r[3]) for r in t1], [float(r[3]) for r in t2], atol=2e-4)
 
-    direct = {rid: e.sequence for (rid, _), e in zip(REAL[:25], OnnxEmbedder(graph).embed([s for _, s in REAL[:25]]), strict=True)}
+    direct = {rid: e.sequence for (rid, _), e in zip(REAL[:25], resolve(graph).embed([s for _, s in REAL[:25]]), strict=True)}
     with h5py.File(tmp_path / "e.h5") as f:  # one dataset per id, '/' escaped, original id kept
         assert len(f) == 25 and json.loads(f.attrs["esm_distill"])["dim"] == 32
         for name in f:

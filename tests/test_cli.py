@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from distill.bundle import load_bundle, save_bundle
 from distill.cli import app
-from distill.model import ESM, ModelConfig
+from distill.config import ModelConfig
+from distill.model import ESM
 
 runner = CliRunner()
 
@@ -61,3 +62,23 @@ def test_export_esm_writes_a_loadable_pair(tmp_path):
     res = runner.invoke(app, ["export", "esm", str(tmp_path / "missing"), "-o", str(tmp_path / "t.pt")])
     assert res.exit_code == 2 and "is not a directory" in res.output
     assert load_bundle(tmp_path / "b")[0].cfg.dim == 16
+
+
+def test_error_policy_user_errors_one_line_bugs_traceback_debug_shows_all(tmp_path, monkeypatch):
+    import distill.evaluate
+
+    missing = tmp_path / "missing.fa"
+    res = runner.invoke(app, ["perplexity", "random:small", str(missing)])
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and "error:" in res.output and "missing.fa" in res.output, res.output
+    assert "Traceback" not in res.output
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("shape mismatch inside torch")
+
+    monkeypatch.setattr(distill.evaluate, "perplexity_of", broken)
+    res = runner.invoke(app, ["perplexity", "random:small", str(missing)])
+    assert res.exit_code == 1 and "Traceback" in res.output and "shape mismatch inside torch" in res.output
+    assert "Out of memory: lower --max-tokens" in res.output
+    monkeypatch.undo()
+    res = runner.invoke(app, ["--debug", "perplexity", "random:small", str(missing)])
+    assert isinstance(res.exception, FileNotFoundError)  # --debug: the user error is raised with its traceback

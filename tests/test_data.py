@@ -1,3 +1,4 @@
+import esm
 import numpy as np
 import pytest
 
@@ -5,7 +6,7 @@ from distill import data, tokens
 
 
 def test_encode_uses_esm1b_alphabet_and_pad_batch_adds_bos_eos():
-    a = tokens.alphabet()
+    a = esm.Alphabet.from_architecture("ESM-1b")
     ids = tokens.encode("MKV")
     assert ids.tolist() == [a.get_idx("M"), a.get_idx("K"), a.get_idx("V")]
     batch = tokens.pad_batch([ids, tokens.encode("A")])
@@ -65,12 +66,12 @@ def test_masking_is_keyed_not_streamed():
 
 def test_token_budget_groups_respect_budget_and_keep_every_sequence():
     lengths = np.array([10, 300, 50, 52, 299, 11, 1022, 5])
-    groups = data.token_budget_groups(lengths, np.arange(8), max_tokens=1100)
+    groups = tokens.token_budget_groups(lengths, np.arange(8), max_tokens=1100)
     assert sorted(i for g in groups for i in g) == list(range(8))
     for g in groups:
         assert len(g) * (max(lengths[g]) + 2) <= 1100
     with pytest.raises(ValueError, match="raise it to at least 1024"):
-        data.token_budget_groups(lengths, np.arange(8), max_tokens=1000)
+        tokens.token_budget_groups(lengths, np.arange(8), max_tokens=1000)
 
 
 def test_plan_epoch_covers_each_sequence_once_and_buckets_lengths():

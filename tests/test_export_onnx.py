@@ -11,11 +11,13 @@ from typer.testing import CliRunner
 from distill import tokens
 from distill.bundle import save_bundle
 from distill.cli import app
+from distill.config import ModelConfig
 from distill.fasta import read_fasta
-from distill.model import ESM, ModelConfig, sequence_embedding
+from distill.inference import SequenceError, resolve
+from distill.inference.onnx_backend import select_providers
+from distill.model import ESM, sequence_embedding
 from distill.pretrained import load_pretrained
 from export import onnx as ox
-from export.runtime import OnnxEmbedder, SequenceError, select_providers
 
 runner = CliRunner()
 TEACHER = EXAMPLES / "teacher" / "tiny_esm1b_t4_192.pt"  # trained weights: int8 top-1 agreement is meaningful
@@ -65,7 +67,7 @@ def test_metadata_round_trip(exported):
     out, _ = exported
     meta = ox.read_metadata(out)
     assert meta["esm_distill_contract"] == 1 and meta["variant"] == "fp32"
-    assert meta["alphabet"] == tokens.alphabet().all_toks and meta["outputs"] == ox.OUTPUTS
+    assert meta["alphabet"] == list(tokens.TOKENS) and meta["outputs"] == ox.OUTPUTS
     assert meta["architecture"]["layers"] == 4 and meta["architecture"]["dim"] == 192
     assert meta["parameters"] == load_pretrained(str(TEACHER)).num_parameters()
     assert meta["source_sha256"] == ox.sha256_file(TEACHER) and meta["preset"] == "fair-esm" and meta["labels"] == {}
@@ -101,14 +103,14 @@ def test_tensorrt_readiness_is_checked_against_the_parser_list(exported):
 def test_embedder_padding_invariance_order_and_pytorch_definition(exported):
     out, _ = exported
     seqs = [r.sequence for r in read_fasta(EXAMPLES / "valid.fasta")][:12]
-    embedder = OnnxEmbedder(out, providers="cpu", max_tokens=600)
+    embedder = resolve(out, providers="cpu", max_tokens=600)
     together = embedder.embed(seqs, per_residue=True)
     model = load_pretrained(str(TEACHER)).eval()
     for seq, e in zip(seqs, together, strict=True):
         alone = embedder.embed([seq], per_residue=True)[0]
         np.testing.assert_allclose(e.sequence, alone.sequence, atol=1e-5)
         assert e.residues.shape == (len(seq), 192)
-        toks = tokens.pad_batch([tokens.encode(seq)])
+        toks = torch.from_numpy(tokens.pad_batch([tokens.encode(seq)]))
         with torch.no_grad():
             ref = sequence_embedding(model(toks)["representations"], toks)[0].numpy()
         np.testing.assert_allclose(e.sequence, ref, atol=1e-4)
@@ -116,14 +118,14 @@ def test_embedder_padding_invariance_order_and_pytorch_definition(exported):
 
 
 def test_embedder_rejects_bad_sequences_by_index(exported):
-    embedder = OnnxEmbedder(exported[0], providers="cpu")
+    embedder = resolve(exported[0], providers="cpu")
     with pytest.raises(SequenceError, match="sequence 1: illegal residue 'J' at position 3"):
         embedder.embed(["MKV", "MKJL"])
     with pytest.raises(SequenceError, match="sequence 0: empty sequence"):
         embedder.embed([""])
     with pytest.raises(SequenceError, match="1100 residues exceed the limit of 1022"):
         embedder.embed(["M" * 1100])
-    e = embedder.embed(["M" * 1100], crop=True)[0]
+    e = embedder.embed(["M" * 1100], long="crop")[0]
     assert e.cropped and e.sequence.shape == (192,)
 
 

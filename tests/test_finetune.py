@@ -12,10 +12,11 @@ from typer.testing import CliRunner
 from distill.bundle import save_bundle
 from distill.calibration import shuffled
 from distill.cli import app
+from distill.config import FinetuneConfig, ModelConfig
 from distill.fasta import read_fasta
-from distill.finetune import FinetuneConfig, finetune, task_loss
-from distill.model import ModelConfig, build_student
-from distill.probe import heads_of
+from distill.finetune import finetune, task_loss
+from distill.heads import heads_of
+from distill.model import build_student
 
 runner = CliRunner()
 FAMILIES = ("PF00004", "PF00005", "PF00072", "PF00076")
@@ -47,9 +48,9 @@ def tuned(pfam4) -> Path:
 
 
 def accuracy(model_spec: str, test: list) -> float:
-    from export.runtime import load_embedder
+    from distill.inference import resolve
 
-    e = load_embedder(model_spec, providers="cpu")
+    e = resolve(model_spec, providers="cpu")
     p = e.run([r.sequence for r in test], ["pfam"])[1]["pfam"]
     return float(np.mean([e.labels["pfam"][i] == r.description for i, r in zip(p.argmax(1), test, strict=True)]))
 
@@ -120,9 +121,9 @@ def test_a_small_student_learns_from_a_fine_tuned_teacher(pfam4, tuned, tmp_path
 
 
 def test_shuffled_sequences_get_the_no_call_while_real_ones_are_called(pfam4, tuned, tmp_path):
-    from export.runtime import load_embedder
+    from distill.inference import resolve
 
-    e = load_embedder(str(tuned), providers="cpu")
+    e = resolve(str(tuned), providers="cpu")
     threshold = e.thresholds["pfam"]
     real = [r.sequence for r in pfam4["test"]]
     p_shuf = e.run(shuffled(real, 5), ["pfam"])[1]["pfam"].max(1)
@@ -191,11 +192,11 @@ def test_random_spec_with_a_seed(pfam4):
 
 
 def test_a_fine_tuned_cosine_head_exports_to_onnx_with_its_temperature_and_threshold(tuned, pfam4, tmp_path):
-    from export.runtime import OnnxEmbedder, load_embedder
+    from distill.inference import resolve
 
     res = runner.invoke(app, ["export", "onnx", str(tuned), "-o", str(tmp_path / "t.onnx"), "--heads"])
     assert res.exit_code == 0, res.output
-    onnx, torch_ = OnnxEmbedder(tmp_path / "t.onnx"), load_embedder(str(tuned), providers="cpu")
+    onnx, torch_ = resolve(tmp_path / "t.onnx"), resolve(str(tuned), providers="cpu")
     seqs = [r.sequence for r in pfam4["test"]]
     np.testing.assert_allclose(onnx.run(seqs, ["pfam"])[1]["pfam"], torch_.run(seqs, ["pfam"])[1]["pfam"], atol=1e-5)
     assert onnx.thresholds == torch_.thresholds and 0 < onnx.thresholds["pfam"] < 1

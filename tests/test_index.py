@@ -9,9 +9,10 @@ from typer.testing import CliRunner
 
 from distill.bundle import save_bundle
 from distill.cli import app
+from distill.config import ModelConfig
 from distill.fasta import read_fasta
 from distill.index import IndexError_, load_index
-from distill.model import ModelConfig, build_student
+from distill.model import build_student
 
 pytest.importorskip("faiss")
 pytest.importorskip("pyopal")

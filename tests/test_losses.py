@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from distill import tokens
 from distill.losses import distillation_loss, kd_kl_sum, residue_logits
 
-R = tokens.RESIDUE_IDS
+R = torch.from_numpy(tokens.RESIDUE_IDS)
 
 
 def logits_over_residues(values: list[float]) -> torch.Tensor:

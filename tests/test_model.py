@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from distill import tokens
-from distill.model import ESM, ModelConfig
+from distill.config import ModelConfig
+from distill.model import ESM
 from distill.pretrained import from_fair_esm, load_fair_esm
 
 
@@ -29,11 +30,11 @@ def test_bad_configs_are_rejected():
 def test_padding_never_changes_a_real_position(real_sequences):
     torch.manual_seed(0)
     model = ESM(ModelConfig(layers=2, dim=32, heads=4, ffn=64)).eval()
-    batch = tokens.pad_batch([tokens.encode(s) for s in real_sequences])
+    batch = torch.from_numpy(tokens.pad_batch([tokens.encode(s) for s in real_sequences]))
     with torch.no_grad():
         together = model(batch)
         for row, seq in enumerate(real_sequences):
-            alone = model(tokens.pad_batch([tokens.encode(seq)]))
+            alone = model(torch.from_numpy(tokens.pad_batch([tokens.encode(seq)])))
             n = len(seq) + 2
             torch.testing.assert_close(together["representations"][row, :n], alone["representations"][0], atol=1e-5, rtol=0)
             torch.testing.assert_close(together["logits"][row, :n], alone["logits"][0], atol=1e-5, rtol=0)
@@ -41,7 +42,7 @@ def test_padding_never_changes_a_real_position(real_sequences):
 
 def test_mask_row_stays_zero_during_training():
     model = ESM(ModelConfig(layers=1, dim=16, heads=2, ffn=32))
-    toks = tokens.pad_batch([tokens.encode("MKVLAAG")])
+    toks = torch.from_numpy(tokens.pad_batch([tokens.encode("MKVLAAG")]))
     toks[0, 2] = tokens.MASK
     opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
     model(toks)["logits"].logsumexp(-1).sum().backward()
@@ -56,7 +57,7 @@ def test_same_logits_and_representations_as_fair_esm(fixture, request, real_sequ
     """Published-layout checkpoints give fair-esm's outputs to <= 1e-5 (fp32), padding and <mask> included."""
     fair = load_fair_esm(str(request.getfixturevalue(fixture))).eval()
     ours = from_fair_esm(fair).eval()
-    batch = tokens.pad_batch([tokens.encode(s) for s in real_sequences])
+    batch = torch.from_numpy(tokens.pad_batch([tokens.encode(s) for s in real_sequences]))
     batch[:, 3] = tokens.MASK  # token-dropout rescaling path
     assert batch.eq(tokens.PAD).any()
     with torch.no_grad():

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from distill import tokens
-from distill.model import ESM, ModelConfig
+from distill.config import ModelConfig
+from distill.model import ESM
 from distill.pretrained import ModelNotAvailable, load_fair_esm, load_pretrained, save_fair_esm
 
 
@@ -85,8 +86,8 @@ def test_student_round_trips_through_fair_esms_loader(tmp_path, real_sequences):
     assert regression.name == "student_t2-contact-regression.pt"
     with torch.serialization.safe_globals([argparse.Namespace]):
         fair, alphabet = esm.pretrained.load_model_and_alphabet_local(str(path))
-    assert alphabet.all_toks == tokens.alphabet().all_toks
-    batch = tokens.pad_batch([tokens.encode(s) for s in real_sequences])
+    assert alphabet.all_toks == list(tokens.TOKENS)
+    batch = torch.from_numpy(tokens.pad_batch([tokens.encode(s) for s in real_sequences]))
     with torch.no_grad():
         a = fair.eval()(batch)["logits"]
         b = student(batch)["logits"]

@@ -10,10 +10,12 @@ from typer.testing import CliRunner
 from distill import embeddings, tokens
 from distill.bundle import save_bundle
 from distill.cli import app
+from distill.config import ModelConfig
 from distill.data import sequence_digests
+from distill.heads import HeadError, heads_of, load_head
 from distill.labels import LabelledSet, read_labelled
-from distill.model import ESM, ModelConfig
-from distill.probe import HeadError, classification_metrics, heads_of, load_head, make_split, run_probe
+from distill.model import ESM
+from distill.probe import classification_metrics, make_split, run_probe
 
 runner = CliRunner()
 TEACHER = EXAMPLES / "teacher" / "tiny_esm1b_t4_192.pt"
@@ -67,7 +69,7 @@ def test_embedding_cache_pooling_and_composition(monkeypatch):
     mean = feat.features(seqs, "mean")
     cls = feat.features(seqs, "cls")
     with torch.no_grad():
-        toks = tokens.pad_batch([tokens.encode(s) for s in seqs])
+        toks = torch.from_numpy(tokens.pad_batch([tokens.encode(s) for s in seqs]))
         reps = feat.model(toks)["representations"]
     np.testing.assert_allclose(cls, reps[:, 0].numpy(), atol=1e-5)
     np.testing.assert_allclose(mean[2], reps[2, 1:4].mean(0).numpy(), atol=1e-5)
@@ -116,9 +118,9 @@ def test_cli_probe_writes_head_export_carries_it_and_onnx_matches_torch(bundle, 
     onnx_path = tmp_path / "s.onnx"
     res = runner.invoke(app, ["export", "onnx", str(bundle), "-o", str(onnx_path), "--heads"])
     assert res.exit_code == 0, res.output
-    from export.runtime import OnnxEmbedder, top_k
+    from distill.inference import resolve, top_k
 
-    emb = OnnxEmbedder(onnx_path)
+    emb = resolve(onnx_path)
     assert emb.labels["pfam"] == head.labels and emb.thresholds["pfam"] == pytest.approx(head.min_probability)
     seqs = read_labelled(str(EXAMPLES / "pfam.fasta"), "pfam").sequences[:7]
     got = emb.embed(seqs)
@@ -181,11 +183,11 @@ def test_cls_pooled_head_exports_and_matches_torch(tmp_path):
     assert head.pooling == "cls" and head.card["hidden"] == 256
     res = runner.invoke(app, ["export", "onnx", str(b), "-o", str(tmp_path / "s.onnx"), "--heads"])
     assert res.exit_code == 0, res.output  # the export's parity check covers the head probabilities
+    from distill.inference import resolve
     from export.onnx import read_metadata
-    from export.runtime import OnnxEmbedder, load_embedder
 
     assert read_metadata(tmp_path / "s.onnx")["heads"]["scope"]["pooling"] == "cls"
     seqs = read_labelled(str(EXAMPLES / "scope.fasta"), "scope").sequences[:5]
-    onnx_probs = [e.probabilities["scope"] for e in OnnxEmbedder(tmp_path / "s.onnx").embed(seqs)]
-    torch_probs = [e.probabilities["scope"] for e in load_embedder(str(b)).embed(seqs)]
+    onnx_probs = [e.probabilities["scope"] for e in resolve(tmp_path / "s.onnx").embed(seqs)]
+    torch_probs = [e.probabilities["scope"] for e in resolve(str(b)).embed(seqs)]
     np.testing.assert_allclose(onnx_probs, torch_probs, atol=1e-4)  # the export contract's fp32 bound

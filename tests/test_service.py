@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 
 from distill.bundle import save_bundle
 from distill.cli import app
+from distill.config import ModelConfig
 from distill.fasta import read_fasta
-from distill.model import ESM, ModelConfig
+from distill.model import ESM
 
 runner = CliRunner()
 TEACHER = EXAMPLES / "teacher" / "tiny_esm1b_t4_192.pt"
@@ -59,7 +60,7 @@ def post(url: str, payload, raw: bytes | None = None) -> tuple[int, object]:
 def server(tmp_path_factory):
     """A tiny student with Pfam and SCOPe heads, imported into a private model store and served; ESM comparison on."""
     root = tmp_path_factory.mktemp("svc")
-    env = {**os.environ, "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "True", "ESM_DISTILL_MAX_RESIDUES": "20000"}
+    env = {**os.environ, "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
     os.environ["BENTOML_HOME"] = env["BENTOML_HOME"]  # for `distill import` in this process
     torch.manual_seed(0)
     bundle = save_bundle(root / "tiny" / "student", ESM(ModelConfig(2, 32, 4, 64)), "custom")
@@ -102,6 +103,8 @@ def server(tmp_path_factory):
         str(root / "teacher-heads"),
         "--reference",
         str(root / "index"),
+        "--max-residues",
+        "20000",
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=open(root / "serve.log", "w"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -118,9 +121,9 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def direct(server):
     """The same graph run in-process: what every HTTP answer must equal."""
-    from export.runtime import OnnxEmbedder
+    from distill.inference import resolve
 
-    emb = OnnxEmbedder(server["graph"])
+    emb = resolve(server["graph"])
     return emb, {s: e for s, e in zip(SEQS, emb.embed(SEQS, cls=True), strict=True)}
 
 
@@ -208,11 +211,11 @@ def test_crop_is_opt_in_per_request(server, direct):
 
 
 def test_compare_returns_both_models_agreement_and_latency(server):
-    from export.runtime import load_embedder
+    from distill.inference import resolve
 
     status, body = post(f"{server['url']}/compare", {"sequences": SEQS[:6], "tasks": ["pfam"], "top_k": 2})
     assert status == 200, body
-    ref = load_embedder(str(TEACHER), str(server["root"] / "teacher-heads"))
+    ref = resolve(str(TEACHER), str(server["root"] / "teacher-heads"))
     want = [ref.labels["pfam"][int(np.argmax(e.probabilities["pfam"]))] for e in ref.embed(SEQS[:6], tasks=["pfam"])]
     got_ref = [r["calls"]["pfam"][0]["label"] for r in body["reference"]["results"]]
     got_student = [r["calls"]["pfam"][0]["label"] for r in body["student"]["results"]]
@@ -224,7 +227,7 @@ def test_compare_returns_both_models_agreement_and_latency(server):
 def test_compare_without_a_reference_says_why(monkeypatch):
     from serve import service
 
-    monkeypatch.setattr(service, "COMPARE", "")
+    monkeypatch.setattr(service, "ARGS", service.ARGS.model_copy(update={"compare": ""}))
     ref = service.Reference.inner()
     assert ref.infer(["MKV"]) == {"available": False, "reason": ref.reason, "model": "", "labels": {}}
     assert "--compare-with esm1b_t33_650M_UR50S" in ref.reason
@@ -247,16 +250,15 @@ def test_concurrent_clients_of_mixed_lengths_never_get_each_others_answers(serve
 
 def test_annotate_through_the_service_equals_local_annotation(server, tmp_path):
     from distill.annotate import Options, annotate
-    from distill.http_backend import HttpBackend
-    from export.runtime import OnnxEmbedder
+    from distill.inference import resolve
 
     fasta = tmp_path / "in.fa"
     fasta.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(SEQS[:20])) + ">bad\nMKJ\n>long\n" + SEQS[0] * 14 + "\n")
     local = annotate(
-        fasta, OnnxEmbedder(server["graph"]), tmp_path / "local.tsv", Options(top_k=2, embeddings=tmp_path / "local.npy", quiet=True)
+        fasta, resolve(server["graph"]), tmp_path / "local.tsv", Options(top_k=2, embeddings=tmp_path / "local.npy", quiet=True)
     )
     remote = annotate(
-        fasta, HttpBackend(server["url"]), tmp_path / "remote.tsv", Options(top_k=2, embeddings=tmp_path / "remote.npy", quiet=True)
+        fasta, resolve(server["url"]), tmp_path / "remote.tsv", Options(top_k=2, embeddings=tmp_path / "remote.npy", quiet=True)
     )
     assert (local.ok, local.errors) == (remote.ok, remote.errors) == (21, 1)
     assert (tmp_path / "local.tsv").read_text() == (tmp_path / "remote.tsv").read_text()
@@ -264,10 +266,10 @@ def test_annotate_through_the_service_equals_local_annotation(server, tmp_path):
 
 
 def test_bentoml_build_works_offline(server):
-    env = {**server["env"], "ESM_DISTILL_MODEL": server["tag"]}
     res = subprocess.run(
-        [sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
+        [sys.executable, "-m", "bentoml", "build", "--output", "tag", "--arg", f"model={server['tag']}"],
+        cwd=REPO, env=server["env"], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
     bento_tag = res.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     import yaml
@@ -281,7 +283,7 @@ def test_bentoml_build_works_offline(server):
 
 def test_esm1b_backend_serves_a_fair_esm_checkpoint_with_its_heads(server):
     """`--backend esm1b`: the teacher itself behind the same API (here the bundled tiny ESM-1b-format checkpoint)."""
-    from export.runtime import load_embedder
+    from distill.inference import resolve
 
     port = free_port()
     heads = server["root"] / "teacher-heads"
@@ -292,7 +294,7 @@ def test_esm1b_backend_serves_a_fair_esm_checkpoint_with_its_heads(server):
         wait_ready(url, proc)
         status, body = post(f"{url}/classify", {"sequences": SEQS[:4], "tasks": ["scope"], "top_k": 1})
         assert status == 200, body
-        ref = load_embedder(str(TEACHER), str(heads))
+        ref = resolve(str(TEACHER), str(heads))
         want = [ref.labels["scope"][int(np.argmax(e.probabilities["scope"]))] for e in ref.embed(SEQS[:4], tasks=["scope"])]
         assert [r["calls"]["scope"][0]["label"] for r in body["results"]] == want
         status, info = post(f"{url}/info", {})
@@ -304,9 +306,9 @@ def test_esm1b_backend_serves_a_fair_esm_checkpoint_with_its_heads(server):
 
 def test_classify_flags_no_calls_and_lists_reference_neighbours(server):
     from distill.calibration import shuffled
+    from distill.heads import heads_of
     from distill.index import load_index
-    from distill.probe import heads_of
-    from export.runtime import OnnxEmbedder
+    from distill.inference import resolve
 
     status, info = post(f"{server['url']}/info", {})
     heads = heads_of(server["bundle"])
@@ -316,7 +318,7 @@ def test_classify_flags_no_calls_and_lists_reference_neighbours(server):
     status, body = post(f"{server['url']}/classify", {"sequences": seqs, "top_k": 3})
     assert status == 200, body
     index = load_index(server["index"])
-    vectors = np.stack([e.sequence for e in OnnxEmbedder(server["graph"]).embed(seqs)])
+    vectors = np.stack([e.sequence for e in resolve(server["graph"]).embed(seqs)])
     nn = index.search(vectors, 3)
     for r, ids, sims in zip(body["results"], nn.ids, nn.similarities, strict=True):
         for t, calls in r["calls"].items():

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 from distill import data
 from distill.cli import app
 from distill.losses import residue_logits
-from distill.teacher_cache import CacheMismatch, TeacherCache
-from distill.train import fit, load_teacher
+from distill.teacher_cache import CacheMismatch, TeacherCache, load_teacher
+from distill.train import fit
 
 runner = CliRunner()
 

@@ -13,9 +13,11 @@ from typer.testing import CliRunner
 
 from distill import data
 from distill.cli import app
+from distill.config import FitConfig, ModelConfig
 from distill.losses import distillation_loss, residue_logits
-from distill.model import ESM, ModelConfig
-from distill.train import FitConfig, fit, load_teacher
+from distill.model import ESM
+from distill.teacher_cache import load_teacher
+from distill.train import fit
 
 TINY = {"preset": "custom", "layers": 2, "dim": 32, "heads": 4, "ffn": 64}
 runner = CliRunner()

@@ -1,0 +1,52 @@
+"""What every ``distill`` command shares: the console, and one error policy for the whole command line.
+
+Errors the user can fix (bad files, formats, model specs, options; ``distill.errors.UserError``) print one
+``error:`` line and exit 2. Anything else is a bug or the machine running out of something: its traceback is
+printed with one line of advice, exit 1. ``distill --debug ...`` shows tracebacks for every error.
+"""
+
+from __future__ import annotations
+
+import traceback
+
+import click
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+from distill.errors import UserError
+
+console = Console(stderr=True, soft_wrap=True)  # never hard-wrap messages in logs
+
+# OSError subclasses we raise for missing, existing or unreadable files; ValueError for bad values and formats.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, UserError)
+ADVICE = (
+    "unexpected error (traceback above). Out of memory: lower --max-tokens or --batch-size. "
+    "Otherwise it is a bug: please report it with the traceback and the command."
+)
+
+
+class Commands(TyperGroup):
+    """A Typer group that applies the error policy to every command it runs."""
+
+    def invoke(self, ctx: click.Context):  # noqa: ANN201
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except USER_ERRORS as e:
+            if ctx.find_root().params.get("debug"):
+                raise
+            console.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(2) from None
+        except Exception:
+            if ctx.find_root().params.get("debug"):
+                raise
+            traceback.print_exc()
+            console.print(f"[bold red]error:[/] {ADVICE}")
+            raise typer.Exit(1) from None
+
+
+def task_list(tasks: str | None) -> list[str] | None:
+    """``pfam,scope`` -> ["pfam", "scope"]; None (every head) when not given."""
+    return [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None

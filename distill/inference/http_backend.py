@@ -1,0 +1,56 @@
+"""The BentoML service as a backend (``distill annotate --url``): the same layer, the forward pass remote.
+
+It reads the service's ``info`` (model name, dimension, labels, per-request limits) once and sends each batch
+to ``annotate``, which returns full probability vectors, so validation, windows and averaging happen on this
+side exactly as locally: the same output either way.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+import numpy as np
+
+from distill.errors import UserError
+from distill.inference.layer import Outputs
+
+
+class ServiceError(UserError):
+    """The service refused or failed a request; the message carries its answer."""
+
+
+class HttpBackend:
+    provider = "http"
+
+    def __init__(self, url: str, timeout: float = 600.0):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        info = self._post("info", {})
+        self.max_rows, self.max_tokens = int(info["max_sequences"]), int(info["max_residues"])  # per-request limits
+        self.name = info["model"]
+        self.dim = int(info["dim"])
+        self.labels: dict[str, list[str]] = info["labels"]
+        self.thresholds: dict[str, float] = info.get("min_probability", {})  # calibrated no-call thresholds
+        self.metadata: dict[str, Any] = {"service": self.url, "backend": info.get("backend"), "preset": info.get("preset")}
+
+    def _post(self, endpoint: str, payload: dict[str, Any]) -> dict[str, Any]:
+        req = urllib.request.Request(
+            f"{self.url}/{endpoint}", data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            raise ServiceError(f"{self.url}/{endpoint} answered {e.code}: {e.read().decode(errors='replace')[:500]}") from e
+        except urllib.error.URLError as e:
+            raise ServiceError(f"cannot reach the service at {self.url} ({e.reason}); is `distill serve` running?") from e
+
+    def forward(self, batch: np.ndarray, sequences: list[str], tasks: list[str], residues: bool, cls: bool) -> Outputs:
+        if residues or cls:
+            raise ValueError("a service backend returns mean sequence embeddings only (no per-residue or <cls> vectors)")
+        answer = self._post("annotate", {"sequences": sequences, "tasks": tasks, "all_tasks": False})
+        probs = {t: np.asarray(answer["probabilities"][t], dtype=np.float32) for t in tasks}
+        return Outputs(np.asarray(answer["embeddings"], dtype=np.float32), probs)
