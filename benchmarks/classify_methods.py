@@ -192,9 +192,11 @@ def finetuned(d: dict, run: Path, model: str, seed: int, settings: dict, teacher
     from distill.inference import resolve
 
     t = time.perf_counter()
+    # class weights none: what the recorded figures used (the default became auto, which picks per data set)
     cfg = FinetuneConfig(
-        model, [d["train_path"]], d["task"], str(run), seed=seed, teacher=str(teacher) if teacher else None, quiet=True, **settings
-    )
+        model, [d["train_path"]], d["task"], str(run), seed=seed, teacher=str(teacher) if teacher else None, quiet=True,
+        class_weights="none", **settings,
+    )  # fmt: skip
     result = finetune(cfg, resume=(run / "checkpoint.json").is_file())
     train_s = time.perf_counter() - t
     embedder = resolve(str(result.bundle), providers="cpu")

@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from distill.fasta import count_records, iter_records
+from distill.index import load_index
 from distill.inference import Inference
 from distill.inference.sequences import long_note
 from distill.io import atomic_path, atomic_write, atomic_write_json, read_json_object
@@ -191,8 +192,6 @@ def columns_for(model: Inference, opts: Options) -> Columns:
     thresholds = {t: opts.min_probability if opts.min_probability is not None else model.thresholds.get(t, 0.0) for t in tasks}
     reference = None
     if opts.reference is not None:
-        from distill.index import load_index
-
         reference = load_index(opts.reference)
         reference.check_model(lambda seqs: model.run(seqs, [])[0])
     return Columns(tasks, model.labels, opts.top_k, thresholds, reference, min(opts.reference_k, len(reference or [0])))
@@ -309,7 +308,7 @@ def write_embeddings(parts: Path, path: Path, model: Inference, n_chunks: int, n
     suffix = path.suffix.lower()
     with atomic_path(path) as tmp:
         if suffix in (".h5", ".hdf5"):
-            import h5py
+            import h5py  # each container's library only when it is asked for
 
             with h5py.File(tmp, "w") as f:  # one dataset per id, as bio_embeddings writes them
                 f.attrs["esm_distill"] = json.dumps(meta, default=str)

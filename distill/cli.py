@@ -25,6 +25,7 @@ app = typer.Typer(
     help="Distil ESM-1b into small protein language models, and put them to work.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "[default: 2.0]" must not be read as markup
 )
 export_app = typer.Typer(help="Export a student bundle to other formats.", no_args_is_help=True)
 app.add_typer(export_app, name="export")

@@ -23,13 +23,21 @@ def finetune(
     data: Annotated[
         list[str], typer.Option("--data", help="Labelled training files, directories or globs (FASTA headers, Stockholm, TSV).")
     ],
-    task: Annotated[str, typer.Option(help="pfam (Pfam accession) or scope (SCOPe superfamily).")],
+    task: Annotated[
+        str,
+        typer.Option(
+            help="Any name (letters, digits, _): labels kept as written; pfam and scope are presets (Pfam accession, SCOPe sccs)."
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Run directory; the fine-tuned bundle is OUT/model.")],
     valid: Annotated[list[str] | None, typer.Option("--valid", help="Labelled validation files (early stopping, calibration).")] = None,
     valid_fraction: Annotated[
         float, typer.Option(help="Without --valid: this fraction of each class (stratified) validates.")
     ] = D.valid_fraction,
     labels: Annotated[Path | None, typer.Option(help="id<TAB>label file for plain-FASTA --data / --valid.")] = None,
+    level: Annotated[str, typer.Option(help="scope: class, fold, superfamily or family.")] = D.level,
+    label_field: Annotated[int, typer.Option(help="FASTA: the header field after the id that holds the label.")] = D.label_field,
+    label_regex: Annotated[str | None, typer.Option(help="FASTA: a regex whose first group is the label.")] = None,
     epochs: Annotated[int, typer.Option(help="At most this many epochs (early stopping may end sooner).")] = D.epochs,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, 5% warm-up, cosine decay).")] = D.lr,
     batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step.")] = D.batch_size,
@@ -38,7 +46,10 @@ def finetune(
     pooling: Annotated[str, typer.Option(help="Sequence embedding fed to the head: mean over residues, or cls.")] = D.pooling,
     head: Annotated[str, typer.Option(help="cosine (NormFace, for many small classes) or linear.")] = D.head,
     class_weights: Annotated[
-        str, typer.Option(help=f"{' or '.join(CLASS_WEIGHTS)}: balanced trades top-1 accuracy for rare-class recall.")
+        str,
+        typer.Option(
+            help=f"{', '.join(CLASS_WEIGHTS)}: auto is balanced only when every class has 5 training examples (balanced trades top-1 accuracy for rare-class recall)."
+        ),
     ] = D.class_weights,
     min_per_class: Annotated[
         int, typer.Option(help="Classes with fewer training sequences leave the label set (they become no-call negatives).")
@@ -63,7 +74,7 @@ def finetune(
 
     cfg = FinetuneConfig(
         model=model, data=list(data), task=task, out=str(out), valid=list(valid) if valid else None, valid_fraction=valid_fraction,
-        labels=str(labels) if labels else None, epochs=epochs, lr=lr, batch_size=batch_size, max_tokens=max_tokens,
+        labels=str(labels) if labels else None, level=level, label_field=label_field, label_regex=label_regex, epochs=epochs, lr=lr, batch_size=batch_size, max_tokens=max_tokens,
         freeze_layers=freeze_layers, pooling=pooling, head=head, class_weights=class_weights, min_per_class=min_per_class,
         patience=patience, negative_rate=negative_rate, teacher=teacher, lam=lam, temperature=temperature,
         target_precision=target_precision, seed=seed, device=device, quiet=quiet,
@@ -82,7 +93,7 @@ def index(
         ),
     ],
     data: Annotated[list[str], typer.Option("--data", help="Labelled reference files (FASTA headers, Stockholm, TSV).")],
-    task: Annotated[str, typer.Option(help="pfam or scope: how labels are read.")],
+    task: Annotated[str, typer.Option(help="The task name (as for finetune): pfam and scope read their label formats.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Index directory.")],
     append: Annotated[bool, typer.Option(help="Add the sequences to an existing index (same model, new ids).")] = False,
     labels: Annotated[Path | None, typer.Option(help="id<TAB>label file for plain-FASTA --data.")] = None,

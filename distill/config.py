@@ -6,12 +6,14 @@ and ``tests/test_config.py`` checks the README's tables against them.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from distill import tokens
 from distill.io import read_json_object
+from distill.labels import LabelRule, check_task_name
 
 DEFAULT_TEACHER = "esm1b_t33_650M_UR50S"
 TRAIN_MAX_TOKENS = 8192  # tokens (incl. padding) per forward pass when training
@@ -166,7 +168,8 @@ class FitConfig:
         return cls.from_json({**saved, **{k: v for k, v in given.items() if k in RESUME_OVERRIDABLE}, "out": str(run)})
 
 
-CLASS_WEIGHTS = ("none", "balanced")
+CLASS_WEIGHTS = ("auto", "none", "balanced")
+MIN_FOR_BALANCED = 5  # auto: balanced only when every class has this many training examples
 HEAD_KINDS = ("cosine", "linear")
 
 
@@ -179,6 +182,9 @@ class FinetuneConfig:
     valid: list[str] | None = None
     valid_fraction: float = 0.1  # per class, stratified; classes too small to spare one stay training-only
     labels: str | None = None  # id<TAB>label file for plain FASTA
+    level: str = "superfamily"  # scope: class, fold, superfamily or family
+    label_field: int = 1  # FASTA: the header field after the id that holds the label
+    label_regex: str | None = None  # FASTA: or the first group of this regex
     epochs: int = 10
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -187,7 +193,7 @@ class FinetuneConfig:
     freeze_layers: int = 0  # embeddings + the first N layers stay fixed
     pooling: str = "mean"
     head: str = "cosine"
-    class_weights: str = "none"
+    class_weights: str = "auto"  # auto: balanced when every class has MIN_FOR_BALANCED training examples, else none
     min_per_class: int = 2  # classes with fewer training sequences leave the label set (they become negatives)
     patience: int = 3  # epochs without a better validation macro-F1 before stopping
     negative_rate: float = 0.25  # residue-shuffled copies added per step, as a share of the step (0: none)
@@ -200,7 +206,11 @@ class FinetuneConfig:
     device: str = "auto"
     quiet: bool = False
 
+    def rule(self) -> LabelRule:
+        return LabelRule(self.task, self.level, self.label_field, self.label_regex)
+
     def validate(self) -> None:
+        self.rule()  # the task name, level and header rule
         checks = [
             (self.pooling in POOLINGS, f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}"),
             (self.head in HEAD_KINDS, f"--head must be one of {', '.join(HEAD_KINDS)}, got {self.head!r}"),
@@ -232,12 +242,21 @@ class ProbeConfig:
     max_tokens: int = TRAIN_MAX_TOKENS
     device: str = "cpu"
     labels: str | None = None  # id<TAB>label file for plain-FASTA --data / --test
+    valid: list[str] | None = None  # labelled files for early stopping (default: 10% of the training part)
+    class_weights: str = "auto"  # auto | none | balanced (see choose_class_weights)
+    level: str = "superfamily"  # scope: class, fold, superfamily or family
+    label_field: int = 1  # FASTA: the header field after the id that holds the label
+    label_regex: str | None = None  # FASTA: or the first group of this regex
+
+    def rule(self) -> LabelRule:
+        return LabelRule(self.task, self.level, self.label_field, self.label_regex)
 
     def protocol(self) -> dict[str, Any]:
         return {
             "probe": "frozen embeddings, standardised; "
             + (f"MLP, one hidden layer of {self.hidden}" if self.hidden else "linear softmax regression"),
-            "loss": "class-weighted cross-entropy, AdamW, early stopping on a 10% validation part of the training split",
+            "loss": f"cross-entropy (class weights {self.class_weights}), AdamW, early stopping on "
+            + ("the --valid files" if self.valid else "a 10% validation part of the training split"),
             "pooling": self.pooling,
             "split": self.split if self.test is None else "given test set",
             "test_fraction": self.test_fraction if self.test is None else None,
@@ -247,7 +266,7 @@ class ProbeConfig:
             "test": self.test,
         }
 
-    def describe(self, n_classes: int, n_train: int, n_test: int) -> str:
+    def describe(self, n_classes: int, n_train: int, n_test: int, weights: str = "balanced") -> str:
         split = {
             "random": f"stratified random split {1 - self.test_fraction:.0%}/{self.test_fraction:.0%}",
             "family-holdout": "family-holdout split (test families absent from training, superfamilies seen)",
@@ -256,9 +275,65 @@ class ProbeConfig:
             split = f"given test set {', '.join(self.test)}"
         probe = f"MLP probe ({self.hidden} hidden)" if self.hidden else "linear probe (softmax regression)"
         return (
-            f"Protocol: frozen-embedding {probe} on standardised {self.pooling}-pooled embeddings, class-weighted "
-            f"cross-entropy, early stopping on 10% of the training part; {split}, seed {self.seed}; labels with fewer "
+            f"Protocol: frozen-embedding {probe} on standardised {self.pooling}-pooled embeddings, cross-entropy with "
+            f"{weights} class weights, early stopping on {'the --valid files' if self.valid else '10% of the training part'}; "
+            f"{split}, seed {self.seed}; labels with fewer "
             f"than {self.min_per_class} examples dropped. Task {self.task}: {n_classes} classes, {n_train} training and "
             f"{n_test} test sequences. Precision, recall and F1 are given macro-averaged (every class counts the same) "
             f"and weighted by class support."
         )
+
+
+@dataclass
+class SweepConfig:
+    """`distill sweep CONFIG.toml` (format in ``distill.sweep``'s docstring)."""
+
+    out: str
+    data: str
+    teacher: str
+    presets: list[str]
+    tasks: dict[str, dict[str, Any]]  # task -> ProbeConfig settings (``data`` required)
+    valid: str | None = None
+    temperatures: list[float] = field(default_factory=lambda: [2.0])
+    lambdas: list[float] = field(default_factory=lambda: [0.5])
+    epochs: int | None = None  # None: each preset's
+    teacher_cache: bool = False  # one cache (K = epochs views) shared by all runs
+    baselines: bool = False
+    fit: dict[str, Any] = field(default_factory=dict)  # any other FitConfig setting
+    seed: int = 0
+
+    def fit_config(self) -> FitConfig:
+        """The ``[fit]`` settings over FitConfig's defaults (data and out filled per run)."""
+        return FitConfig(data=self.data, out=self.out, **self.fit)
+
+    @classmethod
+    def from_toml(cls, path: Path) -> SweepConfig:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"sweep config {path} does not exist") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path} is not valid TOML: {e}") from e
+        known = {f.name for f in fields(cls)}
+        if set(raw) - known:
+            raise ValueError(f"{path}: unknown keys {sorted(set(raw) - known)}; allowed: {sorted(known)}")
+        for key in ("out", "data", "teacher", "presets", "tasks"):
+            if key not in raw:
+                raise ValueError(f"{path}: missing required key {key!r}")
+        for name in raw["presets"]:
+            if name not in PRESETS:
+                raise ValueError(f"{path}: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        task_keys = {f.name for f in fields(ProbeConfig)} - {"task", "device"}
+        for task, settings in raw["tasks"].items():
+            try:
+                check_task_name(task)
+            except ValueError as e:
+                raise ValueError(f"{path}: [tasks.{task}]: {e}") from e
+            bad = set(settings) - task_keys
+            if bad or "data" not in settings:
+                raise ValueError(f"{path}: [tasks.{task}] needs 'data' and takes {sorted(task_keys)}; got unknown {sorted(bad)}")
+        bad = set(raw.get("fit", {})) - {f.name for f in fields(FitConfig)}
+        if bad:
+            raise ValueError(f"{path}: [fit] has unknown settings {sorted(bad)}")
+        return cls(**raw)

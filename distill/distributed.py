@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ class Distributed:
             return cls()
         if not torch_dist.is_initialized():
             torch_dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            atexit.register(_destroy)  # a gloo group still alive at interpreter exit can abort the process
         return cls(torch_dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
 
     @property
@@ -85,3 +87,8 @@ class StopRequested:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+
+
+def _destroy() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,10 +43,10 @@ from distill.embeddings import embed
 from distill.encoders import Encoder, load_encoder
 from distill.finetune_checkpoints import load_weights, resume_state, save_checkpoint, save_weights
 from distill.finetune_data import Data, setup_data
-from distill.heads import Head, ProbeHead
+from distill.heads import Head, ProbeHead, heads_of
 from distill.io import atomic_write_json
 from distill.model import ESM, sequence_embedding
-from distill.probe import classification_metrics
+from distill.probe import choose_class_weights, classification_metrics
 from distill.train import lr_lambda
 
 COSINE_SCALE = 16.0  # logit scale of the cosine head: softmax can reach ~1 - 1e-6 over hundreds of classes
@@ -64,8 +65,6 @@ def teacher_logits(cfg: FinetuneConfig, d: Data, device: torch.device) -> torch.
     """The task teacher's logits for every training sequence (leading crop), in the student's label order."""
     if cfg.teacher is None or cfg.lam == 0:
         return None
-    from distill.heads import heads_of
-
     teacher = load_encoder(cfg.teacher)
     head = heads_of(Path(cfg.teacher), teacher.model.cfg.dim).get(cfg.task) if Path(cfg.teacher).is_dir() else None
     if head is None:
@@ -234,12 +233,13 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, console: Console | None 
     net = Classifier(model, head, cfg.pooling)
     net = torch.nn.parallel.DistributedDataParallel(net) if dist.world > 1 else net
     counts = np.bincount(d.y_train, minlength=len(d.labels))
-    weight = torch.from_numpy(len(d.y_train) / (len(d.labels) * counts)).float().to(device) if cfg.class_weights == "balanced" else None
+    weights, why = choose_class_weights(cfg.class_weights, Counter(dict(zip(d.labels, counts.tolist(), strict=True))))
+    weight = torch.from_numpy(len(d.y_train) / (len(d.labels) * counts)).float().to(device) if weights == "balanced" else None
     ctx = {"device": device, "dist": dist, "weight": weight, "soft": teacher_logits(cfg, d, device)}
     for note in d.notes:
         console.print(f"[yellow]note:[/] {note}")
     console.print(f"fine-tuning {encoder.name} on {cfg.task}: {len(d.labels)} classes, {len(d.train)} training and {len(d.valid)} "
-                  f"validation sequences, {cfg.class_weights} class weights, {cfg.head} head" + (f", {n_frozen:,} parameters frozen" if n_frozen else "")
+                  f"validation sequences, {why}, {cfg.head} head" + (f", {n_frozen:,} parameters frozen" if n_frozen else "")
                   + (f", {dist.world} processes" if dist.world > 1 else ""))  # fmt: skip
     counters = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "bad": 0}
     if resume:

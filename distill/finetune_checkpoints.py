@@ -10,17 +10,15 @@ import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from distill.config import FinetuneConfig
 from distill.heads import ProbeHead
 from distill.io import atomic_write_json, read_json_object
 from distill.model import ESM
-
-if TYPE_CHECKING:
-    from distill.config import FinetuneConfig
 
 RESUME_OVERRIDABLE = {"quiet", "device"}  # what a resumed run may change
 

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from distill.config import FinetuneConfig
 from distill.labels import LabelledSet, read_labelled
-
-if TYPE_CHECKING:
-    from distill.config import FinetuneConfig
 
 
 @dataclass
@@ -39,9 +36,9 @@ def stratified_valid(ds: LabelledSet, fraction: float, seed: int) -> np.ndarray:
 
 def setup_data(cfg: FinetuneConfig) -> Data:
     labels_file = Path(cfg.labels) if cfg.labels else None
-    ds = read_labelled(cfg.data, cfg.task, labels_file)
+    ds = read_labelled(cfg.data, cfg.rule(), labels_file)
     if cfg.valid:
-        train, valid = ds, read_labelled(cfg.valid, cfg.task, labels_file)
+        train, valid = ds, read_labelled(cfg.valid, cfg.rule(), labels_file)
     else:
         is_valid = stratified_valid(ds, cfg.valid_fraction, cfg.seed)
         train, valid = ds.subset(np.flatnonzero(~is_valid)), ds.subset(np.flatnonzero(is_valid))

@@ -96,7 +96,7 @@ class ReferenceIndex:
             idx, sims = idx[keep].reshape(len(idx), -1), sims[keep].reshape(len(idx), -1)
         scores = None
         if sequences is not None and self.align:
-            from distill.align import Aligner, rerank
+            from distill.align import Aligner, rerank  # pyopal (optional extra): only when re-ranking
 
             self._aligner = self._aligner or Aligner(self.sequences)
             idx, scores = rerank(self._aligner, sequences, idx, k)

@@ -10,14 +10,13 @@ from distill.config import POOLINGS
 from distill.distributed import pick_device
 from distill.embeddings import embed
 from distill.encoders import load_encoder
+from distill.heads import heads_of
 from distill.index import ReferenceIndex, build_index, load_index
 from distill.labels import read_labelled
 
 
 def default_pooling(spec: str) -> str:
     """A fine-tuned bundle's head pooling (its embedding space is what the head was trained on), else mean."""
-    from distill.heads import heads_of
-
     if Path(spec).is_dir():
         heads = heads_of(Path(spec))
         fine = [h for h in heads.values() if h.card.get("protocol", {}).get("kind") == "fine-tuned"]

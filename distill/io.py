@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
@@ -51,7 +53,6 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def atomic_save_npy(path: Path, array: Any) -> None:
     """``np.save`` through a file handle: given a path, numpy would append ``.npy`` to the temporary name."""
-    import numpy as np
 
     def write(p: Path) -> None:
         with open(p, "wb") as f:

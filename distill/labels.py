@@ -1,10 +1,16 @@
-"""Labelled protein sets for probing: FASTA with the label in the header, Stockholm alignments, or TSV.
+"""Labelled protein sets for probing and fine-tuning: FASTA with the label in the header, Stockholm, or TSV.
 
 Formats (chosen by content, not by file name):
-  FASTA, ASTRAL-style   ``>d1dlwa_ a.1.1.1 (A:) ...``  sccs -> superfamily ``a.1.1`` (task scope), family kept too
-  FASTA, Pfam-style     ``>Q9XYZ/10-80 PF00041`` or ``PF00041.20``  -> ``PF00041`` (task pfam)
+  FASTA                 the label is a field of the header: ``>ID LABEL ...`` (``label_field`` 1, the default) or
+                        what ``label_regex``'s first group matches in the header's description
   Stockholm             one family per file, label from ``#=GF AC``; gaps stripped, residues upper-cased
   TSV                   ``id<TAB>label<TAB>sequence`` (a ``#`` line or a header row ``id label sequence`` is skipped)
+
+Tasks: any name (letters, digits, _; it becomes the ``<task>_probabilities`` ONNX output and ``<task>_label_k``
+TSV columns). Labels are kept as written, except for two presets that know their formats:
+  pfam    a Pfam accession: ``PF00041`` or ``PF00041.20`` -> ``PF00041``
+  scope   a SCOPe sccs ``a.1.1.1`` cut at ``level``: class ``a``, fold ``a.1``, superfamily ``a.1.1`` (default) or
+          family ``a.1.1.1``; the family is kept as the group for family-holdout splits
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import numpy as np
 from distill import tokens
 from distill.fasta import iter_records, open_text
 
-TASKS = ("pfam", "scope")
+PRESET_TASKS = ("pfam", "scope")
+SCOPE_LEVELS = {"class": 1, "fold": 2, "superfamily": 3, "family": 4}
+TASK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,39}$")
 SCCS = re.compile(r"^[a-l]\.\d+\.\d+\.\d+$")
 PFAM = re.compile(r"^(PF\d{5})(\.\d+)?$")
 LABELLED_SUFFIXES = (".fa", ".fasta", ".faa", ".fas", ".sto", ".stockholm", ".tsv", ".gz")
@@ -88,16 +96,68 @@ def sniff(path: Path) -> str:
     )
 
 
-def parse_label(raw: str, task: str, where: str) -> tuple[str, str]:
-    """(label, group) for one raw label: an sccs for scope, a Pfam accession for pfam."""
-    if task == "scope":
-        if not SCCS.match(raw):
-            raise LabelError(f"{where}: {raw!r} is not a SCOPe sccs like a.1.1.1 (class.fold.superfamily.family)")
-        return ".".join(raw.split(".")[:3]), raw
-    m = PFAM.match(raw)
-    if not m:
-        raise LabelError(f"{where}: {raw!r} is not a Pfam accession like PF00041 or PF00041.20")
-    return m.group(1), m.group(1)
+def check_task_name(task: str) -> str:
+    if not TASK_NAME.match(task or ""):
+        raise LabelError(
+            f"task name {task!r} is not usable: it names the head, the ONNX output <task>_probabilities and TSV columns, "
+            "so it must start with a letter and hold only letters, digits and _ (at most 40)"
+        )
+    return task
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    """How raw labels become a task's labels, and where FASTA headers keep them."""
+
+    task: str
+    level: str = "superfamily"  # scope only
+    field: int = 1  # FASTA: the label is the header's Nth whitespace field after the id
+    regex: str | None = None  # FASTA: or the first group of this regex, searched in the header's description
+
+    def __post_init__(self) -> None:
+        check_task_name(self.task)
+        if self.level not in SCOPE_LEVELS:
+            raise LabelError(f"--level must be one of {', '.join(SCOPE_LEVELS)}, got {self.level!r}")
+        if self.field < 1:
+            raise LabelError(f"--label-field counts header fields from 1, got {self.field}")
+        if self.regex is not None:
+            try:
+                groups = re.compile(self.regex).groups
+            except re.error as e:
+                raise LabelError(f"--label-regex {self.regex!r} is not a valid regular expression: {e}") from e
+            if groups < 1:
+                raise LabelError(f"--label-regex {self.regex!r} needs a (group) around the label")
+
+    def parse(self, raw: str, where: str) -> tuple[str, str]:
+        """(label, group) for one raw label."""
+        if self.task == "scope":
+            if not SCCS.match(raw):
+                raise LabelError(f"{where}: {raw!r} is not a SCOPe sccs like a.1.1.1 (class.fold.superfamily.family)")
+            return ".".join(raw.split(".")[: SCOPE_LEVELS[self.level]]), raw
+        if self.task == "pfam":
+            m = PFAM.match(raw)
+            if not m:
+                raise LabelError(f"{where}: {raw!r} is not a Pfam accession like PF00041 or PF00041.20")
+            return m.group(1), m.group(1)
+        if not raw or raw == "-" or any(c in raw for c in "\t\r\n"):
+            raise LabelError(f"{where}: label {raw!r} is empty, '-' (the no-call mark) or holds a tab or line break")
+        return raw, raw
+
+    def from_header(self, description: str, where: str) -> str:
+        """The raw label in a FASTA header's description (the text after the id)."""
+        if self.regex is not None:
+            m = re.search(self.regex, description)
+            if not m or not m.group(1):
+                raise LabelError(f"{where}: --label-regex {self.regex!r} finds no label in the header {description[:80]!r}")
+            return m.group(1)
+        fields = description.split()
+        if len(fields) < self.field:
+            raise LabelError(f"{where}: no label in the header; expected '>ID LABEL ...' (field {self.field} after the id)")
+        return fields[self.field - 1]
+
+
+def rule_of(task: str | LabelRule) -> LabelRule:
+    return task if isinstance(task, LabelRule) else LabelRule(task)
 
 
 def _check_sequence(seq: str, where: str) -> str:
@@ -109,21 +169,18 @@ def _check_sequence(seq: str, where: str) -> str:
     return seq
 
 
-def _read_fasta(path: Path, task: str) -> list[tuple[str, str, str, str]]:
+def _read_fasta(path: Path, rule: LabelRule) -> list[tuple[str, str, str, str]]:
     rows = []
     for r in iter_records(path):
         where = f"{path}:{r.line} (record {r.id!r})"
         if r.error:
             raise LabelError(r.error)
-        fields = r.description.split()
-        if not fields:
-            raise LabelError(f"{where}: no label in the header; expected '>ID LABEL ...' (ASTRAL sccs or Pfam accession)")
-        label, group = parse_label(fields[0], task, where)
+        label, group = rule.parse(rule.from_header(r.description, where), where)
         rows.append((r.id, _check_sequence(tokens.ascii_upper(r.sequence), where), label, group))
     return rows
 
 
-def _read_stockholm(path: Path, task: str) -> list[tuple[str, str, str, str]]:
+def _read_stockholm(path: Path, rule: LabelRule) -> list[tuple[str, str, str, str]]:
     accession, seqs, first_line = None, {}, {}
     with open_text(path) as fh:
         for n, line in enumerate(fh, 1):
@@ -140,7 +197,7 @@ def _read_stockholm(path: Path, task: str) -> list[tuple[str, str, str, str]]:
                 first_line.setdefault(parts[0], n)
     if accession is None:
         raise LabelError(f"{path}: Stockholm file without a '#=GF AC' line, so it has no family label")
-    label, group = parse_label(accession, task, f"{path} (#=GF AC)")
+    label, group = rule.parse(accession, f"{path} (#=GF AC)")
     rows = []
     for name, aligned in seqs.items():
         seq = tokens.ascii_upper(re.sub(r"[.\-]", "", aligned))
@@ -148,7 +205,7 @@ def _read_stockholm(path: Path, task: str) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def _read_tsv(path: Path, task: str) -> list[tuple[str, str, str, str]]:
+def _read_tsv(path: Path, rule: LabelRule) -> list[tuple[str, str, str, str]]:
     rows = []
     with open_text(path) as fh:
         for n, line in enumerate(fh, 1):
@@ -160,7 +217,7 @@ def _read_tsv(path: Path, task: str) -> list[tuple[str, str, str, str]]:
                 raise LabelError(f"{path}:{n}: expected 3 tab-separated columns id, label, sequence; got {len(parts)}")
             rid, raw, seq = (p.strip() for p in parts)
             where = f"{path}:{n} (record {rid!r})"
-            label, group = parse_label(raw, task, where)
+            label, group = rule.parse(raw, where)
             rows.append((rid, _check_sequence(tokens.ascii_upper(seq), where), label, group))
     return rows
 
@@ -168,7 +225,7 @@ def _read_tsv(path: Path, task: str) -> list[tuple[str, str, str, str]]:
 READERS = {"fasta": _read_fasta, "stockholm": _read_stockholm, "tsv": _read_tsv}
 
 
-def read_label_map(path: Path, task: str) -> dict[str, tuple[str, str]]:
+def read_label_map(path: Path, rule: LabelRule) -> dict[str, tuple[str, str]]:
     """A two-column ``id<TAB>label`` file -> {id: (label, group)}."""
     path = Path(path)
     out: dict[str, tuple[str, str]] = {}
@@ -183,7 +240,7 @@ def read_label_map(path: Path, task: str) -> dict[str, tuple[str, str]]:
             rid, raw = (p.strip() for p in parts)
             if rid in out:
                 raise LabelError(f"{path}:{n}: id {rid!r} is labelled twice")
-            out[rid] = parse_label(raw, task, f"{path}:{n} (id {rid!r})")
+            out[rid] = rule.parse(raw, f"{path}:{n} (id {rid!r})")
     return out
 
 
@@ -199,20 +256,19 @@ def _with_label_map(path: Path, labels: dict[str, tuple[str, str]], labels_path:
     return rows
 
 
-def read_labelled(specs: list[str] | str, task: str, labels_file: Path | None = None) -> LabelledSet:
-    """Read every file named by ``specs`` (files, directories, globs) for ``task`` (pfam or scope).
+def read_labelled(specs: list[str] | str, task: str | LabelRule, labels_file: Path | None = None) -> LabelledSet:
+    """Read every file named by ``specs`` (files, directories, globs) for ``task`` (a name, or a ``LabelRule``).
 
     With ``labels_file`` (``id<TAB>label`` lines), the sequences are plain FASTA and every record's label
     comes from that file; ids missing on either side are errors.
     """
-    if task not in TASKS:
-        raise LabelError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    rule = rule_of(task)
     specs = [specs] if isinstance(specs, str) else specs
     out = LabelledSet([], [], [], [], [])
     seen: dict[str, str] = {}
-    label_map = read_label_map(labels_file, task) if labels_file else None
+    label_map = read_label_map(labels_file, rule) if labels_file else None
     for path in expand(specs):
-        rows = _with_label_map(path, label_map, labels_file) if label_map is not None else READERS[sniff(path)](path, task)
+        rows = _with_label_map(path, label_map, labels_file) if label_map is not None else READERS[sniff(path)](path, rule)
         for rid, seq, label, group in rows:
             if rid in seen:
                 raise LabelError(f"{path}: record id {rid!r} also occurs in {seen[rid]}; ids must be unique across the labelled files")

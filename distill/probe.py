@@ -23,10 +23,26 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from sklearn.model_selection import train_test_split
 
+from distill.calibration import calibrate
+from distill.config import CLASS_WEIGHTS, MIN_FOR_BALANCED
 from distill.heads import Head, ProbeHead
 from distill.labels import LabelledSet
 
 SPLITS = ("random", "family-holdout")
+
+
+def choose_class_weights(asked: str, counts: Counter) -> tuple[str, str]:
+    """``auto`` -> ``balanced`` when every class has ``MIN_FOR_BALANCED`` training examples, else ``none``: inverse-size
+    weights on classes with one or two examples trade most of the top-1 accuracy for macro recall. Returns (used, why)."""
+    if asked not in CLASS_WEIGHTS:
+        raise ValueError(f"--class-weights must be one of {', '.join(CLASS_WEIGHTS)}, got {asked!r}")
+    if asked != "auto":
+        return asked, f"class weights {asked} (as asked)"
+    small = sum(1 for n in counts.values() if n < MIN_FOR_BALANCED)
+    if small:
+        return "none", (f"class weights none (auto: {small} of {len(counts)} classes have fewer than {MIN_FOR_BALANCED} training "
+                        "examples; balanced weights would trade top-1 accuracy for macro recall)")  # fmt: skip
+    return "balanced", f"class weights balanced (auto: every class has at least {MIN_FOR_BALANCED} training examples)"
 
 
 # ---- splits ---------------------------------------------------------------------------------------
@@ -100,19 +116,27 @@ def train_head(
     lr: float = 3e-3,
     weight_decay: float = 1e-4,
     batch_size: int = 256,
+    class_weights: str = "balanced",
+    valid: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[ProbeHead, dict[str, Any]]:
-    """Class-weighted cross-entropy, AdamW, early stopping on validation loss; returns the best head."""
+    """Cross-entropy (``balanced`` or ``none`` class weights), AdamW, early stopping on validation loss: on
+    ``valid`` (features, labels) when given, else on ``valid_fraction`` of the training data. Returns the best head."""
     torch.manual_seed(seed)
     idx = np.arange(len(y))
     counts = np.bincount(y, minlength=classes)
-    can_stratify = counts[counts > 0].min() >= 2 and int(valid_fraction * len(y)) >= (counts > 0).sum()
-    tr, va = train_test_split(idx, test_size=valid_fraction, stratify=y if can_stratify else None, random_state=seed)
-    head = ProbeHead(x.shape[1], classes, hidden)
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     yt = torch.from_numpy(y.astype(np.int64))
+    if valid is None:
+        can_stratify = counts[counts > 0].min() >= 2 and int(valid_fraction * len(y)) >= (counts > 0).sum()
+        tr, va = train_test_split(idx, test_size=valid_fraction, stratify=y if can_stratify else None, random_state=seed)
+        xv, yv = xt[va], yt[va]
+    else:
+        tr, va = idx, np.array([], dtype=np.int64)
+        xv, yv = torch.from_numpy(np.ascontiguousarray(valid[0], dtype=np.float32)), torch.from_numpy(valid[1].astype(np.int64))
+    head = ProbeHead(x.shape[1], classes, hidden)
     head.mean.copy_(xt[tr].mean(0))
     head.scale.copy_(1.0 / xt[tr].std(0).clamp_min(1e-6))
-    weight = torch.from_numpy(len(y) / (classes * np.maximum(counts, 1))).float()  # "balanced" class weights
+    weight = torch.from_numpy(len(y) / (classes * np.maximum(counts, 1))).float() if class_weights == "balanced" else None
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     best, best_loss, bad, epochs = copy.deepcopy(head.state_dict()), math.inf, 0, 0
@@ -125,7 +149,7 @@ def train_head(
             opt.step()
         head.eval()
         with torch.no_grad():
-            val_loss = F.cross_entropy(head(xt[va]), yt[va], weight=weight).item()
+            val_loss = F.cross_entropy(head(xv), yv, weight=weight).item()
         if val_loss < best_loss - 1e-4:
             best, best_loss, bad = copy.deepcopy(head.state_dict()), val_loss, 0
         else:
@@ -133,7 +157,7 @@ def train_head(
             if bad >= patience:
                 break
     head.load_state_dict(best)
-    return head.eval(), {"epochs": epochs, "best_valid_loss": best_loss, "n_valid": len(va), "valid_index": va}
+    return head.eval(), {"epochs": epochs, "best_valid_loss": best_loss, "n_valid": len(yv), "valid_x": xv.numpy(), "valid_y": yv.numpy()}
 
 
 # ---- metrics --------------------------------------------------------------------------------------
@@ -179,19 +203,33 @@ def run_probe(
     test_features: np.ndarray | None = None,
     test_ds: LabelledSet | None = None,
     negative_features: np.ndarray | None = None,
+    *,
+    class_weights: str = "auto",
+    valid: tuple[np.ndarray, LabelledSet] | None = None,
 ) -> ProbeResult:
     """Train a head on ``split.train`` and score it on ``split.test`` (or on a separate test set).
 
-    With ``negative_features`` (embeddings of residue-shuffled sequences) the head is calibrated on its early-stopping
-    validation part plus those negatives: temperature and no-call threshold, as for fine-tuned heads.
+    ``valid`` (features, labelled set) replaces the 10% early-stopping part of the training data. With
+    ``negative_features`` (embeddings of residue-shuffled sequences) the head is calibrated on its early-stopping
+    validation data plus those negatives: temperature and no-call threshold, as for fine-tuned heads.
     """
     labels = sorted({ds.labels[i] for i in split.train})
     if len(labels) < 2:
         raise ValueError(f"the {task} training split has {len(labels)} class; a classifier needs at least 2")
     index = {label: i for i, label in enumerate(labels)}
     y = np.array([index[ds.labels[i]] for i in split.train])
-    module, fit_info = train_head(features[split.train], y, len(labels), hidden, seed)
     notes = list(split.notes)
+    weights, why = choose_class_weights(class_weights, Counter(ds.labels[i] for i in split.train))
+    notes.append(why)
+    valid_xy = None
+    if valid is not None:
+        known = [i for i, label in enumerate(valid[1].labels) if label in index]
+        if not known:
+            raise ValueError(f"none of the --valid labels occur in the {task} training data")
+        if len(known) < len(valid[1]):
+            notes.append(f"{len(valid[1]) - len(known)} validation sequences have labels absent from training; not used")
+        valid_xy = (valid[0][known], np.array([index[valid[1].labels[i]] for i in known]))
+    module, fit_info = train_head(features[split.train], y, len(labels), hidden, seed, class_weights=weights, valid=valid_xy)
     if test_ds is None:
         test_x, truth, test_index = features[split.test], [ds.labels[i] for i in split.test], split.test
     else:
@@ -201,15 +239,13 @@ def run_probe(
         test_x, truth, test_index = test_features[known], [test_ds.labels[i] for i in known], known
     if len(truth) == 0:
         raise ValueError(f"no test examples for {task} after the split; use more data or a lower --min-per-class")
-    head = Head(module, labels, {"task": task, "dim": module.dim, "hidden": hidden, "protocol": protocol})
+    card = {"task": task, "dim": module.dim, "hidden": hidden, "protocol": protocol | {"class_weights": weights}}
+    head = Head(module, labels, card)
     if negative_features is not None:
-        from distill.calibration import calibrate
-
-        va = fit_info["valid_index"]
         with torch.no_grad():
-            logits = module(torch.from_numpy(np.ascontiguousarray(features[split.train][va], dtype=np.float32))).numpy()
+            logits = module(torch.from_numpy(fit_info["valid_x"])).numpy()
             neg = module(torch.from_numpy(np.ascontiguousarray(negative_features, dtype=np.float32))).numpy()
-        head.card["calibration"] = calibrate(logits, y[va], neg)
+        head.card["calibration"] = calibrate(logits, fit_info["valid_y"], neg)
         module.temperature.fill_(head.card["calibration"]["temperature"])
     pred = [labels[i] for i in head.probabilities(test_x).argmax(1)]
     metrics = classification_metrics(truth, pred) | {
@@ -217,6 +253,7 @@ def run_probe(
         "n_train": len(split.train),
         "n_test": len(truth),
         "head_epochs": fit_info["epochs"],
+        "class_weights": weights,
     }
     head.card["metrics"] = metrics
     return ProbeResult(head, metrics, truth, pred, test_index, notes)

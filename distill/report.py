@@ -18,8 +18,10 @@ from rich.console import Console
 
 from distill import data, plots, tokens
 from distill.bundle import training_digests
+from distill.calibration import shuffled
 from distill.config import ProbeConfig
 from distill.embeddings import Featurizer, featurizer, n_cropped
+from distill.evaluate import perplexity
 from distill.io import atomic_write_json, atomic_write_text
 from distill.labels import LabelledSet, read_labelled
 from distill.probe import METRIC_COLUMNS, ProbeResult, Split, drop_rare, label_counts_line, make_split, run_probe
@@ -35,13 +37,16 @@ class Prepared:
     ds: LabelledSet
     split: Split
     test_ds: LabelledSet | None
+    valid_ds: LabelledSet | None = None  # early stopping (--valid)
 
 
 def prepare(cfg: ProbeConfig, console: Console) -> Prepared:
     labels = Path(cfg.labels) if cfg.labels else None
-    ds = read_labelled(cfg.data, cfg.task, labels)
+    rule = cfg.rule()
+    ds = read_labelled(cfg.data, rule, labels)
     console.print(f"{cfg.task}: {label_counts_line(ds)} from {len(set(ds.sources))} file(s)")
-    test_ds = read_labelled(cfg.test, cfg.task, labels) if cfg.test else None
+    test_ds = read_labelled(cfg.test, rule, labels) if cfg.test else None
+    valid_ds = read_labelled(cfg.valid, rule, labels) if cfg.valid else None
     if test_ds is None:
         split = make_split(ds, cfg.split, cfg.seed, cfg.test_fraction, cfg.min_per_class)
     else:
@@ -54,7 +59,7 @@ def prepare(cfg: ProbeConfig, console: Console) -> Prepared:
         console.print(
             f"[yellow]note:[/] {cropped} sequences exceed {tokens.MAX_RESIDUES} residues; they are embedded on their leading {tokens.MAX_RESIDUES}"
         )
-    return Prepared(ds, split, test_ds)
+    return Prepared(ds, split, test_ds, valid_ds)
 
 
 def overlap_warning(feat: Featurizer, prepared: Prepared) -> str | None:
@@ -86,13 +91,15 @@ def probe_one(
     protocol = cfg.protocol() | {"model": feat.name, "model_fingerprint": feat.fingerprint}
     neg = None
     if calibrate:
-        from distill.calibration import shuffled
-
         train = prepared.split.train[np.random.default_rng([cfg.seed, 13]).permutation(len(prepared.split.train))[:NEGATIVES]]
         neg = feat.features(
             shuffled([prepared.ds.sequences[i] for i in sorted(train)], cfg.seed), cfg.pooling, cfg.max_tokens, cfg.device, quiet=quiet
         )
-    result = run_probe(x, prepared.ds, cfg.task, prepared.split, protocol, cfg.hidden, cfg.seed, tx, prepared.test_ds, neg)
+    valid = None
+    if prepared.valid_ds is not None:
+        valid = (feat.features(prepared.valid_ds.sequences, cfg.pooling, cfg.max_tokens, cfg.device, quiet=quiet), prepared.valid_ds)
+    result = run_probe(x, prepared.ds, cfg.task, prepared.split, protocol, cfg.hidden, cfg.seed, tx, prepared.test_ds, neg,
+                       class_weights=cfg.class_weights, valid=valid)  # fmt: skip
     result.head.card |= {"pooling": cfg.pooling, "model_fingerprint": feat.fingerprint}
     if warning:
         result.notes.append(warning)
@@ -103,8 +110,6 @@ def probe_one(
 def held_out_perplexity(feat: Featurizer, seqs: data.SequenceSet, cfg: ProbeConfig) -> float | None:
     if feat.model is None:
         return None
-    from distill.evaluate import perplexity
-
     ppl, _ = perplexity(feat.model, seqs, cfg.max_tokens, torch.device(cfg.device))
     return ppl
 
@@ -149,7 +154,7 @@ def evaluate_models(
         if ppl is not None:
             ppl_points[feat.name] = (feat.parameters, ppl)
     first = rows[0]
-    header = cfg.describe(first["classes"], first["n_train"], first["n_test"])
+    header = cfg.describe(first["classes"], first["n_train"], first["n_test"], first["class_weights"])
     write_tables(rows, header, out)
     # every model is scored on the same test set, so the last result's labels serve all panels
     plots.tsne_panels(panels, result.y_true, out / "tsne.png", top=tsne_top, seed=cfg.seed)

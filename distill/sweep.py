@@ -27,78 +27,32 @@ study-style tables and the figures.
 from __future__ import annotations
 
 import time
-import tomllib
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from distill.config import PRESETS, FitConfig, ProbeConfig
+from distill import data, teacher_cache
+from distill.config import PRESETS, FitConfig, ProbeConfig, SweepConfig
+from distill.distributed import pick_device
 from distill.errors import UserError
 from distill.io import atomic_write_text, read_json_object
 from distill.report import evaluate_models
+from distill.teacher_cache import load_teacher
 from distill.train import fit
 
-TOP_KEYS = {
-    "out",
-    "data",
-    "valid",
-    "teacher",
-    "presets",
-    "temperatures",
-    "lambdas",
-    "epochs",
-    "teacher_cache",
-    "baselines",
-    "fit",
-    "tasks",
-    "seed",
-}
-TASK_KEYS = {f.name for f in fields(ProbeConfig)} - {"task", "device"}
 
-
-def load_config(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        cfg = tomllib.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"sweep config {path} does not exist") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path} is not valid TOML: {e}") from e
-    unknown = set(cfg) - TOP_KEYS
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
-    for key in ("out", "data", "teacher", "presets", "tasks"):
-        if key not in cfg:
-            raise ValueError(f"{path}: missing required key {key!r}")
-    for name in cfg["presets"]:
-        if name not in PRESETS:
-            raise ValueError(f"{path}: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    for task, settings in cfg["tasks"].items():
-        if task not in ("pfam", "scope"):
-            raise ValueError(f"{path}: unknown task [tasks.{task}]; choose pfam or scope")
-        bad = set(settings) - TASK_KEYS
-        if bad or "data" not in settings:
-            raise ValueError(f"{path}: [tasks.{task}] needs 'data' and takes {sorted(TASK_KEYS)}; got unknown {sorted(bad)}")
-    fit_fields = {f.name for f in fields(FitConfig)}
-    bad = set(cfg.get("fit", {})) - fit_fields
-    if bad:
-        raise ValueError(f"{path}: [fit] has unknown settings {sorted(bad)}")
-    return cfg
-
-
-def grid(cfg: dict[str, Any]) -> list[tuple[str, str, float, float]]:
+def grid(cfg: SweepConfig) -> list[tuple[str, str, float, float]]:
     """(run name, preset, T, lambda); lambda = 0 once per preset (the temperature does not matter there)."""
     runs = []
-    lambdas = cfg.get("lambdas", [0.5])
+    lambdas = cfg.lambdas
     several = len([x for x in lambdas if x > 0]) > 1
-    for preset in cfg["presets"]:
+    for preset in cfg.presets:
         p = PRESETS[preset]
         base = f"Student-h{p['dim']}-L{p['layers']}"
         if 0 in lambdas:
             runs.append((f"{base}-vanilla", preset, 1.0, 0.0))
-        for t in cfg.get("temperatures", [2.0]):
+        for t in cfg.temperatures:
             for lam in (x for x in lambdas if x > 0):
                 runs.append((f"{base}-T{float(t):.1f}" + (f"-lam{lam:g}" if several else ""), preset, float(t), float(lam)))
     return runs
@@ -112,35 +66,29 @@ def _finished(run: Path) -> bool:
     return state.get("epoch", 0) >= (config.get("epochs") or 0)
 
 
-def build_cache(cfg: dict[str, Any], out: Path, views: int, console: Console) -> Path:
-    from distill import data, teacher_cache
-    from distill.distributed import pick_device
-    from distill.teacher_cache import load_teacher
-
+def build_cache(cfg: SweepConfig, out: Path, views: int, console: Console) -> Path:
     cache = out / "teacher-cache"
-    seqs = data.load_fasta(Path(cfg["data"]))
-    key = dict(n_records=len(seqs), mask_rate=cfg.get("fit", {}).get("mask_rate", 0.15), seed=cfg.get("seed", 0), views=views)
-    dev = pick_device(cfg.get("fit", {}).get("device", "auto"))
-    net, sha = load_teacher(cfg["teacher"], dev)
-    full = teacher_cache.CacheKey(
-        teacher=cfg["teacher"], teacher_sha256=sha, data_sha256=data.dataset_fingerprint(Path(cfg["data"])), **key
-    )
-    stats = teacher_cache.build(seqs, net, full, cache, cfg.get("fit", {}).get("max_tokens", 8192), dev, quiet=True)
+    seqs = data.load_fasta(Path(cfg.data))
+    key = dict(n_records=len(seqs), mask_rate=cfg.fit_config().mask_rate, seed=cfg.seed, views=views)
+    dev = pick_device(cfg.fit_config().device)
+    net, sha = load_teacher(cfg.teacher, dev)
+    full = teacher_cache.CacheKey(teacher=cfg.teacher, teacher_sha256=sha, data_sha256=data.dataset_fingerprint(Path(cfg.data)), **key)
+    stats = teacher_cache.build(seqs, net, full, cache, cfg.fit_config().max_tokens, dev, quiet=True)
     console.print(f"teacher cache {cache}: {views} views, {stats['bytes'] / 1e6:.1f} MB")
     return cache
 
 
 def run_sweep(config: Path, console: Console) -> Path:
-    cfg = load_config(config)
-    out = Path(cfg["out"])
+    cfg = SweepConfig.from_toml(config)
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     runs = grid(cfg)
-    console.print(f"sweep: {len(runs)} students ({', '.join(r[0] for r in runs)}) + teacher, tasks {', '.join(cfg['tasks'])}")
+    console.print(f"sweep: {len(runs)} students ({', '.join(r[0] for r in runs)}) + teacher, tasks {', '.join(cfg.tasks)}")
     cache = None
-    if cfg.get("teacher_cache") and any(lam > 0 for *_, lam in runs):
+    if cfg.teacher_cache and any(lam > 0 for *_, lam in runs):
         t0 = time.perf_counter()
-        cache = build_cache(cfg, out, cfg.get("epochs") or 1, console)
+        cache = build_cache(cfg, out, cfg.epochs or 1, console)
         timings["teacher cache"] = time.perf_counter() - t0
     students = []
     for name, preset, t, lam in runs:
@@ -150,8 +98,8 @@ def run_sweep(config: Path, console: Console) -> Path:
             console.print(f"{name}: finished earlier, skipped")
             continue
         fit_cfg = FitConfig(
-            **{**cfg.get("fit", {}), "data": cfg["data"], "valid": cfg.get("valid"), "out": str(run), "preset": preset,
-               "teacher": cfg["teacher"], "temperature": t, "lam": lam, "epochs": cfg.get("epochs"), "seed": cfg.get("seed", 0),
+            **{**cfg.fit, "data": cfg.data, "valid": cfg.valid, "out": str(run), "preset": preset,
+               "teacher": cfg.teacher, "temperature": t, "lam": lam, "epochs": cfg.epochs, "seed": cfg.seed,
                "teacher_cache": str(cache) if cache and lam > 0 else None}
         )  # fmt: skip
         t0 = time.perf_counter()
@@ -161,12 +109,12 @@ def run_sweep(config: Path, console: Console) -> Path:
         if not result.completed:
             raise UserError(f"{name} was interrupted; rerun `distill sweep {config}` to continue")
     tables = {}
-    for task, settings in cfg["tasks"].items():
+    for task, settings in cfg.tasks.items():
         t0 = time.perf_counter()
-        probe_cfg = ProbeConfig(task=task, **{"seed": cfg.get("seed", 0), **settings, "data": list(settings["data"])})
-        specs = [cfg["teacher"], *students]
-        ppl = Path(cfg["valid"]) if cfg.get("valid") else None
-        tables[task] = evaluate_models(specs, probe_cfg, out / task, console, ppl, cfg.get("baselines", False))
+        probe_cfg = ProbeConfig(task=task, **{"seed": cfg.seed, **settings, "data": list(settings["data"])})
+        specs = [cfg.teacher, *students]
+        ppl = Path(cfg.valid) if cfg.valid else None
+        tables[task] = evaluate_models(specs, probe_cfg, out / task, console, ppl, cfg.baselines)
         timings[f"probe {task}"] = time.perf_counter() - t0
     atomic_write_text(out / "report.md", report(cfg, tables, timings, out))
     return out / "report.md"
@@ -182,14 +130,14 @@ def study_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def report(cfg: dict[str, Any], tables: dict[str, list[dict[str, Any]]], timings: dict[str, float], out: Path) -> str:
+def report(cfg: SweepConfig, tables: dict[str, list[dict[str, Any]]], timings: dict[str, float], out: Path) -> str:
     parts = [
         "# Distillation sweep",
         "",
-        f"Teacher `{cfg['teacher']}`; students {', '.join(cfg['presets'])} x T {cfg.get('temperatures', [2.0])} x lambda "
-        f"{cfg.get('lambdas', [0.5])} (lambda 0 = vanilla MLM); trained on `{cfg['data']}`"
-        + (f", perplexity on `{cfg['valid']}`" if cfg.get("valid") else "")
-        + (f", {cfg['epochs']} epochs" if cfg.get("epochs") else "")
+        f"Teacher `{cfg.teacher}`; students {', '.join(cfg.presets)} x T {cfg.temperatures} x lambda "
+        f"{cfg.lambdas} (lambda 0 = vanilla MLM); trained on `{cfg.data}`"
+        + (f", perplexity on `{cfg.valid}`" if cfg.valid else "")
+        + (f", {cfg.epochs} epochs" if cfg.epochs else "")
         + ".",
         "",
     ]

@@ -114,7 +114,7 @@ def _(q, k, v, valid, num_heads):
 
 def _mha_translation():
     """onnxscript translation of esm_distill::mha to com.microsoft.MultiHeadAttention (schema declared here)."""
-    import onnxscript
+    import onnxscript  # only for the fused-attention variants
 
     param, optional = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.FormalParameterOption.Optional
     schema = onnx.defs.OpSchema(

@@ -29,10 +29,14 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 
 from distill import data, tokens
+from distill.bundle import is_bundle
+from distill.encoders import load_encoder
 from distill.fasta import read_fasta
+from distill.heads import heads_of
 from distill.inference.onnx_backend import OUTPUTS
 from distill.io import sha256_file
 from distill.model import ESM
@@ -128,8 +132,6 @@ class Parity:
 
 def parity(model: ESM, path: Path, variant: str, sequences: list[str] | None = None, heads: dict | None = None) -> Parity:
     """Compare the graph with PyTorch on real sequences of mixed lengths (masked like evaluation)."""
-    import onnxruntime as ort
-
     seqs = sequences or parity_sequences()
     examples = [data.masked_example(tokens.encode(s), data.EVAL_SEED, 0, i, 0.15, train=False) for i, s in enumerate(seqs)]
     batch = data.collate(examples, list(range(len(seqs))))
@@ -287,9 +289,7 @@ def write_variant(model: ESM, variant: str, path: Path, ort_base: Path, opset: i
 
 
 def _ort_version() -> str:
-    import onnxruntime
-
-    return onnxruntime.__version__
+    return ort.__version__
 
 
 def source_of(spec: str, card: dict[str, Any]) -> dict[str, Any]:
@@ -324,10 +324,6 @@ def summary(result: ExportResult) -> str:
 
 def export_command(model: str, output: Path, opset: int, fp16: bool, int8: bool, optimize: bool, trt: bool, heads: bool) -> ExportResult:
     """`distill export onnx`: any torch model spec (with its bundle's heads when asked) -> checked graphs."""
-    from distill.bundle import is_bundle
-    from distill.encoders import load_encoder
-    from distill.heads import heads_of
-
     enc = load_encoder(model)
     net, card = enc.model, enc.card
     found = None

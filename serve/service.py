@@ -16,14 +16,17 @@ writes them, ``bentoml build --arg ...`` bakes them into a Bento.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any, Literal
 
+import aiohttp  # BentoML's inter-service client
 import bentoml
 import numpy as np
 from bentoml.exceptions import InternalServerError, InvalidArgument
 
 from distill import tokens
+from distill.index import load_index
 from distill.inference import SequenceError, resolve
 from distill.inference import top_k as best
 from distill.inference.sequences import Pieces, prepare
@@ -40,12 +43,14 @@ from serve.schemas import (
     Neighbour,
     ServeArgs,
 )
+from serve.store import open_stored
 
 ARGS = bentoml.use_arguments(ServeArgs)
 MODEL_TAG, BACKEND, VARIANT = ARGS.model, ARGS.backend, ARGS.variant
 BATCHING, REFERENCE_INDEX = ARGS.batching, ARGS.reference
 MAX_SEQUENCES, MAX_RESIDUES = ARGS.max_sequences, ARGS.max_residues
 MAX_TOP_K = 20
+log = logging.getLogger("esm_distill.serve")
 TIMEOUT = 600
 
 
@@ -98,22 +103,32 @@ def _rows(embeddings: list, tasks: list[str]) -> list[dict[str, Any]]:
     ]
 
 
+RETRIES = 3
+
+
+def transient(e: BaseException) -> bool:
+    """A dropped or half-read inter-service connection (retrying is safe: every engine call is pure)."""
+    if isinstance(e, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
+        return True
+    return isinstance(e, RuntimeError) and str(e) == "Connection closed."  # aiohttp's body read on a closed socket
+
+
 async def call(method, *args: Any) -> Any:  # noqa: ANN001
-    """A call to a dependency, retried on a dropped pooled connection.
+    """A call to a dependency, retried (bounded, logged) on a transient connection error.
 
     BentoML 1.4's inter-service client keeps idle connections longer (aiohttp, 15 s) than the callee's server
-    keeps them open (uvicorn, 5 s), so the first requests after a pause can hit a closed socket
-    (bentoml/BentoML#4971, fix proposed in #5698). Every engine call is a pure function of its input, so
-    sending it again is safe.
+    keeps them open (uvicorn, 5 s), so requests after a pause can hit a closed socket, while connecting or while
+    reading the body (bentoml/BentoML#4971, fix proposed in #5698).
     """
-    import aiohttp
-
-    for attempt in range(3):
+    for attempt in range(1, RETRIES + 1):
         try:
             return await method(*args)
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientConnectionResetError):
-            if attempt == 2:
+        except Exception as e:
+            if not transient(e) or attempt == RETRIES:
                 raise
+            log.warning(
+                "retrying %s after a transient connection error (%s: %s), attempt %d of %d", method, type(e).__name__, e, attempt, RETRIES
+            )
 
 
 # ---- services ---------------------------------------------------------------------------------------
@@ -132,8 +147,6 @@ class Engine:
             self.tag, self.name = ARGS.esm1b, self.embedder.name
             self.meta = {"preset": "fair-esm", "parameters": self.embedder.metadata["parameters"]}
             return
-        from serve.store import open_stored
-
         self.embedder = open_stored(self.stored.path, BACKEND, VARIANT)
         self.tag, self.name = str(self.stored.tag), self.stored.tag.name
         self.meta = dict(self.stored.info.metadata)
@@ -221,8 +234,6 @@ class EsmDistillService:
         self._card: dict[str, Any] | None = None
         self._index = None
         if REFERENCE_INDEX:
-            from distill.index import load_index
-
             self._index = load_index(REFERENCE_INDEX)
             self._index_checked = False
 

@@ -118,12 +118,13 @@ def tiny_graph(tmp_path_factory):
 
 
 def test_onnx_paths_never_import_torch(tiny_graph, tmp_path, real_sequences):
-    """`distill annotate --model X.onnx` and the student-onnx engine run where torch and fair-esm cannot be imported."""
+    """`distill annotate --model X.onnx`, the service module and the student-onnx engine run where torch and fair-esm
+    cannot be imported (the Bento image carries neither)."""
     bundle, graph = tiny_graph
     fasta = write_fasta(tmp_path / "in.fa", [(f"s{i}", s) for i, s in enumerate(real_sequences)])
     block = "import sys; sys.modules['torch'] = None; sys.modules['esm'] = None\n"
     annotate = f"from distill.cli import main; sys.argv = ['distill', 'annotate', {str(fasta)!r}, '-o', {str(tmp_path / 'o.tsv')!r}, '--model', {str(graph)!r}, '--embeddings', {str(tmp_path / 'e.npy')!r}, '--quiet']; main()"
-    engine = f"from serve.store import open_stored; import shutil, pathlib; d = pathlib.Path({str(tmp_path / 'stored')!r}); d.mkdir(); shutil.copy({str(graph)!r}, d / 'model.onnx'); print(open_stored(d).embed(['MKV'])[0].sequence.shape)"
+    engine = f"import serve.service; from serve.store import open_stored; import shutil, pathlib; d = pathlib.Path({str(tmp_path / 'stored')!r}); d.mkdir(); shutil.copy({str(graph)!r}, d / 'model.onnx'); print(open_stored(d).embed(['MKV'])[0].sequence.shape)"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for code in (annotate, engine):
         res = subprocess.run([sys.executable, "-c", block + code], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)

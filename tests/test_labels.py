@@ -3,7 +3,7 @@ import gzip
 import pytest
 from conftest import EXAMPLES, shared
 
-from distill.labels import LabelError, expand, read_labelled
+from distill.labels import LabelError, LabelRule, expand, read_labelled
 
 
 def test_astral_scope_file_gives_superfamilies_and_families():
@@ -70,7 +70,7 @@ def test_bad_label_files_name_file_record_and_problem(tmp_path, content, task, m
     assert message in str(e.value)
 
 
-def test_duplicate_ids_across_files_missing_paths_and_unknown_task(tmp_path):
+def test_duplicate_ids_across_files_missing_paths_and_bad_task_names(tmp_path):
     (tmp_path / "a.fasta").write_text(">x PF00018\nMKV\n")
     (tmp_path / "b.fasta").write_text(">x PF00397\nMKV\n")
     with pytest.raises(LabelError, match="'x' also occurs in"):
@@ -79,8 +79,39 @@ def test_duplicate_ids_across_files_missing_paths_and_unknown_task(tmp_path):
         expand([str(tmp_path / "nope.fa")])
     with pytest.raises(LabelError, match="matches no files"):
         expand([str(tmp_path / "*.sto")])
-    with pytest.raises(LabelError, match="unknown task 'go'"):
-        read_labelled(str(EXAMPLES / "pfam.fasta"), "go")
+    for bad in ("go term", "1abc", "ec-number", "", "x" * 41):
+        with pytest.raises(LabelError, match="is not usable: it names the head, the ONNX output"):
+            read_labelled(str(EXAMPLES / "pfam.fasta"), bad)
+
+
+def test_free_tasks_keep_labels_as_written_from_tsv_headers_fields_and_regexes(tmp_path):
+    tsv = tmp_path / "loc.tsv"
+    tsv.write_text("id\tlabel\tsequence\nP1\tCytoplasm\tMKV\nP2\t3.2.1.4\tmkt\nP3\tPF00041.20\tGG\n")
+    ds = read_labelled(str(tsv), "localisation")
+    assert ds.labels == ["Cytoplasm", "3.2.1.4", "PF00041.20"] and ds.sequences[1] == "MKT"  # unchanged: no preset parsing
+    fasta = tmp_path / "ec.fa"
+    fasta.write_text(">a sp|X ec=3.2.1.4 len=3\nMKV\n>b sp|Y ec=1.1.1.1 len=2\nMK\n")
+    assert read_labelled(str(fasta), LabelRule("ec", field=2)).labels == ["ec=3.2.1.4", "ec=1.1.1.1"]
+    assert read_labelled(str(fasta), LabelRule("ec", regex=r"ec=(\S+)")).labels == ["3.2.1.4", "1.1.1.1"]
+    with pytest.raises(LabelError, match=r"ec.fa:1 \(record 'a'\): no label in the header; expected '>ID LABEL ...' \(field 5"):
+        read_labelled(str(fasta), LabelRule("ec", field=5))
+    with pytest.raises(LabelError, match="finds no label in the header"):
+        read_labelled(str(fasta), LabelRule("ec", regex=r"go=(\S+)"))
+    with pytest.raises(LabelError, match=r"needs a \(group\)"):
+        LabelRule("ec", regex=r"ec=\S+")
+    (tmp_path / "dash.tsv").write_text("P1\t-\tMKV\n")
+    with pytest.raises(LabelError, match="'-' \\(the no-call mark\\)"):
+        read_labelled(str(tmp_path / "dash.tsv"), "loc")
+
+
+def test_scope_levels_cut_the_sccs():
+    want = {"class": "a", "fold": "a.26", "superfamily": "a.26.1", "family": "a.26.1.2"}  # d3tgxb_ a.26.1.2, the first record
+    for level, label in want.items():
+        ds = read_labelled(str(EXAMPLES / "scope.fasta"), LabelRule("scope", level=level))
+        assert (ds.ids[0], ds.labels[0], ds.groups[0]) == ("d3tgxb_", label, "a.26.1.2")
+        assert all(x.count(".") == label.count(".") for x in ds.labels), level
+    with pytest.raises(LabelError, match="--level must be one of class, fold, superfamily, family"):
+        LabelRule("scope", level="domain")
 
 
 def test_bundled_samples_parse():

@@ -83,6 +83,23 @@ def server(tmp_path_factory):
             ],
         )
         assert res.exit_code == 0, res.output
+    species = r"\{([^\[}]*?)\s*(?:\[|\})"  # a free task: the species in ASTRAL headers, '{Human (Homo sapiens) [TaxId: 9606]}'
+    res = runner.invoke(
+        app,
+        [
+            "probe",
+            str(bundle),
+            "--data",
+            str(EXAMPLES / "scope.fasta"),
+            "--task",
+            "species",
+            "--label-regex",
+            species,
+            "--min-per-class",
+            "5",
+        ],
+    )
+    assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["import", str(bundle)])
     assert res.exit_code == 0, res.output
     tag = res.output.strip().splitlines()[-1]
@@ -134,7 +151,7 @@ def test_embed_and_classify_equal_direct_onnx_inference_in_input_order(server, d
     with bentoml.SyncHTTPClient(server["url"]) as client:
         out = client.embed(sequences=SEQS[:9], pooling="mean")
         cls = client.embed(sequences=SEQS[:3], pooling="cls", per_residue=True)
-        calls = client.classify(sequences=SEQS[:5], tasks=["pfam", "scope"], top_k=3)
+        calls = client.classify(sequences=SEQS[:5], tasks=["pfam", "scope", "species"], top_k=3)
     assert out["dim"] == 32 and len(out["results"]) == 9
     for seq, r in zip(SEQS[:9], out["results"], strict=True):
         np.testing.assert_allclose(r["embedding"], ref[seq].sequence, atol=1e-5)
@@ -142,7 +159,7 @@ def test_embed_and_classify_equal_direct_onnx_inference_in_input_order(server, d
         np.testing.assert_allclose(r["embedding"], ref[seq].cls, atol=1e-5)
         assert np.asarray(r["residues"]).shape == (len(seq), 32)
     for seq, r in zip(SEQS[:5], calls["results"], strict=True):
-        for task in ("pfam", "scope"):
+        for task in ("pfam", "scope", "species"):  # species: a free task, labels as written ("Human (Homo sapiens)")
             p = ref[seq].probabilities[task]
             order = np.argsort(-p)[:3]
             assert [c["label"] for c in r["calls"][task]] == [emb.labels[task][i] for i in order]
@@ -152,7 +169,7 @@ def test_embed_and_classify_equal_direct_onnx_inference_in_input_order(server, d
 def test_info_health_openapi_and_bentoml_endpoints(server):
     status, info = post(f"{server['url']}/info", {})
     assert status == 200 and info["tag"] == server["tag"] and info["backend"] == "student-onnx"
-    assert info["provider"] == "CPUExecutionProvider" and set(info["labels"]) == {"pfam", "scope"} and info["max_length"] == 1022
+    assert info["provider"] == "CPUExecutionProvider" and set(info["labels"]) == {"pfam", "scope", "species"} and info["max_length"] == 1022
     assert info["reference"]["available"] and info["reference"]["model"] == "tiny_esm1b_t4_192.pt"
     assert post(f"{server['url']}/health", {}) == (
         200,
@@ -188,8 +205,8 @@ def test_info_health_openapi_and_bentoml_endpoints(server):
         ("embed", {"sequences": ["MKV"] * 65}, "65 sequences in one request; the limit is 64"),
         ("embed", {"sequences": ["M" * 1000] * 21}, "21000 residues in one request; the limit is 20000"),
         ("classify", {"sequences": ["MKV"], "tasks": ["go"]}, "unknown task(s) ['go']"),
-        ("classify", {"sequences": ["MKV"], "top_k": 0}, "top_k must be between 1 and 20"),
-        ("classify", {"sequences": ["MKV"], "top_k": 500}, "top_k must be between 1 and 20"),
+        ("classify", {"sequences": ["MKV"], "tasks": ["pfam"], "top_k": 0}, "top_k must be between 1 and 20"),
+        ("classify", {"sequences": ["MKV"], "tasks": ["pfam"], "top_k": 500}, "top_k must be between 1 and 20"),
         ("compare", {"sequences": ["MKV"], "tasks": ["go"]}, "unknown task(s) ['go']"),
     ],
 )

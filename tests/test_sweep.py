@@ -3,20 +3,24 @@ import json
 import pytest
 from conftest import EXAMPLES, write_fasta
 
+from distill.config import SweepConfig
 from distill.fasta import read_fasta
-from distill.sweep import grid, load_config, run_sweep
+from distill.sweep import grid, run_sweep
 
 TEACHER = EXAMPLES / "teacher" / "tiny_esm1b_t4_192.pt"
 
 
 def test_grid_trains_vanilla_once_per_preset_and_names_runs_like_the_study():
-    cfg = {"presets": ["small", "medium"], "temperatures": [1.0, 2.0], "lambdas": [0.0, 0.5]}
+    cfg = SweepConfig(out="o", data="d", teacher="t", presets=["small", "medium"], tasks={}, temperatures=[1.0, 2.0], lambdas=[0.0, 0.5])
     names = [r[0] for r in grid(cfg)]
     assert names == [
         "Student-h128-L8-vanilla", "Student-h128-L8-T1.0", "Student-h128-L8-T2.0",
         "Student-h256-L10-vanilla", "Student-h256-L10-T1.0", "Student-h256-L10-T2.0",
     ]  # fmt: skip
-    assert [r[0] for r in grid(cfg | {"lambdas": [0.3, 0.7]})][:2] == ["Student-h128-L8-T1.0-lam0.3", "Student-h128-L8-T1.0-lam0.7"]
+    assert [r[0] for r in grid(SweepConfig(**{**cfg.__dict__, "lambdas": [0.3, 0.7]}))][:2] == [
+        "Student-h128-L8-T1.0-lam0.3",
+        "Student-h128-L8-T1.0-lam0.7",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -28,7 +32,10 @@ def test_grid_trains_vanilla_once_per_preset_and_names_runs_like_the_study():
             "[fit] has unknown settings ['learning_rate']",
         ),
         ("out = 'x'\ndata = 'd'\nteacher = 't'\npresets = ['huge']\n[tasks.pfam]\ndata = ['p']\n", "unknown preset 'huge'"),
-        ("out = 'x'\ndata = 'd'\nteacher = 't'\npresets = ['small']\n[tasks.go]\ndata = ['p']\n", "unknown task [tasks.go]"),
+        (
+            "out = 'x'\ndata = 'd'\nteacher = 't'\npresets = ['small']\n[tasks.\"go term\"]\ndata = ['p']\n",
+            "task name 'go term' is not usable",
+        ),
         ("out = 'x'\ndata = 'd'\npresets = ['small']\n", "missing required key 'teacher'"),
         ("out = 'x'\nepochz = 3\n", "unknown keys ['epochz']"),
     ],
@@ -37,7 +44,7 @@ def test_bad_sweep_configs_are_named(tmp_path, text, message):
     path = tmp_path / "sweep.toml"
     path.write_text(text)
     with pytest.raises(ValueError) as e:
-        load_config(path)
+        SweepConfig.from_toml(path)
     assert message in str(e.value) and str(path) in str(e.value)
 
 

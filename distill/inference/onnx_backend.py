@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidProtobuf
 
 from distill.inference.layer import Outputs
 
@@ -19,8 +21,6 @@ OUTPUTS = ["logits", "residue_embeddings", "sequence_embedding"]  # the export c
 
 def select_providers(choice: str = "auto") -> list[str]:
     """CUDA when onnxruntime-gpu sees a GPU, else CPU; or exactly the one asked for (CPU as fallback)."""
-    import onnxruntime as ort
-
     available = ort.get_available_providers()
     if choice == "auto":
         return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
@@ -49,14 +49,10 @@ class OnnxBackend:
     max_rows = None
 
     def __init__(self, path: Path, providers: str = "auto"):
-        import onnxruntime as ort
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"ONNX graph {path} does not exist")
         chosen = select_providers(providers)
-        from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidProtobuf
-
         try:
             self.session = ort.InferenceSession(str(path), providers=chosen)
         except (Fail, InvalidArgument, InvalidProtobuf) as e:  # a truncated or foreign file

@@ -19,7 +19,7 @@ def resolve(spec: str | Path, heads: str | None = None, providers: str = "auto",
     """``providers``: auto | cpu | cuda | tensorrt for ONNX Runtime; torch takes cpu, else CUDA when present."""
     spec = str(spec)
     if spec.startswith(("http://", "https://")):
-        from distill.inference.http_backend import HttpBackend
+        from distill.inference.http_backend import HttpBackend  # each backend's imports only when it is used
 
         return Inference(HttpBackend(spec), max_tokens)
     if spec.endswith(".onnx"):
@@ -33,7 +33,7 @@ def resolve(spec: str | Path, heads: str | None = None, providers: str = "auto",
 
 def torch_backend(spec: str, heads: str | None = None, device: str = "auto"):  # noqa: ANN201 (TorchBackend: imports torch)
     """A bundle, fair-esm model or ``random:`` spec with its heads (a bundle's own, or a head directory)."""
-    from distill.encoders import load_encoder
+    from distill.encoders import load_encoder  # torch: imported here so that the other backends never load it
     from distill.heads import heads_of, load_head
     from distill.inference.torch_backend import TorchBackend
 
