@@ -10,7 +10,11 @@ batches, so the comparison is of the runtimes alone:
   torch      our ESM module (SDPA), fp32, torch.inference_mode
   ort-fp32   ONNX Runtime, the exported fp32 graph
   ort-opt    ONNX Runtime, the transformer-optimized graph (fusions)
-  ort-int8   ONNX Runtime, dynamic int8 quantisation
+  ort-int8-batched  ONNX Runtime, dynamic int8, run on the padded batches (how it ran before: batch-dependent)
+  ort-int8   ONNX Runtime, dynamic int8, one unpadded sequence per run (how the inference layer runs it now)
+
+"batch |d|" is the largest change of a sequence embedding between a sequence run alone and inside its padded
+batch, as each backend runs (ONNX Runtime rows only).
 
 Each measurement runs in its own process, so "peak MB" is that process's peak resident memory
 (Python + libraries + model + activations). ONNX Runtime uses its default thread pool (all cores);
@@ -32,7 +36,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SCOPE = REPO.parent / "shared" / "data" / "scope" / "astral-scopedom-40-2.07.shared85.fa"
-BACKENDS = ["eager", "torch", "ort-fp32", "ort-opt", "ort-int8"]
+BACKENDS = ["eager", "torch", "ort-fp32", "ort-opt", "ort-int8-batched", "ort-int8"]
 
 
 def batches(n: int, max_tokens: int) -> list[np.ndarray]:
@@ -55,6 +59,7 @@ def worker(backend: str, preset: str, onnx_dir: Path, n: int, max_tokens: int) -
     from distill.model import ESM
 
     work = batches(n, max_tokens)
+    dep = None  # batch dependence: measured for the ONNX Runtime backends
     torch.manual_seed(0)
     model = ESM(ModelConfig.preset(preset)).eval()
     if backend == "eager":
@@ -80,9 +85,22 @@ def worker(backend: str, preset: str, onnx_dir: Path, n: int, max_tokens: int) -
         variant = backend.split("-")[1]
         path = onnx_dir / (f"{preset}.onnx" if variant == "fp32" else f"{preset}.{variant}.onnx")
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        one = backend == "ort-int8"  # the inference layer runs int8 graphs one sequence at a time
 
         def run(b):
-            session.run(["sequence_embedding", "residue_embeddings"], {"tokens": b})
+            if not one:
+                return session.run(["sequence_embedding", "residue_embeddings"], {"tokens": b})[0]
+            rows = [
+                session.run(["sequence_embedding", "residue_embeddings"], {"tokens": b[i : i + 1, : int((b[i] != tokens.PAD).sum())]})[0]
+                for i in range(len(b))
+            ]
+            return np.concatenate(rows)
+
+        big = max(work, key=len)  # a batch of several sequences: alone vs together
+        together = run(big)
+        dep = max(
+            float(np.abs(run(big[i : i + 1, : int((big[i] != tokens.PAD).sum())])[0] - together[i]).max()) for i in range(min(4, len(big)))
+        )
 
     run(work[0])  # warm-up
     t0 = time.perf_counter()
@@ -92,7 +110,7 @@ def worker(backend: str, preset: str, onnx_dir: Path, n: int, max_tokens: int) -
     real = sum(int((b != tokens.PAD).sum()) for b in work)
     # VmHWM, not ru_maxrss: on Linux ru_maxrss survives exec, so a child would report its parent's peak.
     hwm_kb = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
-    return {"tokens_per_s": real / seconds, "seqs_per_s": n / seconds, "peak_mb": hwm_kb / 1024}
+    return {"tokens_per_s": real / seconds, "seqs_per_s": n / seconds, "peak_mb": hwm_kb / 1024, "batch_dep": dep}
 
 
 def main() -> None:
@@ -115,8 +133,8 @@ def main() -> None:
     from export.onnx import export
 
     print(f"machine: {platform.machine()}, 2 cores, torch {torch.__version__}; {args.n} SCOPe domains, --max-tokens {args.max_tokens}\n")
-    print("| preset | backend | tokens/s | seqs/s | vs eager | file MB | peak MB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| preset | backend | tokens/s | seqs/s | vs eager | file MB | peak MB | batch \\|d\\| |")
+    print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as d:
         onnx_dir = Path(d)
         for preset in args.presets.split(","):
@@ -126,6 +144,7 @@ def main() -> None:
             )
             failed = {r.variant: "; ".join(r.failures) for r in result.reports if r.failures}
             sizes = {f"ort-{v}": p.stat().st_size / 1e6 for v, p in result.paths.items()}
+            sizes["ort-int8-batched"] = sizes.get("ort-int8", 0.0)
             base = None
             for backend in BACKENDS:
                 if backend == "ort-opt" and "opt" not in result.paths:
@@ -146,9 +165,11 @@ def main() -> None:
                 r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
                 base = base or r["tokens_per_s"]
                 size = f"{sizes[backend]:.1f}" if backend in sizes else "-"
-                note = f" (random weights: {failed[backend[4:]]})" if backend[4:] in failed else ""
+                variant = backend[4:].removesuffix("-batched")
+                note = f" (random weights: {failed[variant]})" if variant in failed and backend != "ort-int8-batched" else ""
+                dep = "-" if r["batch_dep"] is None else f"{r['batch_dep']:.1e}"
                 print(
-                    f"| {preset} | {backend}{note} | {r['tokens_per_s']:,.0f} | {r['seqs_per_s']:.1f} | {r['tokens_per_s'] / base:.2f}x | {size} | {r['peak_mb']:.0f} |",
+                    f"| {preset} | {backend}{note} | {r['tokens_per_s']:,.0f} | {r['seqs_per_s']:.1f} | {r['tokens_per_s'] / base:.2f}x | {size} | {r['peak_mb']:.0f} | {dep} |",
                     flush=True,
                 )
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_model, save_model
 
 from distill import tokens
 from distill.config import PRESETS, ModelConfig
+from distill.hf import HUB_ID, find, is_hf_dir, load_hf
 from distill.io import atomic_write_json, read_json_object, umask
 from distill.model import ESM, build_student
 
@@ -132,7 +133,7 @@ def training_digests(directory: Path) -> np.ndarray | None:
 
 
 def is_bundle(path: Path) -> bool:
-    return (Path(path) / "config.json").is_file()
+    return (Path(path) / "config.json").is_file() and not is_hf_dir(Path(path))
 
 
 def parse_random(spec: str) -> tuple[ModelConfig, int]:
@@ -149,7 +150,8 @@ def parse_random(spec: str) -> tuple[ModelConfig, int]:
 
 def load_any(spec: str) -> tuple[ESM, dict[str, Any]]:
     """The one torch model loader: a bundle directory, ``random:PRESET[@SEED]`` / ``random:BUNDLE[@SEED]``, a
-    fair-esm model name, or a fair-esm ``.pt`` checkpoint -> (model in eval mode, card)."""
+    fair-esm model name or ``.pt`` checkpoint, or a Hugging Face ESM directory / hub id in the local HF cache
+    -> (model in eval mode, card)."""
     from distill.pretrained import is_fair_esm_spec, load_pretrained  # fair-esm: only for its specs
 
     if spec.startswith("random:"):
@@ -158,8 +160,13 @@ def load_any(spec: str) -> tuple[ESM, dict[str, Any]]:
         preset = next((p for p in PRESETS if ModelConfig.preset(p) == cfg), None)
         return model.eval(), {"name": spec, "model": cfg.to_dict(), "preset": preset, "parameters": model.num_parameters()}
     if Path(spec).is_dir():
-        return load_bundle(Path(spec))
+        return load_hf(Path(spec)) if is_hf_dir(Path(spec)) else load_bundle(Path(spec))
     if is_fair_esm_spec(spec):
         model = load_pretrained(spec).eval()
         return model, {"name": spec, "model": model.cfg.to_dict(), "parameters": model.num_parameters(), "preset": None}
-    raise BundleError(f"{spec!r} is neither a student bundle directory, random:PRESET[@SEED], a fair-esm model name, nor a .pt checkpoint")
+    if HUB_ID.match(spec) and not Path(spec).exists():
+        return load_hf(find(spec))  # a hub id: its snapshot in the local HF cache, or a message saying how to get it
+    raise BundleError(
+        f"{spec!r} is neither a student bundle directory, random:PRESET[@SEED], a fair-esm model name or .pt checkpoint, "
+        "nor a Hugging Face ESM directory or hub id"
+    )

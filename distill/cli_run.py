@@ -123,6 +123,23 @@ def export_esm(
     console.print(f"wrote {paths[0]} and {paths[1]}")
 
 
+def export_hf(
+    model: Annotated[
+        str, typer.Argument(help="Student bundle (its heads go along as files), or any model spec (random:PRESET, fair-esm, HF).")
+    ],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Output directory: config.json, model.safetensors, tokenizer files, README.md.")
+    ],
+) -> None:
+    """Write a model as a Hugging Face `EsmForMaskedLM` directory (AutoModelForMaskedLM / AutoTokenizer load it offline)."""
+    from distill.bundle import is_bundle, load_any
+    from distill.hf import export_hf as write
+
+    net, card = load_any(model)
+    out = write(net, card, output, Path(model) / "heads" if is_bundle(Path(model)) else None)
+    console.print(f"wrote {out} (config.json, model.safetensors, vocab.txt, README.md" + (", heads/)" if (out / "heads").is_dir() else ")"))
+
+
 def export_onnx(
     model: Annotated[
         str, typer.Argument(help="Student bundle, random:PRESET[@SEED], or a fair-esm name / .pt (ESM-1b comparison backend).")
@@ -151,3 +168,4 @@ def register(app: typer.Typer, export_app: typer.Typer) -> None:
     app.command()(serve)
     export_app.command("esm")(export_esm)
     export_app.command("onnx")(export_onnx)
+    export_app.command("hf")(export_hf)

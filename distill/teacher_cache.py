@@ -33,12 +33,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from distill import data, tokens
+from distill.bundle import load_any
 from distill.distributed import pick_device
 from distill.evaluate import autocast
 from distill.io import atomic_write, atomic_write_json, read_json_object
 from distill.losses import residue_logits
 from distill.model import ESM, weights_sha256
-from distill.pretrained import load_pretrained
 
 FORMAT = "esm-distill-teacher-cache"
 VERSION = 1
@@ -187,7 +187,7 @@ class TeacherCache:
 
 def load_teacher(spec: str, device: torch.device) -> tuple[ESM, str]:
     """Frozen teacher (eval mode, no gradients, bf16 on CUDA) and the sha256 of its weights."""
-    teacher = load_pretrained(spec).eval().requires_grad_(False)
+    teacher = load_any(spec)[0].eval().requires_grad_(False)  # fair-esm, Hugging Face, or a bundle as the teacher
     sha = weights_sha256(teacher)
     return teacher.to(device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32), sha
 

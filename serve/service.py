@@ -104,17 +104,19 @@ def _rows(embeddings: list, tasks: list[str]) -> list[dict[str, Any]]:
 
 
 RETRIES = 3
+ENGINE_STALL_S = 60.0  # an engine call this slow is stuck (a full 256-sequence batch of the large preset takes ~25 s on 2 CPU cores)
 
 
 def transient(e: BaseException) -> bool:
-    """A dropped or half-read inter-service connection (retrying is safe: every engine call is pure)."""
-    if isinstance(e, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
+    """A dropped, half-read or stuck inter-service connection (retrying is safe: every engine call is pure)."""
+    if isinstance(e, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError | TimeoutError):
         return True
     return isinstance(e, RuntimeError) and str(e) == "Connection closed."  # aiohttp's body read on a closed socket
 
 
-async def call(method, *args: Any) -> Any:  # noqa: ANN001
-    """A call to a dependency, retried (bounded, logged) on a transient connection error.
+async def call(method, *args: Any, stall_s: float | None = None) -> Any:  # noqa: ANN001
+    """A call to a dependency, retried (bounded, logged) on a transient connection error, or when it takes longer
+    than ``stall_s`` (a connection that never answers).
 
     BentoML 1.4's inter-service client keeps idle connections longer (aiohttp, 15 s) than the callee's server
     keeps them open (uvicorn, 5 s), so requests after a pause can hit a closed socket, while connecting or while
@@ -122,13 +124,12 @@ async def call(method, *args: Any) -> Any:  # noqa: ANN001
     """
     for attempt in range(1, RETRIES + 1):
         try:
-            return await method(*args)
+            return await asyncio.wait_for(method(*args), stall_s)
         except Exception as e:
             if not transient(e) or attempt == RETRIES:
                 raise
-            log.warning(
-                "retrying %s after a transient connection error (%s: %s), attempt %d of %d", method, type(e).__name__, e, attempt, RETRIES
-            )
+            why = f"no answer in {stall_s:.0f} s" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
+            log.warning("retrying %s after a transient connection error (%s), attempt %d of %d", method, why, attempt, RETRIES)
 
 
 # ---- services ---------------------------------------------------------------------------------------
@@ -272,7 +273,7 @@ class EsmDistillService:
 
     async def run(self, sequences: list[str]) -> list[dict[str, Any]]:
         engine = self.engine.to_async
-        return await call(engine.infer if BATCHING else engine.infer_unbatched, sequences)
+        return await call(engine.infer if BATCHING else engine.infer_unbatched, sequences, stall_s=ENGINE_STALL_S)
 
     @bentoml.api
     async def embed(

@@ -50,7 +50,7 @@ def post(url: str, payload, raw: bytes | None = None) -> tuple[int, object]:
     data = raw if raw is not None else json.dumps(payload).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=120) as r:
+        with urllib.request.urlopen(req, timeout=300) as r:  # above the service's stalled-engine retry (60 s)
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
@@ -344,3 +344,20 @@ def test_classify_flags_no_calls_and_lists_reference_neighbours(server):
             sims.tolist(), abs=1e-5
         )
         assert r["reference_call"] == (ids and r["neighbours"][0]["label"] if sims[0] >= index.threshold else "-")
+
+
+def test_int8_import_with_heads_passes_and_its_engine_answers_independently_of_the_batch(server):
+    """`distill import --int8` of a bundle with heads (the quickstart's failure in the service issue), then the engine's
+    inference object for the int8 variant: the same sequence gives identical answers in any batch."""
+    from bentoml.models import get
+
+    from serve.store import import_model, open_stored
+
+    tag = import_model(str(server["bundle"]), "esm-distill-int8", int8=True)
+    engine = open_stored(Path(get(tag).path), "student-onnx", "int8")
+    assert engine.backend.max_rows == 1 and set(engine.labels) == {"pfam", "scope", "species"}
+    mixed = engine.embed(SEQS[:8], tasks=["pfam"])
+    for seq, e in zip(SEQS[:8], mixed, strict=True):
+        alone = engine.embed([seq], tasks=["pfam"])[0]
+        np.testing.assert_array_equal(e.sequence, alone.sequence)
+        np.testing.assert_array_equal(e.probabilities["pfam"], alone.probabilities["pfam"])

@@ -46,8 +46,6 @@ def session_metadata(session: Any) -> dict[str, Any]:
 
 
 class OnnxBackend:
-    max_rows = None
-
     def __init__(self, path: Path, providers: str = "auto"):
         path = Path(path)
         if not path.is_file():
@@ -67,6 +65,8 @@ class OnnxBackend:
         self.thresholds = {t: float(heads.get(t, {}).get("calibration", {}).get("threshold", 0.0)) for t in self.labels}
         self.name = path.name
         self.max_tokens = None
+        # dynamic-int8 graphs scale activations per tensor, over the whole batch: run them one sequence at a time
+        self.max_rows = 1 if self.metadata.get("one_sequence_per_run") else None
 
     @property
     def provider(self) -> str:
