@@ -12,6 +12,7 @@ import traceback
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from distill.errors import UserError
@@ -37,7 +38,7 @@ class Commands(TyperGroup):
         except USER_ERRORS as e:
             if ctx.find_root().params.get("debug"):
                 raise
-            console.print(f"[bold red]error:[/] {e}")
+            console.print(f"[bold red]error:[/] {escape(str(e))}")  # messages name files and specs: no markup in them
             raise typer.Exit(2) from None
         except Exception:
             if ctx.find_root().params.get("debug"):

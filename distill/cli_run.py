@@ -49,6 +49,7 @@ def annotate(
         Path | None, typer.Option(help="A `distill index` directory: nearest labelled references beside the calls.")
     ] = None,
     reference_k: Annotated[int, typer.Option(help="Reference neighbours per record (id, label, cosine similarity).")] = O.reference_k,
+    api_key: Annotated[str, typer.Option(envvar="ESM_DISTILL_API_KEY", help="With --url: the service's API key.")] = "",
 ) -> None:
     """Annotate every record of a FASTA: TSV calls per task (+ embeddings), nothing dropped, resumable."""
     from distill.annotate import annotate as run
@@ -56,7 +57,7 @@ def annotate(
 
     if (model is None) == (url is None):
         raise ValueError("give exactly one of --model (run locally) or --url (use a running service)")
-    inference = resolve(url or model, heads, providers, max_tokens)
+    inference = resolve(url or model, heads, providers, max_tokens, api_key)
     opts = Options(task_list(tasks), top_k, embeddings, long, resume, chunk_records, quiet, min_probability, reference, reference_k)
     summary = run(input, inference, output, opts, console)
     rate = summary.records / summary.seconds if summary.seconds else 0.0
@@ -100,6 +101,12 @@ def serve(
     reference: Annotated[Path | None, typer.Option(help="A `distill index` directory: /classify adds nearest labelled references.")] = None,
     max_sequences: Annotated[int, typer.Option(help="Sequences per request; more is a 400.")] = 64,
     max_residues: Annotated[int, typer.Option(help="Residues per request; more is a 400.")] = 65536,
+    max_request_bytes: Annotated[
+        int, typer.Option(help="Request body limit in bytes, checked before parsing (413). [default: from the two limits above]")
+    ] = 0,
+    api_key: Annotated[
+        str, typer.Option(envvar="ESM_DISTILL_API_KEY", help="Require this key on every endpoint but health / metrics.")
+    ] = "",
 ) -> None:
     """Serve a student with BentoML: /embed, /classify, /compare, /annotate, /info, /health (+ /readyz, /livez, /metrics)."""
     from serve.launch import launch, serve_args
@@ -107,6 +114,7 @@ def serve(
     args = serve_args(
         model, backend, variant, console, esm1b_heads=str(heads or ""), compare=compare_with or "", compare_heads=str(compare_heads or ""),
         batching=batching, reference=str(reference.resolve()) if reference else "", max_sequences=max_sequences, max_residues=max_residues,
+        max_request_bytes=max_request_bytes, api_key=api_key,
     )  # fmt: skip
     raise typer.Exit(launch(args, host, port, console))
 

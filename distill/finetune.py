@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
+from rich.markup import escape
 
 from distill import data, tokens
 from distill.bundle import save_bundle
@@ -237,7 +238,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, console: Console | None 
     weight = torch.from_numpy(len(d.y_train) / (len(d.labels) * counts)).float().to(device) if weights == "balanced" else None
     ctx = {"device": device, "dist": dist, "weight": weight, "soft": teacher_logits(cfg, d, device)}
     for note in d.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
     console.print(f"fine-tuning {encoder.name} on {cfg.task}: {len(d.labels)} classes, {len(d.train)} training and {len(d.valid)} "
                   f"validation sequences, {why}, {cfg.head} head" + (f", {n_frozen:,} parameters frozen" if n_frozen else "")
                   + (f", {dist.world} processes" if dist.world > 1 else ""))  # fmt: skip

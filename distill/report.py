@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from distill import data, plots, tokens
 from distill.bundle import training_digests
@@ -53,7 +54,7 @@ def prepare(cfg: ProbeConfig, console: Console) -> Prepared:
         keep, notes = drop_rare(ds, cfg.min_per_class)
         split = Split(keep, np.array([], dtype=np.int64), notes)
     for note in split.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
     cropped = n_cropped(ds.sequences) + (n_cropped(test_ds.sequences) if test_ds else 0)
     if cropped:
         console.print(

@@ -30,6 +30,7 @@ from distill.index import load_index
 from distill.inference import SequenceError, resolve
 from distill.inference import top_k as best
 from distill.inference.sequences import Pieces, prepare
+from serve.guard import Guard, limit_for
 from serve.schemas import (
     AnnotateResponse,
     Call,
@@ -366,3 +367,9 @@ class EsmDistillService:
         """Ready when the engine answers (BentoML's /readyz and /livez are served too)."""
         card = await self.card()
         return {"status": "ok", "model": card["model"], "backend": card["backend"], "provider": card["provider"]}
+
+
+# The front door: API key, body limit before parsing, JSON only, one 4xx shape (serve/guard.py).
+EsmDistillService.add_asgi_middleware(
+    Guard, max_bytes=ARGS.max_request_bytes or limit_for(MAX_SEQUENCES, MAX_RESIDUES), api_key=ARGS.api_key
+)

@@ -1,7 +1,9 @@
 """The BentoML service for real: `distill serve` in a subprocess, called over HTTP on a loopback port."""
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -361,3 +363,114 @@ def test_int8_import_with_heads_passes_and_its_engine_answers_independently_of_t
         alone = engine.embed([seq], tasks=["pfam"])[0]
         np.testing.assert_array_equal(e.sequence, alone.sequence)
         np.testing.assert_array_equal(e.probabilities["pfam"], alone.probabilities["pfam"])
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in a process group, from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_stopping_or_killing_distill_serve_leaves_no_server_behind(server, tmp_path, sig):
+    """SIGTERM is forwarded to the server's process group; after SIGKILL the watchdog stops it. Either way every
+    server process is gone and the port is free within 15 s."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "distill", "serve", server["tag"], "--port", str(port)]
+    proc = subprocess.Popen(
+        cmd, env=server["env"], stdout=open(tmp_path / "log", "w"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+    )
+    groups: set[int] = set()
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc, tmp_path / "log")
+        children = [
+            int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat") if p.read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)
+        ]
+        groups = {os.getpgid(c) for c in children} - {os.getpgid(proc.pid)}
+        assert len(groups) == 2  # the server's own group, and the watchdog's
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=30)
+        for _ in range(150):  # bounded by polls, 15 s
+            if not any(_group_members(g) for g in groups):
+                break
+            time.sleep(0.1)
+        assert not any(_group_members(g) for g in groups), {g: _group_members(g) for g in groups}
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # the port is free again
+    finally:
+        for g in groups | {proc.pid}:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(g, signal.SIGKILL)
+
+
+def _rss_mb(pattern: str) -> float:
+    """Resident memory of the first process whose command line contains ``pattern``."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if pattern in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                status = (cmdline.parent / "status").read_text()
+                return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))) / 1024
+        except (OSError, StopIteration):
+            continue
+    raise AssertionError(f"no process matches {pattern!r}")
+
+
+def _raw_post(port: int, headers: str, chunks) -> bytes:
+    """Send a request piece by piece; stop sending as soon as the server answers (it may close early)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(headers.encode())
+        s.setblocking(False)
+        answer = b""
+        for chunk in chunks:
+            try:
+                answer += s.recv(65536)
+            except BlockingIOError:
+                pass
+            if answer:
+                break
+            try:
+                s.sendall(chunk)
+            except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                break
+        s.setblocking(True)
+        try:
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                more = s.recv(65536)
+                if not more:
+                    break
+                answer += more
+        except (ConnectionResetError, TimeoutError):
+            pass
+        return answer
+
+
+def test_oversized_bodies_get_413_before_parsing_and_memory_stays_flat(server):
+    """200 MB declared, or streamed without a length: refused after reading at most the limit (25,120 bytes here
+    with --max-residues 20000), while the API worker's memory stays within 50 MB of where it was."""
+    port = int(server["url"].rsplit(":", 1)[1])
+    api = "--service-name esm-distill --"
+    before = _rss_mb(api)
+    megabyte = b'{"sequences": ["' + b"M" * (1 << 20)
+    declared = _raw_post(
+        port, f"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {200 << 20}\r\n\r\n", [megabyte] * 200
+    )
+    assert declared.startswith(b"HTTP/1.1 413") and b"exceeds the limit of 25," in declared, declared[:300]
+    chunked = ((b"%x\r\n" % len(megabyte)) + megabyte + b"\r\n" for _ in range(200))
+    streamed = _raw_post(
+        port, "POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n", chunked
+    )
+    assert streamed.startswith(b"HTTP/1.1 413") and b"request body of more than" in streamed, streamed[:300]
+    assert _rss_mb(api) - before < 50
+    status, body = post(f"{server['url']}/embed", {"sequences": ["MKV"]})  # and the server is still up
+    assert status == 200
+    plain = urllib.request.Request(f"{server['url']}/embed", data=b'{"sequences": ["MKV"]}', headers={"Content-Type": "text/plain"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(plain, timeout=30)
+    assert e.value.code == 415 and json.loads(e.value.read())["error"]["status"] == 415

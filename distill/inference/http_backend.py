@@ -25,9 +25,10 @@ class ServiceError(UserError):
 class HttpBackend:
     provider = "http"
 
-    def __init__(self, url: str, timeout: float = 600.0):
+    def __init__(self, url: str, timeout: float = 600.0, api_key: str = ""):
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.api_key = api_key
         info = self._post("info", {})
         self.max_rows, self.max_tokens = int(info["max_sequences"]), int(info["max_residues"])  # per-request limits
         self.name = info["model"]
@@ -38,7 +39,9 @@ class HttpBackend:
 
     def _post(self, endpoint: str, payload: dict[str, Any]) -> dict[str, Any]:
         req = urllib.request.Request(
-            f"{self.url}/{endpoint}", data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+            f"{self.url}/{endpoint}",
+            data=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})},
         )
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:

@@ -15,13 +15,16 @@ from distill.config import INFERENCE_MAX_TOKENS
 from distill.inference.layer import Inference
 
 
-def resolve(spec: str | Path, heads: str | None = None, providers: str = "auto", max_tokens: int = INFERENCE_MAX_TOKENS) -> Inference:
-    """``providers``: auto | cpu | cuda | tensorrt for ONNX Runtime; torch takes cpu, else CUDA when present."""
+def resolve(
+    spec: str | Path, heads: str | None = None, providers: str = "auto", max_tokens: int = INFERENCE_MAX_TOKENS, api_key: str = ""
+) -> Inference:
+    """``providers``: auto | cpu | cuda | tensorrt for ONNX Runtime; torch takes cpu, else CUDA when present;
+    ``api_key`` for a service started with one."""
     spec = str(spec)
     if spec.startswith(("http://", "https://")):
         from distill.inference.http_backend import HttpBackend  # each backend's imports only when it is used
 
-        return Inference(HttpBackend(spec), max_tokens)
+        return Inference(HttpBackend(spec, api_key=api_key), max_tokens)
     if spec.endswith(".onnx"):
         from distill.inference.onnx_backend import OnnxBackend  # lazy: the ONNX path must not import torch
 

@@ -1,0 +1,126 @@
+"""The service's front door (an ASGI middleware): API key, request-size limit, JSON only, one 4xx shape.
+
+Runs before BentoML parses anything, so an oversized body is refused (413) after reading at most the limit, never
+after the API worker has parsed and copied it. Every 4xx answer, ours and BentoML's, has one shape::
+
+    {"error": {"status": 400, "message": "sequence 1: illegal residue 'J' at position 6; allowed: ..."}}
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+OPEN_PATHS = ("/health", "/healthz", "/readyz", "/livez", "/metrics")  # reachable without the API key
+
+
+def limit_for(max_sequences: int, max_residues: int) -> int:
+    """Bytes a valid request can need: its residues, JSON punctuation per sequence, and the other fields."""
+    return max_residues + 16 * max_sequences + 4096
+
+
+def error_body(status: int, message: str) -> bytes:
+    return json.dumps({"error": {"status": status, "message": message}}, ensure_ascii=False).encode()
+
+
+def message_of(body: bytes) -> str:
+    """The text of BentoML's own 4xx bodies: ``{"error": ...}``, ``[{"error": ...}]``, or a pydantic validation error
+    (``{"error": "1 validation error for Input", "detail": [{"loc": [...], "msg": ...}]}``) with every field named."""
+    try:
+        obj = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return body.decode(errors="replace").strip()
+    texts = []
+    for item in obj if isinstance(obj, list) else [obj]:
+        if not isinstance(item, dict):
+            texts.append(str(item))
+            continue
+        text = str(item.get("error", ""))
+        fields = [
+            f"{'.'.join(str(x) for x in d.get('loc', []))}: {d.get('msg', '')}" for d in item.get("detail") or [] if isinstance(d, dict)
+        ]
+        texts.append(": ".join(t for t in (text, "; ".join(fields)) if t) or json.dumps(item))
+    return "; ".join(texts)
+
+
+class Guard:
+    def __init__(self, app: Callable, max_bytes: int, api_key: str = ""):
+        self.app, self.max_bytes, self.api_key = app, max_bytes, api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        path = scope.get("path", "")
+        if self.api_key and not path.startswith(OPEN_PATHS) and not self._authorised(headers):
+            return await self._refuse(send, 401, "missing or wrong API key: send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
+        if scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        if not headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
+            return await self._refuse(
+                send, 415, f"send JSON with 'Content-Type: application/json' (got {headers.get('content-type', 'none')!r})"
+            )
+        declared = int(headers.get("content-length") or 0)
+        if declared > self.max_bytes:
+            return await self._refuse(send, 413, self._too_large(declared))
+        body, more = b"", True
+        while more:  # read (at most the limit) before the app sees anything
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await self._refuse(send, 413, self._too_large(len(body), streamed=True))
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, self._one_shape(send))
+
+    def _authorised(self, headers: dict[str, str]) -> bool:
+        sent = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+        return hmac.compare_digest(sent.encode(), self.api_key.encode())
+
+    def _too_large(self, size: int, streamed: bool = False) -> str:
+        amount = f"more than {size:,}" if streamed else f"{size:,}"
+        return (f"request body of {amount} bytes exceeds the limit of {self.max_bytes:,} bytes (set by --max-sequences / "
+                "--max-residues, or --max-request-bytes); split the request")  # fmt: skip
+
+    async def _refuse(self, send: Send, status: int, message: str) -> None:
+        body = error_body(status, message)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
+
+    def _one_shape(self, send: Send) -> Send:
+        """Rewrite every 4xx body into the one documented shape; everything else passes through untouched."""
+        state: dict[str, Any] = {"status": 0, "body": b""}
+
+        async def wrapped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state["status"], state["start"] = message["status"], message
+                if not 400 <= message["status"] < 500:
+                    await send(message)
+                return
+            if not 400 <= state["status"] < 500:
+                return await send(message)
+            state["body"] += message.get("body", b"")
+            if message.get("more_body"):
+                return
+            body = error_body(state["status"], message_of(state["body"]))
+            headers = [(k, v) for k, v in state["start"].get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
+            headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({**state["start"], "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        return wrapped

@@ -1,0 +1,67 @@
+"""The service's front door in-process: API key, body limit before parsing, JSON only, one 4xx shape."""
+
+import json
+
+from starlette.testclient import TestClient
+
+from serve.guard import Guard, limit_for, message_of
+
+seen: list[bytes] = []
+
+
+async def app(scope, receive, send):
+    """A stand-in for BentoML: echoes the body's length, or answers 400 the way BentoML does (a list of errors)."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    seen.append(body)
+    status, out = (400, b'[{"error":"sequence 1: empty sequence"}]') if b"bad" in body else (200, json.dumps({"n": len(body)}).encode())
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": out})
+
+
+def client(**options) -> TestClient:
+    return TestClient(Guard(app, **{"max_bytes": 1000, **options}))
+
+
+def test_body_limit_is_enforced_before_the_app_reads_anything():
+    seen.clear()
+    ok = client().post("/embed", json={"sequences": ["MKV"]})
+    assert ok.status_code == 200 and ok.json() == {"n": len(b'{"sequences":["MKV"]}')}
+    big = client().post("/embed", content=b'{"sequences": ["' + b"M" * 5000 + b'"]}', headers={"content-type": "application/json"})
+    assert big.status_code == 413 and big.json()["error"]["status"] == 413
+    assert "5,019 bytes exceeds the limit of 1,000 bytes" in big.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: counted while streaming, refused once past the limit
+        for _ in range(100):
+            yield b"M" * 100
+
+    streamed = client().post("/embed", content=chunks(), headers={"content-type": "application/json"})
+    assert streamed.status_code == 413 and "request body of more than" in streamed.json()["error"]["message"]
+    assert len(seen) == 1  # only the small request ever reached the app
+    assert limit_for(64, 65536) == 65536 + 16 * 64 + 4096
+
+
+def test_json_only_and_one_4xx_shape():
+    res = client().post("/embed", content=b"MKV", headers={"content-type": "text/plain"})
+    assert res.status_code == 415 and res.json() == {
+        "error": {"status": 415, "message": "send JSON with 'Content-Type: application/json' (got 'text/plain')"}
+    }
+    res = client().post("/embed", json={"sequences": ["bad"]})
+    assert res.status_code == 400 and res.json() == {"error": {"status": 400, "message": "sequence 1: empty sequence"}}
+    assert message_of(b'{"error": "x"}') == "x" and message_of(b"not json") == "not json"
+    pydantic = b'{"error": "1 validation error for Input", "detail": [{"loc": ["top_k"], "msg": "Input should be a valid integer"}]}'
+    assert message_of(pydantic) == "1 validation error for Input: top_k: Input should be a valid integer"
+
+
+def test_api_key_guards_every_endpoint_but_health():
+    c = client(api_key="s3cret")
+    assert c.post("/embed", json={"sequences": ["MKV"]}).status_code == 401
+    assert c.post("/embed", json={"sequences": ["MKV"]}, headers={"authorization": "Bearer wrong"}).status_code == 401
+    assert c.post("/embed", json={"sequences": ["MKV"]}, headers={"authorization": "Bearer s3cret"}).status_code == 200
+    assert c.post("/embed", json={"sequences": ["MKV"]}, headers={"x-api-key": "s3cret"}).status_code == 200
+    assert c.get("/readyz").status_code == 200  # health stays open (the stand-in answers every path)
+    assert "API key" in c.post("/classify", json={}).json()["error"]["message"]
