@@ -7,6 +7,7 @@ optionally ``model.int8.onnx``, and the student bundle itself under ``bundle/`` 
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import tempfile
@@ -15,6 +16,7 @@ from typing import Any
 
 from distill.config import INFERENCE_MAX_TOKENS
 from distill.inference import resolve
+from distill.io import sha256_file
 
 BACKENDS = ("student-onnx", "student-torch", "esm1b")
 
@@ -24,6 +26,17 @@ def model_name(source: str) -> str:
     p = Path(source)
     stem = p.parent.name if p.name == "student" and p.is_dir() else p.name.removesuffix(".onnx")
     return "esm-distill-" + (re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-").lower() or "model")
+
+
+def content_sha256(path: Path, int8: bool) -> str:
+    """What an import is made of: every file of the bundle (weights, config, heads) or the graph(s), and --int8."""
+    h = hashlib.sha256(f"int8={int8}".encode())
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path, path.with_name(path.stem + ".int8.onnx")]
+    for f in files:
+        if f.is_file():
+            h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+            h.update(sha256_file(f).encode())
+    return h.hexdigest()
 
 
 def import_model(source: str, name: str | None = None, int8: bool = False) -> str:
@@ -36,6 +49,14 @@ def import_model(source: str, name: str | None = None, int8: bool = False) -> st
 
     path = Path(source)
     name = name or model_name(source)
+    content = content_sha256(path, int8)
+    try:
+        versions = bentoml.models.list(name)
+    except bentoml.exceptions.NotFound:
+        versions = []
+    for stored in versions:  # the same content imported before: its tag, not a new version
+        if stored.info.metadata.get("content_sha256") == content:
+            return str(stored.tag)
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp)
         if is_bundle(path):
@@ -67,6 +88,7 @@ def import_model(source: str, name: str | None = None, int8: bool = False) -> st
             "source_sha256": meta.get("source_sha256", ""),
             "int8": (staged / "model.int8.onnx").is_file(),
             "bundle": (staged / "bundle").is_dir(),
+            "content_sha256": content,
         }
         with bentoml.models.create(name, labels={"framework": "esm-distill"}, metadata=info) as ref:
             for item in staged.iterdir():

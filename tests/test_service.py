@@ -356,6 +356,8 @@ def test_int8_import_with_heads_passes_and_its_engine_answers_independently_of_t
     from serve.store import import_model, open_stored
 
     tag = import_model(str(server["bundle"]), "esm-distill-int8", int8=True)
+    assert import_model(str(server["bundle"]), "esm-distill-int8", int8=True) == tag  # same content: imported once
+    assert import_model(str(server["bundle"]), "esm-distill-int8") != tag  # without the int8 graph: another version
     engine = open_stored(Path(get(tag).path), "student-onnx", "int8")
     assert engine.backend.max_rows == 1 and set(engine.labels) == {"pfam", "scope", "species"}
     mixed = engine.embed(SEQS[:8], tasks=["pfam"])
