@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from distill import tokens
-from distill.bundle import parse_random
+from distill.bundle import is_bundle, parse_random
 from distill.config import POOLINGS, TRAIN_MAX_TOKENS
 from distill.encoders import load_encoder
 from distill.inference import Inference
@@ -124,7 +124,7 @@ def featurizer(spec: str) -> Featurizer:
         name = f"random-h{cfg.dim}-L{cfg.layers}" + (f"@{seed}" if seed else "")
         return Featurizer(name, f"random-seed{seed}-{enc.fingerprint}", cfg.dim, model.num_parameters(), model, {"name": name}, spec)
     p = Path(spec)
-    name = _bundle_name(p, enc.card) if p.is_dir() else (p.stem if p.suffix == ".pt" and p.is_file() else spec)
+    name = _bundle_name(p, enc.card) if is_bundle(p) else p.name if p.is_dir() else (p.stem if p.suffix == ".pt" and p.is_file() else spec)
     return Featurizer(name, enc.fingerprint, cfg.dim, model.num_parameters(), model, enc.card, spec)
 
 

@@ -22,6 +22,9 @@ class ServeArgs(BaseModel):
     reference: str = Field("", description="a `distill index` directory: /classify adds nearest labelled references")
     max_sequences: int = Field(64, ge=1, description="sequences per request")
     max_residues: int = Field(65536, ge=1, description="residues per request")
+    max_per_residue_values: int = Field(
+        1 << 22, ge=1, description="per_residue answers: at most this many residues x dim values (~40 MB of JSON)"
+    )
     max_request_bytes: int = Field(0, ge=0, description="request body limit in bytes (0: derived from the sequence and residue limits)")
     api_key: str = Field("", description="when set, every endpoint but health and metrics needs it (Authorization: Bearer KEY)")
 

@@ -24,6 +24,7 @@ import aiohttp  # BentoML's inter-service client
 import bentoml
 import numpy as np
 from bentoml.exceptions import InternalServerError, InvalidArgument
+from pydantic import StrictBool, StrictInt  # "3", true or 2.0 for top_k, "yes" for crop: a 400, not a guess
 
 from distill import tokens
 from distill.index import load_index
@@ -72,6 +73,15 @@ def check_sequences(sequences: list[str], crop: bool) -> Pieces:
     if total > MAX_RESIDUES:
         raise InvalidArgument(f"{total} residues in one request; the limit is {MAX_RESIDUES}")
     return prepared
+
+
+def check_answer_size(residues: int, dim: int, limit: int) -> None:
+    """``per_residue`` answers grow with residues x dim (a JSON float is ~10 bytes): bounded, with a 4xx naming the bound."""
+    if residues * dim > limit:
+        raise InvalidArgument(
+            f"a per_residue answer of {residues:,} residues x {dim} dims exceeds the limit of {limit:,} values; "
+            f"send at most {limit // dim:,} residues per request with per_residue"
+        )
 
 
 def check_tasks(tasks: tuple[str, ...], labels: dict[str, list[str]], top_k: int) -> list[str]:
@@ -278,12 +288,14 @@ class EsmDistillService:
 
     @bentoml.api
     async def embed(
-        self, sequences: list[str], pooling: Literal["mean", "cls"] = "mean", per_residue: bool = False, crop: bool = False
+        self, sequences: list[str], pooling: Literal["mean", "cls"] = "mean", per_residue: StrictBool = False, crop: StrictBool = False
     ) -> EmbedResponse:
         """One vector per sequence (mean over residues, or the <cls> token), in input order; per-residue matrices when asked."""
         prepared = check_sequences(sequences, crop)
         card = await self.card()
         pieces = prepared.pieces
+        if per_residue:
+            check_answer_size(sum(len(p) for p in pieces), card["dim"], ARGS.max_per_residue_values)
         rows = await (call(self.engine.to_async.residues, pieces) if per_residue else self.run(pieces))  # one forward pass either way
         results = [
             Embedded(embedding=row[pooling], residues=row.get("residues", []), cropped=long)
@@ -292,7 +304,9 @@ class EsmDistillService:
         return EmbedResponse(model=card["model"], dim=card["dim"], pooling=pooling, results=results)
 
     @bentoml.api
-    async def classify(self, sequences: list[str], tasks: tuple[str, ...] = (), top_k: int = 1, crop: bool = False) -> ClassifyResponse:
+    async def classify(
+        self, sequences: list[str], tasks: tuple[str, ...] = (), top_k: StrictInt = 1, crop: StrictBool = False
+    ) -> ClassifyResponse:
         """Per sequence and task, the top-k labels with probabilities, the no-call flag, and reference neighbours when configured."""
         card = await self.card()
         tasks = check_tasks(tasks, card["labels"], top_k)
@@ -301,7 +315,7 @@ class EsmDistillService:
         return ClassifyResponse(model=card["model"], results=await self.classified(rows, prepared, tasks, top_k))
 
     @bentoml.api
-    async def annotate(self, sequences: list[str], tasks: tuple[str, ...] = (), all_tasks: bool = True) -> AnnotateResponse:
+    async def annotate(self, sequences: list[str], tasks: tuple[str, ...] = (), all_tasks: StrictBool = True) -> AnnotateResponse:
         """Embeddings and full probability vectors (what `distill annotate --url` consumes); no tasks and all_tasks false: embeddings only."""
         card = await self.card()
         tasks = check_tasks(tasks, card["labels"], 1) if tasks or (all_tasks and card["labels"]) else []
@@ -313,7 +327,9 @@ class EsmDistillService:
         )
 
     @bentoml.api
-    async def compare(self, sequences: list[str], tasks: tuple[str, ...] = (), top_k: int = 1, crop: bool = False) -> CompareResponse:
+    async def compare(
+        self, sequences: list[str], tasks: tuple[str, ...] = (), top_k: StrictInt = 1, crop: StrictBool = False
+    ) -> CompareResponse:
         """The same sequences through the student and the comparison model (ESM-1b): calls side by side, agreement, latency."""
         card = await self.card()
         tasks = check_tasks(tasks, card["labels"], top_k)

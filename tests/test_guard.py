@@ -65,3 +65,17 @@ def test_api_key_guards_every_endpoint_but_health():
     assert c.post("/embed", json={"sequences": ["MKV"]}, headers={"x-api-key": "s3cret"}).status_code == 200
     assert c.get("/readyz").status_code == 200  # health stays open (the stand-in answers every path)
     assert "API key" in c.post("/classify", json={}).json()["error"]["message"]
+
+
+def test_per_residue_answers_are_bounded():
+    import pytest
+    from bentoml.exceptions import InvalidArgument
+
+    from serve.service import check_answer_size
+
+    check_answer_size(1000, 128, 128_000)
+    with pytest.raises(
+        InvalidArgument,
+        match="a per_residue answer of 65,408 residues x 384 dims exceeds the limit of 4,194,304 values; send at most 10,922",
+    ):
+        check_answer_size(64 * 1022, 384, 1 << 22)

@@ -243,3 +243,16 @@ def test_a_free_task_from_a_tsv_goes_through_probe_export_and_annotate(bundle, t
     assert len(rows) == 5 and all(r[2].startswith("family:PF") for r in rows)
     res = runner.invoke(app, ["probe", str(bundle), "--data", str(tsv), "--task", "fam text"])
     assert res.exit_code == 2 and "task name 'fam text' is not usable" in res.output
+
+
+def test_probe_early_stops_on_a_given_validation_file(bundle, tmp_path):
+    pfam = read_labelled(str(EXAMPLES / "pfam.fasta"), "pfam")
+    valid = tmp_path / "valid.tsv"
+    valid.write_text("".join(f"v{i}\t{lab}\t{s}\n" for i, (lab, s) in enumerate(zip(pfam.labels[::3], pfam.sequences[::3], strict=True))))
+    out = tmp_path / "head"
+    res = runner.invoke(
+        app, ["probe", str(bundle), "--data", str(EXAMPLES / "pfam.fasta"), "--task", "pfam", "--valid", str(valid), "--out", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    assert "early stopping on the --valid files" in " ".join(res.output.split())
+    assert "the --valid files" in load_head(out).card["protocol"]["loss"]

@@ -197,6 +197,9 @@ def test_info_health_openapi_and_bentoml_endpoints(server):
         ("embed", b"{not json", "json"),
         ("embed", {"sequences": "MKV"}, "sequences"),
         ("classify", {"sequences": ["MKV"], "top_k": "three"}, "top_k"),
+        ("classify", {"sequences": ["MKV"], "tasks": ["pfam"], "top_k": "3"}, "top_k: Input should be a valid integer"),
+        ("classify", {"sequences": ["MKV"], "tasks": ["pfam"], "top_k": 2.0}, "top_k: Input should be a valid integer"),
+        ("embed", {"sequences": ["MKV"], "crop": "yes"}, "crop: Input should be a valid boolean"),
         ("embed", {"sequences": []}, "sequences is empty"),
         ("embed", {"sequences": ["MKV", " "]}, "sequence 1: empty sequence"),
         ("embed", {"sequences": ["MKV", "MKVLAJ"]}, "sequence 1: illegal residue 'J' at position 6"),
@@ -404,8 +407,12 @@ def test_stopping_or_killing_distill_serve_leaves_no_server_behind(server, tmp_p
                 break
             time.sleep(0.1)
         assert not any(_group_members(g) for g in groups), {g: _group_members(g) for g in groups}
+        with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # nobody listens any more
         with socket.socket() as s:
-            s.bind(("127.0.0.1", port))  # the port is free again
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a new server would: old connections may linger in TIME_WAIT
+            s.bind(("127.0.0.1", port))
+            s.listen()
     finally:
         for g in groups | {proc.pid}:
             with contextlib.suppress(ProcessLookupError, PermissionError):
