@@ -24,7 +24,7 @@ import aiohttp  # BentoML's inter-service client
 import bentoml
 import numpy as np
 from bentoml.exceptions import InternalServerError, InvalidArgument
-from pydantic import StrictBool, StrictInt  # "3", true or 2.0 for top_k, "yes" for crop: a 400, not a guess
+from pydantic import StrictBool, StrictInt, ValidationError  # "3", true or 2.0 for top_k, "yes" for crop: a 400, not a guess
 
 from distill import tokens
 from distill.index import load_index
@@ -53,6 +53,24 @@ BATCHING, REFERENCE_INDEX = ARGS.batching, ARGS.reference
 MAX_SEQUENCES, MAX_RESIDUES = ARGS.max_sequences, ARGS.max_residues
 MAX_TOP_K = 20
 log = logging.getLogger("esm_distill.serve")
+
+
+class ClientErrorsOnOneLine(logging.Filter):
+    """A 4xx is the client's mistake, not the server's: BentoML logs it as an ERROR with a traceback; this makes it
+    one WARNING line with the status and the message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        code = getattr(exc, "error_code", None)
+        code = 400 if isinstance(exc, ValidationError) else int(code) if code is not None else None
+        if code is not None and 400 <= code < 500:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "%d on %s [%s]: %s", (code, *record.args, " ".join(str(exc).split()))
+            record.exc_info = record.exc_text = None
+        return True
+
+
+logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorsOnOneLine())
 TIMEOUT = 600
 
 

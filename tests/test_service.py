@@ -224,6 +224,19 @@ def test_bad_input_is_a_4xx_naming_the_problem_and_the_server_stays_up(server, e
     assert post(f"{server['url']}/health", {})[0] == 200
 
 
+def test_client_errors_are_one_warning_line_in_the_server_log(server):
+    marker = "MKVQJ"  # an illegal J, easy to find in the log
+    assert post(f"{server['url']}/embed", {"sequences": [marker]})[0] == 400
+    for _ in range(50):  # the log is written asynchronously: poll, bounded
+        lines = (server["root"] / "serve.log").read_text().splitlines()
+        mine = [i for i, line in enumerate(lines) if "illegal residue 'J' at position 5" in line]
+        if mine:
+            break
+        time.sleep(0.1)
+    assert mine and "[WARNING]" in lines[mine[-1]] and "400 on /embed [POST]" in lines[mine[-1]]
+    assert not any(line.startswith("Traceback") for line in lines[mine[-1] - 3 : mine[-1] + 3])
+
+
 def test_crop_is_opt_in_per_request(server, direct):
     emb, _ = direct
     long = SEQS[0] * 12
