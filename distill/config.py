@@ -300,7 +300,9 @@ class SweepConfig:
     teacher_cache: bool = False  # one cache (K = epochs views) shared by all runs
     baselines: bool = False
     fit: dict[str, Any] = field(default_factory=dict)  # any other FitConfig setting
-    seed: int = 0
+    seed: int = 0  # of the subsets and the probe split (and of training when ``seeds`` is empty)
+    data_sizes: list[int] = field(default_factory=list)  # nested random subsets of ``data``, besides all of it
+    seeds: list[int] = field(default_factory=list)  # training seeds (paired: vanilla and distilled share each)
 
     def fit_config(self) -> FitConfig:
         """The ``[fit]`` settings over FitConfig's defaults (data and out filled per run)."""

@@ -78,3 +78,34 @@ def perplexity_vs_parameters(points: dict[str, tuple[int, float]], path: Path) -
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def gain_vs_size(points: dict[str, tuple[list[float], list[float]]], path: Path) -> Path:
+    """Mean gain of distillation against M x D (parameters x training sequences), log-log, one series per metric,
+    with a least-squares line per series and the study's claimed slope of -1 for reference. Cells whose mean gain
+    is not positive cannot sit on a log axis: they are drawn on the axis floor and counted in the legend."""
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    floor = min([y for _, ys in points.values() for y in ys if y > 0] or [1e-3]) / 3
+    for metric, (x, y) in points.items():
+        x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+        pos = y > 0
+        (dots,) = ax.plot(x[pos], y[pos], "o", label=f"{metric} ({(~pos).sum()} cells <= 0)")
+        ax.plot(x[~pos], np.full((~pos).sum(), floor), "v", color=dots.get_color(), alpha=0.5)
+        if pos.sum() >= 3:
+            slope, intercept = np.polyfit(np.log(x[pos]), np.log(y[pos]), 1)
+            grid = np.geomspace(x[pos].min(), x[pos].max(), 20)
+            ax.plot(grid, np.exp(intercept) * grid**slope, "-", color=dots.get_color(), alpha=0.6)
+    xs = [v for x, _ in points.values() for v in x]
+    if xs:
+        grid = np.geomspace(min(xs), max(xs), 20)
+        ax.plot(grid, floor * 3 * (grid / grid[0]) ** -1.0, "k--", alpha=0.4, label="slope -1 (the study's claim)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("M x D (parameters x training sequences)")
+    ax.set_ylabel("gain of distillation (paired mean)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -13,8 +13,15 @@ study-style tables and the figures.
     temperatures = [1.0, 2.0]
     lambdas = [0.0, 0.5]
     epochs = 3                                     # optional, else the preset's
-    teacher_cache = true                           # one cache (K = epochs views) shared by all runs
+    teacher_cache = true                           # one cache (K = epochs views) per data size, shared by its runs
     baselines = true                               # random init + amino-acid composition rows
+    data_sizes = [1000, 4000]                      # optional: nested random subsets of data (and all of it)
+    seeds = [0, 1, 2]                              # optional: training seeds; the probe split stays fixed
+
+With several data sizes or seeds the report adds means +- sd per cell, the paired gain of distillation with 95%
+confidence intervals, its log-log slope against M x D next to the study's claimed -1, and one verdict per claim
+(``distill.sweep_stats``). Subset membership is a keyed hash of each record id, so 1k sits inside 4k, and reordering
+the input file changes nothing.
     [fit]                                          # any other `distill fit` setting
     max_tokens = 8192
     [tasks.pfam]                                   # one table per task: its data and probe settings
@@ -26,36 +33,75 @@ study-style tables and the figures.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from rich.console import Console
 
-from distill import data, teacher_cache
+from distill import data, sweep_stats, teacher_cache
 from distill.config import PRESETS, FitConfig, ProbeConfig, SweepConfig
 from distill.distributed import pick_device
 from distill.errors import UserError
+from distill.fasta import read_fasta
 from distill.io import atomic_write_text, read_json_object
 from distill.report import evaluate_models
+from distill.sweep_stats import RunKey
 from distill.teacher_cache import load_teacher
 from distill.train import fit
 
 
-def grid(cfg: SweepConfig) -> list[tuple[str, str, float, float]]:
-    """(run name, preset, T, lambda); lambda = 0 once per preset (the temperature does not matter there)."""
+class Run(NamedTuple):
+    name: str
+    preset: str
+    temperature: float
+    lam: float
+    size: int | None  # training sequences; None: all of ``data``
+    seed: int
+
+
+def grid(cfg: SweepConfig) -> list[Run]:
+    """Every run; lambda = 0 once per preset, size and seed (the temperature does not matter there)."""
+    several = len([x for x in cfg.lambdas if x > 0]) > 1
+    sizes: list[int | None] = [*cfg.data_sizes, None] if cfg.data_sizes else [None]
+    seeds = cfg.seeds or [cfg.seed]
     runs = []
-    lambdas = cfg.lambdas
-    several = len([x for x in lambdas if x > 0]) > 1
-    for preset in cfg.presets:
-        p = PRESETS[preset]
-        base = f"Student-h{p['dim']}-L{p['layers']}"
-        if 0 in lambdas:
-            runs.append((f"{base}-vanilla", preset, 1.0, 0.0))
-        for t in cfg.temperatures:
-            for lam in (x for x in lambdas if x > 0):
-                runs.append((f"{base}-T{float(t):.1f}" + (f"-lam{lam:g}" if several else ""), preset, float(t), float(lam)))
+    for size in sizes:
+        for seed in seeds:
+            tail = (f"-n{size if size else 'all'}" if len(sizes) > 1 else "") + (f"-s{seed}" if len(seeds) > 1 else "")
+            for preset in cfg.presets:
+                p = PRESETS[preset]
+                base = f"Student-h{p['dim']}-L{p['layers']}"
+                if 0 in cfg.lambdas:
+                    runs.append(Run(f"{base}-vanilla{tail}", preset, 1.0, 0.0, size, seed))
+                for t in cfg.temperatures:
+                    for lam in (x for x in cfg.lambdas if x > 0):
+                        name = f"{base}-T{float(t):.1f}" + (f"-lam{lam:g}" if several else "") + tail
+                        runs.append(Run(name, preset, float(t), float(lam), size, seed))
     return runs
+
+
+def subset_order(records: list, seed: int) -> list[int]:
+    """Record indices in a keyed-hash order of their ids: the first n of it is the size-n subset (nested, and
+    independent of the file's order)."""
+    key = [hashlib.blake2b(f"{seed}:{r.id}".encode(), digest_size=8).digest() for r in records]
+    return sorted(range(len(records)), key=lambda i: key[i])
+
+
+def write_subsets(cfg: SweepConfig, out: Path) -> dict[int | None, tuple[Path, int]]:
+    """size -> (training FASTA, sequences); None is the whole file."""
+    records = list(read_fasta(Path(cfg.data)))
+    subsets: dict[int | None, tuple[Path, int]] = {None: (Path(cfg.data), len(records))}
+    order = subset_order(records, cfg.seed)
+    for n in cfg.data_sizes:
+        if n >= len(records):
+            raise UserError(f"data_sizes {n} is not below the {len(records)} sequences of {cfg.data}")
+        path = out / "data" / f"n{n}.fasta"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, "".join(f">{records[i].id}\n{records[i].sequence}\n" for i in order[:n]))
+        subsets[n] = (path, n)
+    return subsets
 
 
 def _finished(run: Path) -> bool:
@@ -66,13 +112,12 @@ def _finished(run: Path) -> bool:
     return state.get("epoch", 0) >= (config.get("epochs") or 0)
 
 
-def build_cache(cfg: SweepConfig, out: Path, views: int, console: Console) -> Path:
-    cache = out / "teacher-cache"
-    seqs = data.load_fasta(Path(cfg.data))
+def build_cache(cfg: SweepConfig, fasta: Path, cache: Path, views: int, console: Console) -> Path:
+    seqs = data.load_fasta(fasta)
     key = dict(n_records=len(seqs), mask_rate=cfg.fit_config().mask_rate, seed=cfg.seed, views=views)
     dev = pick_device(cfg.fit_config().device)
     net, sha = load_teacher(cfg.teacher, dev)
-    full = teacher_cache.CacheKey(teacher=cfg.teacher, teacher_sha256=sha, data_sha256=data.dataset_fingerprint(Path(cfg.data)), **key)
+    full = teacher_cache.CacheKey(teacher=cfg.teacher, teacher_sha256=sha, data_sha256=data.dataset_fingerprint(fasta), **key)
     stats = teacher_cache.build(seqs, net, full, cache, cfg.fit_config().max_tokens, dev, quiet=True)
     console.print(f"teacher cache {cache}: {views} views, {stats['bytes'] / 1e6:.1f} MB")
     return cache
@@ -84,39 +129,44 @@ def run_sweep(config: Path, console: Console) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     runs = grid(cfg)
-    console.print(f"sweep: {len(runs)} students ({', '.join(r[0] for r in runs)}) + teacher, tasks {', '.join(cfg.tasks)}")
-    cache = None
-    if cfg.teacher_cache and any(lam > 0 for *_, lam in runs):
+    console.print(f"sweep: {len(runs)} students ({', '.join(r.name for r in runs)}) + teacher, tasks {', '.join(cfg.tasks)}")
+    subsets = write_subsets(cfg, out)
+    caches: dict[int | None, Path] = {}
+    if cfg.teacher_cache and any(r.lam > 0 for r in runs):
         t0 = time.perf_counter()
-        cache = build_cache(cfg, out, cfg.epochs or 1, console)
+        for size, (fasta, _) in subsets.items():
+            caches[size] = build_cache(cfg, fasta, out / "teacher-cache" / (f"n{size}" if size else "all"), cfg.epochs or 1, console)
         timings["teacher cache"] = time.perf_counter() - t0
-    students = []
-    for name, preset, t, lam in runs:
-        run = out / "runs" / name
-        students.append(str(run / "student"))
+    students: dict[str, RunKey] = {}
+    for r in runs:
+        run = out / "runs" / r.name
+        students[str(run / "student")] = RunKey(r.preset, subsets[r.size][1], r.temperature, r.lam, r.seed)
         if _finished(run):
-            console.print(f"{name}: finished earlier, skipped")
+            console.print(f"{r.name}: finished earlier, skipped")
             continue
         fit_cfg = FitConfig(
-            **{**cfg.fit, "data": cfg.data, "valid": cfg.valid, "out": str(run), "preset": preset,
-               "teacher": cfg.teacher, "temperature": t, "lam": lam, "epochs": cfg.epochs, "seed": cfg.seed,
-               "teacher_cache": str(cache) if cache and lam > 0 else None}
+            **{**cfg.fit, "data": str(subsets[r.size][0]), "valid": cfg.valid, "out": str(run), "preset": r.preset,
+               "teacher": cfg.teacher, "temperature": r.temperature, "lam": r.lam, "epochs": cfg.epochs, "seed": r.seed,
+               "teacher_cache": str(caches[r.size]) if r.size in caches and r.lam > 0 else None}
         )  # fmt: skip
         t0 = time.perf_counter()
-        console.print(f"{name}: training")
+        console.print(f"{r.name}: training")
         result = fit(fit_cfg, resume=(run / "checkpoint.json").exists())
-        timings[name] = time.perf_counter() - t0
+        timings[r.name] = time.perf_counter() - t0
         if not result.completed:
-            raise UserError(f"{name} was interrupted; rerun `distill sweep {config}` to continue")
+            raise UserError(f"{r.name} was interrupted; rerun `distill sweep {config}` to continue")
     tables = {}
     for task, settings in cfg.tasks.items():
         t0 = time.perf_counter()
         probe_cfg = ProbeConfig(task=task, **{"seed": cfg.seed, **settings, "data": list(settings["data"])})
-        specs = [cfg.teacher, *students]
         ppl = Path(cfg.valid) if cfg.valid else None
-        tables[task] = evaluate_models(specs, probe_cfg, out / task, console, ppl, cfg.baselines)
+        tables[task] = evaluate_models([cfg.teacher, *students], probe_cfg, out / task, console, ppl, cfg.baselines)
         timings[f"probe {task}"] = time.perf_counter() - t0
-    atomic_write_text(out / "report.md", report(cfg, tables, timings, out))
+    extra = ""
+    if len(cfg.data_sizes) + len(cfg.seeds) > 1:
+        parameters = {students[r["spec"]].preset: r["parameters"] for rows in tables.values() for r in rows if r["spec"] in students}
+        extra = sweep_stats.section(sweep_stats.run_values(tables, students), parameters, out)
+    atomic_write_text(out / "report.md", report(cfg, tables, timings, out, extra))
     return out / "report.md"
 
 
@@ -130,7 +180,7 @@ def study_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def report(cfg: SweepConfig, tables: dict[str, list[dict[str, Any]]], timings: dict[str, float], out: Path) -> str:
+def report(cfg: SweepConfig, tables: dict[str, list[dict[str, Any]]], timings: dict[str, float], out: Path, extra: str = "") -> str:
     parts = [
         "# Distillation sweep",
         "",
@@ -159,6 +209,7 @@ def report(cfg: SweepConfig, tables: dict[str, list[dict[str, Any]]], timings: d
         ]
     if (out / next(iter(tables)) / "perplexity.png").is_file():
         parts += ["## Perplexity vs size", "", f"![perplexity]({next(iter(tables))}/perplexity.png)", ""]
+    parts += [extra] if extra else []
     parts += ["## Time (this invocation)", "", "| Step | Seconds |", "|---|---|"]
     parts += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
     return "\n".join(parts) + "\n"

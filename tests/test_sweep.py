@@ -80,3 +80,54 @@ def test_sweep_trains_probes_reports_and_resumes_without_redoing(tmp_path, capsy
     err = capsys.readouterr().err
     assert "Student-h128-L8-vanilla: finished earlier, skipped" in err and "Student-h128-L8-T2.0: finished earlier, skipped" in err
     assert (tmp_path / "report" / "runs" / "Student-h128-L8-T2.0" / "student" / "model.safetensors").stat().st_mtime_ns == weights
+
+
+def test_subsets_are_nested_and_do_not_depend_on_the_file_order(tmp_path):
+    from distill.sweep import write_subsets
+
+    records = [(r.id, r.sequence) for r in read_fasta(EXAMPLES / "train.fasta")][:60]
+    ids = {}
+    for name, recs in (("fwd", records), ("rev", records[::-1])):
+        data = write_fasta(tmp_path / f"{name}.fasta", recs)
+        cfg = SweepConfig(out=str(tmp_path / name), data=str(data), teacher="t", presets=["small"], tasks={}, data_sizes=[10, 25])
+        subsets = write_subsets(cfg, tmp_path / name)
+        ids[name] = {n: [r.id for r in read_fasta(p)] for n, (p, _) in subsets.items() if n}
+        assert subsets[None][1] == 60 and {n: k for n, (_, k) in subsets.items()} == {None: 60, 10: 10, 25: 25}
+    assert set(ids["fwd"][10]) <= set(ids["fwd"][25])  # nested
+    assert ids["fwd"] == ids["rev"]  # membership and order from the ids alone
+
+
+def test_paired_gains_and_intervals_match_a_hand_computation():
+    from distill.sweep_stats import RunKey, log_log_slope, paired_differences, t_interval
+
+    ci = t_interval([0.1, 0.2, 0.3])  # mean 0.2, sd 0.1, t(0.975, 2) = 4.302653 -> half-width 0.248414
+    assert (round(ci.mean, 6), round(ci.sd, 6), round(ci.lo, 5), round(ci.hi, 5)) == (0.2, 0.1, -0.04841, 0.44841)
+    values = {RunKey("small", 100, 1.0, 0.0, s): v for s, v in enumerate([10.0, 12.0, 11.0])}
+    values |= {RunKey("small", 100, 2.0, 0.5, s): v for s, v in enumerate([9.0, 10.0, 10.5])}  # perplexity: lower is better
+    ((key, gain),) = paired_differences(values, higher_is_better=False).items()
+    assert key == RunKey("small", 100, 2.0, 0.5, -1) and [round(x, 6) for x in (gain.mean, gain.sd)] == [1.166667, 0.763763]
+    slope = log_log_slope([1e3, 1e4, 1e5, 1e6], [1.0, 0.1, 0.01, 0.001])
+    assert abs(slope.mean + 1) < 1e-9 and slope.n == 4
+
+
+def test_a_two_size_two_seed_sweep_reports_paired_gains_and_resumes(tmp_path, capsys):
+    from rich.console import Console
+
+    records = [(r.id, r.sequence) for r in read_fasta(EXAMPLES / "train.fasta") if len(r.sequence) < 100][:32]
+    train = write_fasta(tmp_path / "train.fasta", records)
+    pfam = write_fasta(
+        tmp_path / "pfam.fasta", [(f"{r.id} {r.description}", r.sequence) for r in list(read_fasta(EXAMPLES / "pfam.fasta"))[:100]]
+    )
+    config = tmp_path / "sweep.toml"
+    config.write_text(
+        f"out = '{tmp_path / 'report'}'\ndata = '{train}'\nvalid = '{EXAMPLES / 'valid.fasta'}'\nteacher = '{TEACHER}'\n"
+        "presets = ['small']\ntemperatures = [2.0]\nlambdas = [0.0, 0.5]\nepochs = 1\ndata_sizes = [16]\nseeds = [0, 1]\n"
+        f"[fit]\nbatch_size = 16\nquiet = true\n[tasks.pfam]\ndata = ['{pfam}']\nmin_per_class = 5\n"
+    )
+    text = run_sweep(config, Console(stderr=True, soft_wrap=True)).read_text()
+    assert "## Data size and seeds" in text and "| small | 16 | 2 | 0.5 | 2 |" in text
+    assert "| perplexity | small | 16 | 2 | 0.5 |" in text and "| pfam F1 (macro) | small | 32 | 2 | 0.5 |" in text
+    assert "shrinks with data size:" in text and (tmp_path / "report" / "gain_vs_md.png").is_file()
+    capsys.readouterr()
+    run_sweep(config, Console(stderr=True, soft_wrap=True))
+    assert capsys.readouterr().err.count("finished earlier, skipped") == 8
