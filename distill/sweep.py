@@ -13,7 +13,7 @@ study-style tables and the figures.
     temperatures = [1.0, 2.0]
     lambdas = [0.0, 0.5]
     epochs = 3                                     # optional, else the preset's
-    teacher_cache = true                           # one cache (K = epochs views) per data size, shared by its runs
+    teacher_cache = true                           # one cache (K = epochs views) per data size and seed
     baselines = true                               # random init + amino-acid composition rows
     data_sizes = [1000, 4000]                      # optional: nested random subsets of data (and all of it)
     seeds = [0, 1, 2]                              # optional: training seeds; the probe split stays fixed
@@ -112,9 +112,10 @@ def _finished(run: Path) -> bool:
     return state.get("epoch", 0) >= (config.get("epochs") or 0)
 
 
-def build_cache(cfg: SweepConfig, fasta: Path, cache: Path, views: int, console: Console) -> Path:
+def build_cache(cfg: SweepConfig, fasta: Path, cache: Path, views: int, seed: int, console: Console) -> Path:
+    """The teacher's logits on ``fasta`` under the masks of ``seed`` (masking is keyed by the training seed)."""
     seqs = data.load_fasta(fasta)
-    key = dict(n_records=len(seqs), mask_rate=cfg.fit_config().mask_rate, seed=cfg.seed, views=views)
+    key = dict(n_records=len(seqs), mask_rate=cfg.fit_config().mask_rate, seed=seed, views=views)
     dev = pick_device(cfg.fit_config().device)
     net, sha = load_teacher(cfg.teacher, dev)
     full = teacher_cache.CacheKey(teacher=cfg.teacher, teacher_sha256=sha, data_sha256=data.dataset_fingerprint(fasta), **key)
@@ -131,11 +132,12 @@ def run_sweep(config: Path, console: Console) -> Path:
     runs = grid(cfg)
     console.print(f"sweep: {len(runs)} students ({', '.join(r.name for r in runs)}) + teacher, tasks {', '.join(cfg.tasks)}")
     subsets = write_subsets(cfg, out)
-    caches: dict[int | None, Path] = {}
-    if cfg.teacher_cache and any(r.lam > 0 for r in runs):
+    caches: dict[tuple[int | None, int], Path] = {}  # per data size and seed: masks are keyed by the training seed
+    if cfg.teacher_cache:
         t0 = time.perf_counter()
-        for size, (fasta, _) in subsets.items():
-            caches[size] = build_cache(cfg, fasta, out / "teacher-cache" / (f"n{size}" if size else "all"), cfg.epochs or 1, console)
+        for size, seed in sorted({(r.size, r.seed) for r in runs if r.lam > 0}, key=lambda k: (k[0] or 0, k[1])):
+            name = f"n{size if size else 'all'}-s{seed}"
+            caches[(size, seed)] = build_cache(cfg, subsets[size][0], out / "teacher-cache" / name, cfg.epochs or 1, seed, console)
         timings["teacher cache"] = time.perf_counter() - t0
     students: dict[str, RunKey] = {}
     for r in runs:
@@ -147,7 +149,7 @@ def run_sweep(config: Path, console: Console) -> Path:
         fit_cfg = FitConfig(
             **{**cfg.fit, "data": str(subsets[r.size][0]), "valid": cfg.valid, "out": str(run), "preset": r.preset,
                "teacher": cfg.teacher, "temperature": r.temperature, "lam": r.lam, "epochs": cfg.epochs, "seed": r.seed,
-               "teacher_cache": str(caches[r.size]) if r.size in caches and r.lam > 0 else None}
+               "teacher_cache": str(caches[(r.size, r.seed)]) if (r.size, r.seed) in caches and r.lam > 0 else None}
         )  # fmt: skip
         t0 = time.perf_counter()
         console.print(f"{r.name}: training")

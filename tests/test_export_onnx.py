@@ -121,9 +121,9 @@ def test_embedder_padding_invariance_order_and_pytorch_definition(exported):
 
 def test_embedder_rejects_bad_sequences_by_index(exported):
     embedder = resolve(exported[0], providers="cpu")
-    with pytest.raises(SequenceError, match="sequence 1: illegal residue 'J' at position 3"):
+    with pytest.raises(SequenceError, match="sequence 2: illegal residue 'J' at position 3"):
         embedder.embed(["MKV", "MKJL"])
-    with pytest.raises(SequenceError, match="sequence 0: empty sequence"):
+    with pytest.raises(SequenceError, match="sequence 1: empty sequence"):
         embedder.embed([""])
     with pytest.raises(SequenceError, match="1100 residues exceed the limit of 1022"):
         embedder.embed(["M" * 1100])

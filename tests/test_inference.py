@@ -82,11 +82,11 @@ def test_windows_average_and_stitch_residues_and_crop():
 
 
 def test_validation_names_the_sequence_and_the_problem():
-    with pytest.raises(SequenceError, match="sequence 1: illegal residue 'J' at position 3"):
+    with pytest.raises(SequenceError, match="sequence 2: illegal residue 'J' at position 3"):
         prepare(["MKV", "mkJL"])
-    with pytest.raises(SequenceError, match="sequence 0: empty sequence"):
+    with pytest.raises(SequenceError, match="sequence 1: empty sequence"):
         prepare(["  "])
-    with pytest.raises(SequenceError, match="sequence 0: 1023 residues exceed the limit of 1022"):
+    with pytest.raises(SequenceError, match="sequence 1: 1023 residues exceed the limit of 1022"):
         prepare(["M" * 1023])
     with pytest.raises(ValueError, match="policy must be one of error, crop, windows"):
         prepare(["M"], "truncate")

@@ -121,13 +121,15 @@ def test_a_two_size_two_seed_sweep_reports_paired_gains_and_resumes(tmp_path, ca
     config = tmp_path / "sweep.toml"
     config.write_text(
         f"out = '{tmp_path / 'report'}'\ndata = '{train}'\nvalid = '{EXAMPLES / 'valid.fasta'}'\nteacher = '{TEACHER}'\n"
-        "presets = ['small']\ntemperatures = [2.0]\nlambdas = [0.0, 0.5]\nepochs = 1\ndata_sizes = [16]\nseeds = [0, 1]\n"
+        "presets = ['small']\ntemperatures = [2.0]\nlambdas = [0.0, 0.5]\nepochs = 1\ndata_sizes = [16]\nseeds = [0, 1]\nteacher_cache = true\n"
         f"[fit]\nbatch_size = 16\nquiet = true\n[tasks.pfam]\ndata = ['{pfam}']\nmin_per_class = 5\n"
     )
     text = run_sweep(config, Console(stderr=True, soft_wrap=True)).read_text()
     assert "## Data size and seeds" in text and "| small | 16 | 2 | 0.5 | 2 |" in text
     assert "| perplexity | small | 16 | 2 | 0.5 |" in text and "| pfam F1 (macro) | small | 32 | 2 | 0.5 |" in text
     assert "shrinks with data size:" in text and (tmp_path / "report" / "gain_vs_md.png").is_file()
+    # masks are keyed by the training seed, so each (size, seed) has its own teacher cache
+    assert sorted(p.name for p in (tmp_path / "report" / "teacher-cache").iterdir()) == ["n16-s0", "n16-s1", "nall-s0", "nall-s1"]
     capsys.readouterr()
     run_sweep(config, Console(stderr=True, soft_wrap=True))
     assert capsys.readouterr().err.count("finished earlier, skipped") == 8

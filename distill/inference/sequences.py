@@ -17,10 +17,10 @@ STRIDE = WINDOW // 2  # 50% overlap
 
 
 class SequenceError(ValueError):
-    """A bad input sequence; ``index`` says which one."""
+    """A bad input sequence; ``index`` (from 0) says which one. Messages count from 1, like residue positions."""
 
     def __init__(self, index: int, message: str):
-        super().__init__(f"sequence {index}: {message}")
+        super().__init__(f"sequence {index + 1}: {message}")
         self.index = index
 
 
