@@ -131,11 +131,24 @@ def _fingerprint(input_path: Path, settings: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def _chunks(path: Path, size: int, skip: int) -> Iterator[list]:
+def shard_range(total: int, shard: tuple[int, int] | None) -> tuple[int, int]:
+    """Shard I of N handles a contiguous range of record indices [lo, hi): merging is then concatenation (streamed,
+    no sort), and each shard keeps the chunk and length locality of the input."""
+    if shard is None:
+        return 0, total
+    i, n = shard
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {i}/{n}: I must be in 0..{n - 1}")
+    return i * total // n, (i + 1) * total // n
+
+
+def _chunks(path: Path, size: int, skip: int, stop: int) -> Iterator[list]:
     chunk = []
     for n, record in enumerate(iter_records(path, warn_duplicates=False)):
         if n < skip:
             continue
+        if n >= stop:
+            break
         chunk.append(record)
         if len(chunk) == size:
             yield chunk
@@ -169,6 +182,7 @@ class Options:
     min_probability: float | None = None  # overrides every head's calibrated threshold
     reference: Path | None = None  # a `distill index` directory: nearest references beside the calls
     reference_k: int = 3
+    shard: tuple[int, int] | None = None  # (I, N): this run handles the I-th of N contiguous record ranges (0-based)
 
 
 def columns_for(model: Inference, opts: Options) -> Columns:
@@ -245,8 +259,11 @@ def annotate(input_path: Path, model: Inference, output: Path, opts: Options | N
     total = count_records(input_path)
     if total == 0:
         raise ValueError(f"{input_path} holds no FASTA records; nothing to annotate")
-    settings = {"model": model.name, "tasks": cols.tasks, "top_k": opts.top_k, "long": opts.long_policy, "embeddings": str(opts.embeddings or ""),
-                "chunk": opts.chunk_records, "thresholds": cols.thresholds, "reference": str(opts.reference or ""), "reference_k": cols.reference_k}  # fmt: skip
+    lo, hi = shard_range(total, opts.shard)
+    settings = {"model": model.name, "tasks": cols.tasks, "top_k": opts.top_k, "long": opts.long_policy, "chunk": opts.chunk_records,
+                "thresholds": cols.thresholds, "reference": str(opts.reference or ""), "reference_k": cols.reference_k}  # fmt: skip
+    job = _fingerprint(input_path, settings)  # what every shard of one job shares: `distill merge` checks it
+    settings |= {"embeddings": str(opts.embeddings or ""), "shard": list(opts.shard or (0, 1)), "range": [lo, hi], "job": job}
     fingerprint = _fingerprint(input_path, settings)
     done = _start(input_path, output, opts, cols, fingerprint, settings, console)
     if done is None:
@@ -260,8 +277,8 @@ def annotate(input_path: Path, model: Inference, output: Path, opts: Options | N
                TextColumn("{task.fields[sps]:,.0f} seq/s  {task.fields[rps]:,.0f} res/s"), TimeRemainingColumn()]  # fmt: skip
     new_residues = 0
     with Progress(*columns, console=console, disable=opts.quiet) as bar, open(output, "ab") as out:
-        task = bar.add_task("annotate", total=total, completed=done["records"], sps=0.0, rps=0.0)
-        for chunk in _chunks(input_path, opts.chunk_records, done["records"]):
+        task = bar.add_task("annotate", total=hi - lo, completed=done["records"], sps=0.0, rps=0.0)
+        for chunk in _chunks(input_path, opts.chunk_records, lo + done["records"], hi):
             rows = annotate_chunk(chunk, model, cols.tasks, opts.long_policy)
             if opts.embeddings is not None:
                 ok = [r for r in rows if r.embedding is not None]

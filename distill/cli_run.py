@@ -50,6 +50,9 @@ def annotate(
     ] = None,
     reference_k: Annotated[int, typer.Option(help="Reference neighbours per record (id, label, cosine similarity).")] = O.reference_k,
     api_key: Annotated[str, typer.Option(envvar="ESM_DISTILL_API_KEY", help="With --url: the service's API key.")] = "",
+    shard: Annotated[
+        str | None, typer.Option(help="I/N: annotate only the I-th (from 0) of N contiguous record ranges; `distill merge` joins them.")
+    ] = None,
 ) -> None:
     """Annotate every record of a FASTA: TSV calls per task (+ embeddings), nothing dropped, resumable."""
     from distill.annotate import annotate as run
@@ -58,13 +61,37 @@ def annotate(
     if (model is None) == (url is None):
         raise ValueError("give exactly one of --model (run locally) or --url (use a running service)")
     inference = resolve(url or model, heads, providers, max_tokens, api_key)
-    opts = Options(task_list(tasks), top_k, embeddings, long, resume, chunk_records, quiet, min_probability, reference, reference_k)
+    opts = Options(tasks=task_list(tasks), top_k=top_k, embeddings=embeddings, long_policy=long, resume=resume, chunk_records=chunk_records,
+                   quiet=quiet, min_probability=min_probability, reference=reference, reference_k=reference_k, shard=parse_shard(shard))  # fmt: skip
     summary = run(input, inference, output, opts, console)
     rate = summary.records / summary.seconds if summary.seconds else 0.0
     console.print(
         f"{summary.records} records: {summary.ok} ok, {summary.errors} error -> {summary.output}"
         + (f", embeddings {summary.embeddings}" if summary.embeddings else "")
         + (f" ({rate:,.0f} records/s, {summary.residues / summary.seconds:,.0f} residues/s)" if summary.seconds else "")
+    )
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    i, _, n = text.partition("/")
+    if not (i.isdigit() and n.isdigit() and int(n) >= 1):
+        raise ValueError(f"--shard takes I/N with 0 <= I < N (for example 0/8), got {text!r}")
+    return int(i), int(n)
+
+
+def merge(
+    outputs: Annotated[list[Path], typer.Argument(help="The TSVs of every `distill annotate --shard I/N` run of one job, any order.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The merged TSV (what one unsharded run writes).")],
+    embeddings: Annotated[Path | None, typer.Option(help="Also merge the shards' embeddings into this file (same format).")] = None,
+) -> None:
+    """Join sharded annotate outputs in input order; refuses missing, duplicated, unfinished or foreign shards."""
+    from distill.annotate_merge import merge as run
+
+    state = run(outputs, output, embeddings)
+    console.print(
+        f"merged {len(state['merged_from'])} shards: {state['records']} records ({state['ok']} ok, {state['errors']} error) -> {output}"
     )
 
 
@@ -172,6 +199,7 @@ def export_onnx(
 
 def register(app: typer.Typer, export_app: typer.Typer) -> None:
     app.command()(annotate)
+    app.command()(merge)
     app.command("import")(import_cmd)
     app.command()(serve)
     export_app.command("esm")(export_esm)

@@ -20,11 +20,10 @@ import logging
 import time
 from typing import Any, Literal
 
-import aiohttp  # BentoML's inter-service client
 import bentoml
 import numpy as np
 from bentoml.exceptions import InternalServerError, InvalidArgument
-from pydantic import StrictBool, StrictInt, ValidationError  # "3", true or 2.0 for top_k, "yes" for crop: a 400, not a guess
+from pydantic import StrictBool, StrictInt  # "3", true or 2.0 for top_k, "yes" for crop: a 400, not a guess
 
 from distill import tokens
 from distill.index import load_index
@@ -32,6 +31,7 @@ from distill.inference import SequenceError, resolve
 from distill.inference import top_k as best
 from distill.inference.sequences import Pieces, prepare
 from serve.guard import Guard, limit_for
+from serve.resilience import ENGINE_STALL_S, ClientErrorsOnOneLine, call
 from serve.schemas import (
     AnnotateResponse,
     Call,
@@ -52,22 +52,6 @@ MODEL_TAG, BACKEND, VARIANT = ARGS.model, ARGS.backend, ARGS.variant
 BATCHING, REFERENCE_INDEX = ARGS.batching, ARGS.reference
 MAX_SEQUENCES, MAX_RESIDUES = ARGS.max_sequences, ARGS.max_residues
 MAX_TOP_K = 20
-log = logging.getLogger("esm_distill.serve")
-
-
-class ClientErrorsOnOneLine(logging.Filter):
-    """A 4xx is the client's mistake, not the server's: BentoML logs it as an ERROR with a traceback; this makes it
-    one WARNING line with the status and the message."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        code = getattr(exc, "error_code", None)
-        code = 400 if isinstance(exc, ValidationError) else int(code) if code is not None else None
-        if code is not None and 400 <= code < 500:
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg, record.args = "%d on %s [%s]: %s", (code, *record.args, " ".join(str(exc).split()))
-            record.exc_info = record.exc_text = None
-        return True
 
 
 logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorsOnOneLine())
@@ -130,35 +114,6 @@ def _rows(embeddings: list, tasks: list[str]) -> list[dict[str, Any]]:
         }
         for e in embeddings
     ]
-
-
-RETRIES = 3
-ENGINE_STALL_S = 60.0  # an engine call this slow is stuck (a full 256-sequence batch of the large preset takes ~25 s on 2 CPU cores)
-
-
-def transient(e: BaseException) -> bool:
-    """A dropped, half-read or stuck inter-service connection (retrying is safe: every engine call is pure)."""
-    if isinstance(e, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError | TimeoutError):
-        return True
-    return isinstance(e, RuntimeError) and str(e) == "Connection closed."  # aiohttp's body read on a closed socket
-
-
-async def call(method, *args: Any, stall_s: float | None = None) -> Any:  # noqa: ANN001
-    """A call to a dependency, retried (bounded, logged) on a transient connection error, or when it takes longer
-    than ``stall_s`` (a connection that never answers).
-
-    BentoML 1.4's inter-service client keeps idle connections longer (aiohttp, 15 s) than the callee's server
-    keeps them open (uvicorn, 5 s), so requests after a pause can hit a closed socket, while connecting or while
-    reading the body (bentoml/BentoML#4971, fix proposed in #5698).
-    """
-    for attempt in range(1, RETRIES + 1):
-        try:
-            return await asyncio.wait_for(method(*args), stall_s)
-        except Exception as e:
-            if not transient(e) or attempt == RETRIES:
-                raise
-            why = f"no answer in {stall_s:.0f} s" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
-            log.warning("retrying %s after a transient connection error (%s), attempt %d of %d", method, why, attempt, RETRIES)
 
 
 # ---- services ---------------------------------------------------------------------------------------

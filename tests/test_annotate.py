@@ -200,3 +200,67 @@ def test_an_empty_fasta_is_refused_like_fit_refuses_it(bundle, tmp_path):
     res = runner.invoke(app, ["annotate", str(empty), "--model", str(b), "-o", str(out), "--quiet"])
     assert res.exit_code == 2 and "holds no FASTA records; nothing to annotate" in res.output
     assert not out.exists() and not (tmp_path / "calls.tsv.progress.json").exists()
+
+
+def test_shards_then_merge_equal_one_run_and_bad_shard_sets_are_refused(bundle, tmp_path):
+    _, graph = bundle
+    records = REAL[:20] + [("bad", "MKVJJ")] + REAL[20:41]
+    fasta = write_input(tmp_path / "in.fa", records)
+    base = ["annotate", str(fasta), "--model", str(graph), "--top-k", "2", "--chunk-records", "4", "--quiet"]
+    res = runner.invoke(app, [*base, "-o", str(tmp_path / "one.tsv"), "--embeddings", str(tmp_path / "one.npy")])
+    assert res.exit_code == 0, res.output
+    for i in range(3):
+        out = tmp_path / f"s{i}.tsv"
+        res = runner.invoke(app, [*base, "-o", str(out), "--embeddings", str(tmp_path / f"s{i}.npy"), "--shard", f"{i}/3"])
+        assert res.exit_code == 0, res.output
+    assert [len((tmp_path / f"s{i}.tsv").read_text().splitlines()) - 1 for i in range(3)] == [14, 14, 14]
+    res = runner.invoke(
+        app,
+        [
+            "merge",
+            *(str(tmp_path / f"s{i}.tsv") for i in (2, 0, 1)),
+            "-o",
+            str(tmp_path / "m.tsv"),
+            "--embeddings",
+            str(tmp_path / "m.npy"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "m.tsv").read_bytes() == (tmp_path / "one.tsv").read_bytes()
+    np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), np.load(tmp_path / "one.npy"))
+    assert (tmp_path / "m.ids.txt").read_text() == (tmp_path / "one.ids.txt").read_text()
+    refusals = {
+        "missing": ([0, 1], "shard(s) 2/3 missing"),
+        "duplicated": ([0, 1, 1, 2], "shard 1/3 is given twice"),
+        "unsharded": ([0, 1, "one"], "cut into different numbers of shards ([1, 3])"),
+    }
+    for name, (parts, message) in refusals.items():
+        paths = [str(tmp_path / (f"s{p}.tsv" if isinstance(p, int) else f"{p}.tsv")) for p in parts]
+        res = runner.invoke(app, ["merge", *paths, "-o", str(tmp_path / f"{name}.tsv")])
+        assert res.exit_code == 2 and message in res.output, (name, res.output)
+    other = write_input(tmp_path / "other.fa", records[:-1])  # another input file: another job
+    res = runner.invoke(
+        app,
+        [
+            "annotate",
+            str(other),
+            "--model",
+            str(graph),
+            "--top-k",
+            "2",
+            "--chunk-records",
+            "4",
+            "--quiet",
+            "-o",
+            str(tmp_path / "x.tsv"),
+            "--shard",
+            "2/3",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(
+        app, ["merge", str(tmp_path / "s0.tsv"), str(tmp_path / "s1.tsv"), str(tmp_path / "x.tsv"), "-o", str(tmp_path / "f.tsv")]
+    )
+    assert res.exit_code == 2 and "belongs to another job" in res.output
+    res = runner.invoke(app, [*base, "-o", str(tmp_path / "bad.tsv"), "--shard", "3/3"])
+    assert res.exit_code == 2 and "I must be in 0..2" in res.output
