@@ -142,12 +142,12 @@ def shard_range(total: int, shard: tuple[int, int] | None) -> tuple[int, int]:
     return i * total // n, (i + 1) * total // n
 
 
-def _chunks(path: Path, size: int, skip: int, stop: int) -> Iterator[list]:
+def _chunks(path: Path, size: int, skip: int, stop: int | None) -> Iterator[list]:
     chunk = []
     for n, record in enumerate(iter_records(path, warn_duplicates=False)):
         if n < skip:
             continue
-        if n >= stop:
+        if stop is not None and n >= stop:
             break
         chunk.append(record)
         if len(chunk) == size:
@@ -259,6 +259,8 @@ def annotate(input_path: Path, model: Inference, output: Path, opts: Options | N
     total = count_records(input_path)
     if total == 0:
         raise ValueError(f"{input_path} holds no FASTA records; nothing to annotate")
+    if opts.shard is not None:  # ranges in the reader's own numbering (the fast pre-count sees only '>' lines)
+        total = sum(1 for _ in iter_records(input_path, warn_duplicates=False))
     lo, hi = shard_range(total, opts.shard)
     settings = {"model": model.name, "tasks": cols.tasks, "top_k": opts.top_k, "long": opts.long_policy, "chunk": opts.chunk_records,
                 "thresholds": cols.thresholds, "reference": str(opts.reference or ""), "reference_k": cols.reference_k}  # fmt: skip
@@ -278,7 +280,7 @@ def annotate(input_path: Path, model: Inference, output: Path, opts: Options | N
     new_residues = 0
     with Progress(*columns, console=console, disable=opts.quiet) as bar, open(output, "ab") as out:
         task = bar.add_task("annotate", total=hi - lo, completed=done["records"], sps=0.0, rps=0.0)
-        for chunk in _chunks(input_path, opts.chunk_records, lo + done["records"], hi):
+        for chunk in _chunks(input_path, opts.chunk_records, lo + done["records"], hi if opts.shard else None):
             rows = annotate_chunk(chunk, model, cols.tasks, opts.long_policy)
             if opts.embeddings is not None:
                 ok = [r for r in rows if r.embedding is not None]
