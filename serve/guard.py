@@ -49,9 +49,19 @@ def message_of(body: bytes) -> str:
     return "; ".join(texts)
 
 
+def unknown_fields(body: bytes, allowed: set[str]) -> list[str]:
+    """Top-level fields of a JSON object body that the endpoint does not take (malformed JSON is BentoML's to refuse)."""
+    try:
+        obj = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return []
+    return sorted(set(obj) - allowed) if isinstance(obj, dict) else []
+
+
 class Guard:
-    def __init__(self, app: Callable, max_bytes: int, api_key: str = ""):
+    def __init__(self, app: Callable, max_bytes: int, api_key: str = "", fields: dict[str, set[str]] | None = None):
         self.app, self.max_bytes, self.api_key = app, max_bytes, api_key
+        self.fields = fields or {}  # endpoint path -> the request fields it takes; anything else is a 400
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -76,6 +86,9 @@ class Guard:
             more = message.get("more_body", False)
             if len(body) > self.max_bytes:
                 return await self._refuse(send, 413, self._too_large(len(body), streamed=True))
+        unknown = unknown_fields(body, self.fields[path]) if path in self.fields else []
+        if unknown:
+            return await self._refuse(send, 400, f"unknown field(s) {unknown} for {path}; it takes {sorted(self.fields[path])}")
         replayed = False
 
         async def replay() -> Message:

@@ -16,6 +16,7 @@ writes them, ``bentoml build --arg ...`` bakes them into a Bento.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from typing import Any, Literal
@@ -359,6 +360,10 @@ class EsmDistillService:
 
 
 # The front door: API key, body limit before parsing, JSON only, one 4xx shape (serve/guard.py).
+ENDPOINT_FIELDS = {  # what each public endpoint takes, from its signature: an unknown field is a 400 naming it
+    f"/{name}": set(inspect.signature(getattr(EsmDistillService.inner, name).func).parameters) - {"self"}
+    for name in ("embed", "classify", "annotate", "compare", "info", "health")
+}
 EsmDistillService.add_asgi_middleware(
-    Guard, max_bytes=ARGS.max_request_bytes or limit_for(MAX_SEQUENCES, MAX_RESIDUES), api_key=ARGS.api_key
+    Guard, max_bytes=ARGS.max_request_bytes or limit_for(MAX_SEQUENCES, MAX_RESIDUES), api_key=ARGS.api_key, fields=ENDPOINT_FIELDS
 )

@@ -79,3 +79,13 @@ def test_per_residue_answers_are_bounded():
         match="a per_residue answer of 65,408 residues x 384 dims exceeds the limit of 4,194,304 values; send at most 10,922",
     ):
         check_answer_size(64 * 1022, 384, 1 << 22)
+
+
+def test_unknown_fields_are_refused_by_name():
+    c = TestClient(Guard(app, max_bytes=1000, fields={"/embed": {"sequences", "crop"}}))
+    res = c.post("/embed", json={"sequences": ["MKV"], "cropp": True})
+    assert (
+        res.status_code == 400 and res.json()["error"]["message"] == "unknown field(s) ['cropp'] for /embed; it takes ['crop', 'sequences']"
+    )
+    assert c.post("/embed", json={"sequences": ["MKV"], "crop": True}).status_code == 200
+    assert c.post("/other", json={"anything": 1}).status_code == 200  # endpoints without a field list pass

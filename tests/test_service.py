@@ -200,6 +200,7 @@ def test_info_health_openapi_and_bentoml_endpoints(server):
         ("classify", {"sequences": ["MKV"], "tasks": ["pfam"], "top_k": "3"}, "top_k: Input should be a valid integer"),
         ("classify", {"sequences": ["MKV"], "tasks": ["pfam"], "top_k": 2.0}, "top_k: Input should be a valid integer"),
         ("embed", {"sequences": ["MKV"], "crop": "yes"}, "crop: Input should be a valid boolean"),
+        ("embed", {"sequences": ["MKV"], "per_resdue": True}, "unknown field(s) ['per_resdue'] for /embed"),
         ("embed", {"sequences": []}, "sequences is empty"),
         ("embed", {"sequences": ["MKV", " "]}, "sequence 2: empty sequence"),
         ("embed", {"sequences": ["MKV", "MKVLAJ"]}, "sequence 2: illegal residue 'J' at position 6"),
