@@ -116,9 +116,14 @@ def load_head(directory: Path, dim: int | None = None) -> Head:
     return Head(module.eval(), labels, card)
 
 
-def heads_of(bundle: Path, dim: int | None = None) -> dict[str, Head]:
-    """Every head stored in a bundle, by task."""
-    root = Path(bundle) / "heads"
+def heads_in(root: Path, dim: int | None = None) -> dict[str, Head]:
+    """Every head in a directory of ``<task>/`` head folders (a bundle's ``heads/``, or `distill probe --out`'s), by task."""
+    root = Path(root)
     if not root.is_dir():
         return {}
     return {d.name: load_head(d, dim) for d in sorted(root.iterdir()) if (d / "labels.json").is_file()}
+
+
+def heads_of(bundle: Path, dim: int | None = None) -> dict[str, Head]:
+    """Every head stored in a bundle, by task."""
+    return heads_in(Path(bundle) / "heads", dim)

@@ -37,7 +37,7 @@ def resolve(
 def torch_backend(spec: str, heads: str | None = None, device: str = "auto"):  # noqa: ANN201 (TorchBackend: imports torch)
     """A bundle, fair-esm model or ``random:`` spec with its heads (a bundle's own, or a head directory)."""
     from distill.encoders import load_encoder  # torch: imported here so that the other backends never load it
-    from distill.heads import heads_of, load_head
+    from distill.heads import heads_in, heads_of, load_head
     from distill.inference.torch_backend import TorchBackend
 
     enc = load_encoder(spec)
@@ -50,7 +50,7 @@ def torch_backend(spec: str, heads: str | None = None, device: str = "auto"):  #
         if (hp / "labels.json").is_file():  # one head
             found = {hp.name: load_head(hp, dim)}
         else:  # a directory of <task>/ heads, as `distill probe --out` writes them
-            found = {d.name: load_head(d, dim) for d in sorted(hp.iterdir()) if (d / "labels.json").is_file()}
+            found = heads_in(hp, dim)
     elif Path(spec).is_dir():
         found = heads_of(Path(spec), dim)
     path = Path(spec)
