@@ -286,14 +286,24 @@ def summary(result: ExportResult) -> str:
     return "\n".join(lines)
 
 
-def export_command(model: str, output: Path, opset: int, fp16: bool, int8: bool, optimize: bool, trt: bool, heads: bool) -> ExportResult:
-    """`distill export onnx`: any torch model spec (with its bundle's heads when asked) -> checked graphs."""
+def export_command(
+    model: str,
+    output: Path,
+    opset: int = 18,
+    fp16: bool = False,
+    int8: bool = False,
+    optimize: bool = False,
+    trt: bool = False,
+    heads: bool | None = False,
+) -> ExportResult:
+    """`distill export onnx` (and `distill import`): any torch model spec -> checked graphs. ``heads``: True requires the
+    bundle's heads, None takes them when there are any, False leaves them out."""
     enc = load_encoder(model)
     net, card = enc.model, enc.card
     found = None
-    if heads:
-        found = heads_of(Path(model), net.cfg.dim) if is_bundle(Path(model)) else {}
-        if not found:
+    if heads is not False:
+        found = (heads_of(Path(model), net.cfg.dim) if is_bundle(Path(model)) else {}) or None
+        if heads and not found:
             raise ExportError(
                 f"{model} has no classification heads: add them with `distill probe {model} --task pfam ...`, or export without --heads"
             )

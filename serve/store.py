@@ -43,9 +43,8 @@ def import_model(source: str, name: str | None = None, int8: bool = False) -> st
     """Put a student bundle (exported to ONNX with its heads here) or an exported ``.onnx`` into the store; returns the tag."""
     import bentoml  # lazy, like the torch-side imports below: the service's ONNX path reads models only
 
-    from distill.bundle import is_bundle, load_any
-    from distill.heads import heads_of
-    from export.onnx import export, read_metadata, source_of
+    from distill.bundle import is_bundle
+    from export.onnx import export_command, read_metadata
 
     path = Path(source)
     name = name or model_name(source)
@@ -60,9 +59,7 @@ def import_model(source: str, name: str | None = None, int8: bool = False) -> st
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp)
         if is_bundle(path):
-            model, card = load_any(source)
-            heads = heads_of(path, model.cfg.dim)
-            result = export(model, staged / "model.onnx", source_of(source, card), int8=int8, heads=heads or None)
+            result = export_command(source, staged / "model.onnx", int8=int8, heads=None)  # the bundle's heads, if any
             shutil.copytree(path, staged / "bundle")
             if int8 and "int8" not in result.paths:
                 raise ValueError("the int8 graph failed its parity check; import without --int8")
