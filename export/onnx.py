@@ -32,7 +32,6 @@ import onnx
 import onnxruntime as ort
 
 from distill import tokens
-from distill.bundle import is_bundle
 from distill.encoders import load_encoder
 from distill.heads import heads_of
 from distill.inference.onnx_backend import OUTPUTS
@@ -302,7 +301,7 @@ def export_command(
     net, card = enc.model, enc.card
     found = None
     if heads is not False:
-        found = (heads_of(Path(model), net.cfg.dim) if is_bundle(Path(model)) else {}) or None
+        found = (heads_of(Path(model), net.cfg.dim) if Path(model).is_dir() else {}) or None  # bundle or HF export
         if heads and not found:
             raise ExportError(
                 f"{model} has no classification heads: add them with `distill probe {model} --task pfam ...`, or export without --heads"

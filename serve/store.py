@@ -44,6 +44,7 @@ def import_model(source: str, name: str | None = None, int8: bool = False) -> st
     import bentoml  # lazy, like the torch-side imports below: the service's ONNX path reads models only
 
     from distill.bundle import is_bundle
+    from distill.hf import is_hf_dir
     from export.onnx import export_command, read_metadata
 
     path = Path(source)
@@ -58,7 +59,7 @@ def import_model(source: str, name: str | None = None, int8: bool = False) -> st
             return str(stored.tag)
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp)
-        if is_bundle(path):
+        if is_bundle(path) or is_hf_dir(path):  # a Hugging Face export serves like the bundle it came from
             result = export_command(source, staged / "model.onnx", int8=int8, heads=None)  # the bundle's heads, if any
             shutil.copytree(path, staged / "bundle")
             if int8 and "int8" not in result.paths:
@@ -74,7 +75,7 @@ def import_model(source: str, name: str | None = None, int8: bool = False) -> st
                     raise ValueError(f"--int8 needs {variant} beside {path} (distill export onnx --int8)")
                 shutil.copy2(variant, staged / "model.int8.onnx")
         else:
-            raise ValueError(f"{source} is neither a student bundle directory nor an exported .onnx graph")
+            raise ValueError(f"{source} is neither a student bundle directory, a Hugging Face ESM directory, nor an exported .onnx graph")
         meta = read_metadata(staged / "model.onnx")
         info: dict[str, Any] = {
             "preset": meta.get("preset"),

@@ -497,3 +497,18 @@ def test_oversized_bodies_get_413_before_parsing_and_memory_stays_flat(server):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(plain, timeout=30)
     assert e.value.code == 415 and json.loads(e.value.read())["error"]["status"] == 415
+
+
+def test_a_hugging_face_export_is_importable_and_serves_like_its_bundle(server, tmp_path):
+    from bentoml.models import get
+
+    from distill.inference import resolve
+    from serve.store import import_model, open_stored
+
+    res = runner.invoke(app, ["export", "hf", str(server["bundle"]), "-o", str(tmp_path / "hf")])
+    assert res.exit_code == 0, res.output
+    engine = open_stored(Path(get(import_model(str(tmp_path / "hf"), "esm-distill-hf")).path))
+    want = resolve(server["bundle"]).embed(SEQS[:4], tasks=["pfam"])
+    for a, b in zip(engine.embed(SEQS[:4], tasks=["pfam"]), want, strict=True):
+        np.testing.assert_allclose(a.sequence, b.sequence, atol=1e-5)
+        np.testing.assert_allclose(a.probabilities["pfam"], b.probabilities["pfam"], atol=1e-5)
