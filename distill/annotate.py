@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,11 +28,13 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from distill import scale
 from distill.fasta import count_records, iter_records
 from distill.index import load_index
 from distill.inference import Inference
 from distill.inference.sequences import long_note
 from distill.io import atomic_path, atomic_write, atomic_write_json, read_json_object
+from distill.scale import RayOptions, ordered_map, shard_range
 
 LONG_POLICIES = ("windows", "crop")  # annotate never refuses a long record (no "error"): nothing is dropped
 EMBEDDING_SUFFIXES = (".h5", ".hdf5", ".parquet", ".npy")
@@ -131,17 +133,6 @@ def _fingerprint(input_path: Path, settings: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def shard_range(total: int, shard: tuple[int, int] | None) -> tuple[int, int]:
-    """Shard I of N handles a contiguous range of record indices [lo, hi): merging is then concatenation (streamed,
-    no sort), and each shard keeps the chunk and length locality of the input."""
-    if shard is None:
-        return 0, total
-    i, n = shard
-    if not 0 <= i < n:
-        raise ValueError(f"--shard {i}/{n}: I must be in 0..{n - 1}")
-    return i * total // n, (i + 1) * total // n
-
-
 def _chunks(path: Path, size: int, skip: int, stop: int | None) -> Iterator[list]:
     chunk = []
     for n, record in enumerate(iter_records(path, warn_duplicates=False)):
@@ -211,6 +202,35 @@ def columns_for(model: Inference, opts: Options) -> Columns:
     return Columns(tasks, model.labels, opts.top_k, thresholds, reference, min(opts.reference_k, len(reference or [0])))
 
 
+@dataclass
+class ChunkOut:
+    """What one chunk adds to the outputs: its TSV rows, the embeddings of its ok rows, counts."""
+
+    text: str
+    ids: list[str]
+    vectors: np.ndarray
+    records: int
+    ok: int
+    residues: int
+
+
+class ChunkWorker:
+    """Annotates chunks with one loaded model: in this process, or as one Ray actor of many (distill.scale)."""
+
+    def __init__(self, load: Callable[..., Inference], opts: Options, threads: int = 0):
+        self.model = load(threads=threads)
+        self.cols = columns_for(self.model, opts)
+        self.opts = opts
+
+    def run(self, chunk: list) -> ChunkOut:
+        rows = annotate_chunk(chunk, self.model, self.cols.tasks, self.opts.long_policy)
+        ok = [r for r in rows if r.status == "ok"]
+        vectors = np.zeros((0, self.model.dim), np.float32)
+        if self.opts.embeddings is not None and ok:
+            vectors = np.stack([r.embedding for r in ok]).astype(np.float32)
+        return ChunkOut(self.cols.rows(rows), [r.id for r in ok], vectors, len(rows), len(ok), sum(r.length for r in ok))
+
+
 def _start(input_path: Path, output: Path, opts: Options, cols: Columns, fingerprint: str, settings: dict, console: Console) -> dict | None:
     """A fresh run (header written) or the resumed state; None when the output is already complete."""
     progress_path, parts = _progress_path(output), output.with_name(output.name + ".parts")
@@ -249,12 +269,20 @@ def _progress_path(output: Path) -> Path:
     return output.with_name(output.name + ".progress.json")
 
 
-def annotate(input_path: Path, model: Inference, output: Path, opts: Options | None = None, console: Console | None = None) -> Summary:
+def annotate(
+    input_path: Path, model: Inference, output: Path, opts: Options | None = None, console: Console | None = None,
+    ray: RayOptions | None = None, load: Callable[..., Inference] | None = None,
+) -> Summary:  # fmt: skip
+    """Annotate ``input_path`` into ``output``; with ``ray``, chunks go to a Ray actor pool, each actor calling
+    ``load(threads=...)`` for its own copy of ``model``. The bytes written are the same either way."""
     opts = opts or Options()
     console = console or Console(stderr=True, soft_wrap=True)
     input_path, output = Path(input_path), Path(output)
     if not input_path.is_file():
         raise FileNotFoundError(f"input FASTA {input_path} does not exist")
+    if ray is not None and load is None:
+        raise ValueError("annotate on Ray needs a loader for the workers' models")
+    scale.check(ray)
     cols = columns_for(model, opts)
     total = count_records(input_path)
     if total == 0:
@@ -278,22 +306,20 @@ def annotate(input_path: Path, model: Inference, output: Path, opts: Options | N
     columns = [TextColumn("annotating"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[sps]:,.0f} seq/s  {task.fields[rps]:,.0f} res/s"), TimeRemainingColumn()]  # fmt: skip
     new_residues = 0
+    chunks = _chunks(input_path, opts.chunk_records, lo + done["records"], hi if opts.shard else None)
+    worker = {"load": (lambda threads=0: model) if ray is None else load, "opts": opts}
     with Progress(*columns, console=console, disable=opts.quiet) as bar, open(output, "ab") as out:
         task = bar.add_task("annotate", total=hi - lo, completed=done["records"], sps=0.0, rps=0.0)
-        for chunk in _chunks(input_path, opts.chunk_records, lo + done["records"], hi if opts.shard else None):
-            rows = annotate_chunk(chunk, model, cols.tasks, opts.long_policy)
+        for result in ordered_map(ChunkWorker, worker, chunks, ray):
             if opts.embeddings is not None:
-                ok = [r for r in rows if r.embedding is not None]
-                vectors = np.stack([r.embedding for r in ok]).astype(np.float32) if ok else np.zeros((0, model.dim), np.float32)
-                _save_shard(parts / f"chunk-{done['chunks']:08d}.npz", [r.id for r in ok], vectors)
-            out.write(cols.rows(rows).encode())
+                _save_shard(parts / f"chunk-{done['chunks']:08d}.npz", result.ids, result.vectors)
+            out.write(result.text.encode())
             out.flush()
             os.fsync(out.fileno())
-            n_ok = sum(r.status == "ok" for r in rows)
-            residues = sum(r.length for r in rows if r.status == "ok")
-            new_residues += residues
-            done = {"records": done["records"] + len(rows), "bytes": out.tell(), "chunks": done["chunks"] + 1, "ok": done["ok"] + n_ok,
-                    "errors": done["errors"] + len(rows) - n_ok, "residues": done["residues"] + residues}  # fmt: skip
+            new_residues += result.residues
+            done = {"records": done["records"] + result.records, "bytes": out.tell(), "chunks": done["chunks"] + 1,
+                    "ok": done["ok"] + result.ok, "errors": done["errors"] + result.records - result.ok,
+                    "residues": done["residues"] + result.residues}  # fmt: skip
             atomic_write_json(_progress_path(output), {"fingerprint": fingerprint, "settings": settings, "complete": False, **done})
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.update(task, completed=done["records"], sps=done["records"] / elapsed, rps=new_residues / elapsed)

@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from distill import cli_calls, cli_probe, cli_run
-from distill.cli_common import Commands, console
+from distill.cli_common import Commands, GpusPerWorker, RayAddress, Shard, Threads, Workers, console
 from distill.config import DEFAULT_TEACHER, PRESET_TRAINING, TRAIN_MAX_TOKENS, FitConfig
 
 app = typer.Typer(
@@ -106,13 +106,23 @@ def teacher_cache_cmd(
     shard_size: Annotated[int, typer.Option(help="Records per shard file.")] = 4096,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = D.device,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    shard: Shard = None,
+    ray: RayAddress = None,
+    workers: Workers = 1,
+    threads: Threads = 0,
+    gpus_per_worker: GpusPerWorker = 0.0,
 ) -> None:
     """Run the teacher once over K maskings of DATA and store its logits, for any number of students."""
     from distill import teacher_cache
+    from distill.scale import parse_shard, ray_options
 
-    output, stats, n = teacher_cache.build_command(data, output, teacher, views, seed, mask_rate, max_tokens, shard_size, device, quiet)
+    scale = ray_options(ray, workers, threads, gpus_per_worker)
+    output, stats, n = teacher_cache.build_command(
+        data, output, teacher, views, seed, mask_rate, max_tokens, shard_size, device, quiet, scale, parse_shard(shard), threads
+    )
+    part = f" (part {shard} of the cache: join the parts with `distill merge`)" if shard else ""
     console.print(
-        f"teacher cache {output}: {views} view(s) of {n} sequences, {stats['bytes'] / 1e6:.1f} MB, "
+        f"teacher cache {output}{part}: {views} view(s) of {n} sequences, {stats['bytes'] / 1e6:.1f} MB, "
         f"teacher ran {stats['seconds']:.1f}s ({stats['tokens'] / max(stats['seconds'], 1e-9):,.0f} tokens/s)"
     )
 

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from distill.cli_common import console
+from distill.cli_common import GpusPerWorker, RayAddress, Shard, Threads, Workers, console
 from distill.config import CLASS_WEIGHTS, DEFAULT_TARGET_PRECISION, FinetuneConfig
 
 D = FinetuneConfig(model="", data=[], task="", out="")  # the defaults
@@ -102,11 +102,22 @@ def index(
     align: Annotated[int, typer.Option(help="Re-rank this many nearest references per query by Smith-Waterman (0: cosine calls).")] = 0,
     max_tokens: Annotated[int, typer.Option(help="Token budget of one forward pass.")] = D.max_tokens,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    shard: Shard = None,
+    ray: RayAddress = None,
+    workers: Workers = 1,
+    threads: Threads = 0,
+    gpus_per_worker: GpusPerWorker = 0.0,
 ) -> None:
     """Embed labelled reference sequences into an index for annotation transfer (`annotate --reference`)."""
     from distill.index_build import index_command
+    from distill.scale import parse_shard, ray_options
 
-    idx = index_command(model, list(data), task, output, append, labels, pooling, target_precision, max_tokens, device, console, align)
+    scale, part = ray_options(ray, workers, threads, gpus_per_worker), parse_shard(shard)
+    idx = index_command(model, list(data), task, output, append, labels, pooling, target_precision, max_tokens, device, console, align,
+                        scale, part, threads)  # fmt: skip
+    if part is not None:
+        console.print(f"{output}: part {part[0]}/{part[1]} of the index; join all parts with `distill merge PARTS... -o INDEX`")
+        return
     c = idx.card["calibration"]
     console.print(f"{output}: {len(idx)} references, {idx.card['labels']} labels; leave-one-out nearest-neighbour accuracy "
                   f"{c['leave_one_out_accuracy']:.3f}; no-call below {c['score']} {c['threshold']:.4f} for precision >= {c['target_precision']} "

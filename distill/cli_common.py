@@ -8,6 +8,7 @@ printed with one line of advice, exit 1. ``distill --debug ...`` shows traceback
 from __future__ import annotations
 
 import traceback
+from typing import Annotated
 
 import click
 import typer
@@ -20,7 +21,7 @@ from distill.errors import UserError
 console = Console(stderr=True, soft_wrap=True)  # never hard-wrap messages in logs
 
 # OSError subclasses we raise for missing, existing or unreadable files; ValueError for bad values and formats.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, UserError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, ConnectionError, UserError)
 ADVICE = (
     "unexpected error (traceback above). Out of memory: lower --max-tokens or --batch-size. "
     "Otherwise it is a bug: please report it with the traceback and the command."
@@ -51,3 +52,23 @@ class Commands(TyperGroup):
 def task_list(tasks: str | None) -> list[str] | None:
     """``pfam,scope`` -> ["pfam", "scope"]; None (every head) when not given."""
     return [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+
+
+# Scaling out (distill.scale): the same four options on annotate, teacher-cache and index.
+RayAddress = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        help="Run the chunks on a Ray actor pool: 'local' starts Ray on this machine, 'auto' or HOST:PORT joins a cluster "
+        "(`ray start --head`). Needs esm-distill[ray] on every machine.",
+    ),
+]
+Workers = Annotated[int, typer.Option(help="With --ray: actors, one loaded model each.")]
+Threads = Annotated[
+    int, typer.Option(help="CPU threads per model copy (0: the library's default); with --ray, per actor and its CPU reservation.")
+]
+GpusPerWorker = Annotated[float, typer.Option(help="With --ray: GPUs per actor (0: CPU actors).")]
+Shard = Annotated[
+    str | None,
+    typer.Option(help="I/N: do only the I-th (from 0) of N contiguous parts (a scheduler array task); `distill merge` joins them."),
+]

@@ -6,14 +6,16 @@ the branches that need it.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from distill.annotate import LONG_POLICIES, Options
-from distill.cli_common import console, task_list
+from distill.cli_common import GpusPerWorker, RayAddress, Shard, Threads, Workers, console, task_list
 from distill.config import INFERENCE_MAX_TOKENS
+from distill.scale import parse_shard, ray_options
 
 O = Options()  # the defaults  # noqa: E741
 
@@ -50,9 +52,11 @@ def annotate(
     ] = None,
     reference_k: Annotated[int, typer.Option(help="Reference neighbours per record (id, label, cosine similarity).")] = O.reference_k,
     api_key: Annotated[str, typer.Option(envvar="ESM_DISTILL_API_KEY", help="With --url: the service's API key.")] = "",
-    shard: Annotated[
-        str | None, typer.Option(help="I/N: annotate only the I-th (from 0) of N contiguous record ranges; `distill merge` joins them.")
-    ] = None,
+    shard: Shard = None,
+    ray: RayAddress = None,
+    workers: Workers = 1,
+    threads: Threads = 0,
+    gpus_per_worker: GpusPerWorker = 0.0,
 ) -> None:
     """Annotate every record of a FASTA: TSV calls per task (+ embeddings), nothing dropped, resumable."""
     from distill.annotate import annotate as run
@@ -60,10 +64,11 @@ def annotate(
 
     if (model is None) == (url is None):
         raise ValueError("give exactly one of --model (run locally) or --url (use a running service)")
-    inference = resolve(url or model, heads, providers, max_tokens, api_key)
+    load = partial(resolve, url or model, heads, providers, max_tokens, api_key)
+    inference = load(threads=threads)
     opts = Options(tasks=task_list(tasks), top_k=top_k, embeddings=embeddings, long_policy=long, resume=resume, chunk_records=chunk_records,
                    quiet=quiet, min_probability=min_probability, reference=reference, reference_k=reference_k, shard=parse_shard(shard))  # fmt: skip
-    summary = run(input, inference, output, opts, console)
+    summary = run(input, inference, output, opts, console, ray_options(ray, workers, threads, gpus_per_worker), load)
     rate = summary.records / summary.seconds if summary.seconds else 0.0
     console.print(
         f"{summary.records} records: {summary.ok} ok, {summary.errors} error -> {summary.output}"
@@ -72,21 +77,35 @@ def annotate(
     )
 
 
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    i, _, n = text.partition("/")
-    if not (i.isdigit() and n.isdigit() and int(n) >= 1):
-        raise ValueError(f"--shard takes I/N with 0 <= I < N (for example 0/8), got {text!r}")
-    return int(i), int(n)
-
-
 def merge(
-    outputs: Annotated[list[Path], typer.Argument(help="The TSVs of every `distill annotate --shard I/N` run of one job, any order.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="The merged TSV (what one unsharded run writes).")],
-    embeddings: Annotated[Path | None, typer.Option(help="Also merge the shards' embeddings into this file (same format).")] = None,
+    outputs: Annotated[
+        list[Path],
+        typer.Argument(help="Every part of one job, any order: annotate TSVs, teacher-cache directories or index parts (--shard I/N)."),
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The merged output (what one unsharded run writes).")],
+    embeddings: Annotated[
+        Path | None, typer.Option(help="annotate: also merge the shards' embeddings into this file (same format).")
+    ] = None,
 ) -> None:
-    """Join sharded annotate outputs in input order; refuses missing, duplicated, unfinished or foreign shards."""
+    """Join the parts of a sharded job in input order; refuses missing, duplicated, unfinished or foreign parts."""
+    from distill.index import PART_FILE
+
+    if all((p / "meta.json").is_file() for p in outputs):
+        from distill.teacher_cache import merge_parts
+
+        meta = merge_parts(outputs, output)
+        console.print(
+            f"merged {len(outputs)} parts: teacher cache {output}, {meta['n_shards']} shard files x {meta['key']['views']} view(s)"
+        )
+        return
+    if all((p / PART_FILE).is_file() for p in outputs):
+        from distill.index_build import merge_parts as merge_index
+
+        index = merge_index(outputs, output)
+        console.print(f"merged {len(outputs)} parts: index {output}, {len(index)} references")
+        return
+    if unknown := [p for p in outputs if p.is_dir()]:
+        raise ValueError(f"{unknown[0]} is a directory but not a part of a sharded job (no meta.json or {PART_FILE}), or parts are mixed")
     from distill.annotate_merge import merge as run
 
     state = run(outputs, output, embeddings)

@@ -34,6 +34,7 @@ FORMAT = "esm-distill-index"
 N_CHECK = 8  # reference sequences kept to recognise the model
 CHECK_COSINE = 0.99
 MAX_NEGATIVES = 2000  # shuffled references embedded to calibrate the similarity threshold
+PART_FILE = "index-part.json"  # marks a directory as one part of a `distill index --shard I/N` job
 
 
 class IndexError_(ValueError):  # noqa: N801 (``IndexError`` is a builtin)
@@ -176,15 +177,17 @@ def calibrate_calls(index: ReferenceIndex, negatives: list[str], negative_vector
 def build_index(
     embed_fn, ids: list[str], sequences: list[str], labels: list[str], card: dict[str, Any],  # noqa: ANN001
     previous: ReferenceIndex | None = None, target: float = DEFAULT_TARGET_PRECISION, seed: int = 0,
+    vectors: np.ndarray | None = None,
 ) -> ReferenceIndex:  # fmt: skip
-    """Embed ``sequences`` (appended to ``previous`` when given), then calibrate the call threshold."""
+    """Embed ``sequences`` (appended to ``previous`` when given; ``vectors`` when already embedded), then calibrate
+    the call threshold."""
     if previous is not None:
         previous.check_model(embed_fn)
         clash = sorted(set(ids) & set(previous.ids))
         if clash:
             raise IndexError_(f"{len(clash)} ids are already in the index (first: {clash[0]!r}); ids must be unique")
         card = previous.card | {"appended": previous.card.get("appended", 0) + 1}
-    vectors = normalise(embed_fn(sequences))
+    vectors = normalise(embed_fn(sequences) if vectors is None else vectors)
     if previous is None:
         card = card | {"check": {"sequences": sequences[:N_CHECK], "vectors": vectors[:N_CHECK].tolist()}}
     else:

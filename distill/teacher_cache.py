@@ -22,6 +22,8 @@ policy -- is checked on use: a cache built for other settings is refused, never 
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,13 +34,14 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from distill import data, tokens
+from distill import data, scale, tokens
 from distill.bundle import load_any
 from distill.distributed import pick_device
 from distill.evaluate import autocast
 from distill.io import atomic_write, atomic_write_json, read_json_object
 from distill.losses import residue_logits
 from distill.model import ESM, weights_sha256
+from distill.scale import RayOptions, ordered_map, shard_range
 
 FORMAT = "esm-distill-teacher-cache"
 VERSION = 1
@@ -79,62 +82,98 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, write)
 
 
-@torch.no_grad()
+class CacheWorker:
+    """The teacher's logits at the masked positions of a run of records: here, or as one Ray actor (distill.scale)."""
+
+    def __init__(self, key: CacheKey, max_tokens: int, device: str, teacher: ESM | None = None, spec: str = "", threads: int = 0):
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = pick_device(device)
+        if teacher is None:  # a Ray actor loads its own copy and proves it is the same teacher
+            teacher, sha = load_teacher(spec, self.device)
+            if sha != key.teacher_sha256:
+                raise CacheMismatch(f"the teacher {spec} on this worker has other weights than the driver's (sha256 {sha[:12]}...)")
+        self.teacher, self.key, self.max_tokens = teacher, key, max_tokens
+
+    @torch.no_grad()
+    def run(self, item: tuple[int, data.SequenceSet]) -> tuple[np.ndarray, np.ndarray, int]:
+        """(view, records) -> (logits [masked positions, 25] fp16, row offsets [records + 1], residues run)."""
+        view, part = item
+        per_record: dict[int, np.ndarray] = {}
+        residues = 0
+        for group in tokens.token_budget_groups(part.lengths(), np.arange(len(part)), self.max_tokens):
+            examples = [
+                data.masked_example(part.seqs[i], self.key.seed, view, int(part.keys[i]), self.key.mask_rate, train=True) for i in group
+            ]
+            batch = data.collate(examples, group)
+            toks, labels = batch.tokens.to(self.device), batch.labels.to(self.device)
+            with autocast(self.device):
+                logits = residue_logits(self.teacher(toks)["logits"]).float()
+            for row, i in enumerate(group):
+                per_record[i] = logits[row][labels[row] != data.IGNORE].to(torch.float16).cpu().numpy()
+            residues += batch.n_real
+        counts = np.array([len(per_record[i]) for i in range(len(part))], dtype=np.int64)
+        stacked = np.concatenate([per_record[i] for i in range(len(part))]).reshape(-1, len(tokens.RESIDUE_LETTERS))
+        return stacked, np.concatenate([[0], np.cumsum(counts)]), residues
+
+
 def build(
     seqs: data.SequenceSet,
-    teacher: ESM,
+    teacher: ESM | None,
     key: CacheKey,
     out: Path,
     max_tokens: int,
-    device: torch.device,
+    device: torch.device | str,
     shard_size: int = 4096,
     quiet: bool = False,
+    ray: RayOptions | None = None,
+    part: tuple[int, int] | None = None,
+    threads: int = 0,
 ) -> dict[str, Any]:
-    """Run ``teacher`` over K views of ``seqs`` into ``out`` (resuming a partial build)."""
+    """Run ``teacher`` over K views of ``seqs`` into ``out`` (resuming a partial build). ``ray``: the shards go to
+    a Ray actor pool, each actor loading ``key.teacher`` itself. ``part`` (I, N): only the I-th of N contiguous
+    ranges of shard files, for `distill merge` to join."""
     out = Path(out)
     meta_path = out / "meta.json"
+    n_shards = -(-len(seqs) // shard_size)
     if meta_path.exists():
         meta = _read_meta(out)
         existing = CacheKey(**meta["key"])
         if diff := existing.differences(key):
             raise CacheMismatch(f"{out} already holds a cache for other settings ({'; '.join(diff)}); choose another -o or delete it")
-        shard_size = meta["shard_size"]
+        if meta.get("part", [0, 1]) != list(part or (0, 1)):
+            raise CacheMismatch(f"{out} holds part {meta.get('part', [0, 1])} of a cache, not {list(part or (0, 1))}; choose another -o")
+        shard_size, n_shards = meta["shard_size"], meta["n_shards"]
     out.mkdir(parents=True, exist_ok=True)
-    n_shards = -(-len(seqs) // shard_size)
+    lo, hi = shard_range(n_shards, part)
     meta = {"format": FORMAT, "version": VERSION, "key": asdict(key), "shard_size": shard_size, "n_shards": n_shards, "complete": False}
+    if part is not None:
+        meta |= {"part": list(part), "range": [lo, hi]}
     atomic_write_json(meta_path, meta)
 
-    lengths = seqs.lengths()
-    todo = [(v, s) for v in range(key.views) for s in range(n_shards) if not _shard_paths(out, v, s)[1].exists()]
+    todo = [(v, s) for v in range(key.views) for s in range(lo, hi) if not _shard_paths(out, v, s)[1].exists()]
     console = Console(stderr=True, soft_wrap=True, quiet=quiet)
-    if len(todo) < key.views * n_shards:
-        console.print(f"resuming {out}: {key.views * n_shards - len(todo)} of {key.views * n_shards} shards already done")
+    if len(todo) < key.views * (hi - lo):
+        console.print(f"resuming {out}: {key.views * (hi - lo) - len(todo)} of {key.views * (hi - lo)} shards already done")
     t0, residues = time.perf_counter(), 0
     progress = Progress(
         TextColumn("teacher cache"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console, disable=quiet
     )
+    records = [(v, seqs.subset(np.arange(s * shard_size, min(len(seqs), (s + 1) * shard_size)))) for v, s in todo]
+    worker = {"key": key, "max_tokens": max_tokens, "device": str(device), "threads": threads}
+    worker |= {"spec": key.teacher} if ray else {"teacher": teacher}
     with progress:
-        task = progress.add_task("cache", total=sum(min(shard_size, len(seqs) - s * shard_size) for _, s in todo))
-        for view, shard in todo:
-            index = np.arange(shard * shard_size, min(len(seqs), (shard + 1) * shard_size))
-            per_record: dict[int, np.ndarray] = {}
-            for group in tokens.token_budget_groups(lengths, index, max_tokens):
-                examples = [data.masked_example(seqs.seqs[i], key.seed, view, int(seqs.keys[i]), key.mask_rate, train=True) for i in group]
-                batch = data.collate(examples, group)
-                toks, labels = batch.tokens.to(device), batch.labels.to(device)
-                with autocast(device):
-                    logits = residue_logits(teacher(toks)["logits"]).float()
-                for row, i in enumerate(group):
-                    per_record[i] = logits[row][labels[row] != data.IGNORE].to(torch.float16).cpu().numpy()
-                residues += batch.n_real
-                progress.advance(task, len(group))
-            counts = np.array([len(per_record[i]) for i in index], dtype=np.int64)
+        task = progress.add_task("cache", total=sum(len(r) for _, r in records))
+        for (view, shard), (logits, offsets, n) in zip(todo, ordered_map(CacheWorker, worker, records, ray), strict=True):
             logits_path, offsets_path = _shard_paths(out, view, shard)
-            _save_npy(logits_path, np.concatenate([per_record[i] for i in index]).reshape(-1, len(tokens.RESIDUE_LETTERS)))
-            _save_npy(offsets_path, np.concatenate([[0], np.cumsum(counts)]))  # last: marks the shard done
+            _save_npy(logits_path, logits)
+            _save_npy(offsets_path, offsets)  # last: marks the shard done
+            residues += n
+            progress.advance(task, len(offsets) - 1)
     seconds = time.perf_counter() - t0
     total_bytes = sum(p.stat().st_size for p in out.glob("*.npy"))
-    meta.update(complete=True, bytes=total_bytes, bytes_per_residue_per_view=total_bytes / key.views / max(1, int(lengths.sum())))
+    per_residue = total_bytes / key.views / max(1, int(seqs.lengths()[lo * shard_size : hi * shard_size].sum()))
+    meta.update(complete=True, bytes=total_bytes, bytes_per_residue_per_view=per_residue)
     atomic_write_json(meta_path, meta)
     return {"seconds": seconds, "tokens": residues, "bytes": total_bytes}
 
@@ -157,6 +196,9 @@ class TeacherCache:
         meta = _read_meta(self.root)
         self.key = CacheKey(**meta["key"])
         self.shard_size = meta["shard_size"]
+        if meta.get("part", [0, 1]) != [0, 1]:
+            i, n = meta["part"]
+            raise ValueError(f"{self.root} is part {i}/{n} of a teacher cache; join all {n} parts with `distill merge PARTS... -o CACHE`")
         missing = [(v, s) for v in range(self.key.views) for s in range(meta["n_shards"]) if not _shard_paths(self.root, v, s)[1].exists()]
         if missing or not meta.get("complete"):
             raise ValueError(
@@ -185,6 +227,48 @@ class TeacherCache:
         return torch.from_numpy(np.concatenate(parts).astype(np.float32))
 
 
+def merge_parts(parts: list[Path], final: Path) -> dict[str, Any]:
+    """The parts of one cache (`teacher-cache --shard I/N`) -> one cache at ``final`` that training reads as one:
+    the same files a single build writes. Refuses a missing, duplicated, unfinished or foreign part."""
+    final = Path(final)
+    if final.exists():
+        raise FileExistsError(f"{final} exists; choose another -o")
+    metas = [(Path(p), _read_meta(Path(p))) for p in parts]
+    first = metas[0][1]
+    for path, meta in metas:
+        if "part" not in meta:
+            raise ValueError(f"{path} is a whole cache, not a part written with --shard I/N")
+        if not meta.get("complete"):
+            raise ValueError(f"{path} is unfinished; rerun its `distill teacher-cache ... --shard` command to finish it")
+        same = (meta["key"], meta["shard_size"], meta["n_shards"], meta["part"][1]) == (
+            first["key"], first["shard_size"], first["n_shards"], first["part"][1])  # fmt: skip
+        if not same:
+            raise ValueError(f"{path} is a part of another cache than {metas[0][0]} (other data, teacher, settings or N)")
+    n = first["part"][1]
+    by_index: dict[int, Path] = {}
+    for path, meta in metas:
+        if meta["part"][0] in by_index:
+            raise ValueError(f"part {meta['part'][0]}/{n} is given twice ({by_index[meta['part'][0]]} and {path})")
+        by_index[meta["part"][0]] = path
+    if missing := [i for i in range(n) if i not in by_index]:
+        raise ValueError(f"part(s) {', '.join(f'{i}/{n}' for i in missing)} missing: give all {n} parts of the cache")
+    tmp = final.with_name(final.name + ".merging")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for path in by_index.values():
+        for f in sorted(path.glob("v*-s*.npy")):
+            try:
+                os.link(f, tmp / f.name)  # same file system: no copy
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
+    total = sum(p.stat().st_size for p in tmp.glob("*.npy"))
+    meta = {k: v for k, v in first.items() if k not in ("part", "range")} | {"complete": True, "bytes": total}
+    meta.pop("bytes_per_residue_per_view", None)
+    atomic_write_json(tmp / "meta.json", meta)
+    tmp.rename(final)
+    return meta
+
+
 def load_teacher(spec: str, device: torch.device) -> tuple[ESM, str]:
     """Frozen teacher (eval mode, no gradients, bf16 on CUDA) and the sha256 of its weights."""
     teacher = load_any(spec)[0].eval().requires_grad_(False)  # fair-esm, Hugging Face, or a bundle as the teacher
@@ -203,15 +287,22 @@ def build_command(
     shard_size: int,
     device: str,
     quiet: bool,
+    ray: RayOptions | None = None,
+    part: tuple[int, int] | None = None,
+    threads: int = 0,
 ) -> tuple[Path, dict[str, Any], int]:
     """`distill teacher-cache`: load DATA and the teacher, build (or resume) the cache -> (output, stats, sequences)."""
     if views < 1 or shard_size < 1:
         raise ValueError("--views and --shard-size must be at least 1")
-    dev = pick_device(device)
+    scale.check(ray)
+    dev = pick_device("cpu" if ray else device)  # on Ray the driver only fingerprints the teacher; actors pick their device
     seqs = data.load_fasta(fasta)
     net, sha = load_teacher(teacher, dev)
     key = CacheKey(
         teacher=teacher, teacher_sha256=sha, data_sha256=data.dataset_fingerprint(fasta),
         n_records=len(seqs), mask_rate=mask_rate, seed=seed, views=views,
     )  # fmt: skip
-    return output, build(seqs, net, key, output, max_tokens, dev, shard_size, quiet), len(seqs)
+    if ray is not None:
+        del net
+        return output, build(seqs, None, key, output, max_tokens, device, shard_size, quiet, ray, part), len(seqs)
+    return output, build(seqs, net, key, output, max_tokens, dev, shard_size, quiet, ray, part, threads), len(seqs)

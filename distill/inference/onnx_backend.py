@@ -46,13 +46,16 @@ def session_metadata(session: Any) -> dict[str, Any]:
 
 
 class OnnxBackend:
-    def __init__(self, path: Path, providers: str = "auto"):
+    def __init__(self, path: Path, providers: str = "auto", threads: int = 0):
+        """``threads``: intra-op threads (0: ONNX Runtime's default, one per physical core)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"ONNX graph {path} does not exist")
         chosen = select_providers(providers)
         try:
-            self.session = ort.InferenceSession(str(path), providers=chosen)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            self.session = ort.InferenceSession(str(path), options, providers=chosen)
         except (Fail, InvalidArgument, InvalidProtobuf) as e:  # a truncated or foreign file
             raise ValueError(f"{path} is not a readable ONNX graph: {e}") from e
         self.metadata = session_metadata(self.session)

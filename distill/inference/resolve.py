@@ -16,10 +16,15 @@ from distill.inference.layer import Inference
 
 
 def resolve(
-    spec: str | Path, heads: str | None = None, providers: str = "auto", max_tokens: int = INFERENCE_MAX_TOKENS, api_key: str = ""
+    spec: str | Path,
+    heads: str | None = None,
+    providers: str = "auto",
+    max_tokens: int = INFERENCE_MAX_TOKENS,
+    api_key: str = "",
+    threads: int = 0,
 ) -> Inference:
     """``providers``: auto | cpu | cuda | tensorrt for ONNX Runtime; torch takes cpu, else CUDA when present;
-    ``api_key`` for a service started with one."""
+    ``api_key`` for a service started with one; ``threads``: intra-op CPU threads (0: the library's default)."""
     spec = str(spec)
     if spec.startswith(("http://", "https://")):
         from distill.inference.http_backend import HttpBackend  # each backend's imports only when it is used
@@ -30,7 +35,11 @@ def resolve(
 
         if heads:
             raise ValueError(f"{spec} carries its heads in the graph; --heads is for fair-esm models")
-        return Inference(OnnxBackend(Path(spec), providers), max_tokens)
+        return Inference(OnnxBackend(Path(spec), providers, threads), max_tokens)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     return Inference(torch_backend(spec, heads, "cpu" if providers == "cpu" else "auto"), max_tokens)
 
 
