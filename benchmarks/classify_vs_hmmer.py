@@ -118,18 +118,17 @@ def run_task(d: dict, out: Path, seeds: list[int], quick: bool) -> list[dict]:
     plan.append(
         ("reference index (fine-tuned small, cosine)", lambda: methods.reference(d, out / "index", out / f"small-{seeds[0]}" / "model", 0))
     )
-    plan.append(
-        (
-            "reference index + Smith-Waterman re-rank of 200",
-            lambda: methods.reference(d, out / "index-align", out / f"small-{seeds[0]}" / "model", 200),
+    encoders = [("", out / f"small-{seeds[0]}" / "model", "index-align"), (" over random-init small", "random:small", "index-random-align")]
+    for label, encoder, directory in encoders:  # embedding candidates only (--no-kmer), then with the 3-mer ones (the default)
+        plan.append(
+            (f"reference index{label} + re-rank of 200", lambda e=encoder, p=directory: methods.reference(d, out / p, e, 200, False))
         )
-    )
-    plan.append(
-        (
-            "reference index over random-init small + re-rank of 200",
-            lambda: methods.reference(d, out / "index-random-align", "random:small", 200),
+        plan.append(
+            (
+                f"reference index{label} + re-rank of 200 + 200 by 3-mers",
+                lambda e=encoder, p=directory: methods.reference(d, out / f"{p}-kmer", e, 200),
+            )
         )
-    )
     rows = []
     for name, fn in plan:
         cache = out / (

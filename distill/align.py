@@ -37,8 +37,9 @@ class Aligner:
         return np.array([h.score for h in hits], dtype=np.float32)
 
 
-def rerank(aligner: Aligner, queries: list[str], candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per query, its candidate references (row of indices) ordered by alignment score: (indices [n, k], scores [n, k])."""
+def rerank(aligner: Aligner, queries: list[str], candidates: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, its candidate references (indices, any number >= k) ordered by alignment score: (indices [n, k],
+    scores [n, k])."""
     order_idx = np.zeros((len(queries), k), dtype=np.int64)
     order_scores = np.zeros((len(queries), k), dtype=np.float32)
     for q, (seq, cand) in enumerate(zip(queries, candidates, strict=True)):

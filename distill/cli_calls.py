@@ -100,6 +100,9 @@ def index(
     pooling: Annotated[str, typer.Option(help="mean or cls; a bundle's fine-tuned head decides when not given.")] = "",
     target_precision: Annotated[float, typer.Option(help="The similarity threshold is set for this precision.")] = DEFAULT_TARGET_PRECISION,
     align: Annotated[int, typer.Option(help="Re-rank this many nearest references per query by Smith-Waterman (0: cosine calls).")] = 0,
+    kmer: Annotated[
+        bool, typer.Option(help="With --align N: also align the N references sharing the most 3-mers with the query (distill.kmers).")
+    ] = True,
     max_tokens: Annotated[int, typer.Option(help="Token budget of one forward pass.")] = D.max_tokens,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     shard: Shard = None,
@@ -114,7 +117,7 @@ def index(
 
     scale, part = ray_options(ray, workers, threads, gpus_per_worker), parse_shard(shard)
     idx = index_command(model, list(data), task, output, append, labels, pooling, target_precision, max_tokens, device, console, align,
-                        scale, part, threads)  # fmt: skip
+                        scale, part, threads, kmer)  # fmt: skip
     if part is not None:
         console.print(f"{output}: part {part[0]}/{part[1]} of the index; join all parts with `distill merge PARTS... -o INDEX`")
         return

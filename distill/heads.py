@@ -110,7 +110,10 @@ def load_head(directory: Path, dim: int | None = None) -> Head:
     module = ProbeHead(card["dim"], len(labels), card.get("hidden", 0), card.get("cosine_scale", 0.0))
     module.temperature.fill_(card.get("calibration", {}).get("temperature", 1.0))
     try:
-        module.load_state_dict(load_file(str(weights)))
+        state = load_file(str(weights))
+        if module.cosine_scale:  # cosine heads written before 2026-11-29 stored a last-layer bias the logits never used
+            state.pop(f"net.{len(module.net) - 1}.bias", None)
+        module.load_state_dict(state)
     except (SafetensorError, RuntimeError) as e:
         raise HeadError(f"{weights} is corrupt or does not match {card_path} ({len(labels)} labels, dim {card['dim']}): {e}") from e
     return Head(module.eval(), labels, card)

@@ -29,6 +29,7 @@ import numpy as np
 from distill.calibration import shuffled, threshold_for_precision
 from distill.config import DEFAULT_TARGET_PRECISION
 from distill.io import read_json_object
+from distill.kmers import KmerIndex
 
 FORMAT = "esm-distill-index"
 N_CHECK = 8  # reference sequences kept to recognise the model
@@ -69,6 +70,7 @@ class ReferenceIndex:
         self._faiss = faiss.IndexFlatIP(self.vectors.shape[1])
         self._faiss.add(self.vectors)
         self._aligner = None
+        self._kmers: KmerIndex | None = None
 
     @property
     def align(self) -> int:
@@ -100,7 +102,12 @@ class ReferenceIndex:
             from distill.align import Aligner, rerank  # pyopal (optional extra): only when re-ranking
 
             self._aligner = self._aligner or Aligner(self.sequences)
-            idx, scores = rerank(self._aligner, sequences, idx, k)
+            candidates = list(idx)
+            if self.card.get("kmer"):  # and the nearest by shared 3-mers (distill.kmers): both prefilters' candidates
+                self._kmers = self._kmers or KmerIndex(self.sequences)
+                near = self._kmers.search(sequences, self.align, np.arange(len(idx)) if exclude_self else None)
+                candidates = [np.concatenate([c, w[~np.isin(w, c)]]) for c, w in zip(candidates, near, strict=True)]
+            idx, scores = rerank(self._aligner, sequences, candidates, k)
             sims = (q[:, None, :] * self.vectors[idx]).sum(-1)
         idx, sims = idx[:, :k], sims[:, :k]
         return Neighbours([[self.ids[j] for j in row] for row in idx], [[self.labels[j] for j in row] for row in idx], sims, scores)

@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from distill import scale
+from distill import kmers, scale
 from distill.config import POOLINGS
 from distill.distributed import pick_device
 from distill.embeddings import embed
@@ -66,7 +66,7 @@ def embed_chunks(worker: dict[str, Any], sequences: list[str], ray: RayOptions |
 def index_command(
     model: str, data: list[str], task: str, output: Path, append: bool, labels: Path | None, pooling: str,
     target: float, max_tokens: int, device: str, console: Console, align: int = 0,
-    ray: RayOptions | None = None, part: tuple[int, int] | None = None, threads: int = 0,
+    ray: RayOptions | None = None, part: tuple[int, int] | None = None, threads: int = 0, kmer: bool = True,
 ) -> ReferenceIndex | Path:  # fmt: skip
     """Build (or --append to) the index at ``output``; with ``part`` (I, N), embed only the I-th of N contiguous
     chunk ranges into a part directory for `distill merge` (which calibrates the whole index)."""
@@ -93,7 +93,7 @@ def index_command(
     worker = {"pooling": pooling, "max_tokens": max_tokens, "device": device, "threads": threads} | (
         {"spec": model} if ray else {"net": net}
     )
-    card = _card(model, encoder.fingerprint, pooling, net.cfg.dim, task, align)
+    card = _card(model, encoder.fingerprint, pooling, net.cfg.dim, task, align, kmers.K if align and kmer else 0)
     if part is not None:
         return _write_part(output, part, ds, worker, ray, card, {"data": [str(d) for d in data], "labels": str(labels or ""),
                            "target": target, "max_tokens": max_tokens, "device": device})  # fmt: skip
@@ -103,8 +103,10 @@ def index_command(
     return index
 
 
-def _card(model: str, fingerprint: str, pooling: str, dim: int, task: str, align: int) -> dict[str, Any]:
-    return {"model": model, "fingerprint": fingerprint, "pooling": pooling, "dim": dim, "task": task, "align": align}
+def _card(model: str, fingerprint: str, pooling: str, dim: int, task: str, align: int, kmer: int | None = None) -> dict[str, Any]:
+    """``kmer`` (3 or 0): an aligning index also draws candidates from shared 3-mers (distill.kmers); older cards lack it."""
+    card = {"model": model, "fingerprint": fingerprint, "pooling": pooling, "dim": dim, "task": task, "align": align}
+    return card | {"kmer": kmer if kmer is not None else 0}
 
 
 def _write_part(output: Path, part: tuple[int, int], ds: Any, worker: dict, ray: RayOptions | None, card: dict, args: dict) -> Path:

@@ -11,7 +11,8 @@ from distill.bundle import save_bundle
 from distill.cli import app
 from distill.config import ModelConfig
 from distill.fasta import read_fasta
-from distill.index import IndexError_, load_index
+from distill.index import IndexError_, ReferenceIndex, load_index
+from distill.kmers import KmerIndex, words
 from distill.model import build_student
 
 pytest.importorskip("faiss")
@@ -72,14 +73,40 @@ def test_an_appended_class_becomes_callable_without_retraining(refs, tmp_path):
 def test_alignment_reranking_orders_candidates_by_smith_waterman_score(refs, tmp_path):
     import pyopal
 
-    build(refs, tmp_path / "idx", "--align", "30")
+    build(refs, tmp_path / "idx", "--align", "30", "--no-kmer")
     index = load_index(tmp_path / "idx")
+    assert index.card["kmer"] == 0
     query = next(iter(read_fasta(refs["queries"]))).sequence
     nn = index.search(index.vectors[:1], 3, [query])
     cand = index.search(index.vectors[:1], 30)  # the 30 candidates by cosine
     direct = pyopal.align(query, [index.sequences[index.ids.index(i)] for i in cand.ids[0]], "BLOSUM62", gap_open=11, gap_extend=1)
     best = sorted(((h.score, cand.ids[0][h.target_index]) for h in direct), key=lambda t: -t[0])[:3]
     assert [s for s, _ in best] == list(nn.scores[0]) and nn.ids[0][0] == best[0][1]
+
+
+def test_three_mer_words_and_their_nearest_references_by_hand():
+    assert list(words("ACDX")) == [0 * 400 + 1 * 20 + 2]  # A=0 C=1 D=2; the word with X matches nothing
+    assert list(words("AAAA")) == [0] and len(words("AC")) == 0
+    refs = ["MKVLAAGW", "QQQQQQQQ", "MKVLTTTT"]
+    kmers = KmerIndex(refs)
+    # MKV and KVL are in 2 of 3 references, VLA, LAA, ... in one: rarer words weigh more (idf = log(4 / (df + 1)))
+    assert list(kmers.search(["MKVLAAGW"], 3)[0]) == [0, 2, 1]
+    assert list(kmers.search(["MKVLAAGW"], 2, exclude=np.array([0]))[0]) == [2, 1]
+
+
+def test_kmer_candidates_find_a_homologue_the_embedding_does_not_rank_first(refs, tmp_path):
+    """With --align 1 only one candidate per source is aligned: the 3-mer one is the query's own family."""
+    records = list(read_fasta(refs["old"]))
+    vectors = np.eye(len(records), 4, dtype=np.float32) + 0.01  # embedding: every reference far from the query but #0
+    query = records[-1].sequence  # the 3-mer prefilter ranks reference -1 (the same sequence) first
+    card = {"model": "x", "fingerprint": "x", "pooling": "mean", "dim": 4, "task": "pfam", "align": 1}
+    with_kmers = ReferenceIndex(
+        vectors, [r.id for r in records], [r.description for r in records], [r.sequence for r in records], card | {"kmer": 3}
+    )
+    without = ReferenceIndex(vectors, with_kmers.ids, with_kmers.labels, with_kmers.sequences, card | {"kmer": 0})
+    q = np.array([[1, 0, 0, 0]], dtype=np.float32)
+    assert without.search(q, 1, [query]).ids[0] == [records[0].id]
+    assert with_kmers.search(q, 1, [query]).ids[0] == [records[-1].id]
 
 
 def test_cosine_index_calibration_and_model_check(refs, tmp_path):

@@ -12,7 +12,7 @@ from distill.bundle import save_bundle
 from distill.cli import app
 from distill.config import ModelConfig
 from distill.data import sequence_digests
-from distill.heads import HeadError, heads_of, load_head
+from distill.heads import HeadError, ProbeHead, heads_of, load_head
 from distill.labels import LabelledSet, read_labelled
 from distill.model import ESM
 from distill.probe import classification_metrics, make_split, run_probe
@@ -256,3 +256,20 @@ def test_probe_early_stops_on_a_given_validation_file(bundle, tmp_path):
     assert res.exit_code == 0, res.output
     assert "early stopping on the --valid files" in " ".join(res.output.split())
     assert "the --valid files" in load_head(out).card["protocol"]["loss"]
+
+
+def test_a_cosine_head_written_with_its_old_unused_bias_still_loads_with_the_same_outputs(tmp_path):
+    """Heads fine-tuned before 2026-11-29 stored a last-layer bias that cosine logits never read."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    head = ProbeHead(8, 3, cosine_scale=16.0)
+    card = {"format": "esm-distill-head", "labels": ["a", "b", "c"], "dim": 8, "hidden": 0, "cosine_scale": 16.0}
+    (tmp_path / "labels.json").write_text(json.dumps(card))
+    save_file(head.state_dict() | {"net.0.bias": torch.randn(3)}, str(tmp_path / "head.safetensors"))
+    z = torch.randn(5, 8)
+    loaded = load_head(tmp_path, dim=8)
+    torch.testing.assert_close(loaded.module(z), head(z))
+    save_file(head.state_dict() | {"net.0.stray": torch.randn(3)}, str(tmp_path / "head.safetensors"))
+    with pytest.raises(HeadError, match="corrupt or does not match"):
+        load_head(tmp_path)

@@ -1,0 +1,69 @@
+"""A second prefilter beside the embedding: the references that share the most informative 3-mers with a query.
+
+An ``--align N`` index aligns each query to the union of its N nearest references by embedding cosine and its N
+nearest by 3-mer TF-IDF cosine (the BLAST / MMseqs2 idea of word matches, kept exact and simple). The two miss
+different homologues: on the SCOPe training references (leave-one-out, a validation figure: no test data), a
+random-init `small` embedding's 200 candidates found the right superfamily for 0.662 of the queries, 3-mers' 200
+for 0.657, and the union of both (~380 alignments) for 0.753; aligning against all 6,684 references, 0.812.
+
+Vectors are sparse (20^3 = 8,000 words; a domain of 200 residues has ~200), built from the sequences when the index
+is loaded; queries are scored in blocks so that a dense block stays small at any reference count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+K = 3
+LETTERS = "ACDEFGHIKLMNPQRSTVWY"  # X, B, Z, U, O and the rest break a word: they match nothing
+_CODE = np.full(256, -1, dtype=np.int64)
+_CODE[np.frombuffer(LETTERS.encode(), dtype=np.uint8)] = np.arange(len(LETTERS))
+BLOCK = 64  # queries per dense [block, references] score matrix
+
+
+def words(sequence: str) -> np.ndarray:
+    """The distinct 3-mer codes of ``sequence`` (words with a letter outside the 20 are skipped)."""
+    a = _CODE[np.frombuffer(sequence.encode("ascii", "replace"), dtype=np.uint8)]
+    if len(a) < K:
+        return np.zeros(0, dtype=np.int64)
+    w = a[:-2] * 400 + a[1:-1] * 20 + a[2:]
+    ok = (a[:-2] >= 0) & (a[1:-1] >= 0) & (a[2:] >= 0)
+    return np.unique(w[ok])
+
+
+def _matrix(sequences: list[str]):  # noqa: ANN202 (scipy.sparse.csr_matrix)
+    from scipy import sparse  # scikit-learn's dependency; only loaded for alignment indexes
+
+    per = [words(s) for s in sequences]
+    rows = np.repeat(np.arange(len(per)), [len(w) for w in per])
+    cols = np.concatenate(per) if per else np.zeros(0, dtype=np.int64)
+    return sparse.csr_matrix((np.ones(len(cols), np.float32), (rows, cols)), shape=(len(per), len(LETTERS) ** K))
+
+
+class KmerIndex:
+    """TF-IDF-weighted, L2-normalised 3-mer sets of the references; ``search`` -> the nearest by cosine."""
+
+    def __init__(self, sequences: list[str]):
+        m = _matrix(sequences)
+        df = np.asarray(m.sum(0)).ravel()
+        self.idf = np.log((len(sequences) + 1) / (df + 1)).astype(np.float32)  # rare words weigh more
+        self.refs = self._weigh(m)
+
+    def _weigh(self, m):  # noqa: ANN001, ANN202
+        m = m.multiply(self.idf[None, :]).tocsr()
+        norm = np.sqrt(np.asarray(m.multiply(m).sum(1)).ravel())
+        return m.multiply(1 / np.maximum(norm, 1e-9)[:, None]).tocsr()
+
+    def search(self, sequences: list[str], depth: int, exclude: np.ndarray | None = None) -> np.ndarray:
+        """[queries, depth] reference indices, best first; ``exclude[i]`` (a reference index) is never returned for query i."""
+        depth = min(depth, self.refs.shape[0] - (exclude is not None))
+        queries = self._weigh(_matrix(sequences))
+        out = np.zeros((len(sequences), depth), dtype=np.int64)
+        for start in range(0, len(sequences), BLOCK):
+            scores = (queries[start : start + BLOCK] @ self.refs.T).toarray()
+            if exclude is not None:
+                scores[np.arange(len(scores)), exclude[start : start + BLOCK]] = -np.inf
+            top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
+            order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable")
+            out[start : start + len(scores)] = np.take_along_axis(top, order, 1)
+        return out
