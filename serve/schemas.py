@@ -29,11 +29,19 @@ class ServeArgs(BaseModel):
     api_key: str = Field("", description="when set, every endpoint but health and metrics needs it (Authorization: Bearer KEY)")
 
 
+# How vectors travel: JSON number lists, or the float32 bytes (little-endian, row-major) in base64: ~4x smaller than
+# the decimal text and no number parsing (numpy.frombuffer(base64.b64decode(s), "<f4")).
+Encoding = Literal["json", "float32-base64"]
+B64 = "float32-base64"
+
+
 class Embedded(BaseModel):
-    embedding: list[float]
+    embedding: list[float] = Field(description="the sequence vector ([] with encoding float32-base64)")
     # [] rather than None when not asked for: bentoml's client cannot decode a null array
     residues: list[list[float]] = Field(default_factory=list, description="[length, dim] per-residue vectors when per_residue is true")
     cropped: bool = Field(False, description="only the leading 1,022 residues were embedded (crop: true)")
+    embedding_b64: str = Field("", description="encoding float32-base64: the vector's dim float32 values")
+    residues_b64: str = Field("", description="encoding float32-base64 and per_residue: [length, dim] float32, row-major")
 
 
 class EmbedResponse(BaseModel):
@@ -87,8 +95,9 @@ class CompareResponse(BaseModel):
 
 class AnnotateResponse(BaseModel):
     model: str
-    embeddings: list[list[float]]
+    embeddings: list[list[float]] = Field(description="[sequences, dim] ([] with encoding float32-base64)")
     probabilities: dict[str, list[list[float]]]
+    embeddings_b64: str = Field("", description="encoding float32-base64: [sequences, dim] float32, row-major")
 
 
 class InfoResponse(BaseModel):

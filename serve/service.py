@@ -16,6 +16,7 @@ writes them, ``bentoml build --arg ...`` bakes them into a Bento.
 from __future__ import annotations
 
 import asyncio
+import base64
 import inspect
 import logging
 import time
@@ -34,6 +35,7 @@ from distill.inference.sequences import Pieces, prepare
 from serve.guard import Guard, limit_for
 from serve.resilience import ENGINE_STALL_S, ClientErrorsOnOneLine, call
 from serve.schemas import (
+    B64,
     AnnotateResponse,
     Call,
     Classified,
@@ -41,6 +43,7 @@ from serve.schemas import (
     CompareResponse,
     Embedded,
     EmbedResponse,
+    Encoding,
     InfoResponse,
     ModelAnswer,
     Neighbour,
@@ -76,6 +79,11 @@ def check_sequences(sequences: list[str], crop: bool) -> Pieces:
     if total > MAX_RESIDUES:
         raise InvalidArgument(f"{total} residues in one request; the limit is {MAX_RESIDUES}")
     return prepared
+
+
+def b64(values: Any) -> str:
+    """Vectors (a list, nested lists or an array) as little-endian float32 bytes in base64 (schemas.Encoding)."""
+    return base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode()
 
 
 def check_answer_size(residues: int, dim: int, limit: int) -> None:
@@ -262,19 +270,29 @@ class EsmDistillService:
 
     @bentoml.api
     async def embed(
-        self, sequences: list[str], pooling: Literal["mean", "cls"] = "mean", per_residue: StrictBool = False, crop: StrictBool = False
-    ) -> EmbedResponse:
-        """One vector per sequence (mean over residues, or the <cls> token), in input order; per-residue matrices when asked."""
+        self, sequences: list[str], pooling: Literal["mean", "cls"] = "mean", per_residue: StrictBool = False, crop: StrictBool = False,
+        encoding: Encoding = "json",
+    ) -> EmbedResponse:  # fmt: skip
+        """One vector per sequence (mean over residues, or the <cls> token), in input order; per-residue matrices when asked;
+        ``encoding: float32-base64`` sends the vectors as float32 bytes instead of number lists."""
         prepared = check_sequences(sequences, crop)
         card = await self.card()
         pieces = prepared.pieces
         if per_residue:
             check_answer_size(sum(len(p) for p in pieces), card["dim"], ARGS.max_per_residue_values)
         rows = await (call(self.engine.to_async.residues, pieces) if per_residue else self.run(pieces))  # one forward pass either way
-        results = [
-            Embedded(embedding=row[pooling], residues=row.get("residues", []), cropped=long)
-            for row, long in zip(rows, prepared.long, strict=True)
-        ]
+        if encoding == B64:
+            results = [
+                Embedded(
+                    embedding=[], embedding_b64=b64(row[pooling]), residues_b64=b64(row["residues"]) if per_residue else "", cropped=long
+                )
+                for row, long in zip(rows, prepared.long, strict=True)
+            ]
+        else:
+            results = [
+                Embedded(embedding=row[pooling], residues=row.get("residues", []), cropped=long)
+                for row, long in zip(rows, prepared.long, strict=True)
+            ]
         return EmbedResponse(model=card["model"], dim=card["dim"], pooling=pooling, results=results)
 
     @bentoml.api
@@ -289,14 +307,19 @@ class EsmDistillService:
         return ClassifyResponse(model=card["model"], results=await self.classified(rows, prepared, tasks, top_k))
 
     @bentoml.api
-    async def annotate(self, sequences: list[str], tasks: tuple[str, ...] = (), all_tasks: StrictBool = True) -> AnnotateResponse:
-        """Embeddings and full probability vectors (what `distill annotate --url` consumes); no tasks and all_tasks false: embeddings only."""
+    async def annotate(
+        self, sequences: list[str], tasks: tuple[str, ...] = (), all_tasks: StrictBool = True, encoding: Encoding = "json"
+    ) -> AnnotateResponse:
+        """Embeddings and full probability vectors (what `distill annotate --url` consumes); no tasks and all_tasks false:
+        embeddings only; ``encoding: float32-base64`` sends the embeddings as one float32 matrix."""
         card = await self.card()
         tasks = check_tasks(tasks, card["labels"], 1) if tasks or (all_tasks and card["labels"]) else []
         rows = await self.run(check_sequences(sequences, crop=False).pieces)
+        vectors = [r["mean"] for r in rows]
         return AnnotateResponse(
             model=card["model"],
-            embeddings=[r["mean"] for r in rows],
+            embeddings=[] if encoding == B64 else vectors,
+            embeddings_b64=b64(vectors) if encoding == B64 else "",
             probabilities={t: [r["probabilities"][t] for r in rows] for t in tasks},
         )
 

@@ -1,5 +1,6 @@
 """The BentoML service for real: `distill serve` in a subprocess, called over HTTP on a loopback port."""
 
+import base64
 import contextlib
 import json
 import os
@@ -154,7 +155,14 @@ def test_embed_and_classify_equal_direct_onnx_inference_in_input_order(server, d
         out = client.embed(sequences=SEQS[:9], pooling="mean")
         cls = client.embed(sequences=SEQS[:3], pooling="cls", per_residue=True)
         calls = client.classify(sequences=SEQS[:5], tasks=["pfam", "scope", "species"], top_k=3)
+        packed = client.embed(sequences=SEQS[:3], pooling="cls", per_residue=True, encoding="float32-base64")
     assert out["dim"] == 32 and len(out["results"]) == 9
+    for plain, binary in zip(cls["results"], packed["results"], strict=True):  # the same float32 values, as bytes
+        assert binary["embedding"] == [] and binary["residues"] == []
+        vector = np.frombuffer(base64.b64decode(binary["embedding_b64"]), "<f4")
+        assert vector.tolist() == np.float32(plain["embedding"]).tolist()
+        matrix = np.frombuffer(base64.b64decode(binary["residues_b64"]), "<f4").reshape(-1, 32)
+        np.testing.assert_array_equal(matrix, np.float32(plain["residues"]))
     for seq, r in zip(SEQS[:9], out["results"], strict=True):
         np.testing.assert_allclose(r["embedding"], ref[seq].sequence, atol=1e-5)
     for seq, r in zip(SEQS[:3], cls["results"], strict=True):
@@ -200,6 +208,7 @@ def test_info_health_openapi_and_bentoml_endpoints(server):
         ("classify", {"sequences": ["MKV"], "tasks": ["pfam"], "top_k": "3"}, "top_k: Input should be a valid integer"),
         ("classify", {"sequences": ["MKV"], "tasks": ["pfam"], "top_k": 2.0}, "top_k: Input should be a valid integer"),
         ("embed", {"sequences": ["MKV"], "crop": "yes"}, "crop: Input should be a valid boolean"),
+        ("embed", {"sequences": ["MKV"], "encoding": "npy"}, "encoding: Input should be 'json' or 'float32-base64'"),
         ("embed", {"sequences": ["MKV"], "per_resdue": True}, "unknown field(s) ['per_resdue'] for /embed"),
         ("embed", {"sequences": []}, "sequences is empty"),
         ("embed", {"sequences": ["MKV", " "]}, "sequence 2: empty sequence"),

@@ -7,6 +7,7 @@ side exactly as locally: the same output either way.
 
 from __future__ import annotations
 
+import base64
 import json
 import urllib.error
 import urllib.request
@@ -54,6 +55,8 @@ class HttpBackend:
     def forward(self, batch: np.ndarray, sequences: list[str], tasks: list[str], residues: bool, cls: bool) -> Outputs:
         if residues or cls:
             raise ValueError("a service backend returns mean sequence embeddings only (no per-residue or <cls> vectors)")
-        answer = self._post("annotate", {"sequences": sequences, "tasks": tasks, "all_tasks": False})
+        # float32 bytes, not decimal text: a quarter of the bytes and no number parsing on either side
+        answer = self._post("annotate", {"sequences": sequences, "tasks": tasks, "all_tasks": False, "encoding": "float32-base64"})
         probs = {t: np.asarray(answer["probabilities"][t], dtype=np.float32) for t in tasks}
-        return Outputs(np.asarray(answer["embeddings"], dtype=np.float32), probs)
+        vectors = np.frombuffer(base64.b64decode(answer["embeddings_b64"]), dtype="<f4").reshape(len(sequences), -1)
+        return Outputs(vectors.astype(np.float32), probs)
