@@ -143,7 +143,12 @@ def serve(
     compare_heads: Annotated[
         Path | None, typer.Option(help="Heads of the comparison model (distill probe MODEL --out DIR/<task>).")
     ] = None,
-    batching: Annotated[bool, typer.Option(help="Adaptive batching across concurrent requests.")] = True,
+    batching: Annotated[
+        bool,
+        typer.Option(
+            help="Run the model as its own service with adaptive batching across requests (for GPUs; on a CPU one process is faster)."
+        ),
+    ] = False,
     reference: Annotated[Path | None, typer.Option(help="A `distill index` directory: /classify adds nearest labelled references.")] = None,
     max_sequences: Annotated[int, typer.Option(help="Sequences per request; more is a 400.")] = 64,
     max_residues: Annotated[int, typer.Option(help="Residues per request; more is a 400.")] = 65536,

@@ -18,7 +18,7 @@ class ServeArgs(BaseModel):
     esm1b_heads: str = Field("", description="backend esm1b: its head directory (`distill probe MODEL --out DIR/<task>`)")
     compare: str = Field("", description="fair-esm name or .pt for /compare")
     compare_heads: str = Field("", description="head directory of the comparison model")
-    batching: bool = Field(True, description="adaptive batching across concurrent requests")
+    batching: bool = Field(False, description="the model as its own service with adaptive batching across requests (for GPUs)")
     reference: str = Field("", description="a `distill index` directory: /classify adds nearest labelled references")
     max_sequences: int = Field(64, ge=1, description="sequences per request")
     max_residues: int = Field(65536, ge=1, description="residues per request")

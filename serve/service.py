@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import bentoml
 import numpy as np
-from bentoml.exceptions import InternalServerError, InvalidArgument
+from bentoml.exceptions import InvalidArgument
 from pydantic import StrictBool, StrictInt  # "3", true or 2.0 for top_k, "yes" for crop: a 400, not a guess
 
 from distill import tokens
@@ -49,7 +49,7 @@ from serve.schemas import (
     Neighbour,
     ServeArgs,
 )
-from serve.store import open_stored
+from serve.student import Student, rows_of
 
 ARGS = bentoml.use_arguments(ServeArgs)
 MODEL_TAG, BACKEND, VARIANT = ARGS.model, ARGS.backend, ARGS.variant
@@ -114,72 +114,36 @@ def top_calls(probabilities: dict[str, list[float]], labels: dict[str, list[str]
     return {t: [Call(label=lab, probability=p) for lab, p in best(np.asarray(probabilities[t]), labels[t], top_k)] for t in tasks}
 
 
-def _rows(embeddings: list, tasks: list[str]) -> list[dict[str, Any]]:
-    return [
-        {
-            "mean": e.sequence.tolist(),
-            "cls": e.cls.tolist() if e.cls is not None else None,
-            "probabilities": {t: e.probabilities[t].tolist() for t in tasks},
-        }
-        for e in embeddings
-    ]
-
-
 # ---- services ---------------------------------------------------------------------------------------
+
+
+STORED = bentoml.models.BentoModel(MODEL_TAG) if BACKEND != "esm1b" else None  # declared: a Bento carries it
 
 
 @bentoml.service(name="esm-distill-engine", workers=1, traffic={"timeout": TIMEOUT})
 class Engine:
-    """The student. ``infer`` takes plain sequence lists so BentoML can concatenate concurrent requests."""
+    """The student as its own service, only with --batching: BentoML then merges concurrent requests into batches
+    (worth it on a GPU, where 256 sequences cost little more than one; on a CPU one request fills the cores)."""
 
-    if BACKEND != "esm1b":  # BentoML resolves (and a Bento carries) declared models at start-up
-        stored = bentoml.models.BentoModel(MODEL_TAG)
+    stored = STORED
 
     def __init__(self) -> None:
-        if BACKEND == "esm1b":  # the teacher itself, served like a student (heads probed on its embeddings)
-            self.embedder = resolve(ARGS.esm1b, ARGS.esm1b_heads or None)
-            self.tag, self.name = ARGS.esm1b, self.embedder.name
-            self.meta = {"preset": "fair-esm", "parameters": self.embedder.metadata["parameters"]}
-            return
-        self.embedder = open_stored(self.stored.path, BACKEND, VARIANT)
-        self.tag, self.name = str(self.stored.tag), self.stored.tag.name
-        self.meta = dict(self.stored.info.metadata)
-
-    def _infer(self, sequences: list[str]) -> list[dict[str, Any]]:
-        try:
-            return _rows(self.embedder.embed(sequences, tasks=list(self.embedder.labels), cls=True), list(self.embedder.labels))
-        except Exception as e:  # a failed batch fails its requests with a 5xx, never the server
-            raise InternalServerError(
-                f"the {BACKEND} backend failed on a batch of {len(sequences)} sequences: {type(e).__name__}: {e}"
-            ) from e
+        self.student = Student(ARGS, self.stored)
 
     @bentoml.api(batchable=True, max_batch_size=256, max_latency_ms=60_000)
     def infer(self, sequences: list[str]) -> list[dict[str, Any]]:
-        return self._infer(sequences)
-
-    @bentoml.api
-    def infer_unbatched(self, sequences: list[str]) -> list[dict[str, Any]]:
-        return self._infer(sequences)
+        return self.student.infer(sequences)
 
     @bentoml.api
     def residues(self, sequences: list[str]) -> list[dict[str, Any]]:
-        """Like ``infer`` plus the [length, dim] matrices (unbatched: per-residue answers are large)."""
-        embedded = self.embedder.embed(sequences, per_residue=True, tasks=[], cls=True)
-        return [row | {"residues": e.residues.tolist()} for row, e in zip(_rows(embedded, []), embedded, strict=True)]
+        return self.student.residues(sequences)  # unbatched: per-residue answers are large
 
     @bentoml.api
     def card(self) -> dict[str, Any]:
-        return {
-            "model": self.name,
-            "tag": self.tag,
-            "backend": BACKEND,
-            "provider": self.embedder.provider,
-            "preset": self.meta.get("preset") or "",
-            "parameters": self.meta.get("parameters") or 0,
-            "dim": self.embedder.dim,
-            "labels": self.embedder.labels,
-            "min_probability": getattr(self.embedder, "thresholds", {}),
-        }
+        return self.student.card()
+
+
+NO_REFERENCE = "no comparison model configured: start the service with `distill serve MODEL --compare-with esm1b_t33_650M_UR50S` (or a .pt)"
 
 
 @bentoml.service(name="esm-distill-reference", workers=1, traffic={"timeout": TIMEOUT})
@@ -187,10 +151,7 @@ class Reference:
     """ESM-1b (or any fair-esm model) for /compare; optional: without it, /compare says why it cannot answer."""
 
     def __init__(self) -> None:
-        self.embedder = None
-        self.reason = (
-            "no comparison model configured: start the service with `distill serve MODEL --compare-with esm1b_t33_650M_UR50S` (or a .pt)"
-        )
+        self.embedder, self.reason = None, NO_REFERENCE
         if ARGS.compare:
             try:
                 self.embedder = resolve(ARGS.compare, ARGS.compare_heads or None)
@@ -203,7 +164,7 @@ class Reference:
         if self.embedder is None:
             return {"available": False, "reason": self.reason, "model": ARGS.compare, "labels": {}}
         start = time.perf_counter()
-        rows = _rows(self.embedder.embed(sequences, tasks=list(self.embedder.labels)), list(self.embedder.labels))
+        rows = rows_of(self.embedder.embed(sequences, tasks=list(self.embedder.labels)), list(self.embedder.labels))
         return {
             "available": True,
             "model": self.embedder.name,
@@ -221,10 +182,18 @@ class Reference:
 
 @bentoml.service(name="esm-distill", traffic={"timeout": TIMEOUT, "concurrency": 128})
 class EsmDistillService:
-    engine = bentoml.depends(Engine)
-    reference = bentoml.depends(Reference)
+    """One process by default: the API holds the student and runs requests side by side in threads. Separate services
+    only where they pay: the engine with --batching, the comparison model when one is configured."""
+
+    if BATCHING:
+        engine = bentoml.depends(Engine)
+    else:
+        stored = STORED
+    if ARGS.compare:
+        reference = bentoml.depends(Reference)
 
     def __init__(self) -> None:
+        self.student = None if BATCHING else Student(ARGS, self.stored)
         self._card: dict[str, Any] | None = None
         self._index = None
         if REFERENCE_INDEX:
@@ -261,12 +230,22 @@ class EsmDistillService:
 
     async def card(self) -> dict[str, Any]:
         if self._card is None:
-            self._card = await call(self.engine.to_async.card)
+            self._card = self.student.card() if self.student else await call(self.engine.to_async.card)
         return self._card
 
-    async def run(self, sequences: list[str]) -> list[dict[str, Any]]:
+    async def run(self, sequences: list[str], per_residue: bool = False) -> list[dict[str, Any]]:
+        """The student's rows for ``sequences``: in a thread of this process (the event loop stays free), or from the
+        Engine service (retried on transient connection errors, serve/resilience.py)."""
+        if self.student is not None:
+            return await asyncio.to_thread(self.student.residues if per_residue else self.student.infer, sequences)
         engine = self.engine.to_async
-        return await call(engine.infer if BATCHING else engine.infer_unbatched, sequences, stall_s=ENGINE_STALL_S)
+        return await call(engine.residues if per_residue else engine.infer, sequences, stall_s=ENGINE_STALL_S)
+
+    async def reference_call(self, method: str, *args: Any) -> dict[str, Any]:
+        """The comparison service's answer, or why there is none."""
+        if not ARGS.compare:
+            return {"available": False, "reason": NO_REFERENCE, "model": "", "labels": {}}
+        return await call(getattr(self.reference.to_async, method), *args)
 
     @bentoml.api
     async def embed(
@@ -280,7 +259,7 @@ class EsmDistillService:
         pieces = prepared.pieces
         if per_residue:
             check_answer_size(sum(len(p) for p in pieces), card["dim"], ARGS.max_per_residue_values)
-        rows = await (call(self.engine.to_async.residues, pieces) if per_residue else self.run(pieces))  # one forward pass either way
+        rows = await self.run(pieces, per_residue)  # one forward pass either way
         if encoding == B64:
             results = [
                 Embedded(
@@ -339,7 +318,7 @@ class EsmDistillService:
             seconds=time.perf_counter() - start,
             results=[Classified(calls=top_calls(r["probabilities"], card["labels"], tasks, top_k)) for r in rows],
         )
-        ref = await call(self.reference.to_async.infer, seqs)
+        ref = await self.reference_call("infer", seqs)
         if not ref["available"]:
             return CompareResponse(student=student, reference=ModelAnswer(model=ref["model"], available=False, reason=ref["reason"]))
         missing = [t for t in tasks if t not in ref["labels"]]
@@ -362,7 +341,7 @@ class EsmDistillService:
     async def info(self) -> InfoResponse:
         """The model card: preset, parameters, backend, provider, label sets, limits, comparison model."""
         card = await self.card()
-        ref = await call(self.reference.to_async.card)
+        ref = await self.reference_call("card")
         index = await self.index()
         summary = {k: v for k, v in index.card.items() if k not in ("check",)} | {"path": REFERENCE_INDEX} if index is not None else {}
         return InfoResponse(

@@ -181,6 +181,7 @@ def test_info_health_openapi_and_bentoml_endpoints(server):
     assert status == 200 and info["tag"] == server["tag"] and info["backend"] == "student-onnx"
     assert info["provider"] == "CPUExecutionProvider" and set(info["labels"]) == {"pfam", "scope", "species"} and info["max_length"] == 1022
     assert info["reference"]["available"] and info["reference"]["model"] == "tiny_esm1b_t4_192.pt"
+    assert info["batching"] is False  # the default: the model in the API process
     assert post(f"{server['url']}/health", {}) == (
         200,
         {"status": "ok", "model": info["model"], "backend": "student-onnx", "provider": "CPUExecutionProvider"},
@@ -322,8 +323,8 @@ def test_bentoml_build_works_offline(server):
 
     os.environ["BENTOML_HOME"] = server["env"]["BENTOML_HOME"]
     card = yaml.safe_load((Path(get_bento(bento_tag).path) / "bento.yaml").read_text())
-    engine = next(s for s in card["services"] if s["name"] == "esm-distill-engine")
-    assert [m["tag"] for m in engine["models"]] == [server["tag"]]
+    api = next(s for s in card["services"] if s["name"] == "esm-distill")  # one process: the API service holds the model
+    assert [m["tag"] for m in api["models"]] == [server["tag"]]
 
 
 def test_esm1b_backend_serves_a_fair_esm_checkpoint_with_its_heads(server):
@@ -407,11 +408,13 @@ def _group_members(pgid: int) -> list[int]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_stopping_or_killing_distill_serve_leaves_no_server_behind(server, tmp_path, sig):
+def test_stopping_or_killing_distill_serve_leaves_no_server_behind(server, direct, tmp_path, sig):
     """SIGTERM is forwarded to the server's process group; after SIGKILL the watchdog stops it. Either way every
-    server process is gone and the port is free within 15 s."""
+    server process is gone and the port is free within 15 s. The SIGTERM server runs the two-service topology
+    (--batching: the model in its own Engine service), and answers like the one-process one."""
     port = free_port()
-    cmd = [sys.executable, "-m", "distill", "serve", server["tag"], "--port", str(port)]
+    batching = sig == signal.SIGTERM
+    cmd = [sys.executable, "-m", "distill", "serve", server["tag"], "--port", str(port)] + (["--batching"] if batching else [])
     proc = subprocess.Popen(
         cmd, env=server["env"], stdout=open(tmp_path / "log", "w"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
     )
@@ -423,6 +426,12 @@ def test_stopping_or_killing_distill_serve_leaves_no_server_behind(server, tmp_p
         ]
         groups = {os.getpgid(c) for c in children} - {os.getpgid(proc.pid)}
         assert len(groups) == 2  # the server's own group, and the watchdog's
+        if batching:
+            status, body = post(f"http://127.0.0.1:{port}/embed", {"sequences": SEQS[:3]})
+            assert status == 200, body
+            for seq, r in zip(SEQS[:3], body["results"], strict=True):
+                np.testing.assert_allclose(r["embedding"], direct[1][seq].sequence, atol=1e-5)
+            assert post(f"http://127.0.0.1:{port}/info", {})[1]["batching"] is True
         os.kill(proc.pid, sig)
         proc.wait(timeout=30)
         for _ in range(150):  # bounded by polls, 15 s
