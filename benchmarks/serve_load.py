@@ -1,12 +1,14 @@
 """Load benchmark of the BentoML service on loopback (bounded in requests and time).
 
-    python benchmarks/serve_load.py [--presets small large] [--seconds 8] [--max-requests 2000]
+    python benchmarks/serve_load.py [--presets small large] [--backends ...] [--batching on off] [--encoding json float32-base64]
 
 For each preset (random weights: speed does not depend on training), backend (student-onnx,
-student-torch) and adaptive batching on/off, it imports the model into a private BentoML store, starts
+student-torch), topology (one process; --batching: the model as its own service) and answer encoding (JSON
+lists, float32 base64), it imports the model into a private BentoML store, starts
 `distill serve`, and drives /embed at concurrency 1, 8 and 32 with requests of 1-8 real SCOPe domains
 (30-400 residues, so lengths mix). It prints requests/s, sequences/s, p50/p95/p99 latency and errors, and the
-same requests embedded in-process by the same backend (no HTTP), so the HTTP overhead shows as a ratio.
+same requests embedded in-process by the same backend (no HTTP, one after another), so the HTTP overhead shows as
+ratios of throughput and of single-client p50 latency.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def post(url: str, payload: dict) -> None:
         r.read()
 
 
-def drive(url: str, reqs: list[list[str]], concurrency: int, seconds: float) -> dict:
+def drive(url: str, reqs: list[list[str]], concurrency: int, seconds: float, encoding: str = "json") -> dict:
     latencies, errors, done_seqs = [], 0, 0
     kinds: dict[str, int] = {}
     stop = time.perf_counter() + seconds
@@ -65,7 +67,7 @@ def drive(url: str, reqs: list[list[str]], concurrency: int, seconds: float) -> 
                 return
             t0 = time.perf_counter()
             try:
-                post(f"{url}/embed", {"sequences": reqs[i]})
+                post(f"{url}/embed", {"sequences": reqs[i], "encoding": encoding})
                 latencies.append(time.perf_counter() - t0)
                 done_seqs += len(reqs[i])
             except Exception as e:  # counted and classified, never hidden
@@ -92,14 +94,17 @@ def drive(url: str, reqs: list[list[str]], concurrency: int, seconds: float) -> 
     }
 
 
-def in_process(embedder, reqs: list[list[str]], seconds: float) -> float:
-    n, start = 0, time.perf_counter()
+def in_process(embedder, reqs: list[list[str]], seconds: float) -> tuple[float, float]:
+    """(sequences/s, p50 ms per request) of the same requests through the same backend object, one after another."""
+    n, start, latencies = 0, time.perf_counter(), []
     for r in reqs:
+        t = time.perf_counter()
         embedder.embed(r)
+        latencies.append(time.perf_counter() - t)
         n += len(r)
         if time.perf_counter() - start > seconds:
             break
-    return n / (time.perf_counter() - start)
+    return n / (time.perf_counter() - start), float(np.percentile(np.array(latencies) * 1000, 50))
 
 
 def free_port() -> int:
@@ -116,6 +121,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0, help="per concurrency level")
     ap.add_argument("--max-requests", type=int, default=2000, help="per concurrency level")
     ap.add_argument("--batching", nargs="+", default=["on", "off"], choices=["on", "off"])
+    ap.add_argument("--encoding", nargs="+", default=["json", "float32-base64"], choices=["json", "float32-base64"])
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     seqs = sequences()
@@ -126,7 +132,8 @@ def main() -> None:
     from serve.store import import_model, open_stored
 
     print(f"{len(seqs)} SCOPe domains, requests of 1-8 sequences, {args.seconds:.0f} s or {args.max_requests} requests per level")
-    header = f"{'preset':7s} {'backend':14s} {'batching':8s} {'conc':>4s} {'req/s':>7s} {'seq/s':>7s} {'p50 ms':>7s} {'p95 ms':>7s} {'p99 ms':>7s} {'err':>4s} {'in-proc seq/s':>13s} {'HTTP/in-proc':>12s}"
+    header = ("| preset | backend | batching | encoding | conc | req/s | seq/s | p50 ms | p95 ms | p99 ms | errors | in-proc seq/s | "
+              "HTTP / in-proc | in-proc p50 ms | p50 HTTP / in-proc |\n" + "|---" * 15 + "|")  # fmt: skip
     print(header)
     for preset in args.presets:
         bundle = save_bundle(tmp / preset / "student", build_student(ModelConfig.preset(preset), seed=0), preset)
@@ -134,11 +141,11 @@ def main() -> None:
         stored = Path(__import__("bentoml").models.get(tag).path)
         for backend in args.backends:
             embedder = open_stored(stored, backend)
-            base = in_process(embedder, reqs, args.seconds)
-            for batching in [b == "on" for b in args.batching]:
+            base, base_p50 = in_process(embedder, reqs, args.seconds)
+            for batching, encoding in [(b == "on", e) for b in args.batching for e in args.encoding]:
                 port = free_port()
                 cmd = [sys.executable, "-m", "distill", "serve", tag, "--port", str(port), "--backend", backend] + (
-                    [] if batching else ["--no-batching"]
+                    ["--batching"] if batching else []
                 )
                 proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
                 url = f"http://127.0.0.1:{port}"
@@ -151,10 +158,11 @@ def main() -> None:
                 try:
                     drive(url, reqs[:50], 4, 5)  # warm-up
                     for c in args.concurrency:
-                        r = drive(url, reqs, c, args.seconds)
+                        r = drive(url, reqs, c, args.seconds, encoding)
                         print(
-                            f"{preset:7s} {backend:14s} {'on' if batching else 'off':8s} {c:4d} {r['req_s']:7.1f} {r['seq_s']:7.1f} "
-                            f"{r['p50']:7.1f} {r['p95']:7.1f} {r['p99']:7.1f} {r['errors']:4d} {base:13.1f} {r['seq_s'] / base:12.2f}",
+                            f"| {preset} | {backend} | {'on' if batching else 'off'} | {encoding} | {c} | {r['req_s']:.1f} | {r['seq_s']:.1f} | "
+                            f"{r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | {r['errors']} | {base:.1f} | {r['seq_s'] / base:.2f} | "
+                            f"{base_p50:.1f} | {r['p50'] / base_p50:.2f} |",
                             flush=True,
                         )
                         for kind, count in r["error_kinds"].items():
