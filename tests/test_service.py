@@ -280,18 +280,28 @@ def test_compare_without_a_reference_says_why(monkeypatch):
 
 
 def test_concurrent_clients_of_mixed_lengths_never_get_each_others_answers(server, direct):
+    """32 clients x 40 requests (ESM_DISTILL_LOAD_REQUESTS=500 for the full load test) of 1-4 sequences while two
+    busy-loop processes hog both cores: every answer is 200 and equal to its sequences' own embeddings. Bounded by
+    work: each request waits for its answer (the service's own timeouts apply), nothing here watches the clock."""
     _, ref = direct
     rng = np.random.default_rng(0)
-    jobs = [[SEQS[i] for i in rng.choice(len(SEQS), rng.integers(1, 5), replace=False)] for _ in range(32 * 40)]
+    per_client = int(os.environ.get("ESM_DISTILL_LOAD_REQUESTS", "40"))
+    jobs = [[SEQS[i] for i in rng.choice(len(SEQS), rng.integers(1, 5), replace=False)] for _ in range(32 * per_client)]
 
     def call(seqs):
         status, body = post(f"{server['url']}/embed", {"sequences": seqs})
         assert status == 200, body
         return all(np.allclose(r["embedding"], ref[s].sequence, atol=1e-5) for s, r in zip(seqs, body["results"], strict=True))
 
-    with ThreadPoolExecutor(32) as pool:
-        results = list(pool.map(call, jobs))
-    assert len(results) == 1280 and all(results)
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True) for _ in range(2)]
+    try:
+        with ThreadPoolExecutor(32) as pool:
+            results = list(pool.map(call, jobs))
+    finally:
+        for h in hogs:
+            os.killpg(h.pid, signal.SIGKILL)
+            h.wait()
+    assert len(results) == 32 * per_client and all(results)
 
 
 def test_annotate_through_the_service_equals_local_annotation(server, tmp_path):
