@@ -28,13 +28,12 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from distill import scale
 from distill.fasta import count_records, iter_records
 from distill.index import load_index
 from distill.inference import Inference
 from distill.inference.sequences import long_note
 from distill.io import atomic_path, atomic_write, atomic_write_json, read_json_object
-from distill.scale import RayOptions, ordered_map, shard_range
+from distill.scale import RayOptions, check_ray, ordered_map, shard_range
 
 LONG_POLICIES = ("windows", "crop")  # annotate never refuses a long record (no "error"): nothing is dropped
 EMBEDDING_SUFFIXES = (".h5", ".hdf5", ".parquet", ".npy")
@@ -282,7 +281,7 @@ def annotate(
         raise FileNotFoundError(f"input FASTA {input_path} does not exist")
     if ray is not None and load is None:
         raise ValueError("annotate on Ray needs a loader for the workers' models")
-    scale.check(ray)
+    check_ray(ray)
     cols = columns_for(model, opts)
     total = count_records(input_path)
     if total == 0:

@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from distill import kmers, scale
+from distill import kmers
 from distill.config import POOLINGS
 from distill.distributed import pick_device
 from distill.embeddings import embed
@@ -21,7 +21,7 @@ from distill.index import PART_FILE, ReferenceIndex, build_index, load_index
 from distill.io import atomic_path, atomic_write_json, read_json_object
 from distill.labels import read_labelled
 from distill.model import ESM
-from distill.scale import RayOptions, ordered_map, shard_range
+from distill.scale import RayOptions, check_ray, ordered_map, shard_range
 
 CHUNK = 1024  # references per embedding call: the unit of Ray tasks and of --shard ranges
 
@@ -75,7 +75,7 @@ def index_command(
         raise ValueError(f"--pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     if align < 0:
         raise ValueError(f"--align must be 0 (cosine calls) or a number of candidates to align, got {align}")
-    scale.check(ray)
+    check_ray(ray)
     if part is not None and append:
         raise ValueError("--shard builds a part of a new index; append to a merged index with --append, unsharded")
     previous = load_index(output) if append else None

@@ -109,7 +109,7 @@ def _next(pool: Any) -> Any:
         raise e.as_instanceof_cause() from None
 
 
-def check(opts: RayOptions | None) -> None:
+def check_ray(opts: RayOptions | None) -> None:
     """Before a command writes anything: Ray is installed and a given head address answers."""
     if opts is None:
         return
@@ -124,7 +124,7 @@ def check(opts: RayOptions | None) -> None:
 def connect(address: str | None) -> tuple[Any, bool]:
     """(``ray`` initialised, whether this call started it): a local instance or the cluster at
     ``address``; an instance this process already runs is used as it is. Clear errors otherwise."""
-    check(RayOptions(address))
+    check_ray(RayOptions(address))
     import ray
 
     if ray.is_initialized():

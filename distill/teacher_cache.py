@@ -34,14 +34,14 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from distill import data, scale, tokens
+from distill import data, tokens
 from distill.bundle import load_any
 from distill.distributed import pick_device
 from distill.evaluate import autocast
 from distill.io import atomic_write, atomic_write_json, read_json_object
 from distill.losses import residue_logits
 from distill.model import ESM, weights_sha256
-from distill.scale import RayOptions, ordered_map, shard_range
+from distill.scale import RayOptions, check_ray, ordered_map, shard_range
 
 FORMAT = "esm-distill-teacher-cache"
 VERSION = 1
@@ -294,7 +294,7 @@ def build_command(
     """`distill teacher-cache`: load DATA and the teacher, build (or resume) the cache -> (output, stats, sequences)."""
     if views < 1 or shard_size < 1:
         raise ValueError("--views and --shard-size must be at least 1")
-    scale.check(ray)
+    check_ray(ray)
     dev = pick_device("cpu" if ray else device)  # on Ray the driver only fingerprints the teacher; actors pick their device
     seqs = data.load_fasta(fasta)
     net, sha = load_teacher(teacher, dev)

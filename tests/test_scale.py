@@ -1,5 +1,6 @@
 """Past one machine: the same outputs on a real local Ray instance and as scheduler shards + `distill merge`."""
 
+import contextlib
 import json
 import os
 import signal
@@ -31,10 +32,30 @@ REAL = [(r.id, r.sequence) for r in read_fasta(EXAMPLES / "valid.fasta")]
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """One local Ray instance (2 CPUs) for the module; the commands use it instead of starting their own."""
+    """One local Ray instance (2 CPUs) for the module; the commands use it instead of starting their own. At the end
+    its worker processes (children of its raylet) are killed too: they would notice the raylet's exit only later."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    try:
+        yield
+    finally:
+        raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+        workers = [pid for pid in _pids() if _parent(pid) == raylet]
+        ray.shutdown()
+        for pid in workers:  # Ray starts each worker in its own process group: the group, and the process itself
+            for kill in (os.killpg, os.kill):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    kill(pid, signal.SIGKILL)
+
+
+def _pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
 
 
 @pytest.fixture(scope="module")
