@@ -198,20 +198,23 @@ def finetuned(d: dict, run: Path, model: str, seed: int, settings: dict, teacher
         model, [d["train_path"]], d["task"], str(run), seed=seed, teacher=str(teacher) if teacher else None, quiet=True,
         class_weights="none", **settings,
     )  # fmt: skip
-    result = finetune(cfg, resume=(run / "checkpoint.json").is_file())
+    resumed = (run / "checkpoint.json").is_file()
+    result = finetune(cfg, resume=resumed)
     train_s = time.perf_counter() - t
+    if resumed:  # a run finished (or interrupted) earlier: its own wall time, from its directory (pauses included)
+        train_s = (run / "metrics.jsonl").stat().st_mtime - (run / "config.json").stat().st_mtime
     embedder = resolve(str(result.bundle), providers="cpu")
-    head = next(iter(embedder.heads.values()))
+    labels = embedder.labels[d["task"]]
 
     def predict(seqs: list[str]) -> tuple[list[str], np.ndarray]:
         p = embedder.run([s[:1022] for s in seqs], [d["task"]])[1][d["task"]]
-        return [head.labels[i] for i in p.argmax(1)], p.max(1)
+        return [labels[i] for i in p.argmax(1)], p.max(1)
 
     t = time.perf_counter()
     pred, scores = predict(d["test"].sequences)
     predict_s = time.perf_counter() - t
-    scaling = {"kind": "head", "encoder_macs": _encoder_macs(embedder.model, d), "dim": embedder.dim}
-    return Result(pred, scores, predict(d["negatives"])[1], train_s, predict_s, head.min_probability, scaling)
+    scaling = {"kind": "head", "encoder_macs": _encoder_macs(embedder.backend.model, d), "dim": embedder.dim}
+    return Result(pred, scores, predict(d["negatives"])[1], train_s, predict_s, embedder.thresholds[d["task"]], scaling)
 
 
 def _search_costs(index: Any, model: Any, seqs: list[str], predict_s: float) -> dict[str, float]:

@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--max-requests", type=int, default=2000, help="per concurrency level")
     ap.add_argument("--batching", nargs="+", default=["on", "off"], choices=["on", "off"])
     ap.add_argument("--encoding", nargs="+", default=["json", "float32-base64"], choices=["json", "float32-base64"])
+    ap.add_argument("--variant", default="fp32", choices=["fp32", "int8"], help="student-onnx graph (int8: dynamic per-channel)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     seqs = sequences()
@@ -132,19 +133,21 @@ def main() -> None:
     from serve.store import import_model, open_stored
 
     print(f"{len(seqs)} SCOPe domains, requests of 1-8 sequences, {args.seconds:.0f} s or {args.max_requests} requests per level")
+    print(f"variant: {args.variant} (student-onnx)")
     header = ("| preset | backend | batching | encoding | conc | req/s | seq/s | p50 ms | p95 ms | p99 ms | errors | in-proc seq/s | "
               "HTTP / in-proc | in-proc p50 ms | p50 HTTP / in-proc |\n" + "|---" * 15 + "|")  # fmt: skip
     print(header)
     for preset in args.presets:
         bundle = save_bundle(tmp / preset / "student", build_student(ModelConfig.preset(preset), seed=0), preset)
-        tag = import_model(str(bundle), f"bench-{preset}")
+        tag = import_model(str(bundle), f"bench-{preset}", int8=args.variant == "int8")
         stored = Path(__import__("bentoml").models.get(tag).path)
         for backend in args.backends:
-            embedder = open_stored(stored, backend)
+            variant = args.variant if backend == "student-onnx" else "fp32"
+            embedder = open_stored(stored, backend, variant)
             base, base_p50 = in_process(embedder, reqs, args.seconds)
             for batching, encoding in [(b == "on", e) for b in args.batching for e in args.encoding]:
                 port = free_port()
-                cmd = [sys.executable, "-m", "distill", "serve", tag, "--port", str(port), "--backend", backend] + (
+                cmd = [sys.executable, "-m", "distill", "serve", tag, "--port", str(port), "--backend", backend, "--variant", variant] + (
                     ["--batching"] if batching else []
                 )
                 proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
