@@ -102,7 +102,7 @@ def test_annotate_on_ray_writes_the_same_bytes_with_error_rows_in_input_order(ra
 
 
 def test_a_killed_actor_is_restarted_and_costs_only_its_chunk(ray_local, student, tmp_path):
-    fasta = write_fasta(tmp_path / "in.fa", [(f"r{i}", REAL[i % len(REAL)][1]) for i in range(240)])
+    fasta = write_fasta(tmp_path / "in.fa", [(f"r{i}", REAL[i % len(REAL)][1]) for i in range(480)])
     opts = dict(chunk_records=2, quiet=True)
     model = resolve(student)
     annotate(fasta, model, tmp_path / "one.tsv", Options(**opts))
@@ -125,7 +125,7 @@ def test_a_killed_actor_is_restarted_and_costs_only_its_chunk(ray_local, student
         run.join()
     assert killed is not None, "no worker was killed mid-run"
     assert out.read_bytes() == (tmp_path / "one.tsv").read_bytes()
-    assert json.loads(progress.read_text())["records"] == 240
+    assert json.loads(progress.read_text())["records"] == 480
 
 
 def resolve_student(student: Path):
