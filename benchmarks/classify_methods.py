@@ -228,7 +228,7 @@ def _search_costs(index: Any, model: Any, seqs: list[str], predict_s: float) -> 
     index.search(vectors, 1)
     search_s = time.perf_counter() - t
     if index.align and index.card.get("kmer"):
-        kmers = KmerIndex(index.sequences)
+        kmers = KmerIndex(index.sequences, int(index.card["kmer"]))
         t = time.perf_counter()
         kmers.search([s.upper() for s in seqs], index.align)
         search_s += time.perf_counter() - t

@@ -125,8 +125,8 @@ def run_task(d: dict, out: Path, seeds: list[int], quick: bool) -> list[dict]:
         )
         plan.append(
             (
-                f"reference index{label} + re-rank of 200 + 200 by 3-mers",
-                lambda e=encoder, p=directory: methods.reference(d, out / f"{p}-kmer", e, 200),
+                f"reference index{label} + re-rank of 200 + 200 by 4-mers",
+                lambda e=encoder, p=directory: methods.reference(d, out / f"{p}-kmer4", e, 200),
             )
         )
     rows = []

@@ -101,7 +101,7 @@ def index(
     target_precision: Annotated[float, typer.Option(help="The similarity threshold is set for this precision.")] = DEFAULT_TARGET_PRECISION,
     align: Annotated[int, typer.Option(help="Re-rank this many nearest references per query by Smith-Waterman (0: cosine calls).")] = 0,
     kmer: Annotated[
-        bool, typer.Option(help="With --align N: also align the N references sharing the most 3-mers with the query (distill.kmers).")
+        bool, typer.Option(help="With --align N: also align the N references sharing the most 4-mers with the query (distill.kmers).")
     ] = True,
     max_tokens: Annotated[int, typer.Option(help="Token budget of one forward pass.")] = D.max_tokens,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",

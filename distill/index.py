@@ -103,8 +103,8 @@ class ReferenceIndex:
 
             self._aligner = self._aligner or Aligner(self.sequences)
             candidates = list(idx)
-            if self.card.get("kmer"):  # and the nearest by shared 3-mers (distill.kmers): both prefilters' candidates
-                self._kmers = self._kmers or KmerIndex(self.sequences)
+            if self.card.get("kmer"):  # and the nearest by shared k-mers (distill.kmers): both prefilters' candidates
+                self._kmers = self._kmers or KmerIndex(self.sequences, int(self.card["kmer"]))
                 near = self._kmers.search(sequences, self.align, np.arange(len(idx)) if exclude_self else None)
                 candidates = [np.concatenate([c, w[~np.isin(w, c)]]) for c, w in zip(candidates, near, strict=True)]
             idx, scores = rerank(self._aligner, sequences, candidates, k)

@@ -104,7 +104,7 @@ def index_command(
 
 
 def _card(model: str, fingerprint: str, pooling: str, dim: int, task: str, align: int, kmer: int | None = None) -> dict[str, Any]:
-    """``kmer`` (3 or 0): an aligning index also draws candidates from shared 3-mers (distill.kmers); older cards lack it."""
+    """``kmer`` (k, or 0): an aligning index also draws candidates from shared k-mers (distill.kmers); older cards lack it."""
     card = {"model": model, "fingerprint": fingerprint, "pooling": pooling, "dim": dim, "task": task, "align": align}
     return card | {"kmer": kmer if kmer is not None else 0}
 

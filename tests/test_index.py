@@ -85,10 +85,11 @@ def test_alignment_reranking_orders_candidates_by_smith_waterman_score(refs, tmp
 
 
 def test_three_mer_words_and_their_nearest_references_by_hand():
-    assert list(words("ACDX")) == [0 * 400 + 1 * 20 + 2]  # A=0 C=1 D=2; the word with X matches nothing
-    assert list(words("AAAA")) == [0] and len(words("AC")) == 0
+    assert list(words("ACDX", 3)) == [0 * 400 + 1 * 20 + 2]  # A=0 C=1 D=2; the word with X matches nothing
+    assert list(words("AAAA", 3)) == [0] and len(words("AC", 3)) == 0
+    assert list(words("ACDEA")) == [0 * 8000 + 1 * 400 + 2 * 20 + 3, 1 * 8000 + 2 * 400 + 3 * 20 + 0]  # 4-mers by default
     refs = ["MKVLAAGW", "QQQQQQQQ", "MKVLTTTT"]
-    kmers = KmerIndex(refs)
+    kmers = KmerIndex(refs, 3)
     # MKV and KVL are in 2 of 3 references, VLA, LAA, ... in one: rarer words weigh more (idf = log(4 / (df + 1)))
     assert list(kmers.search(["MKVLAAGW"], 3)[0]) == [0, 2, 1]
     assert list(kmers.search(["MKVLAAGW"], 2, exclude=np.array([0]))[0]) == [2, 1]
