@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from distill.io import atomic_path, atomic_write_json, read_json_object
+from distill.scale import order_parts
 
 EMBEDDING_READERS = (".npy", ".parquet", ".h5", ".hdf5")
 
@@ -46,18 +47,9 @@ def check_shards(outputs: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
     counts = {s["settings"]["shard"][1] for _, s in states}
     if len(counts) > 1:
         raise ValueError(f"the outputs were cut into different numbers of shards ({sorted(counts)})")
-    n = counts.pop()
-    by_index: dict[int, list[Path]] = {}
-    for o, s in states:
-        by_index.setdefault(s["settings"]["shard"][0], []).append(o)
-    duplicated = {i: ps for i, ps in by_index.items() if len(ps) > 1}
-    if duplicated:
-        i, ps = next(iter(duplicated.items()))
-        raise ValueError(f"shard {i}/{n} is given twice ({ps[0]} and {ps[1]})")
-    missing = [i for i in range(n) if i not in by_index]
-    if missing:
-        raise ValueError(f"shard(s) {', '.join(f'{i}/{n}' for i in missing)} missing: give all {n} outputs of the job")
-    return sorted(states, key=lambda x: x[1]["settings"]["shard"][0])
+    ordered = order_parts([(s["settings"]["shard"][0], o) for o, s in states], counts.pop(), "shard", "outputs of the job")
+    state_of = dict(states)
+    return [(o, state_of[o]) for o in ordered]
 
 
 def merge(outputs: list[Path], final: Path, embeddings: Path | None = None) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from distill.index import PART_FILE, ReferenceIndex, build_index, load_index
 from distill.io import atomic_path, atomic_write_json, read_json_object
 from distill.labels import read_labelled
 from distill.model import ESM
-from distill.scale import RayOptions, check_ray, ordered_map, shard_range
+from distill.scale import RayOptions, check_ray, order_parts, ordered_map, shard_range
 
 CHUNK = 1024  # references per embedding call: the unit of Ray tasks and of --shard ranges
 
@@ -133,22 +133,14 @@ def merge_parts(parts: list[Path], final: Path) -> ReferenceIndex:
     for path, state in states:
         if state["job"] != job:
             raise ValueError(f"{path} is a part of another index job than {states[0][0]} (other model, data or settings)")
-    n = states[0][1]["part"][1]
-    by_index: dict[int, Path] = {}
-    for path, state in states:
-        i = state["part"][0]
-        if i in by_index:
-            raise ValueError(f"part {i}/{n} is given twice ({by_index[i]} and {path})")
-        by_index[i] = path
-    if missing := [i for i in range(n) if i not in by_index]:
-        raise ValueError(f"part(s) {', '.join(f'{i}/{n}' for i in missing)} missing: give all {n} parts of the index")
+    ordered = order_parts([(state["part"][0], path) for path, state in states], states[0][1]["part"][1], "part", "parts of the index")
     if (Path(final) / "index.json").exists():
         raise FileExistsError(f"{final} holds an index; choose another -o")
     card = _card(**job["card"])  # the key order of an unsharded build's card: the same bytes
     ds = read_labelled(job["data"], card["task"], Path(job["labels"]) if job["labels"] else None)
     if len(ds) != job["records"]:
         raise ValueError(f"the labelled data now has {len(ds)} records, the parts were built from {job['records']}; rebuild them")
-    vectors = np.concatenate([np.load(by_index[i] / "vectors.npy") for i in range(n)])
+    vectors = np.concatenate([np.load(path / "vectors.npy") for path in ordered])
     net = load_encoder(card["model"]).model.eval()
     worker = {"pooling": card["pooling"], "max_tokens": job["max_tokens"], "device": job["device"], "net": net}
     index = build_index(lambda seqs: embed_chunks(worker, seqs, None), ds.ids, ds.sequences, ds.labels, card, None, job["target"],

@@ -17,6 +17,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from distill.errors import UserError
@@ -67,6 +68,19 @@ def shard_range(total: int, shard: tuple[int, int] | None) -> tuple[int, int]:
     if not 0 <= i < n:
         raise ValueError(f"--shard {i}/{n}: I must be in 0..{n - 1}")
     return i * total // n, (i + 1) * total // n
+
+
+def order_parts(indexed: list[tuple[int, Path]], n: int, noun: str, whole: str) -> list[Path]:
+    """The outputs of parts 0..n-1 of one job (given as (part index, path) in any order), in part order, after
+    refusing a part given twice or missing; ``noun`` and ``whole`` name them in the message ("part", "parts of the cache")."""
+    by_index: dict[int, Path] = {}
+    for i, path in indexed:
+        if i in by_index:
+            raise ValueError(f"{noun} {i}/{n} is given twice ({by_index[i]} and {path})")
+        by_index[i] = path
+    if missing := [i for i in range(n) if i not in by_index]:
+        raise ValueError(f"{noun}(s) {', '.join(f'{i}/{n}' for i in missing)} missing: give all {n} {whole}")
+    return [by_index[i] for i in range(n)]
 
 
 def ordered_map(worker: type, kwargs: dict[str, Any], chunks: Iterable[Any], ray: RayOptions | None) -> Iterator[Any]:

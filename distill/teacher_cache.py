@@ -41,7 +41,7 @@ from distill.evaluate import autocast
 from distill.io import atomic_write, atomic_write_json, read_json_object
 from distill.losses import residue_logits
 from distill.model import ESM, weights_sha256
-from distill.scale import RayOptions, check_ray, ordered_map, shard_range
+from distill.scale import RayOptions, check_ray, order_parts, ordered_map, shard_range
 
 FORMAT = "esm-distill-teacher-cache"
 VERSION = 1
@@ -159,11 +159,12 @@ def build(
     progress = Progress(
         TextColumn("teacher cache"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console, disable=quiet
     )
-    records = [(v, seqs.subset(np.arange(s * shard_size, min(len(seqs), (s + 1) * shard_size)))) for v, s in todo]
+    rows_of_shard = {s: np.arange(s * shard_size, min(len(seqs), (s + 1) * shard_size)) for s in range(lo, hi)}
+    records = ((v, seqs.subset(rows_of_shard[s])) for v, s in todo)  # made as the workers take them
     worker = {"key": key, "max_tokens": max_tokens, "device": str(device), "threads": threads}
     worker |= {"spec": key.teacher} if ray else {"teacher": teacher}
     with progress:
-        task = progress.add_task("cache", total=sum(len(r) for _, r in records))
+        task = progress.add_task("cache", total=sum(len(rows_of_shard[s]) for _, s in todo))
         for (view, shard), (logits, offsets, n) in zip(todo, ordered_map(CacheWorker, worker, records, ray), strict=True):
             logits_path, offsets_path = _shard_paths(out, view, shard)
             _save_npy(logits_path, logits)
@@ -244,18 +245,11 @@ def merge_parts(parts: list[Path], final: Path) -> dict[str, Any]:
             first["key"], first["shard_size"], first["n_shards"], first["part"][1])  # fmt: skip
         if not same:
             raise ValueError(f"{path} is a part of another cache than {metas[0][0]} (other data, teacher, settings or N)")
-    n = first["part"][1]
-    by_index: dict[int, Path] = {}
-    for path, meta in metas:
-        if meta["part"][0] in by_index:
-            raise ValueError(f"part {meta['part'][0]}/{n} is given twice ({by_index[meta['part'][0]]} and {path})")
-        by_index[meta["part"][0]] = path
-    if missing := [i for i in range(n) if i not in by_index]:
-        raise ValueError(f"part(s) {', '.join(f'{i}/{n}' for i in missing)} missing: give all {n} parts of the cache")
+    ordered = order_parts([(meta["part"][0], path) for path, meta in metas], first["part"][1], "part", "parts of the cache")
     tmp = final.with_name(final.name + ".merging")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for path in by_index.values():
+    for path in ordered:
         for f in sorted(path.glob("v*-s*.npy")):
             try:
                 os.link(f, tmp / f.name)  # same file system: no copy

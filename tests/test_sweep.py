@@ -48,12 +48,15 @@ def test_bad_sweep_configs_are_named(tmp_path, text, message):
     assert message in str(e.value) and str(path) in str(e.value)
 
 
+def sweep_inputs(tmp_path, max_length: int, n_train: int, n_pfam: int):
+    """A small training FASTA from the bundled sample and a labelled Pfam file for the sweep's probe."""
+    records = [(r.id, r.sequence) for r in read_fasta(EXAMPLES / "train.fasta") if len(r.sequence) < max_length][:n_train]
+    labelled = [(f"{r.id} {r.description}", r.sequence) for r in list(read_fasta(EXAMPLES / "pfam.fasta"))[:n_pfam]]
+    return write_fasta(tmp_path / "train.fasta", records), write_fasta(tmp_path / "pfam.fasta", labelled)
+
+
 def test_sweep_trains_probes_reports_and_resumes_without_redoing(tmp_path, capsys):
-    records = [(r.id, r.sequence) for r in read_fasta(EXAMPLES / "train.fasta") if len(r.sequence) < 120][:48]
-    train = write_fasta(tmp_path / "train.fasta", records)
-    pfam = write_fasta(
-        tmp_path / "pfam.fasta", [(f"{r.id} {r.description}", r.sequence) for r in list(read_fasta(EXAMPLES / "pfam.fasta"))[:150]]
-    )
+    train, pfam = sweep_inputs(tmp_path, max_length=120, n_train=48, n_pfam=150)
     config = tmp_path / "sweep.toml"
     config.write_text(
         f"out = '{tmp_path / 'report'}'\ndata = '{train}'\nvalid = '{EXAMPLES / 'valid.fasta'}'\nteacher = '{TEACHER}'\n"
@@ -113,11 +116,7 @@ def test_paired_gains_and_intervals_match_a_hand_computation():
 def test_a_two_size_two_seed_sweep_reports_paired_gains_and_resumes(tmp_path, capsys):
     from rich.console import Console
 
-    records = [(r.id, r.sequence) for r in read_fasta(EXAMPLES / "train.fasta") if len(r.sequence) < 100][:32]
-    train = write_fasta(tmp_path / "train.fasta", records)
-    pfam = write_fasta(
-        tmp_path / "pfam.fasta", [(f"{r.id} {r.description}", r.sequence) for r in list(read_fasta(EXAMPLES / "pfam.fasta"))[:100]]
-    )
+    train, pfam = sweep_inputs(tmp_path, max_length=100, n_train=32, n_pfam=100)
     config = tmp_path / "sweep.toml"
     config.write_text(
         f"out = '{tmp_path / 'report'}'\ndata = '{train}'\nvalid = '{EXAMPLES / 'valid.fasta'}'\nteacher = '{TEACHER}'\n"
