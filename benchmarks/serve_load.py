@@ -8,12 +8,16 @@ lists, float32 base64), it imports the model into a private BentoML store, start
 `distill serve`, and drives /embed at concurrency 1, 8 and 32 with requests of 1-8 real SCOPe domains
 (30-400 residues, so lengths mix). It prints requests/s, sequences/s, p50/p95/p99 latency and errors, and the
 same requests embedded in-process by the same backend (no HTTP, one after another), so the HTTP overhead shows as
-ratios of throughput and of single-client p50 latency.
+ratios of throughput and of single-client p50 latency (one client: blocks of 25 requests in-process and over HTTP
+in turn, so both p50s are of the same requests at nearly the same moment; errors there stop the run). Clients keep one connection each (keep-alive), as
+bentoml's SyncHTTPClient does. --hog N runs N busy loops on the same cores meanwhile (the in-process figure is
+measured without them): a load test, not a speed figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import socket
@@ -21,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,10 +53,27 @@ def requests_of(seqs: list[str], n: int, seed: int = 0) -> list[list[str]]:
     return [[seqs[i] for i in rng.choice(len(seqs), rng.integers(1, 9))] for _ in range(n)]
 
 
-def post(url: str, payload: dict) -> None:
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=300) as r:
-        r.read()
+class Client:
+    """One keep-alive connection per client thread, as bentoml's SyncHTTPClient, requests.Session or httpx keep one
+    (a new TCP connection per request would add its setup to every latency)."""
+
+    def __init__(self, url: str):
+        self.netloc = urllib.parse.urlsplit(url).netloc
+        self.conn = http.client.HTTPConnection(self.netloc, timeout=300)
+
+    def post(self, path: str, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        try:
+            self.conn.request("POST", path, body, {"Content-Type": "application/json"})
+            r = self.conn.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):  # an idle connection the server closed
+            self.conn.close()
+            self.conn = http.client.HTTPConnection(self.netloc, timeout=300)
+            self.conn.request("POST", path, body, {"Content-Type": "application/json"})
+            r = self.conn.getresponse()
+        data = r.read()
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}: {data[:120]!r}")
 
 
 def drive(url: str, reqs: list[list[str]], concurrency: int, seconds: float, encoding: str = "json") -> dict:
@@ -62,18 +84,18 @@ def drive(url: str, reqs: list[list[str]], concurrency: int, seconds: float, enc
 
     def worker() -> None:
         nonlocal errors, done_seqs
+        client = Client(url)
         for i in index:
             if time.perf_counter() > stop:
                 return
             t0 = time.perf_counter()
             try:
-                post(f"{url}/embed", {"sequences": reqs[i], "encoding": encoding})
+                client.post("/embed", {"sequences": reqs[i], "encoding": encoding})
                 latencies.append(time.perf_counter() - t0)
                 done_seqs += len(reqs[i])
             except Exception as e:  # counted and classified, never hidden
                 errors += 1
-                detail = e.read().decode()[:120] if hasattr(e, "read") else str(e)[:120]
-                kind = f"{type(e).__name__}: {detail}"
+                kind = f"{type(e).__name__}: {str(e)[:120]}"
                 kinds[kind] = kinds.get(kind, 0) + 1
 
     start = time.perf_counter()
@@ -89,13 +111,15 @@ def drive(url: str, reqs: list[list[str]], concurrency: int, seconds: float, enc
         "p50": float(np.percentile(lat, 50)),
         "p95": float(np.percentile(lat, 95)),
         "p99": float(np.percentile(lat, 99)),
+        "max": float(lat.max()),
         "errors": errors,
         "error_kinds": kinds,
     }
 
 
-def in_process(embedder, reqs: list[list[str]], seconds: float) -> tuple[float, float]:
-    """(sequences/s, p50 ms per request) of the same requests through the same backend object, one after another."""
+def in_process(embedder, reqs: list[list[str]], seconds: float) -> tuple[float, float, int]:
+    """(sequences/s, p50 ms per request, requests done) of the same requests through the same backend object, one
+    after another; the single HTTP client then sends exactly these requests, so the two p50s are of the same set."""
     n, start, latencies = 0, time.perf_counter(), []
     for r in reqs:
         t = time.perf_counter()
@@ -104,7 +128,30 @@ def in_process(embedder, reqs: list[list[str]], seconds: float) -> tuple[float, 
         n += len(r)
         if time.perf_counter() - start > seconds:
             break
-    return n / (time.perf_counter() - start), float(np.percentile(np.array(latencies) * 1000, 50))
+    return n / (time.perf_counter() - start), float(np.percentile(np.array(latencies) * 1000, 50)), len(latencies)
+
+
+def paired(embedder, url: str, reqs: list[list[str]], encoding: str, block: int = 25) -> dict:
+    """One client: blocks of ``block`` requests in-process and then the same block over HTTP, alternately, so a drift
+    of the machine's speed (this VM's in-process p50 moves by up to 25% between runs) falls on both sides alike.
+    Blocks, not single requests: ONNX Runtime's threads spin for a while after each call and would slow the other
+    side's next call."""
+    client, local, remote, seqs = Client(url), [], [], 0
+    for start in range(0, len(reqs), block):
+        part = reqs[start : start + block]
+        for r in part:
+            t = time.perf_counter()
+            embedder.embed(r)
+            local.append(time.perf_counter() - t)
+        for r in part:
+            t = time.perf_counter()
+            client.post("/embed", {"sequences": r, "encoding": encoding})
+            remote.append(time.perf_counter() - t)
+            seqs += len(r)
+    lat = np.array(remote) * 1000
+    return {"requests": len(lat), "req_s": len(lat) / lat.sum() * 1000, "seq_s": seqs / lat.sum() * 1000,
+            "p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)), "p99": float(np.percentile(lat, 99)),
+            "max": float(lat.max()), "errors": 0, "error_kinds": {}, "in_p50": float(np.percentile(np.array(local) * 1000, 50))}  # fmt: skip
 
 
 def free_port() -> int:
@@ -122,6 +169,7 @@ def main() -> None:
     ap.add_argument("--max-requests", type=int, default=2000, help="per concurrency level")
     ap.add_argument("--batching", nargs="+", default=["on", "off"], choices=["on", "off"])
     ap.add_argument("--encoding", nargs="+", default=["json", "float32-base64"], choices=["json", "float32-base64"])
+    ap.add_argument("--hog", type=int, default=0, help="busy-loop processes on the same cores while the clients run (a load test)")
     ap.add_argument("--variant", default="fp32", choices=["fp32", "int8"], help="student-onnx graph (int8: dynamic per-channel)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -133,9 +181,13 @@ def main() -> None:
     from serve.store import import_model, open_stored
 
     print(f"{len(seqs)} SCOPe domains, requests of 1-8 sequences, {args.seconds:.0f} s or {args.max_requests} requests per level")
-    print(f"variant: {args.variant} (student-onnx)")
-    header = ("| preset | backend | batching | encoding | conc | req/s | seq/s | p50 ms | p95 ms | p99 ms | errors | in-proc seq/s | "
-              "HTTP / in-proc | in-proc p50 ms | p50 HTTP / in-proc |\n" + "|---" * 15 + "|")  # fmt: skip
+    print(
+        f"variant: {args.variant} (student-onnx); {args.hog} busy-loop processes beside the clients"
+        if args.hog
+        else f"variant: {args.variant} (student-onnx)"
+    )
+    header = ("| preset | backend | batching | encoding | conc | req/s | seq/s | p50 ms | p95 ms | p99 ms | max ms | errors | "
+              "in-proc seq/s | HTTP / in-proc | in-proc p50 ms | p50 HTTP / in-proc |\n" + "|---" * 16 + "|")  # fmt: skip
     print(header)
     for preset in args.presets:
         bundle = save_bundle(tmp / preset / "student", build_student(ModelConfig.preset(preset), seed=0), preset)
@@ -144,7 +196,7 @@ def main() -> None:
         for backend in args.backends:
             variant = args.variant if backend == "student-onnx" else "fp32"
             embedder = open_stored(stored, backend, variant)
-            base, base_p50 = in_process(embedder, reqs, args.seconds)
+            base, base_p50, base_n = in_process(embedder, reqs, args.seconds)
             for batching, encoding in [(b == "on", e) for b in args.batching for e in args.encoding]:
                 port = free_port()
                 cmd = [sys.executable, "-m", "distill", "serve", tag, "--port", str(port), "--backend", backend, "--variant", variant] + (
@@ -158,19 +210,24 @@ def main() -> None:
                             break
                     except OSError:
                         time.sleep(0.5)
+                hogs = []
                 try:
                     drive(url, reqs[:50], 4, 5)  # warm-up
+                    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True) for _ in range(args.hog)]
                     for c in args.concurrency:
-                        r = drive(url, reqs, c, args.seconds, encoding)
+                        r = paired(embedder, url, reqs[:base_n], encoding) if c == 1 else drive(url, reqs, c, args.seconds, encoding)
+                        in_p50 = r.get("in_p50", base_p50)
                         print(
                             f"| {preset} | {backend} | {'on' if batching else 'off'} | {encoding} | {c} | {r['req_s']:.1f} | {r['seq_s']:.1f} | "
-                            f"{r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | {r['errors']} | {base:.1f} | {r['seq_s'] / base:.2f} | "
-                            f"{base_p50:.1f} | {r['p50'] / base_p50:.2f} |",
+                            f"{r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | {r['max']:.0f} | {r['errors']} | {base:.1f} | {r['seq_s'] / base:.2f} | "
+                            f"{in_p50:.1f} | {r['p50'] / in_p50:.2f} |",
                             flush=True,
                         )
                         for kind, count in r["error_kinds"].items():
                             print(f"        {count} x {kind}")
                 finally:
+                    for h in hogs:
+                        os.killpg(h.pid, 9)
                     os.killpg(proc.pid, 15)
                     proc.wait(timeout=60)
 

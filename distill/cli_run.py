@@ -158,6 +158,9 @@ def serve(
     api_key: Annotated[
         str, typer.Option(envvar="ESM_DISTILL_API_KEY", help="Require this key on every endpoint but health / metrics.")
     ] = "",
+    client_timeout: Annotated[
+        float, typer.Option(help="Seconds a client may take to send its request head (then closed) or between pieces of its body (408).")
+    ] = 10.0,
 ) -> None:
     """Serve a student with BentoML: /embed, /classify, /compare, /annotate, /info, /health (+ /readyz, /livez, /metrics)."""
     from serve.launch import launch, serve_args
@@ -165,7 +168,7 @@ def serve(
     args = serve_args(
         model, backend, variant, console, esm1b_heads=str(heads or ""), compare=compare_with or "", compare_heads=str(compare_heads or ""),
         batching=batching, reference=str(reference.resolve()) if reference else "", max_sequences=max_sequences, max_residues=max_residues,
-        max_request_bytes=max_request_bytes, api_key=api_key,
+        max_request_bytes=max_request_bytes, api_key=api_key, client_timeout=client_timeout,
     )  # fmt: skip
     raise typer.Exit(launch(args, host, port, console))
 

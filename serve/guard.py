@@ -1,13 +1,15 @@
 """The service's front door (an ASGI middleware): API key, request-size limit, JSON only, one 4xx shape.
 
 Runs before BentoML parses anything, so an oversized body is refused (413) after reading at most the limit, never
-after the API worker has parsed and copied it. Every 4xx answer, ours and BentoML's, has one shape::
+after the API worker has parsed and copied it; a body that stops arriving for the client timeout is answered 408
+(the request head's deadline is serve/slow_clients.py). Every 4xx answer, ours and BentoML's, has one shape::
 
     {"error": {"status": 400, "message": "sequence 1: illegal residue 'J' at position 6; allowed: ..."}}
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import Awaitable, Callable
@@ -59,8 +61,10 @@ def unknown_fields(body: bytes, allowed: set[str]) -> list[str]:
 
 
 class Guard:
-    def __init__(self, app: Callable, max_bytes: int, api_key: str = "", fields: dict[str, set[str]] | None = None):
-        self.app, self.max_bytes, self.api_key = app, max_bytes, api_key
+    def __init__(
+        self, app: Callable, max_bytes: int, api_key: str = "", fields: dict[str, set[str]] | None = None, body_timeout: float = 10.0
+    ):
+        self.app, self.max_bytes, self.api_key, self.body_timeout = app, max_bytes, api_key, body_timeout
         self.fields = fields or {}  # endpoint path -> the request fields it takes; anything else is a 400
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -81,7 +85,13 @@ class Guard:
             return await self._refuse(send, 413, self._too_large(declared))
         body, more = b"", True
         while more:  # read (at most the limit) before the app sees anything
-            message = await receive()
+            try:
+                async with asyncio.timeout(self.body_timeout):  # a client that stalls mid-body holds a worker slot
+                    message = await receive()
+            except TimeoutError:
+                return await self._refuse(
+                    send, 408, f"no request body data for {self.body_timeout:g} s after {len(body):,} bytes; send the body at once"
+                )
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_bytes:

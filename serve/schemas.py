@@ -27,6 +27,11 @@ class ServeArgs(BaseModel):
     )
     max_request_bytes: int = Field(0, ge=0, description="request body limit in bytes (0: derived from the sequence and residue limits)")
     api_key: str = Field("", description="when set, every endpoint but health and metrics needs it (Authorization: Bearer KEY)")
+    client_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="seconds a client may take to send its request head (then the connection is closed) or between two pieces of its body (408)",
+    )
 
 
 # How vectors travel: JSON number lists, or the float32 bytes (little-endian, row-major) in base64: ~4x smaller than

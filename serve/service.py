@@ -1,12 +1,12 @@
 """The esm-distill BentoML service: protein embeddings and Pfam / SCOPe calls over HTTP.
 
-Three BentoML services, the way BentoML composes models (``bentoml.depends``):
+One process by default: the public API (``EsmDistillService``) holds the model (serve/student.py), validates
+requests (4xx naming the sequence and the problem), turns probabilities into top-k calls and no-calls, and adds
+reference-index neighbours. Two more BentoML services (``bentoml.depends``) join only when asked for:
 
-  EsmDistillService   the public API: validates requests (4xx naming the sequence and the problem), turns
-                      probabilities into top-k calls, times and compares backends
-  Engine              the student: one batchable ``infer`` (adaptive batching: concurrent requests share
-                      forward passes; inside a batch, length bucketing by token budget)
-  Reference           the optional comparison model (ESM-1b, fair-esm name or local .pt, with probed heads)
+  Engine              --batching: the model as its own service with adaptive batching across requests (for GPUs;
+                      on a CPU the extra hop costs more than batching gains)
+  Reference           --compare-with: the comparison model (ESM-1b, fair-esm name or local .pt, with probed heads)
 
 Configuration: the start-up arguments ``serve.schemas.ServeArgs`` (``bentoml.use_arguments``), given as
 ``bentoml serve serve.service:EsmDistillService --arg model=TAG --arg backend=student-onnx ...``; `distill serve`
@@ -32,6 +32,7 @@ from distill.index import load_index
 from distill.inference import SequenceError, resolve
 from distill.inference import top_k as best
 from distill.inference.sequences import Pieces, prepare
+from serve import slow_clients
 from serve.guard import Guard, limit_for
 from serve.resilience import ENGINE_STALL_S, ClientErrorsOnOneLine, call
 from serve.schemas import (
@@ -59,6 +60,7 @@ MAX_TOP_K = 20
 
 
 logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorsOnOneLine())
+slow_clients.install(ARGS.client_timeout)  # uvicorn has no request-head deadline of its own (serve/slow_clients.py)
 TIMEOUT = 600
 
 
@@ -367,5 +369,9 @@ ENDPOINT_FIELDS = {  # what each public endpoint takes, from its signature: an u
     for name in ("embed", "classify", "annotate", "compare", "info", "health")
 }
 EsmDistillService.add_asgi_middleware(
-    Guard, max_bytes=ARGS.max_request_bytes or limit_for(MAX_SEQUENCES, MAX_RESIDUES), api_key=ARGS.api_key, fields=ENDPOINT_FIELDS
+    Guard,
+    max_bytes=ARGS.max_request_bytes or limit_for(MAX_SEQUENCES, MAX_RESIDUES),
+    api_key=ARGS.api_key,
+    fields=ENDPOINT_FIELDS,
+    body_timeout=ARGS.client_timeout,
 )

@@ -59,6 +59,9 @@ def post(url: str, payload, raw: bytes | None = None) -> tuple[int, object]:
         return e.code, e.read().decode()
 
 
+CLIENT_TIMEOUT = 4  # seconds (--client-timeout); below uvicorn's 5-s keep-alive, so the idle case is ours to close
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A tiny student with Pfam and SCOPe heads, imported into a private model store and served; ESM comparison on."""
@@ -125,6 +128,8 @@ def server(tmp_path_factory):
         str(root / "index"),
         "--max-residues",
         "20000",
+        "--client-timeout",
+        str(CLIENT_TIMEOUT),
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=open(root / "serve.log", "w"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -525,6 +530,40 @@ def test_oversized_bodies_get_413_before_parsing_and_memory_stays_flat(server):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(plain, timeout=30)
     assert e.value.code == 415 and json.loads(e.value.read())["error"]["status"] == 415
+
+
+def test_slow_clients_are_closed_or_refused_after_the_client_timeout(server):
+    """Connections that send nothing, half a request line, or half the headers are closed; a body that stops
+    arriving gets 408; an idle connection after an answer is closed too. None of them before the timeout, and a
+    request sent at once is unaffected (bounded by work: each socket waits for the server, 60 s at most)."""
+    port = int(server["url"].rsplit(":", 1)[1])
+    ok = b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 22\r\n\r\n"
+    sends = {
+        "nothing": b"",
+        "half a request line": b"POST /emb",
+        "half the headers": b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Ty",
+        "half the body": ok + b'{"sequences": ',
+        "idle after an answer": ok + b'{"sequences": ["MKV"]}',
+    }
+    socks, start = {}, time.monotonic()
+    for name, data in sends.items():
+        socks[name] = socket.create_connection(("127.0.0.1", port), timeout=60)
+        socks[name].sendall(data)
+    closed_after = {}
+    for name, s in socks.items():
+        answer = b""
+        with s:
+            while chunk := s.recv(65536):  # until the server closes (b"") or the 60-s socket timeout fails the test
+                answer += chunk
+        closed_after[name] = (time.monotonic() - start, answer)
+    for name, (elapsed, _) in closed_after.items():
+        assert elapsed >= CLIENT_TIMEOUT * 0.9, (name, elapsed)
+    assert closed_after["nothing"][1] == closed_after["half a request line"][1] == closed_after["half the headers"][1] == b""
+    assert (
+        closed_after["half the body"][1].startswith(b"HTTP/1.1 408")
+        and b"no request body data for 4 s after 14 bytes" in closed_after["half the body"][1]
+    )
+    assert closed_after["idle after an answer"][1].startswith(b"HTTP/1.1 200") and b'"embedding"' in closed_after["idle after an answer"][1]
 
 
 def test_a_hugging_face_export_is_importable_and_serves_like_its_bundle(server, tmp_path):
