@@ -126,24 +126,29 @@ class Guard:
         await send({"type": "http.response.body", "body": body})
 
     def _one_shape(self, send: Send) -> Send:
-        """Rewrite every 4xx body into the one documented shape; everything else passes through untouched."""
-        state: dict[str, Any] = {"status": 0, "body": b""}
+        """Every 4xx body in the one documented shape, and every answer as one start and one body message: BentoML
+        sends each body chunk and then an empty last one, and each message costs a pass through its tracing, metrics
+        and access-log middleware (our answers are whole JSON documents, never streams)."""
+        state: dict[str, Any] = {"start": None, "body": b""}
 
         async def wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":
-                state["status"], state["start"] = message["status"], message
-                if not 400 <= message["status"] < 500:
-                    await send(message)
+                state["start"] = message
                 return
-            if not 400 <= state["status"] < 500:
+            if message["type"] != "http.response.body":
                 return await send(message)
             state["body"] += message.get("body", b"")
             if message.get("more_body"):
                 return
-            body = error_body(state["status"], message_of(state["body"]))
-            headers = [(k, v) for k, v in state["start"].get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
-            headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            await send({**state["start"], "headers": headers})
+            start, body = state["start"], state["body"]
+            if 400 <= start["status"] < 500:
+                body = error_body(start["status"], message_of(body))
+                headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
+                start = {
+                    **start,
+                    "headers": headers + [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                }
+            await send(start)
             await send({"type": "http.response.body", "body": body})
 
         return wrapped
