@@ -8,10 +8,11 @@ lists, float32 base64), it imports the model into a private BentoML store, start
 `distill serve`, and drives /embed at concurrency 1, 8 and 32 with requests of 1-8 real SCOPe domains
 (30-400 residues, so lengths mix). It prints requests/s, sequences/s, p50/p95/p99 latency and errors, and the
 same requests embedded in-process by the same backend (no HTTP, one after another), so the HTTP overhead shows as
-ratios of throughput and of single-client p50 latency (one client: blocks of 25 requests in-process and over HTTP
-in turn, so both p50s are of the same requests at nearly the same moment; errors there stop the run). Clients keep one connection each (keep-alive), as
-bentoml's SyncHTTPClient does. --hog N runs N busy loops on the same cores meanwhile (the in-process figure is
-measured without them): a load test, not a speed figure.
+ratios of throughput (in-process and HTTP in 4 alternating windows per level) and of single-client p50 latency (one client:
+blocks of 25 requests in-process and over HTTP in turn, so both p50s are of the same requests at nearly the same
+moment; errors there stop the run). Clients keep one connection each (keep-alive), as bentoml's SyncHTTPClient
+does. --hog N runs N busy loops on the same cores meanwhile (in-process windows included): a load test, not a
+speed figure.
 """
 
 from __future__ import annotations
@@ -102,19 +103,36 @@ def drive(url: str, reqs: list[list[str]], concurrency: int, seconds: float, enc
     with ThreadPoolExecutor(concurrency) as pool:
         for f in [pool.submit(worker) for _ in range(concurrency)]:
             f.result()
-    wall = time.perf_counter() - start
-    lat = np.array(latencies) * 1000
-    return {
-        "requests": len(latencies),
-        "req_s": len(latencies) / wall,
-        "seq_s": done_seqs / wall,
-        "p50": float(np.percentile(lat, 50)),
-        "p95": float(np.percentile(lat, 95)),
-        "p99": float(np.percentile(lat, 99)),
-        "max": float(lat.max()),
-        "errors": errors,
-        "error_kinds": kinds,
-    }
+    return summary([np.array(latencies) * 1000], done_seqs, time.perf_counter() - start, errors, kinds)
+
+
+def summary(latencies: list[np.ndarray], seqs: int, wall: float, errors: int, kinds: dict[str, int]) -> dict:
+    lat = np.concatenate(latencies)
+    return {"requests": len(lat), "req_s": len(lat) / wall, "seq_s": seqs / wall, "p50": float(np.percentile(lat, 50)),
+            "p95": float(np.percentile(lat, 95)), "p99": float(np.percentile(lat, 99)), "max": float(lat.max()),
+            "errors": errors, "error_kinds": kinds, "latencies": lat, "seqs": seqs, "wall": wall}  # fmt: skip
+
+
+def alternating(embedder, url: str, reqs: list[list[str]], concurrency: int, seconds: float, encoding: str, rounds: int = 4) -> dict:
+    """Throughput in ``rounds`` alternating windows, in-process then over HTTP, ``seconds / rounds`` each: this VM's
+    speed drifts by up to 2x within minutes, and alternating puts the drift on both sides of the ratio alike."""
+    window, local_seqs, local_wall, parts = seconds / rounds, 0, 0.0, []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for r in reqs:
+            embedder.embed(r)
+            local_seqs += len(r)
+            if time.perf_counter() - start > window:
+                break
+        local_wall += time.perf_counter() - start
+        parts.append(drive(url, reqs, concurrency, window, encoding))
+    kinds: dict[str, int] = {}
+    for p in parts:
+        for k, n in p["error_kinds"].items():
+            kinds[k] = kinds.get(k, 0) + n
+    merged = summary([p["latencies"] for p in parts], sum(p["seqs"] for p in parts), sum(p["wall"] for p in parts),
+                     sum(p["errors"] for p in parts), kinds)  # fmt: skip
+    return merged | {"in_seq_s": local_seqs / local_wall}
 
 
 def in_process(embedder, reqs: list[list[str]], seconds: float) -> tuple[float, float, int]:
@@ -215,7 +233,11 @@ def main() -> None:
                     drive(url, reqs[:50], 4, 5)  # warm-up
                     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True) for _ in range(args.hog)]
                     for c in args.concurrency:
-                        r = paired(embedder, url, reqs[:base_n], encoding) if c == 1 else drive(url, reqs, c, args.seconds, encoding)
+                        if c == 1:
+                            r = paired(embedder, url, reqs[:base_n], encoding)
+                        else:
+                            r = alternating(embedder, url, reqs, c, args.seconds, encoding)
+                            base = r["in_seq_s"]
                         in_p50 = r.get("in_p50", base_p50)
                         print(
                             f"| {preset} | {backend} | {'on' if batching else 'off'} | {encoding} | {c} | {r['req_s']:.1f} | {r['seq_s']:.1f} | "
