@@ -8,6 +8,8 @@ sequences the teacher or the students saw in training.
     mlm.fasta      ProFET UniProt train+valid + the MLM halves (Pfam capped at 60 per family, SCOPe 2,500)
     valid.fasta    ProFET test split (held-out perplexity)
     pfam/          probe halves of the 54 Pfam families, capped at 100 per family
+    pfam_finetune_train.fasta, pfam_finetune_test.fasta
+                   the same records split 80/20 by another hash of the id: the sweep's fine-tuned calls
     scope.fa       probe half of SCOPe 2.07 40% (ASTRAL headers)
 """
 
@@ -34,6 +36,10 @@ def probe_half(header: str) -> bool:
     return hashlib.blake2b(header.split()[0].encode(), digest_size=8).digest()[0] % 2 == 0
 
 
+def finetune_test(header: str) -> bool:
+    return hashlib.blake2b(header.split()[0].encode(), digest_size=8).digest()[1] % 5 == 0
+
+
 def write(path: Path, records: list[tuple[str, str]]) -> None:
     path.write_text("".join(f">{h}\n{s.upper()}\n" for h, s in records))
 
@@ -42,7 +48,7 @@ def main(out: Path) -> None:
     rng = random.Random(3)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pfam").mkdir(exist_ok=True)
-    mlm = []
+    mlm, finetune = [], {True: [], False: []}
     for split in ("train", "valid", "test"):
         with open(SHARED / "unlabeled" / f"ProFET_NP_SP_Cleaved.{split}.csv") as f:
             rows = [(f"ProFET_{split}_{i:04d}", r["seq"].upper()) for i, r in enumerate(csv.DictReader(f))]
@@ -56,7 +62,12 @@ def main(out: Path) -> None:
         probe = [r for r in records if probe_half(r[0])]
         train = [r for r in records if not probe_half(r[0])]
         mlm += rng.sample(train, min(60, len(train)))
-        write(out / "pfam" / family.name, rng.sample(probe, min(100, len(probe))))
+        picked = rng.sample(probe, min(100, len(probe)))
+        write(out / "pfam" / family.name, picked)
+        finetune[True] += [r for r in picked if finetune_test(r[0])]
+        finetune[False] += [r for r in picked if not finetune_test(r[0])]
+    write(out / "pfam_finetune_train.fasta", finetune[False])
+    write(out / "pfam_finetune_test.fasta", finetune[True])
     scope = read_fasta(SHARED / "scope" / "astral-scopedom-40-2.07.shared85.fa")
     mlm += rng.sample([r for r in scope if not probe_half(r[0])], 2500)
     write(out / "scope.fa", [r for r in scope if probe_half(r[0])])

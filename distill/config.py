@@ -303,6 +303,7 @@ class SweepConfig:
     seed: int = 0  # of the subsets and the probe split (and of training when ``seeds`` is empty)
     data_sizes: list[int] = field(default_factory=list)  # nested random subsets of ``data``, besides all of it
     seeds: list[int] = field(default_factory=list)  # training seeds (paired: vanilla and distilled share each)
+    finetune: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> FinetuneConfig settings + ``test`` (held out)
 
     def fit_config(self) -> FitConfig:
         """The ``[fit]`` settings over FitConfig's defaults (data and out filled per run)."""
@@ -338,4 +339,11 @@ class SweepConfig:
         bad = set(raw.get("fit", {})) - {f.name for f in fields(FitConfig)}
         if bad:
             raise ValueError(f"{path}: [fit] has unknown settings {sorted(bad)}")
+        ft_keys = ({f.name for f in fields(FinetuneConfig)} - {"model", "task", "out", "seed", "quiet", "device"}) | {"test"}
+        for task, settings in raw.get("finetune", {}).items():
+            bad = set(settings) - ft_keys
+            if bad or "data" not in settings or "test" not in settings:
+                raise ValueError(
+                    f"{path}: [finetune.{task}] needs 'data' and 'test' and takes {sorted(ft_keys)}; got unknown {sorted(bad)}"
+                )
         return cls(**raw)

@@ -29,6 +29,10 @@ the input file changes nothing.
     [tasks.scope]
     data = ["astral.fa"]
     split = "family-holdout"
+    [finetune.pfam]                                # optional: every student fine-tuned and scored on a held-out file
+    data = "pfam_train.fasta"                      # (distill.sweep_finetune); any other `distill finetune` setting
+    test = "pfam_test.fasta"
+    epochs = 3
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from typing import Any, NamedTuple
 
 from rich.console import Console
 
-from distill import data, sweep_stats, teacher_cache
+from distill import data, sweep_finetune, sweep_stats, teacher_cache
 from distill.config import PRESETS, FitConfig, ProbeConfig, SweepConfig
 from distill.distributed import pick_device
 from distill.errors import UserError
@@ -164,10 +168,16 @@ def run_sweep(config: Path, console: Console) -> Path:
         ppl = Path(cfg.valid) if cfg.valid else None
         tables[task] = evaluate_models([cfg.teacher, *students], probe_cfg, out / task, console, ppl, cfg.baselines)
         timings[f"probe {task}"] = time.perf_counter() - t0
-    extra = ""
+    finetuned = {}
+    if cfg.finetune:
+        t0 = time.perf_counter()
+        finetuned = sweep_finetune.finetune_students(cfg, students, out, console)
+        timings["fine-tune"] = time.perf_counter() - t0
+    extra = sweep_finetune.table(finetuned, cfg.finetune) if finetuned else ""
     if len(cfg.data_sizes) + len(cfg.seeds) > 1:
         parameters = {students[r["spec"]].preset: r["parameters"] for rows in tables.values() for r in rows if r["spec"] in students}
-        extra = sweep_stats.section(sweep_stats.run_values(tables, students), parameters, out)
+        values = sweep_stats.run_values(tables, students) | sweep_finetune.values_of(finetuned)
+        extra += "\n" + sweep_stats.section(values, parameters, out)
     atomic_write_text(out / "report.md", report(cfg, tables, timings, out, extra))
     return out / "report.md"
 

@@ -38,6 +38,10 @@ def test_grid_trains_vanilla_once_per_preset_and_names_runs_like_the_study():
         ),
         ("out = 'x'\ndata = 'd'\npresets = ['small']\n", "missing required key 'teacher'"),
         ("out = 'x'\nepochz = 3\n", "unknown keys ['epochz']"),
+        (
+            "out = 'x'\ndata = 'd'\nteacher = 't'\npresets = ['small']\n[tasks.pfam]\ndata = ['p']\n[finetune.pfam]\ndata = 'p'\n",
+            "[finetune.pfam] needs 'data' and 'test'",
+        ),
     ],
 )
 def test_bad_sweep_configs_are_named(tmp_path, text, message):
@@ -57,12 +61,16 @@ def sweep_inputs(tmp_path, max_length: int, n_train: int, n_pfam: int):
 
 def test_sweep_trains_probes_reports_and_resumes_without_redoing(tmp_path, capsys):
     train, pfam = sweep_inputs(tmp_path, max_length=120, n_train=48, n_pfam=150)
+    labelled = [(f"{r.id} {r.description}", r.sequence) for r in read_fasta(pfam)]
+    ft_train = write_fasta(tmp_path / "ft_train.fasta", [r for i, r in enumerate(labelled) if i % 4])
+    ft_test = write_fasta(tmp_path / "ft_test.fasta", labelled[::4])
     config = tmp_path / "sweep.toml"
     config.write_text(
         f"out = '{tmp_path / 'report'}'\ndata = '{train}'\nvalid = '{EXAMPLES / 'valid.fasta'}'\nteacher = '{TEACHER}'\n"
         "presets = ['small']\ntemperatures = [2.0]\nlambdas = [0.0, 0.5]\nepochs = 1\nteacher_cache = true\nbaselines = true\n"
         "[fit]\nbatch_size = 16\nquiet = true\n"
         f"[tasks.pfam]\ndata = ['{pfam}']\nmin_per_class = 5\n"
+        f"[finetune.pfam]\ndata = '{ft_train}'\ntest = '{ft_test}'\nepochs = 1\nbatch_size = 16\n"
     )
     from rich.console import Console
 
@@ -78,10 +86,17 @@ def test_sweep_trains_probes_reports_and_resumes_without_redoing(tmp_path, capsy
     ]
     weights = (tmp_path / "report" / "runs" / "Student-h128-L8-T2.0" / "student" / "model.safetensors").stat().st_mtime_ns
 
+    section = text.split("## Fine-tuned calls")[1].split("## Time")[0]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in section.splitlines() if line.startswith("| Student")}
+    assert set(rows) == {"Student-h128-L8-vanilla", "Student-h128-L8-T2.0"}
+    assert all(0 <= float(v.strip(" |")) <= 1 for vals in rows.values() for v in vals)
+    assert (tmp_path / "report" / "finetune" / "pfam" / "Student-h128-L8-T2.0" / "model" / "heads" / "pfam").is_dir()
+
     capsys.readouterr()
     run_sweep(config, Console(stderr=True, soft_wrap=True))
     err = capsys.readouterr().err
     assert "Student-h128-L8-vanilla: finished earlier, skipped" in err and "Student-h128-L8-T2.0: finished earlier, skipped" in err
+    assert err.count("fine-tuned on pfam earlier, skipped") == 2
     assert (tmp_path / "report" / "runs" / "Student-h128-L8-T2.0" / "student" / "model.safetensors").stat().st_mtime_ns == weights
 
 
@@ -111,6 +126,20 @@ def test_paired_gains_and_intervals_match_a_hand_computation():
     assert key == RunKey("small", 100, 2.0, 0.5, -1) and [round(x, 6) for x in (gain.mean, gain.sd)] == [1.166667, 0.763763]
     slope = log_log_slope([1e3, 1e4, 1e5, 1e6], [1.0, 0.1, 0.01, 0.001])
     assert abs(slope.mean + 1) < 1e-9 and slope.n == 4
+
+
+def test_fine_tuned_calls_join_the_paired_analysis():
+    from distill.sweep_finetune import values_of
+    from distill.sweep_stats import RunKey, paired_differences
+
+    runs = [(1.0, 0.0, 0, 0.5, 0.4), (2.0, 0.5, 0, 0.7, 0.5), (1.0, 0.0, 1, 0.6, 0.5), (2.0, 0.5, 1, 0.6, 0.7)]  # T, lam, seed, acc, F1
+    results = {"pfam": {f"r{i}/student": {"key": RunKey("small", 100, t, lam, seed), "accuracy": a, "f1_macro": f}
+                        for i, (t, lam, seed, a, f) in enumerate(runs)}}  # fmt: skip
+    values = values_of(results)
+    assert sorted(values) == ["fine-tuned pfam F1 (macro)", "fine-tuned pfam accuracy"]
+    (acc,) = paired_differences(values["fine-tuned pfam accuracy"]).values()  # gains 0.2 and 0.0
+    (f1,) = paired_differences(values["fine-tuned pfam F1 (macro)"]).values()  # gains 0.1 and 0.2
+    assert (round(acc.mean, 6), round(acc.sd, 6), round(f1.mean, 6), round(f1.sd, 6)) == (0.1, 0.141421, 0.15, 0.070711)
 
 
 def test_a_two_size_two_seed_sweep_reports_paired_gains_and_resumes(tmp_path, capsys):

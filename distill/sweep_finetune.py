@@ -1,0 +1,81 @@
+"""The sweep's fine-tuned calls: every student of the grid fine-tuned on a labelled task and scored on a held-out file.
+
+A frozen-embedding probe measures what pre-training put into the embedding; a user's calls come from a fine-tuned
+model. With ``[finetune.TASK]`` in the sweep config (``data`` and ``test``: labelled files; any other
+`distill finetune` setting), each student is fine-tuned with its own training seed (finished runs are skipped,
+interrupted ones resumed) and its test accuracy and macro-F1 join the sweep's metrics, so the data-size analysis
+(means over seeds, paired distilled - vanilla gains, the log-log slope) covers calls too.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from distill.config import FinetuneConfig, SweepConfig
+from distill.errors import UserError
+from distill.finetune import finetune
+from distill.labels import read_labelled
+from distill.probe import classification_metrics
+from distill.sweep_stats import RunKey
+
+
+def settings_of(task: str, settings: dict[str, Any], student: str, run: Path, seed: int) -> FinetuneConfig:
+    rest = {k: v for k, v in settings.items() if k not in ("data", "test")}
+    data = [settings["data"]] if isinstance(settings["data"], str) else list(settings["data"])
+    return FinetuneConfig(model=student, data=data, task=task, out=str(run), seed=seed, quiet=True, **rest)
+
+
+def held_out_metrics(bundle: Path, cfg: FinetuneConfig, test: str) -> dict[str, float]:
+    """Accuracy and macro-F1 of the fine-tuned head on ``test`` (a test label outside the head's classes is an error
+    of the model, as it would be for a user; longer sequences are cropped to the model's window)."""
+    from distill.inference import resolve
+
+    ds = read_labelled(test, cfg.rule())
+    embedder = resolve(str(bundle))
+    probabilities = embedder.run(ds.sequences, [cfg.task], long="crop")[1][cfg.task]
+    labels = embedder.labels[cfg.task]
+    return classification_metrics(ds.labels, [labels[i] for i in probabilities.argmax(1)])
+
+
+def finetune_students(cfg: SweepConfig, students: dict[str, RunKey], out: Path, console: Console) -> dict[str, dict[str, dict[str, Any]]]:
+    """task -> student spec -> {"key": RunKey, "accuracy", "f1_macro"}, fine-tuning what is not finished yet."""
+    results: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for task, settings in cfg.finetune.items():
+        for spec, key in students.items():
+            run = out / "finetune" / task / Path(spec).parent.name
+            ft = settings_of(task, settings, spec, run, key.seed)
+            done = (run / "model" / "config.json").is_file()
+            if done:
+                console.print(f"{run.name}: fine-tuned on {task} earlier, skipped")
+            else:
+                console.print(f"{run.name}: fine-tuning on {task}")
+                result = finetune(ft, resume=(run / "checkpoint.json").is_file())
+                if result.bundle is None:
+                    raise UserError(f"fine-tuning {run} was interrupted; rerun the sweep to continue it")
+            metrics = held_out_metrics(run / "model", ft, settings["test"])
+            results[task][spec] = {"key": key, "accuracy": metrics["accuracy"], "f1_macro": metrics["f1_macro"]}
+    return dict(results)
+
+
+def values_of(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[RunKey, float]]:
+    """The sweep-stats shape: metric -> run -> value."""
+    values: dict[str, dict[RunKey, float]] = defaultdict(dict)
+    for task, by_student in results.items():
+        for r in by_student.values():
+            values[f"fine-tuned {task} F1 (macro)"][r["key"]] = r["f1_macro"]
+            values[f"fine-tuned {task} accuracy"][r["key"]] = r["accuracy"]
+    return dict(values)
+
+
+def table(results: dict[str, dict[str, dict[str, Any]]], settings: dict[str, dict[str, Any]]) -> str:
+    lines = ["## Fine-tuned calls", ""]
+    for task, by_student in results.items():
+        lines += [f"`distill finetune` on `{settings[task]['data']}`, scored on `{settings[task]['test']}` (held out):", "",
+                  "| Model | Accuracy | F1 (macro) |", "|---|---|---|"]  # fmt: skip
+        lines += [f"| {Path(spec).parent.name} | {r['accuracy']:.3f} | {r['f1_macro']:.3f} |" for spec, r in by_student.items()]
+        lines.append("")
+    return "\n".join(lines)
