@@ -28,6 +28,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -64,14 +65,16 @@ class Client:
 
     def post(self, path: str, payload: dict) -> None:
         body = json.dumps(payload).encode()
-        try:
-            self.conn.request("POST", path, body, {"Content-Type": "application/json"})
-            r = self.conn.getresponse()
-        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):  # an idle connection the server closed
-            self.conn.close()
-            self.conn = http.client.HTTPConnection(self.netloc, timeout=300)
-            self.conn.request("POST", path, body, {"Content-Type": "application/json"})
-            r = self.conn.getresponse()
+        for retry in (False, True):
+            try:
+                self.conn.request("POST", path, body, {"Content-Type": "application/json"})
+                r = self.conn.getresponse()
+                break
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):  # an idle connection the server closed
+                if retry:
+                    raise
+                self.conn.close()
+                self.conn = http.client.HTTPConnection(self.netloc, timeout=300)
         data = r.read()
         if r.status != 200:
             raise RuntimeError(f"HTTP {r.status}: {data[:120]!r}")
@@ -116,37 +119,30 @@ def summary(latencies: list[np.ndarray], seqs: int, wall: float, errors: int, ki
 def alternating(embedder, url: str, reqs: list[list[str]], concurrency: int, seconds: float, encoding: str, rounds: int = 4) -> dict:
     """Throughput in ``rounds`` alternating windows, in-process then over HTTP, ``seconds / rounds`` each: this VM's
     speed drifts by up to 2x within minutes, and alternating puts the drift on both sides of the ratio alike."""
-    window, local_seqs, local_wall, parts = seconds / rounds, 0, 0.0, []
+    local, parts = [], []
     for _ in range(rounds):
-        start = time.perf_counter()
-        for r in reqs:
-            embedder.embed(r)
-            local_seqs += len(r)
-            if time.perf_counter() - start > window:
-                break
-        local_wall += time.perf_counter() - start
-        parts.append(drive(url, reqs, concurrency, window, encoding))
-    kinds: dict[str, int] = {}
-    for p in parts:
-        for k, n in p["error_kinds"].items():
-            kinds[k] = kinds.get(k, 0) + n
+        local.append(in_process(embedder, reqs, seconds / rounds))
+        parts.append(drive(url, reqs, concurrency, seconds / rounds, encoding))
+    kinds = sum((Counter(p["error_kinds"]) for p in parts), Counter())
     merged = summary([p["latencies"] for p in parts], sum(p["seqs"] for p in parts), sum(p["wall"] for p in parts),
-                     sum(p["errors"] for p in parts), kinds)  # fmt: skip
-    return merged | {"in_seq_s": local_seqs / local_wall}
+                     sum(p["errors"] for p in parts), dict(kinds))  # fmt: skip
+    return merged | {"in_seq_s": sum(w["seqs"] for w in local) / sum(w["wall"] for w in local)}
 
 
-def in_process(embedder, reqs: list[list[str]], seconds: float) -> tuple[float, float, int]:
-    """(sequences/s, p50 ms per request, requests done) of the same requests through the same backend object, one
-    after another; the single HTTP client then sends exactly these requests, so the two p50s are of the same set."""
-    n, start, latencies = 0, time.perf_counter(), []
+def in_process(embedder, reqs: list[list[str]], seconds: float) -> dict:
+    """The same requests through the same backend object, one after another, for ``seconds``: sequences/s, p50 ms per
+    request, requests done (the single HTTP client then sends exactly these, so the two p50s are of the same set)."""
+    seqs, start, latencies = 0, time.perf_counter(), []
     for r in reqs:
         t = time.perf_counter()
         embedder.embed(r)
         latencies.append(time.perf_counter() - t)
-        n += len(r)
+        seqs += len(r)
         if time.perf_counter() - start > seconds:
             break
-    return n / (time.perf_counter() - start), float(np.percentile(np.array(latencies) * 1000, 50)), len(latencies)
+    wall = time.perf_counter() - start
+    return {"seq_s": seqs / wall, "p50": float(np.percentile(np.array(latencies) * 1000, 50)), "requests": len(latencies),
+            "seqs": seqs, "wall": wall}  # fmt: skip
 
 
 def paired(embedder, url: str, reqs: list[list[str]], encoding: str, block: int = 25) -> dict:
@@ -167,9 +163,7 @@ def paired(embedder, url: str, reqs: list[list[str]], encoding: str, block: int 
             remote.append(time.perf_counter() - t)
             seqs += len(r)
     lat = np.array(remote) * 1000
-    return {"requests": len(lat), "req_s": len(lat) / lat.sum() * 1000, "seq_s": seqs / lat.sum() * 1000,
-            "p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)), "p99": float(np.percentile(lat, 99)),
-            "max": float(lat.max()), "errors": 0, "error_kinds": {}, "in_p50": float(np.percentile(np.array(local) * 1000, 50))}  # fmt: skip
+    return summary([lat], seqs, lat.sum() / 1000, 0, {}) | {"in_p50": float(np.percentile(np.array(local) * 1000, 50))}
 
 
 def free_port() -> int:
@@ -214,7 +208,7 @@ def main() -> None:
         for backend in args.backends:
             variant = args.variant if backend == "student-onnx" else "fp32"
             embedder = open_stored(stored, backend, variant)
-            base, base_p50, base_n = in_process(embedder, reqs, args.seconds)
+            first = in_process(embedder, reqs, args.seconds)
             for batching, encoding in [(b == "on", e) for b in args.batching for e in args.encoding]:
                 port = free_port()
                 cmd = [sys.executable, "-m", "distill", "serve", tag, "--port", str(port), "--backend", backend, "--variant", variant] + (
@@ -234,11 +228,12 @@ def main() -> None:
                     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True) for _ in range(args.hog)]
                     for c in args.concurrency:
                         if c == 1:
-                            r = paired(embedder, url, reqs[:base_n], encoding)
+                            r = paired(embedder, url, reqs[: first["requests"]], encoding)
+                            base = first["seq_s"]
                         else:
                             r = alternating(embedder, url, reqs, c, args.seconds, encoding)
                             base = r["in_seq_s"]
-                        in_p50 = r.get("in_p50", base_p50)
+                        in_p50 = r.get("in_p50", first["p50"])
                         print(
                             f"| {preset} | {backend} | {'on' if batching else 'off'} | {encoding} | {c} | {r['req_s']:.1f} | {r['seq_s']:.1f} | "
                             f"{r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | {r['max']:.0f} | {r['errors']} | {base:.1f} | {r['seq_s'] / base:.2f} | "

@@ -64,8 +64,8 @@ def main(out: Path) -> None:
         mlm += rng.sample(train, min(60, len(train)))
         picked = rng.sample(probe, min(100, len(probe)))
         write(out / "pfam" / family.name, picked)
-        finetune[True] += [r for r in picked if finetune_test(r[0])]
-        finetune[False] += [r for r in picked if not finetune_test(r[0])]
+        for r in picked:
+            finetune[finetune_test(r[0])].append(r)
     write(out / "pfam_finetune_train.fasta", finetune[False])
     write(out / "pfam_finetune_test.fasta", finetune[True])
     scope = read_fasta(SHARED / "scope" / "astral-scopedom-40-2.07.shared85.fa")

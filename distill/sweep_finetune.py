@@ -18,6 +18,7 @@ from rich.console import Console
 from distill.config import FinetuneConfig, SweepConfig
 from distill.errors import UserError
 from distill.finetune import finetune
+from distill.io import atomic_write_json, read_json_object
 from distill.labels import read_labelled
 from distill.probe import classification_metrics
 from distill.sweep_stats import RunKey
@@ -41,6 +42,17 @@ def held_out_metrics(bundle: Path, cfg: FinetuneConfig, test: str) -> dict[str, 
     return classification_metrics(ds.labels, [labels[i] for i in probabilities.argmax(1)])
 
 
+def scored(run: Path, cfg: FinetuneConfig, test: str) -> dict[str, float]:
+    """The held-out metrics, computed once per fine-tuned bundle and test file (a rerun of the sweep reads them)."""
+    cache = run / "held_out.json"
+    key = {"test": str(test), "bundle_mtime_ns": (run / "model" / "model.safetensors").stat().st_mtime_ns}
+    if cache.is_file() and (saved := read_json_object(cache)).get("key") == key:
+        return saved["metrics"]
+    metrics = held_out_metrics(run / "model", cfg, test)
+    atomic_write_json(cache, {"key": key, "metrics": metrics})
+    return metrics
+
+
 def finetune_students(cfg: SweepConfig, students: dict[str, RunKey], out: Path, console: Console) -> dict[str, dict[str, dict[str, Any]]]:
     """task -> student spec -> {"key": RunKey, "accuracy", "f1_macro"}, fine-tuning what is not finished yet."""
     results: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
@@ -56,7 +68,7 @@ def finetune_students(cfg: SweepConfig, students: dict[str, RunKey], out: Path, 
                 result = finetune(ft, resume=(run / "checkpoint.json").is_file())
                 if result.bundle is None:
                     raise UserError(f"fine-tuning {run} was interrupted; rerun the sweep to continue it")
-            metrics = held_out_metrics(run / "model", ft, settings["test"])
+            metrics = scored(run, ft, settings["test"])
             results[task][spec] = {"key": key, "accuracy": metrics["accuracy"], "f1_macro": metrics["f1_macro"]}
     return dict(results)
 
