@@ -10,8 +10,9 @@ Every method trains on the same training file and is scored on the same test fil
   Smith-Waterman NN  pyopal, BLOSUM62, gap open 11 / extend 1; the best-scoring training sequence
   linear probe       the old product path: softmax regression on frozen random-init `small` embeddings
   fine-tuned small   `distill finetune random:small@SEED` (one row per seed, summarised as mean +- sd)
-  fine-tuned medium  `distill finetune random:medium` (seed 0)
-  task distillation  small fine-tuned with the fine-tuned medium as teacher (lam 0.5, T 2)
+  fine-tuned medium  `distill finetune random:medium@SEED` (Pfam; one row per seed, summarised)
+  task distillation  small@SEED fine-tuned with the fine-tuned medium of the same seed as teacher (lam 0.5, T 2),
+                     and its paired difference to the small student of that seed alone
   reference index    `distill index` over the fine-tuned small encoder: nearest reference by cosine, and with
                      `--align 200` (Smith-Waterman re-ranking of the 200 nearest)
 
@@ -45,6 +46,7 @@ import classify_split  # noqa: E402
 
 from distill.calibration import shuffled  # noqa: E402
 from distill.labels import read_labelled  # noqa: E402
+from distill.sweep_stats import t_interval  # noqa: E402
 
 PFAM_A = 20_000
 N_NEGATIVES = 500
@@ -111,10 +113,15 @@ def run_task(d: dict, out: Path, seeds: list[int], quick: bool) -> list[dict]:
         plan.append(
             (f"fine-tuned small, seed {seed}", lambda s=seed: methods.finetuned(d, out / f"small-{s}", f"random:small@{s}", s, ft["small"]))
         )
-    if ft.get("medium"):
-        plan.append(("fine-tuned medium, seed 0", lambda: methods.finetuned(d, out / "medium-0", "random:medium", 0, ft["medium"])))
-        plan.append(("task distillation medium -> small, seed 0",
-                     lambda: methods.finetuned(d, out / "distilled-0", "random:small", 0, ft["small"], teacher=out / "medium-0" / "model")))  # fmt: skip
+    for seed in seeds if ft.get("medium") else []:  # the teacher of seed S is the medium of seed S: independent replicates
+        plan.append(
+            (
+                f"fine-tuned medium, seed {seed}",
+                lambda s=seed: methods.finetuned(d, out / f"medium-{s}", f"random:medium@{s}", s, ft["medium"]),
+            )
+        )
+        plan.append((f"task distillation medium -> small, seed {seed}",
+                     lambda s=seed: methods.finetuned(d, out / f"distilled-{s}", f"random:small@{s}", s, ft["small"], teacher=out / f"medium-{s}" / "model")))  # fmt: skip
     plan.append(
         ("reference index (fine-tuned small, cosine)", lambda: methods.reference(d, out / "index", out / f"small-{seeds[0]}" / "model", 0))
     )
@@ -151,11 +158,10 @@ def summarise(rows: list[dict]) -> list[dict]:
     """Seed rows of the same method -> one row of means with sd (the seed rows are kept in the JSON)."""
     out, groups = [], {}
     for r in rows:
-        key = r["method"].split(", seed")[0] if ", seed" in r["method"] and r["method"].startswith("fine-tuned small") else r["method"]
-        groups.setdefault(key, []).append(r)
+        groups.setdefault(r["method"].split(", seed")[0], []).append(r)
     for key, rs in groups.items():
         if len(rs) == 1:
-            out.append(rs[0] | {"method": key if len(rs) == 1 and key != rs[0]["method"] else rs[0]["method"]})
+            out.append(rs[0])
             continue
         merged = {"method": f"{key} ({len(rs)} seeds)"}
         for col in rs[0]:
@@ -165,6 +171,20 @@ def summarise(rows: list[dict]) -> list[dict]:
                 merged[col + "_sd"] = float(vals.std(ddof=1))
         out.append(merged)
     return out
+
+
+def distillation_gain(rows: list[dict]) -> str:
+    """Task distillation - the small student fine-tuned alone, paired by seed (same seed, same data), with a t-interval."""
+    by = {r["method"]: r for r in rows}
+    seeds = [m.split(", seed ")[1] for m in by if m.startswith("task distillation medium -> small, seed ")]
+    pairs = [(by[f"task distillation medium -> small, seed {s}"], by.get(f"fine-tuned small, seed {s}")) for s in seeds]
+    pairs = [(a, b) for a, b in pairs if b is not None]
+    if len(pairs) < 2:
+        return ""
+    lines = [f"Task distillation - small alone, paired by seed ({len(pairs)} seeds), mean and 95% t-interval:", ""]
+    for col in ("accuracy", "f1_macro", "calibrated_coverage"):
+        lines.append(f"- {col}: {t_interval([a[col] - b[col] for a, b in pairs]).text(4)}")
+    return "\n".join(lines) + "\n"
 
 
 def table(rows: list[dict], task: str) -> str:
@@ -208,9 +228,10 @@ def main() -> None:
         d = load_task(split, task, 0)
         if args.quick:
             d = methods.shrink(d, 6, args.out / task)
-        rows = summarise(run_task(d, args.out / task, args.seeds, args.quick))
+        seed_rows = run_task(d, args.out / task, args.seeds, args.quick)
         info = f"{task}: {len(set(d['train'].labels))} classes, {len(d['train'])} training, {len(d['test'])} test, {len(d['negatives'])} negatives"
-        report.append(f"### {info}\n\n{table(rows, task)}\n")
+        gain = distillation_gain(seed_rows)
+        report.append(f"### {info}\n\n{table(summarise(seed_rows), task)}\n" + (f"\n{gain}" if gain else ""))
         (args.out / task / "results.md").write_text(report[-1])
         print(report[-1], flush=True)
     (args.out / "results.md").write_text("\n".join(report))

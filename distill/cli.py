@@ -142,11 +142,21 @@ def perplexity(
 
 
 @app.command()
-def sweep(config: Annotated[Path, typer.Argument(help="Sweep config (TOML): presets x temperatures x lambdas, tasks, teacher.")]) -> None:
+def sweep(
+    config: Annotated[Path, typer.Argument(help="Sweep config (TOML): presets x temperatures x lambdas, tasks, teacher.")],
+    presets: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--preset",
+            metavar="PRESET",
+            help="Run and report only these of the config's presets (repeat); a later run with all of them resumes these cells.",
+        ),
+    ] = None,
+) -> None:
     """Train a grid of students, probe them and the teacher on Pfam/SCOPe, and write a report (resumable)."""
     from distill.sweep import run_sweep
 
-    path = run_sweep(config, console)
+    path = run_sweep(config, console, presets)
     print(path.read_text())
     console.print(f"report: {path}")
 

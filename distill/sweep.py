@@ -37,6 +37,7 @@ the input file changes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from pathlib import Path
@@ -86,6 +87,16 @@ def grid(cfg: SweepConfig) -> list[Run]:
     return runs
 
 
+def only_presets(cfg: SweepConfig, presets: list[str] | None, config: Path) -> SweepConfig:
+    """The config with only ``presets`` (None: all): a big grid run in stages, each reporting what it covers."""
+    if not presets:
+        return cfg
+    unknown = sorted(set(presets) - set(cfg.presets))
+    if unknown:
+        raise UserError(f"--preset {', '.join(unknown)}: not among the presets of {config} ({', '.join(cfg.presets)})")
+    return dataclasses.replace(cfg, presets=[p for p in cfg.presets if p in presets])
+
+
 def subset_order(records: list, seed: int) -> list[int]:
     """Record indices in a keyed-hash order of their ids: the first n of it is the size-n subset (nested, and
     independent of the file's order)."""
@@ -128,8 +139,9 @@ def build_cache(cfg: SweepConfig, fasta: Path, cache: Path, views: int, seed: in
     return cache
 
 
-def run_sweep(config: Path, console: Console) -> Path:
-    cfg = SweepConfig.from_toml(config)
+def run_sweep(config: Path, console: Console, presets: list[str] | None = None) -> Path:
+    """Train, probe and fine-tune the grid of ``config`` (only ``presets`` of it when given) and write the report."""
+    cfg = only_presets(SweepConfig.from_toml(config), presets, config)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

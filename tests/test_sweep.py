@@ -23,6 +23,18 @@ def test_grid_trains_vanilla_once_per_preset_and_names_runs_like_the_study():
     ]
 
 
+def test_preset_option_keeps_the_run_names_of_the_whole_grid_and_names_an_unknown_preset(tmp_path):
+    from distill.errors import UserError
+    from distill.sweep import only_presets
+
+    cfg = SweepConfig(out="o", data="d", teacher="t", presets=["small", "medium"], tasks={}, lambdas=[0.0, 0.5], seeds=[0, 1])
+    medium = [r.name for r in grid(cfg) if r.preset == "medium"]
+    assert [r.name for r in grid(only_presets(cfg, ["medium"], tmp_path / "s.toml"))] == medium  # later stages resume these
+    assert only_presets(cfg, None, tmp_path / "s.toml") is cfg
+    with pytest.raises(UserError, match=r"--preset large: not among the presets of .*s.toml \(small, medium\)"):
+        only_presets(cfg, ["large", "small"], tmp_path / "s.toml")
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
