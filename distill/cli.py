@@ -146,17 +146,20 @@ def sweep(
     config: Annotated[Path, typer.Argument(help="Sweep config (TOML): presets x temperatures x lambdas, tasks, teacher.")],
     presets: Annotated[
         list[str] | None,
-        typer.Option(
-            "--preset",
-            metavar="PRESET",
-            help="Run and report only these of the config's presets (repeat); a later run with all of them resumes these cells.",
-        ),
+        typer.Option("--preset", metavar="PRESET", help="Run one stage of the grid: only these presets (repeat)."),
+    ] = None,
+    sizes: Annotated[
+        list[str] | None,
+        typer.Option("--size", metavar="N|all", help="Run one stage of the grid: only these data sizes (repeat)."),
     ] = None,
 ) -> None:
-    """Train a grid of students, probe them and the teacher on Pfam/SCOPe, and write a report (resumable)."""
+    """Train a grid of students, probe them and the teacher on Pfam/SCOPe, and write a report (resumable).
+
+    A stage (--preset / --size) reports in OUT/stages/NAME/; a later stage or the whole grid resumes its cells.
+    """
     from distill.sweep import run_sweep
 
-    path = run_sweep(config, console, presets)
+    path = run_sweep(config, console, presets, sizes)
     print(path.read_text())
     console.print(f"report: {path}")
 

@@ -37,7 +37,6 @@ the input file changes nothing.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import time
 from pathlib import Path
@@ -87,14 +86,22 @@ def grid(cfg: SweepConfig) -> list[Run]:
     return runs
 
 
-def only_presets(cfg: SweepConfig, presets: list[str] | None, config: Path) -> SweepConfig:
-    """The config with only ``presets`` (None: all): a big grid run in stages, each reporting what it covers."""
-    if not presets:
-        return cfg
-    unknown = sorted(set(presets) - set(cfg.presets))
+def stage(cfg: SweepConfig, presets: list[str] | None, sizes: list[str] | None, config: Path) -> tuple[list[Run], str]:
+    """The runs of one stage of the grid (``--preset`` / ``--size``; None: all) and its name ("" for the whole grid).
+    Run names are the whole grid's, so a later stage or the whole grid resumes the cells a stage finished."""
+    runs = grid(cfg)
+    if not presets and not sizes:
+        return runs, ""
+    unknown = sorted(set(presets or []) - set(cfg.presets))
     if unknown:
         raise UserError(f"--preset {', '.join(unknown)}: not among the presets of {config} ({', '.join(cfg.presets)})")
-    return dataclasses.replace(cfg, presets=[p for p in cfg.presets if p in presets])
+    known = {str(n): n for n in cfg.data_sizes} | {"all": None}
+    bad = sorted(set(sizes or []) - set(known))
+    if bad:
+        raise UserError(f"--size {', '.join(bad)}: not among the data sizes of {config} ({', '.join(known)})")
+    picked = [r for r in runs if (not presets or r.preset in presets) and (not sizes or r.size in {known[n] for n in sizes})]
+    name = "-".join([*(p for p in cfg.presets if p in (presets or [])), *(f"n{n}" for n in known if n in (sizes or []))])
+    return picked, name
 
 
 def subset_order(records: list, seed: int) -> list[int]:
@@ -139,13 +146,15 @@ def build_cache(cfg: SweepConfig, fasta: Path, cache: Path, views: int, seed: in
     return cache
 
 
-def run_sweep(config: Path, console: Console, presets: list[str] | None = None) -> Path:
-    """Train, probe and fine-tune the grid of ``config`` (only ``presets`` of it when given) and write the report."""
-    cfg = only_presets(SweepConfig.from_toml(config), presets, config)
+def run_sweep(config: Path, console: Console, presets: list[str] | None = None, sizes: list[str] | None = None) -> Path:
+    """Train, probe and fine-tune the grid of ``config`` (or one stage of it) and write the report: OUT/report.md,
+    or OUT/stages/NAME/report.md for a stage."""
+    cfg = SweepConfig.from_toml(config)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    runs, name = stage(cfg, presets, sizes, config)
+    where = out / "stages" / name if name else out  # the stage's probes, figures and report
+    where.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    runs = grid(cfg)
     console.print(f"sweep: {len(runs)} students ({', '.join(r.name for r in runs)}) + teacher, tasks {', '.join(cfg.tasks)}")
     subsets = write_subsets(cfg, out)
     caches: dict[tuple[int | None, int], Path] = {}  # per data size and seed: masks are keyed by the training seed
@@ -178,7 +187,7 @@ def run_sweep(config: Path, console: Console, presets: list[str] | None = None) 
         t0 = time.perf_counter()
         probe_cfg = ProbeConfig(task=task, **{"seed": cfg.seed, **settings, "data": list(settings["data"])})
         ppl = Path(cfg.valid) if cfg.valid else None
-        tables[task] = evaluate_models([cfg.teacher, *students], probe_cfg, out / task, console, ppl, cfg.baselines)
+        tables[task] = evaluate_models([cfg.teacher, *students], probe_cfg, where / task, console, ppl, cfg.baselines)
         timings[f"probe {task}"] = time.perf_counter() - t0
     finetuned = {}
     if cfg.finetune:
@@ -189,9 +198,9 @@ def run_sweep(config: Path, console: Console, presets: list[str] | None = None) 
     if len(cfg.data_sizes) + len(cfg.seeds) > 1:
         parameters = {students[r["spec"]].preset: r["parameters"] for rows in tables.values() for r in rows if r["spec"] in students}
         values = sweep_stats.run_values(tables, students) | sweep_finetune.values_of(finetuned)
-        extra += "\n" + sweep_stats.section(values, parameters, out)
-    atomic_write_text(out / "report.md", report(cfg, tables, timings, out, extra))
-    return out / "report.md"
+        extra += "\n" + sweep_stats.section(values, parameters, where)
+    atomic_write_text(where / "report.md", report(cfg, tables, timings, where, extra, name))
+    return where / "report.md"
 
 
 def study_table(rows: list[dict[str, Any]]) -> str:
@@ -204,15 +213,18 @@ def study_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def report(cfg: SweepConfig, tables: dict[str, list[dict[str, Any]]], timings: dict[str, float], out: Path, extra: str = "") -> str:
+def report(
+    cfg: SweepConfig, tables: dict[str, list[dict[str, Any]]], timings: dict[str, float], out: Path, extra: str = "", stage: str = ""
+) -> str:
     parts = [
-        "# Distillation sweep",
+        "# Distillation sweep" + (f": stage {stage}" if stage else ""),
         "",
         f"Teacher `{cfg.teacher}`; students {', '.join(cfg.presets)} x T {cfg.temperatures} x lambda "
         f"{cfg.lambdas} (lambda 0 = vanilla MLM); trained on `{cfg.data}`"
         + (f", perplexity on `{cfg.valid}`" if cfg.valid else "")
         + (f", {cfg.epochs} epochs" if cfg.epochs else "")
-        + ".",
+        + "."
+        + (f" This report covers the stage {stage} of that grid (the students listed below)." if stage else ""),
         "",
     ]
     for task, rows in tables.items():

@@ -23,16 +23,24 @@ def test_grid_trains_vanilla_once_per_preset_and_names_runs_like_the_study():
     ]
 
 
-def test_preset_option_keeps_the_run_names_of_the_whole_grid_and_names_an_unknown_preset(tmp_path):
+def test_a_stage_keeps_the_run_names_of_the_whole_grid_and_names_what_it_does_not_know(tmp_path):
     from distill.errors import UserError
-    from distill.sweep import only_presets
+    from distill.sweep import stage
 
-    cfg = SweepConfig(out="o", data="d", teacher="t", presets=["small", "medium"], tasks={}, lambdas=[0.0, 0.5], seeds=[0, 1])
-    medium = [r.name for r in grid(cfg) if r.preset == "medium"]
-    assert [r.name for r in grid(only_presets(cfg, ["medium"], tmp_path / "s.toml"))] == medium  # later stages resume these
-    assert only_presets(cfg, None, tmp_path / "s.toml") is cfg
+    config = tmp_path / "s.toml"
+    cfg = SweepConfig(
+        out="o", data="d", teacher="t", presets=["small", "medium"], tasks={}, lambdas=[0.0, 0.5], data_sizes=[1000], seeds=[0, 1]
+    )
+    runs, name = stage(cfg, ["medium"], ["1000"], config)
+    assert name == "medium-n1000"
+    assert [r.name for r in runs] == [r.name for r in grid(cfg) if r.preset == "medium" and r.size == 1000]  # later stages resume these
+    assert [r.name for r in runs] == [f"Student-h256-L10-{kind}-n1000-s{s}" for s in (0, 1) for kind in ("vanilla", "T2.0")]
+    assert stage(cfg, None, ["all"], config)[1] == "nall" and {r.size for r in stage(cfg, None, ["all"], config)[0]} == {None}
+    assert stage(cfg, None, None, config) == (grid(cfg), "")
     with pytest.raises(UserError, match=r"--preset large: not among the presets of .*s.toml \(small, medium\)"):
-        only_presets(cfg, ["large", "small"], tmp_path / "s.toml")
+        stage(cfg, ["large", "small"], None, config)
+    with pytest.raises(UserError, match=r"--size 500: not among the data sizes of .*s.toml \(1000, all\)"):
+        stage(cfg, None, ["500"], config)
 
 
 @pytest.mark.parametrize(
@@ -105,7 +113,9 @@ def test_sweep_trains_probes_reports_and_resumes_without_redoing(tmp_path, capsy
     assert (tmp_path / "report" / "finetune" / "pfam" / "Student-h128-L8-T2.0" / "model" / "heads" / "pfam").is_dir()
 
     capsys.readouterr()
-    run_sweep(config, Console(stderr=True, soft_wrap=True))
+    staged = run_sweep(config, Console(stderr=True, soft_wrap=True), presets=["small"])  # a stage resumes the whole grid's cells
+    assert staged == tmp_path / "report" / "stages" / "small" / "report.md"
+    assert staged.read_text().startswith("# Distillation sweep: stage small") and (staged.parent / "pfam" / "results.md").is_file()
     err = capsys.readouterr().err
     assert "Student-h128-L8-vanilla: finished earlier, skipped" in err and "Student-h128-L8-T2.0: finished earlier, skipped" in err
     assert err.count("fine-tuned on pfam earlier, skipped") == 2
