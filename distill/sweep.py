@@ -151,8 +151,8 @@ def run_sweep(config: Path, console: Console, presets: list[str] | None = None, 
     or OUT/stages/NAME/report.md for a stage."""
     cfg = SweepConfig.from_toml(config)
     out = Path(cfg.out)
-    runs, name = stage(cfg, presets, sizes, config)
-    where = out / "stages" / name if name else out  # the stage's probes, figures and report
+    runs, stage_name = stage(cfg, presets, sizes, config)
+    where = out / "stages" / stage_name if stage_name else out  # the stage's probes, figures and report
     where.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     console.print(f"sweep: {len(runs)} students ({', '.join(r.name for r in runs)}) + teacher, tasks {', '.join(cfg.tasks)}")
@@ -199,7 +199,7 @@ def run_sweep(config: Path, console: Console, presets: list[str] | None = None, 
         parameters = {students[r["spec"]].preset: r["parameters"] for rows in tables.values() for r in rows if r["spec"] in students}
         values = sweep_stats.run_values(tables, students) | sweep_finetune.values_of(finetuned)
         extra += "\n" + sweep_stats.section(values, parameters, where)
-    atomic_write_text(where / "report.md", report(cfg, tables, timings, where, extra, name))
+    atomic_write_text(where / "report.md", report(cfg, tables, timings, where, extra, stage_name))
     return where / "report.md"
 
 
