@@ -30,6 +30,7 @@ multiply-adds to a fixed encoder cost (counted exactly); the index's flat search
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -74,6 +75,21 @@ def load_task(split: Path, task: str, seed: int) -> dict:
     }
 
 
+def rows_for(d: dict, rows_dir: Path) -> Path:
+    """``rows_dir``, tied to this split: rows computed on another split (other data, --quick) are refused, not mixed in."""
+    digest = hashlib.sha256()
+    for ds in (d["train"], d["test"]):
+        for label, seq in zip(ds.labels, ds.sequences, strict=True):
+            digest.update(f"{label}\t{seq}\n".encode())
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    stamp = rows_dir / "split.sha256"
+    if not stamp.is_file():
+        stamp.write_text(digest.hexdigest() + "\n")
+    elif stamp.read_text().strip() != digest.hexdigest():
+        raise SystemExit(f"{rows_dir} holds rows of another split (split.sha256 differs); give another --rows or --out")
+    return rows_dir
+
+
 def score(name: str, result: methods.Result, d: dict, classes: int) -> dict:
     """Accuracy, macro-F1, seen/unseen accuracy, coverage at 99% precision (swept and calibrated), speeds."""
     from distill.calibration import threshold_for_precision
@@ -100,7 +116,8 @@ def score(name: str, result: methods.Result, d: dict, classes: int) -> dict:
     return row
 
 
-def run_task(d: dict, out: Path, seeds: list[int], quick: bool) -> list[dict]:
+def run_task(d: dict, out: Path, seeds: list[int], quick: bool, rows_dir: Path) -> list[dict]:
+    """Every method's row, each computed once: a row whose JSON is in ``rows_dir`` is read, not recomputed."""
     task, classes = d["task"], len(set(d["train"].labels))
     out.mkdir(parents=True, exist_ok=True)
     plan: list[tuple[str, object]] = [
@@ -138,7 +155,7 @@ def run_task(d: dict, out: Path, seeds: list[int], quick: bool) -> list[dict]:
         )
     rows = []
     for name, fn in plan:
-        cache = out / (
+        cache = rows_dir / (
             name.split(",")[0].split(" (")[0].replace(" ", "_").replace(">", "").replace("+", "")
             + name.split(",")[-1].replace(" ", "_")
             + ".json"
@@ -217,6 +234,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/classify"))
     ap.add_argument("--tasks", nargs="+", default=["pfam", "scope"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--rows", type=Path, help="where each method's row is kept as JSON (default OUT/TASK): a directory kept "
+                    "across machines (benchmarks/results/classify) lets the rows be computed over several sittings")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="a few classes and one epoch: checks the script runs, measures nothing")
     args = ap.parse_args()
     split = args.out / "split"
@@ -228,7 +247,7 @@ def main() -> None:
         d = load_task(split, task, 0)
         if args.quick:
             d = methods.shrink(d, 6, args.out / task)
-        seed_rows = run_task(d, args.out / task, args.seeds, args.quick)
+        seed_rows = run_task(d, args.out / task, args.seeds, args.quick, rows_for(d, (args.rows or args.out) / task))
         info = f"{task}: {len(set(d['train'].labels))} classes, {len(d['train'])} training, {len(d['test'])} test, {len(d['negatives'])} negatives"
         gain = distillation_gain(seed_rows)
         report.append(f"### {info}\n\n{table(summarise(seed_rows), task)}\n" + (f"\n{gain}" if gain else ""))
