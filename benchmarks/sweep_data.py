@@ -32,12 +32,17 @@ def read_fasta(path: Path) -> list[tuple[str, str]]:
     return [(f"{r.id} {r.description}".strip(), r.sequence) for r in iter_records(path, warn_duplicates=False)]
 
 
+def id_hash(header: str) -> bytes:
+    """A keyed hash of the record id: membership in a split does not depend on file order."""
+    return hashlib.blake2b(header.split()[0].encode(), digest_size=8).digest()
+
+
 def probe_half(header: str) -> bool:
-    return hashlib.blake2b(header.split()[0].encode(), digest_size=8).digest()[0] % 2 == 0
+    return id_hash(header)[0] % 2 == 0
 
 
-def finetune_test(header: str) -> bool:
-    return hashlib.blake2b(header.split()[0].encode(), digest_size=8).digest()[1] % 5 == 0
+def finetune_test(header: str) -> bool:  # another byte of the same hash: independent of probe_half
+    return id_hash(header)[1] % 5 == 0
 
 
 def write(path: Path, records: list[tuple[str, str]]) -> None:

@@ -99,7 +99,8 @@ def stage(cfg: SweepConfig, presets: list[str] | None, sizes: list[str] | None, 
     bad = sorted(set(sizes or []) - set(known))
     if bad:
         raise UserError(f"--size {', '.join(bad)}: not among the data sizes of {config} ({', '.join(known)})")
-    picked = [r for r in runs if (not presets or r.preset in presets) and (not sizes or r.size in {known[n] for n in sizes})]
+    chosen = {known[n] for n in sizes or []}
+    picked = [r for r in runs if (not presets or r.preset in presets) and (not sizes or r.size in chosen)]
     name = "-".join([*(p for p in cfg.presets if p in (presets or [])), *(f"n{n}" for n in known if n in (sizes or []))])
     return picked, name
 
