@@ -47,12 +47,16 @@ def save_checkpoint(out: Path, model: ESM, head: ProbeHead, opt, sched, counters
     atomic_write_json(out / "checkpoint.json", counters)
 
 
+def changed_options(out: Path, cfg: FinetuneConfig) -> list[str]:
+    """The options of ``cfg`` that differ from the run saved in ``out`` (those a resumed run may change aside)."""
+    saved, given = read_json_object(out / "config.json"), json.loads(json.dumps(asdict(cfg)))  # JSON round trip: lists, not tuples
+    return sorted(k for k, v in given.items() if k not in RESUME_OVERRIDABLE and saved.get(k) != v)
+
+
 def resume_state(out: Path, cfg: FinetuneConfig, model: ESM, head: ProbeHead, opt, sched) -> dict[str, Any]:
     if not (out / "checkpoint.json").is_file():
         raise FileNotFoundError(f"{out} has no checkpoint.json: nothing to resume (was it a `distill finetune` run directory?)")
-    saved, given = read_json_object(out / "config.json"), json.loads(json.dumps(asdict(cfg)))  # JSON round trip: lists, not tuples
-    changed = sorted(k for k, v in given.items() if k not in RESUME_OVERRIDABLE and saved.get(k) != v)
-    if changed:
+    if changed := changed_options(out, cfg):
         raise ValueError(f"--resume: these options differ from the run in {out}: {', '.join(changed)}; resume with the same options")
     load_weights(out / "last", model, head)
     state = torch.load(out / "last" / "state.pt", map_location="cpu", weights_only=True)

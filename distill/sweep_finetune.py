@@ -18,6 +18,7 @@ from rich.console import Console
 from distill.config import FinetuneConfig, SweepConfig
 from distill.errors import UserError
 from distill.finetune import finetune
+from distill.finetune_checkpoints import changed_options
 from distill.io import atomic_write_json, read_json_object
 from distill.labels import read_labelled
 from distill.probe import classification_metrics
@@ -61,6 +62,9 @@ def finetune_students(cfg: SweepConfig, students: dict[str, RunKey], out: Path, 
             run = out / "finetune" / task / Path(spec).parent.name
             ft = settings_of(task, settings, spec, run, key.seed)
             done = (run / "model" / "config.json").is_file()
+            if done and (changed := changed_options(run, ft)):
+                raise UserError(f"{run} was fine-tuned with other settings ({', '.join(changed)} differ from [finetune.{task}]);"
+                                " delete it to fine-tune again with the new settings, or restore them")  # fmt: skip
             if done:
                 console.print(f"{run.name}: fine-tuned on {task} earlier, skipped")
             else:

@@ -4,6 +4,7 @@ import pytest
 from conftest import EXAMPLES, write_fasta
 
 from distill.config import SweepConfig
+from distill.errors import UserError
 from distill.fasta import read_fasta
 from distill.sweep import grid, run_sweep
 
@@ -120,6 +121,10 @@ def test_sweep_trains_probes_reports_and_resumes_without_redoing(tmp_path, capsy
     assert "Student-h128-L8-vanilla: finished earlier, skipped" in err and "Student-h128-L8-T2.0: finished earlier, skipped" in err
     assert err.count("fine-tuned on pfam earlier, skipped") == 2
     assert (tmp_path / "report" / "runs" / "Student-h128-L8-T2.0" / "student" / "model.safetensors").stat().st_mtime_ns == weights
+
+    config.write_text(config.read_text().replace("epochs = 1\nbatch_size = 16", "epochs = 2\nbatch_size = 16"))
+    with pytest.raises(UserError, match=r"fine-tuned with other settings \(epochs differ from \[finetune.pfam\]\)"):
+        run_sweep(config, Console(stderr=True, soft_wrap=True))  # a finished fine-tune of other settings is never reused
 
 
 def test_subsets_are_nested_and_do_not_depend_on_the_file_order(tmp_path):
