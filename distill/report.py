@@ -128,8 +128,12 @@ def evaluate_models(
     ppl_data: Path | None = None,
     baselines: bool = False,
     tsne_top: int = 10,
+    names: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Probe every model on the same split; write results.{md,csv,json} and the figures into ``out``."""
+    """Probe every model on the same split; write results.{md,csv,json} and the figures into ``out``.
+
+    ``names`` maps a spec to the name its row and panels carry (default: the model's architecture name), so runs of
+    one architecture (a sweep's seeds and data sizes) stay apart."""
     out.mkdir(parents=True, exist_ok=True)
     prepared = prepare(cfg, console)
     specs = list(specs)
@@ -148,12 +152,13 @@ def evaluate_models(
         console.print(f"probing {feat.name} ({feat.parameters / 1e6:.2f}M parameters, dim {feat.dim})")
         result, test_x = probe_one(feat, cfg, prepared, console)
         ppl = held_out_perplexity(feat, ppl_set, cfg) if ppl_set else None
-        row = {"model": feat.name, "spec": spec, "parameters": feat.parameters, **result.metrics, "perplexity": ppl, "notes": result.notes}
+        name = (names or {}).get(spec, feat.name)
+        row = {"model": name, "spec": spec, "parameters": feat.parameters, **result.metrics, "perplexity": ppl, "notes": result.notes}
         rows.append(row)
-        panels[feat.name] = test_x
-        confusions[feat.name] = (result.y_true, result.y_pred)
+        panels[name] = test_x
+        confusions[name] = (result.y_true, result.y_pred)
         if ppl is not None:
-            ppl_points[feat.name] = (feat.parameters, ppl)
+            ppl_points[name] = (feat.parameters, ppl)
     first = rows[0]
     header = cfg.describe(first["classes"], first["n_train"], first["n_test"], first["class_weights"])
     write_tables(rows, header, out)

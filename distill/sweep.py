@@ -188,7 +188,8 @@ def run_sweep(config: Path, console: Console, presets: list[str] | None = None, 
         t0 = time.perf_counter()
         probe_cfg = ProbeConfig(task=task, **{"seed": cfg.seed, **settings, "data": list(settings["data"])})
         ppl = Path(cfg.valid) if cfg.valid else None
-        tables[task] = evaluate_models([cfg.teacher, *students], probe_cfg, where / task, console, ppl, cfg.baselines)
+        names = {spec: Path(spec).parent.name for spec in students}  # the run, not just the architecture: seeds and sizes apart
+        tables[task] = evaluate_models([cfg.teacher, *students], probe_cfg, where / task, console, ppl, cfg.baselines, names=names)
         timings[f"probe {task}"] = time.perf_counter() - t0
     finetuned = {}
     if cfg.finetune:
@@ -223,7 +224,7 @@ def report(
         f"Teacher `{cfg.teacher}`; students {', '.join(cfg.presets)} x T {cfg.temperatures} x lambda "
         f"{cfg.lambdas} (lambda 0 = vanilla MLM); trained on `{cfg.data}`"
         + (f", perplexity on `{cfg.valid}`" if cfg.valid else "")
-        + (f", {cfg.epochs} epochs" if cfg.epochs else "")
+        + (f", {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}" if cfg.epochs else "")
         + "."
         + (f" This report covers the stage {stage} of that grid (the students listed below)." if stage else ""),
         "",

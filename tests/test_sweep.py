@@ -183,6 +183,10 @@ def test_a_two_size_two_seed_sweep_reports_paired_gains_and_resumes(tmp_path, ca
     assert "## Data size and seeds" in text and "| small | 16 | 2 | 0.5 | 2 |" in text
     assert "| perplexity | small | 16 | 2 | 0.5 |" in text and "| pfam F1 (macro) | small | 32 | 2 | 0.5 |" in text
     assert "shrinks with data size:" in text and (tmp_path / "report" / "gain_vs_md.png").is_file()
+    rows = [line.split(" | ")[0].strip("| ") for line in (tmp_path / "report" / "pfam" / "results.md").read_text().splitlines()]
+    assert [r for r in rows if r.startswith("Student")] == [
+        f"Student-h128-L8-{t}-n{n}-s{s}" for n in (16, "all") for s in (0, 1) for t in ("vanilla", "T2.0")
+    ]  # each run its own row, named by its run directory
     # masks are keyed by the training seed, so each (size, seed) has its own teacher cache
     assert sorted(p.name for p in (tmp_path / "report" / "teacher-cache").iterdir()) == ["n16-s0", "n16-s1", "nall-s0", "nall-s1"]
     capsys.readouterr()
