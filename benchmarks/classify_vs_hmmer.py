@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -155,11 +156,7 @@ def run_task(d: dict, out: Path, seeds: list[int], quick: bool, rows_dir: Path) 
         )
     rows = []
     for name, fn in plan:
-        cache = rows_dir / (
-            name.split(",")[0].split(" (")[0].replace(" ", "_").replace(">", "").replace("+", "")
-            + name.split(",")[-1].replace(" ", "_")
-            + ".json"
-        )
+        cache = rows_dir / row_file(name)
         if cache.is_file():
             rows.append(json.loads(cache.read_text()))
             continue
@@ -169,6 +166,11 @@ def run_task(d: dict, out: Path, seeds: list[int], quick: bool, rows_dir: Path) 
         print(f"[{task}] {name}: accuracy {row['accuracy']:.4f} ({time.perf_counter() - t:.0f} s)", flush=True)
         rows.append(row)
     return rows
+
+
+def row_file(name: str) -> str:
+    """'fine-tuned small, seed 0' -> 'fine-tuned_small_seed_0.json'; 'HMMER (FAMSA + ...)' -> 'HMMER.json'."""
+    return re.sub(r"[^A-Za-z0-9-]+", "_", re.sub(r" \(.*?\)", "", name)).strip("_") + ".json"
 
 
 def summarise(rows: list[dict]) -> list[dict]:
