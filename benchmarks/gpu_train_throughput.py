@@ -118,16 +118,15 @@ def main() -> None:
         print(
             f"B. student training ({common['preset']}): live teacher {live:,.0f} tokens/s | cache {cached:,.0f} tokens/s | {cached / live:.2f}x"
         )
-        finetune_epoch(args, device, tmp)
+        finetune_epoch("random:small" if args.smoke else f"random:{args.preset}", max_tokens, device, tmp)
 
 
-def finetune_epoch(args: argparse.Namespace, device: torch.device, tmp: Path) -> None:
+def finetune_epoch(model: str, max_tokens: int, device: torch.device, tmp: Path) -> None:
     from distill.config import FinetuneConfig
     from distill.finetune import finetune
 
-    model = "random:small" if args.smoke else f"random:{args.preset}"
     cfg = FinetuneConfig(model, [str(REPO / "examples" / "pfam.fasta")], "pfam", str(tmp / "finetune"), epochs=1, lr=1e-3,
-                         max_tokens=args.max_tokens if not args.smoke else 2048, quiet=True, device=device.type)  # fmt: skip
+                         max_tokens=max_tokens, quiet=True, device=device.type)  # fmt: skip
     t0 = time.perf_counter()
     finetune(cfg)
     seconds = time.perf_counter() - t0

@@ -184,11 +184,11 @@ def run_sweep(config: Path, console: Console, presets: list[str] | None = None, 
         if not result.completed:
             raise UserError(f"{r.name} was interrupted; rerun `distill sweep {config}` to continue")
     tables = {}
+    names = {spec: Path(spec).parent.name for spec in students}  # the run, not just the architecture: seeds and sizes apart
     for task, settings in cfg.tasks.items():
         t0 = time.perf_counter()
         probe_cfg = ProbeConfig(task=task, **{"seed": cfg.seed, **settings, "data": list(settings["data"])})
         ppl = Path(cfg.valid) if cfg.valid else None
-        names = {spec: Path(spec).parent.name for spec in students}  # the run, not just the architecture: seeds and sizes apart
         tables[task] = evaluate_models([cfg.teacher, *students], probe_cfg, where / task, console, ppl, cfg.baselines, names=names)
         timings[f"probe {task}"] = time.perf_counter() - t0
     finetuned = {}
