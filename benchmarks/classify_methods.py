@@ -110,18 +110,28 @@ def affine(t_small: float, n_small: int, t_big: float, n_big: int, n_queries: in
     return {"kind": "affine", "fixed_s": max(t_big / n_queries - b * n_big, 0.0), "per_class_s": b}
 
 
-def nearest_neighbour(d: dict) -> Result:
-    from distill.align import Aligner
+def nearest_neighbour(d: dict, vote: bool = False) -> Result:
+    """The best-scoring training sequence's label; ``vote``: the product's rule over every training sequence instead
+    (E-values, evidence vote of the best three per class: distill.align), the ceiling of an index's candidates."""
+    from distill.align import Aligner, evidence
+    from distill.align import vote as evidence_vote
 
     t = time.perf_counter()
     aligner = Aligner(d["train"].sequences, threads=2)
     train_s = time.perf_counter() - t
     everything = np.arange(len(d["train"]))
+    lengths = np.array([len(s) for s in d["train"].sequences])
 
     def search(seqs: list[str]) -> tuple[list[str], np.ndarray]:
         pred, best = [], np.zeros(len(seqs))
         for i, s in enumerate(seqs):
             scores = aligner.scores(s, everything)
+            if vote:
+                e = evidence(scores, len(s), lengths)
+                order = np.argsort(-e, kind="stable")
+                label, best[i] = evidence_vote([d["train"].labels[j] for j in order], e[order])
+                pred.append(label)
+                continue
             j = int(np.argmax(scores))
             pred.append(d["train"].labels[j])
             best[i] = scores[j]
@@ -256,7 +266,7 @@ def reference(d: dict, index_dir: Path, bundle: Path | str, align: int, kmer: bo
 
     def predict(seqs: list[str]) -> tuple[list[str], np.ndarray]:
         nn = index.search(embed(model, seqs, index.card["pooling"], 8192), 1, [s.upper() for s in seqs])
-        return [labels[0] for labels in nn.labels], nn.call_scores[:, 0]
+        return nn.calls, nn.call_scores
 
     t = time.perf_counter()
     pred, scores = predict(d["test"].sequences)

@@ -8,6 +8,8 @@ Every method trains on the same training file and is scored on the same test fil
 
   HMMER              per class: FAMSA MSA (pyfamsa) -> hmmbuild (pyhmmer) -> hmmscan; the best-scoring profile
   Smith-Waterman NN  pyopal, BLOSUM62, gap open 11 / extend 1; the best-scoring training sequence
+  SW E-value vote    the same alignments, the product's call rule (distill.align: E-values, the vote of each class's
+                     best three): what the reference index would reach if its prefilters missed nothing
   linear probe       the old product path: softmax regression on frozen random-init `small` embeddings
   fine-tuned small   `distill finetune random:small@SEED` (one row per seed, summarised as mean +- sd)
   fine-tuned medium  `distill finetune random:medium@SEED` (Pfam; one row per seed, summarised)
@@ -117,13 +119,15 @@ def score(name: str, result: methods.Result, d: dict, classes: int) -> dict:
     return row
 
 
-def run_task(d: dict, out: Path, seeds: list[int], quick: bool, rows_dir: Path) -> list[dict]:
-    """Every method's row, each computed once: a row whose JSON is in ``rows_dir`` is read, not recomputed."""
+def run_task(d: dict, out: Path, seeds: list[int], quick: bool, rows_dir: Path, only: list[str] | None = None) -> list[dict]:
+    """Every method's row, each computed once: a row whose JSON is in ``rows_dir`` is read, not recomputed; with
+    ``only``, methods whose name starts with none of them are not computed (their kept rows are still read)."""
     task, classes = d["task"], len(set(d["train"].labels))
     out.mkdir(parents=True, exist_ok=True)
     plan: list[tuple[str, object]] = [
         ("HMMER (FAMSA + hmmbuild + hmmscan)", lambda: methods.hmmer(d)),
         ("Smith-Waterman nearest neighbour", lambda: methods.nearest_neighbour(d)),
+        ("Smith-Waterman, every reference, E-value vote", lambda: methods.nearest_neighbour(d, vote=True)),
         ("linear probe, random-init small", lambda: methods.linear_probe(d, out)),
     ]
     ft = methods.finetune_settings(task, quick)
@@ -154,11 +158,23 @@ def run_task(d: dict, out: Path, seeds: list[int], quick: bool, rows_dir: Path) 
                 lambda e=encoder, p=directory: methods.reference(d, out / f"{p}-kmer4", e, 200),
             )
         )
+    # SCOPe: the candidate count as a knob (more candidates, slower; all = exhaustive alignment). Pfam's index is
+    # at 0.999 with 200 already.
+    for n in (1000, len(d["train"])) if task == "scope" else ():
+        label = "every reference aligned" if n == len(d["train"]) else f"re-rank of {n} + {n} by 4-mers"
+        plan.append(
+            (
+                f"reference index over random-init small, {label}",
+                lambda n=n: methods.reference(d, out / f"index-random-{n}", "random:small", n),
+            )
+        )
     rows = []
     for name, fn in plan:
         cache = rows_dir / row_file(name)
         if cache.is_file():
             rows.append(json.loads(cache.read_text()))
+            continue
+        if only and not name.startswith(tuple(only)):
             continue
         t = time.perf_counter()
         row = score(name, fn(), d, classes)
@@ -238,6 +254,8 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--rows", type=Path, help="where each method's row is kept as JSON (default OUT/TASK): a directory kept "
                     "across machines (benchmarks/results/classify) lets the rows be computed over several sittings")  # fmt: skip
+    ap.add_argument("--only", nargs="+", metavar="PREFIX", help="compute only the methods whose name starts with one of these "
+                    "(e.g. 'reference index'); other rows are read where kept, else left out")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="a few classes and one epoch: checks the script runs, measures nothing")
     args = ap.parse_args()
     split = args.out / "split"
@@ -249,7 +267,7 @@ def main() -> None:
         d = load_task(split, task, 0)
         if args.quick:
             d = methods.shrink(d, 6, args.out / task)
-        seed_rows = run_task(d, args.out / task, args.seeds, args.quick, rows_for(d, (args.rows or args.out) / task))
+        seed_rows = run_task(d, args.out / task, args.seeds, args.quick, rows_for(d, (args.rows or args.out) / task), args.only)
         info = f"{task}: {len(set(d['train'].labels))} classes, {len(d['train'])} training, {len(d['test'])} test, {len(d['negatives'])} negatives"
         gain = distillation_gain(seed_rows)
         report.append(f"### {info}\n\n{table(summarise(seed_rows), task)}\n" + (f"\n{gain}" if gain else ""))

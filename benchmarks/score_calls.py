@@ -3,7 +3,8 @@
     python benchmarks/score_calls.py CALLS.tsv LABELLED --task pfam|scope
 
 For each ``<task>_label_1`` and ``ref_call`` column: calls made (not ``-``), precision of those calls, coverage (right
-calls / all records), and the top-1 accuracy if the no-call were ignored (``ref_label_1`` for the index).
+calls / all records), and the top-1 accuracy if the no-call were ignored (for the index: ``ref_label_1``, its most
+significant neighbour, which the vote of ``ref_call`` may overrule).
 """
 
 import argparse

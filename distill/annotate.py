@@ -85,9 +85,10 @@ class Columns:
             for k in range(1, self.top_k + 1):
                 cols += [f"{t}_label_{k}", f"{t}_prob_{k}"]
         if self.reference is not None:
-            cols.append("ref_call")
+            cols += ["ref_call", "ref_call_score"]
             for k in range(1, self.reference_k + 1):
-                cols += [f"ref_id_{k}", f"ref_label_{k}", f"ref_similarity_{k}"] + ([f"ref_score_{k}"] if self.reference.align else [])
+                cols += [f"ref_id_{k}", f"ref_label_{k}", f"ref_similarity_{k}"]
+                cols += [f"ref_score_{k}", f"ref_evalue_{k}"] if self.reference.align else []
         return "\t".join(cols + ["status", "message"]) + "\n"
 
     def row(self, row: Row, neighbours: tuple | None) -> str:
@@ -100,15 +101,15 @@ class Columns:
             for i in np.argsort(-p, kind="stable")[: self.top_k]:
                 cells += [self.labels[t][i] if p[i] >= self.thresholds.get(t, 0.0) else NO_CALL, f"{p[i]:.4f}"]
         if self.reference is not None:
-            per = 3 + bool(self.reference.align)
+            per = 3 + 2 * bool(self.reference.align)
             if neighbours is None:
-                cells += [""] * (1 + per * self.reference_k)
+                cells += [""] * (2 + per * self.reference_k)
             else:
-                ids, labels, sims, scores = neighbours
-                call_scores = scores if scores is not None else sims
-                cells.append(labels[0] if call_scores[0] >= self.reference.threshold else NO_CALL)
+                ids, labels, sims, scores, evidence, call, call_score = neighbours
+                cells += [call if call_score >= self.reference.threshold else NO_CALL, f"{call_score:.4f}"]
                 for j, (rid, label, sim) in enumerate(zip(ids, labels, sims, strict=True)):
-                    cells += [_clean(rid), label, f"{sim:.4f}"] + ([f"{scores[j]:.0f}"] if scores is not None else [])
+                    cells += [_clean(rid), label, f"{sim:.4f}"]
+                    cells += [f"{scores[j]:.0f}", f"{np.exp(-evidence[j]):.2g}"] if scores is not None else []
         return "\t".join(cells + [row.status, _clean(row.message)]) + "\n"
 
     def rows(self, rows: list[Row]) -> str:
@@ -117,7 +118,11 @@ class Columns:
         if self.reference is not None and ok:
             nn = self.reference.search(np.stack([rows[i].embedding for i in ok]), self.reference_k, [rows[i].sequence for i in ok])
             scores = nn.scores if nn.scores is not None else [None] * len(ok)
-            found = {i: (nn.ids[j], nn.labels[j], nn.similarities[j], scores[j]) for j, i in enumerate(ok)}
+            evidence = nn.evidence if nn.evidence is not None else [None] * len(ok)
+            found = {
+                i: (nn.ids[j], nn.labels[j], nn.similarities[j], scores[j], evidence[j], nn.calls[j], nn.call_scores[j])
+                for j, i in enumerate(ok)
+            }
         return "".join(self.row(r, found.get(i)) for i, r in enumerate(rows))
 
 

@@ -9,8 +9,8 @@ INDEX/
   vectors.npy     [n, dim] float32, L2-normalised
   entries.tsv     id<TAB>label<TAB>sequence, one line per vector, same order
 
-``--align N`` (distill.align): calls come from Smith-Waterman re-ranking of the N nearest references by cosine;
-the calibrated threshold is then on the alignment score.
+``--align N`` (distill.align): the N nearest references by cosine (and by shared k-mers) are aligned, ordered by the
+alignment's E-value, and the call is their evidence-weighted vote; the calibrated threshold is then on its evidence.
 
 The model check: the card keeps a few reference sequences with their vectors; a backend that embeds them
 differently (cosine < 0.99, which int8 graphs of the same model pass) is another model, and is refused.
@@ -35,6 +35,7 @@ FORMAT = "esm-distill-index"
 N_CHECK = 8  # reference sequences kept to recognise the model
 CHECK_COSINE = 0.99
 MAX_NEGATIVES = 2000  # shuffled references embedded to calibrate the similarity threshold
+CALL_SCORE = "alignment evidence"  # an --align index's calls: -ln E vote (distill.align); "alignment": raw scores, before
 PART_FILE = "index-part.json"  # marks a directory as one part of a `distill index --shard I/N` job
 
 
@@ -52,12 +53,10 @@ class Neighbours:
     ids: list[list[str]]
     labels: list[list[str]]
     similarities: np.ndarray  # [n, k] cosine
-    scores: np.ndarray | None = None  # [n, k] alignment scores when the index re-ranks by alignment (the order then)
-
-    @property
-    def call_scores(self) -> np.ndarray:
-        """What the calibrated threshold applies to: alignment scores when re-ranked, else cosine similarities."""
-        return self.scores if self.scores is not None else self.similarities
+    calls: list[str]  # per query, the label called (before the threshold): nearest by cosine, or the alignment vote
+    call_scores: np.ndarray  # [n] what the calibrated threshold applies to: cosine, or the vote's -ln E evidence
+    scores: np.ndarray | None = None  # [n, k] Smith-Waterman scores when the index re-ranks by alignment
+    evidence: np.ndarray | None = None  # [n, k] their -ln E-values (distill.align.evidence), the order then
 
 
 class ReferenceIndex:
@@ -71,6 +70,7 @@ class ReferenceIndex:
         self._faiss.add(self.vectors)
         self._aligner = None
         self._kmers: KmerIndex | None = None
+        self._lengths = np.array([len(x) for x in self.sequences])
 
     @property
     def align(self) -> int:
@@ -97,20 +97,30 @@ class ReferenceIndex:
             keep = idx != np.arange(len(idx))[:, None]
             keep[keep.all(1), -1] = False  # self not among them (duplicate vectors): drop the last instead
             idx, sims = idx[keep].reshape(len(idx), -1), sims[keep].reshape(len(idx), -1)
-        scores = None
-        if sequences is not None and self.align:
-            from distill.align import Aligner, rerank  # pyopal (optional extra): only when re-ranking
+        if sequences is None or not self.align:
+            idx, sims = idx[:, :k], sims[:, :k]
+            labels = [[self.labels[j] for j in row] for row in idx]
+            return Neighbours([[self.ids[j] for j in row] for row in idx], labels, sims, [r[0] for r in labels], sims[:, 0].copy())
+        return self._aligned(q, sequences, list(idx), k, exclude_self)
 
-            self._aligner = self._aligner or Aligner(self.sequences)
-            candidates = list(idx)
-            if self.card.get("kmer"):  # and the nearest by shared k-mers (distill.kmers): both prefilters' candidates
-                self._kmers = self._kmers or KmerIndex(self.sequences, int(self.card["kmer"]))
-                near = self._kmers.search(sequences, self.align, np.arange(len(idx)) if exclude_self else None)
-                candidates = [np.concatenate([c, w[~np.isin(w, c)]]) for c, w in zip(candidates, near, strict=True)]
-            idx, scores = rerank(self._aligner, sequences, candidates, k)
-            sims = (q[:, None, :] * self.vectors[idx]).sum(-1)
-        idx, sims = idx[:, :k], sims[:, :k]
-        return Neighbours([[self.ids[j] for j in row] for row in idx], [[self.labels[j] for j in row] for row in idx], sims, scores)
+    def _aligned(self, q: np.ndarray, sequences: list[str], candidates: list[np.ndarray], k: int, exclude_self: bool) -> Neighbours:
+        """Candidates by cosine plus those by shared k-mers, aligned and ordered by evidence; the call is their vote."""
+        from distill.align import Aligner, rerank, vote  # pyopal (optional extra): only when re-ranking
+
+        self._aligner = self._aligner or Aligner(self.sequences)
+        if self.card.get("kmer"):  # and the nearest by shared k-mers (distill.kmers): both prefilters' candidates
+            self._kmers = self._kmers or KmerIndex(self.sequences, int(self.card["kmer"]))
+            near = self._kmers.search(sequences, self.align, np.arange(len(candidates)) if exclude_self else None)
+            candidates = [np.concatenate([c, w[~np.isin(w, c)]]) for c, w in zip(candidates, near, strict=True)]
+        ranked = rerank(self._aligner, sequences, candidates, self._lengths)
+        votes = [vote([self.labels[j] for j in r.idx], r.evidence) for r in ranked]
+        idx = np.stack([r.idx[:k] for r in ranked])
+        labels = [[self.labels[j] for j in row] for row in idx]
+        sims = (q[:, None, :] * self.vectors[idx]).sum(-1)
+        return Neighbours(
+            [[self.ids[j] for j in row] for row in idx], labels, sims, [v[0] for v in votes], np.array([v[1] for v in votes]),
+            np.stack([r.scores[:k] for r in ranked]), np.stack([r.evidence[:k] for r in ranked]),
+        )  # fmt: skip
 
     def check_model(self, embed_fn) -> None:  # noqa: ANN001 (sequences -> [n, dim] vectors)
         """Refuse a model that embeds the stored check sequences differently from the one that built the index."""
@@ -156,6 +166,11 @@ def load_index(directory: Path) -> ReferenceIndex:
     card = read_json_object(card_path, "index card")
     if card.get("format") != FORMAT:
         raise IndexError_(f"{card_path} is not an esm-distill index card (format {card.get('format')!r})")
+    if card.get("align") and card.get("calibration", {}).get("score") != CALL_SCORE:
+        raise IndexError_(
+            f"{directory} was calibrated on raw alignment scores by an earlier version; calls now vote by E-value: "
+            f"rebuild it with `distill index MODEL --data ... --align {card['align']} -o {directory}`"
+        )
     try:
         vectors = np.load(directory / "vectors.npy")
         rows = [line.split("\t") for line in (directory / "entries.tsv").read_text().splitlines()]
@@ -170,13 +185,13 @@ def calibrate_calls(index: ReferenceIndex, negatives: list[str], negative_vector
     """Leave-one-out calls over the references (right if the nearest other reference shares the label) + negatives.
 
     A reference whose label occurs once cannot be called right; it counts all the same, so coverage is what a query
-    of a stored class would see. Scores are cosine similarities, or alignment scores for an ``--align`` index.
+    of a stored class would see. Scores are cosine similarities, or the vote's evidence for an ``--align`` index.
     """
     nn = index.search(index.vectors, 1, index.sequences, exclude_self=True)
-    correct = np.array([labels[0] == label for labels, label in zip(nn.labels, index.labels, strict=True)])
-    neg = index.search(negative_vectors, 1, negatives).call_scores[:, 0] if len(negatives) else np.zeros(0, np.float32)
-    th = threshold_for_precision(np.r_[nn.call_scores[:, 0], neg], np.r_[correct, np.zeros(len(neg), bool)], target, len(index))
-    return {"threshold": th.threshold, "score": "alignment" if index.align else "cosine", "target_precision": target,
+    correct = np.array([call == label for call, label in zip(nn.calls, index.labels, strict=True)])
+    neg = index.search(negative_vectors, 1, negatives).call_scores if len(negatives) else np.zeros(0, np.float32)
+    th = threshold_for_precision(np.r_[nn.call_scores, neg], np.r_[correct, np.zeros(len(neg), bool)], target, len(index))
+    return {"threshold": th.threshold, "score": CALL_SCORE if index.align else "cosine", "target_precision": target,
             "precision": th.precision, "coverage": th.coverage, "reached": th.reached,
             "leave_one_out_accuracy": float(correct.mean()), "n_negatives": int(len(neg))}  # fmt: skip
 

@@ -66,6 +66,8 @@ class Neighbour(BaseModel):
     label: str
     similarity: float = Field(description="cosine similarity of the embeddings")
     score: float = Field(0.0, description="Smith-Waterman score (BLOSUM62, 11/1) when the index re-ranks by alignment, else 0")
+    # a sentinel, not null: BentoML writes OpenAPI 3.0, which has no null type
+    evalue: float = Field(-1.0, description="the alignment's Karlin-Altschul E-value when the index re-ranks by alignment, else -1")
 
 
 class Classified(BaseModel):
@@ -76,7 +78,12 @@ class Classified(BaseModel):
     )
     cropped: bool = False
     neighbours: list[Neighbour] = Field(default_factory=list, description="nearest labelled references (with a reference index)")
-    reference_call: str = Field("", description="the nearest reference's label when its similarity clears the index's threshold, else '-'")
+    reference_call: str = Field(
+        "",
+        description="the references' call when its score clears the index's calibrated threshold, else '-': the nearest "
+        "reference's label (cosine index), or the neighbours' E-value vote (aligning index)",
+    )
+    reference_score: float = Field(0.0, description="the call's score: cosine similarity, or the vote's evidence (-ln E)")
 
 
 class ClassifyResponse(BaseModel):

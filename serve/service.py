@@ -222,12 +222,14 @@ class EsmDistillService:
             vectors = np.array([r["mean"] for r in rows], dtype=np.float32)
             nn = await asyncio.to_thread(index.search, vectors, top_k, prepared.pieces)  # faiss + alignment: CPU work off the event loop
             scores = nn.scores if nn.scores is not None else np.zeros_like(nn.similarities)
-            for c, ids, labels, sims, sc, calls in zip(out, nn.ids, nn.labels, nn.similarities, scores, nn.call_scores, strict=True):
+            evidence = nn.evidence if nn.evidence is not None else np.full_like(nn.similarities, np.nan)
+            for i, c in enumerate(out):
                 c.neighbours = [
-                    Neighbour(id=i, label=lab, similarity=float(s), score=float(x))
-                    for i, lab, s, x in zip(ids, labels, sims, sc, strict=True)
+                    Neighbour(id=rid, label=lab, similarity=float(s), score=float(x), evalue=-1.0 if np.isnan(e) else float(np.exp(-e)))
+                    for rid, lab, s, x, e in zip(nn.ids[i], nn.labels[i], nn.similarities[i], scores[i], evidence[i], strict=True)
                 ]
-                c.reference_call = labels[0] if calls[0] >= index.threshold else "-"
+                c.reference_call = nn.calls[i] if nn.call_scores[i] >= index.threshold else "-"
+                c.reference_score = float(nn.call_scores[i])
         return out
 
     async def card(self) -> dict[str, Any]:

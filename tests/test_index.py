@@ -61,27 +61,67 @@ def test_an_appended_class_becomes_callable_without_retraining(refs, tmp_path):
     assert len(load_index(index)) == 40 and load_index(index).card["appended"] == 1
     after = annotate(refs, index, tmp_path / "after.tsv")
     assert sum(after[i]["ref_call"] == NEW for i in new_ids) >= 4, [after[i] for i in new_ids]
-    # Calls are right and scored by alignment, best first; cosine similarities are reported beside them.
+    # Calls are right and scored by the alignments' evidence, most significant (smallest E-value) first; cosine
+    # similarities are reported beside them.
     right = np.mean([after[i]["ref_call"] == f for i, f in refs["truth"].items() if after[i]["ref_call"] != "-"])
-    assert right >= 0.9 and all(float(r["ref_score_1"]) >= float(r["ref_score_2"]) for r in after.values())
+    assert right >= 0.9 and all(float(r["ref_evalue_1"]) <= float(r["ref_evalue_2"]) for r in after.values())
+    assert all(float(r["ref_call_score"]) >= -np.log(float(r["ref_evalue_1"])) - 1e-3 for r in after.values())
     again = runner.invoke(
         app, ["index", str(refs["root"] / "tiny"), "--data", str(refs["new"]), "--task", "pfam", "-o", str(index), "--append"]
     )
     assert again.exit_code == 2 and "10 ids are already in the index" in again.output
 
 
-def test_alignment_reranking_orders_candidates_by_smith_waterman_score(refs, tmp_path):
+def test_alignment_reranking_orders_candidates_by_evalue_and_calls_by_vote(refs, tmp_path):
     import pyopal
 
     build(refs, tmp_path / "idx", "--align", "30", "--no-kmer")
     index = load_index(tmp_path / "idx")
-    assert index.card["kmer"] == 0
+    assert index.card["kmer"] == 0 and index.card["calibration"]["score"] == "alignment evidence"
     query = next(iter(read_fasta(refs["queries"]))).sequence
-    nn = index.search(index.vectors[:1], 3, [query])
+    nn = index.search(index.vectors[:1], 30, [query])
     cand = index.search(index.vectors[:1], 30)  # the 30 candidates by cosine
-    direct = pyopal.align(query, [index.sequences[index.ids.index(i)] for i in cand.ids[0]], "BLOSUM62", gap_open=11, gap_extend=1)
-    best = sorted(((h.score, cand.ids[0][h.target_index]) for h in direct), key=lambda t: -t[0])[:3]
-    assert [s for s, _ in best] == list(nn.scores[0]) and nn.ids[0][0] == best[0][1]
+    targets = [index.sequences[index.ids.index(i)] for i in cand.ids[0]]
+    direct = pyopal.align(query, targets, "BLOSUM62", gap_open=11, gap_extend=1)
+    # -ln E = 0.267 S - ln(0.041 m n), by hand, best first
+    by_hand = sorted(
+        (
+            (0.267 * h.score - np.log(0.041 * len(query) * len(targets[h.target_index])), h.score, cand.ids[0][h.target_index])
+            for h in direct
+        ),
+        key=lambda t: -t[0],
+    )
+    assert nn.evidence[0] == pytest.approx([e for e, _, _ in by_hand], rel=1e-5)
+    assert list(nn.scores[0]) == [s for _, s, _ in by_hand] and nn.ids[0] == [i for _, _, i in by_hand]
+    # the call: per label, best + 1/2 second + 1/4 third (positive ones); the largest total
+    totals: dict[str, list[float]] = {}
+    for e, label in zip(nn.evidence[0], nn.labels[0], strict=True):
+        totals.setdefault(label, []).append(e)
+    vote = {label: v[0] + sum(w * max(x, 0) for w, x in zip((0.5, 0.25), v[1:3], strict=False)) for label, v in totals.items()}
+    assert nn.calls[0] == max(vote, key=vote.get) and nn.call_scores[0] == pytest.approx(max(vote.values()), rel=1e-5)
+
+
+def test_evidence_and_vote_by_hand():
+    from distill.align import evidence, vote
+
+    # 0.267 * 100 - ln(0.041 * 100 * 200) = 26.7 - 6.7093
+    assert evidence(np.array([100.0]), 100, np.array([200]))[0] == pytest.approx(19.9907, abs=1e-4)
+    assert vote(["a", "b", "b"], np.array([10.0, 9.0, 8.0])) == ("b", 13.0)  # 9 + 8/2 beats one hit of 10
+    assert vote(["a", "b", "b", "b", "b"], np.array([14.0, 8.0, 4.0, 4.0, 4.0])) == ("a", 14.0)  # 8 + 2 + 1; the 4th not counted
+    assert vote(["a", "b", "b"], np.array([3.0, 2.0, -5.0])) == ("a", 3.0)  # a negative second hit costs nothing
+    assert vote(["a", "b"], np.array([-1.0, -2.0])) == ("a", -1.0)  # weak calls stay ordered (below any threshold)
+
+
+def test_an_index_calibrated_on_raw_alignment_scores_is_refused(refs, tmp_path):
+    import json
+
+    build(refs, tmp_path / "idx", "--align", "5")
+    card_path = tmp_path / "idx" / "index.json"
+    card = json.loads(card_path.read_text())
+    card["calibration"]["score"] = "alignment"  # what an earlier version wrote
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(IndexError_, match="calibrated on raw alignment scores by an earlier version.*--align 5"):
+        load_index(tmp_path / "idx")
 
 
 def test_three_mer_words_and_their_nearest_references_by_hand():

@@ -388,6 +388,8 @@ def test_classify_flags_no_calls_and_lists_reference_neighbours(server):
             sims.tolist(), abs=1e-5
         )
         assert r["reference_call"] == (ids and r["neighbours"][0]["label"] if sims[0] >= index.threshold else "-")
+        assert r["reference_score"] == pytest.approx(float(sims[0]), abs=1e-5)  # a cosine index: the nearest's similarity
+        assert all(n["evalue"] == -1 for n in r["neighbours"])
 
 
 def test_int8_import_with_heads_passes_and_its_engine_answers_independently_of_the_batch(server):
