@@ -260,7 +260,8 @@ def _start(input_path: Path, output: Path, opts: Options, cols: Columns, fingerp
         console.print(f"resuming {output} after {done['records']} records")
         return done
     if output.exists() or progress_path.exists():
-        raise FileExistsError(f"{output} exists; continue it with --resume or choose another -o")
+        what = output if output.exists() else f"an annotation into {output} ({progress_path.name})"
+        raise FileExistsError(f"{what} exists; continue it with --resume or choose another -o")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(cols.header())
     done["bytes"] = output.stat().st_size

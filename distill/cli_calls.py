@@ -122,9 +122,9 @@ def index(
         console.print(f"{output}: part {part[0]}/{part[1]} of the index; join all parts with `distill merge PARTS... -o INDEX`")
         return
     c = idx.card["calibration"]
-    console.print(f"{output}: {len(idx)} references, {idx.card['labels']} labels; leave-one-out nearest-neighbour accuracy "
+    console.print(f"{output}: {len(idx)} references, {idx.card['labels']} labels; leave-one-out accuracy "
                   f"{c['leave_one_out_accuracy']:.3f}; no-call below {c['score']} {c['threshold']:.4f} for precision >= {c['target_precision']} "
-                  f"(coverage {c['coverage']:.3f})")  # fmt: skip
+                  f"(coverage {c['coverage']:.3f}; negatives: {c['n_negatives']} shuffled, {c.get('n_outside', 0)} of left-out labels)")  # fmt: skip
 
 
 def register(app: typer.Typer, export_app: typer.Typer) -> None:

@@ -34,7 +34,8 @@ from distill.kmers import KmerIndex
 FORMAT = "esm-distill-index"
 N_CHECK = 8  # reference sequences kept to recognise the model
 CHECK_COSINE = 0.99
-MAX_NEGATIVES = 2000  # shuffled references embedded to calibrate the similarity threshold
+MAX_NEGATIVES = 2000  # shuffled references embedded to calibrate the threshold (and as many left out with their label)
+MAX_LEFT_OUT = 1000  # a label with more references is too costly to leave out of a search (depth grows with it)
 CALL_SCORE = "alignment evidence"  # an --align index's calls: -ln E vote (distill.align); "alignment": raw scores, before
 PART_FILE = "index-part.json"  # marks a directory as one part of a `distill index --shard I/N` job
 
@@ -84,33 +85,37 @@ class ReferenceIndex:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def search(self, queries: np.ndarray, k: int, sequences: list[str] | None = None, exclude_self: bool = False) -> Neighbours:
+    def search(
+        self, queries: np.ndarray, k: int, sequences: list[str] | None = None, exclude: list[np.ndarray] | None = None
+    ) -> Neighbours:
         """The k nearest references; with an ``--align`` index and the query ``sequences``, re-ranked by alignment.
 
-        ``exclude_self`` (calibration only): queries are the references themselves, in order; each skips itself.
+        ``exclude`` (calibration only): per query, reference indices never returned (itself, or its whole label).
         """
-        k = min(k, len(self) - exclude_self)
+        extra = max((len(e) for e in exclude), default=0) if exclude is not None else 0
+        k = min(k, len(self) - extra)
         q = normalise(queries)
-        depth = max(k, self.align if sequences is not None else 0) + exclude_self
-        sims, idx = self._faiss.search(q, min(depth, len(self)))
-        if exclude_self:
-            keep = idx != np.arange(len(idx))[:, None]
-            keep[keep.all(1), -1] = False  # self not among them (duplicate vectors): drop the last instead
-            idx, sims = idx[keep].reshape(len(idx), -1), sims[keep].reshape(len(idx), -1)
+        depth = min(max(k, self.align if sequences is not None else 0) + extra, len(self))
+        sims, idx = self._faiss.search(q, depth)
+        if exclude is not None:
+            keep = [np.flatnonzero(~np.isin(row, e))[: depth - extra] for row, e in zip(idx, exclude, strict=True)]
+            idx, sims = np.take_along_axis(idx, np.stack(keep), 1), np.take_along_axis(sims, np.stack(keep), 1)
         if sequences is None or not self.align:
             idx, sims = idx[:, :k], sims[:, :k]
             labels = [[self.labels[j] for j in row] for row in idx]
             return Neighbours([[self.ids[j] for j in row] for row in idx], labels, sims, [r[0] for r in labels], sims[:, 0].copy())
-        return self._aligned(q, sequences, list(idx), k, exclude_self)
+        return self._aligned(q, sequences, list(idx), k, exclude)
 
-    def _aligned(self, q: np.ndarray, sequences: list[str], candidates: list[np.ndarray], k: int, exclude_self: bool) -> Neighbours:
+    def _aligned(
+        self, q: np.ndarray, sequences: list[str], candidates: list[np.ndarray], k: int, exclude: list[np.ndarray] | None
+    ) -> Neighbours:
         """Candidates by cosine plus those by shared k-mers, aligned and ordered by evidence; the call is their vote."""
         from distill.align import Aligner, rerank, vote  # pyopal (optional extra): only when re-ranking
 
         self._aligner = self._aligner or Aligner(self.sequences)
         if self.card.get("kmer"):  # and the nearest by shared k-mers (distill.kmers): both prefilters' candidates
             self._kmers = self._kmers or KmerIndex(self.sequences, int(self.card["kmer"]))
-            near = self._kmers.search(sequences, self.align, np.arange(len(candidates)) if exclude_self else None)
+            near = self._kmers.search(sequences, self.align, exclude)
             candidates = [np.concatenate([c, w[~np.isin(w, c)]]) for c, w in zip(candidates, near, strict=True)]
         ranked = rerank(self._aligner, sequences, candidates, self._lengths)
         votes = [vote([self.labels[j] for j in r.idx], r.evidence) for r in ranked]
@@ -181,19 +186,34 @@ def load_index(directory: Path) -> ReferenceIndex:
     return ReferenceIndex(vectors, *([r[c] for r in rows] for c in range(3)), card)
 
 
-def calibrate_calls(index: ReferenceIndex, negatives: list[str], negative_vectors: np.ndarray, target: float) -> dict[str, Any]:
-    """Leave-one-out calls over the references (right if the nearest other reference shares the label) + negatives.
+def calibrate_calls(
+    index: ReferenceIndex, negatives: list[str], negative_vectors: np.ndarray, target: float, seed: int = 0
+) -> dict[str, Any]:
+    """Leave-one-out calls over the references (right if the others call the reference's label) + two kinds of negatives.
 
     A reference whose label occurs once cannot be called right; it counts all the same, so coverage is what a query
-    of a stored class would see. Scores are cosine similarities, or the vote's evidence for an ``--align`` index.
+    of a stored class would see. Negatives: shuffled references, and references of other classes, each searched with
+    its whole label left out (a real protein of a class outside the index: any call is wrong; labels of more than
+    ``MAX_LEFT_OUT`` references are not left out). Scores are cosine similarities, or the vote's evidence for an
+    ``--align`` index.
     """
-    nn = index.search(index.vectors, 1, index.sequences, exclude_self=True)
+    n = len(index)
+    nn = index.search(index.vectors, 1, index.sequences, exclude=[np.array([i]) for i in range(n)])
     correct = np.array([call == label for call, label in zip(nn.calls, index.labels, strict=True)])
     neg = index.search(negative_vectors, 1, negatives).call_scores if len(negatives) else np.zeros(0, np.float32)
-    th = threshold_for_precision(np.r_[nn.call_scores, neg], np.r_[correct, np.zeros(len(neg), bool)], target, len(index))
+    members: dict[str, list[int]] = {}
+    for i, label in enumerate(index.labels):
+        members.setdefault(label, []).append(i)
+    outside = [int(i) for i in np.random.default_rng([seed, 4]).permutation(n) if len(members[index.labels[i]]) <= MAX_LEFT_OUT]
+    outside = sorted(outside[:MAX_NEGATIVES]) if len(members) > 1 else []
+    if outside:
+        left_out = [np.array(members[index.labels[i]]) for i in outside]
+        neg = np.r_[neg, index.search(index.vectors[outside], 1, [index.sequences[i] for i in outside], exclude=left_out).call_scores]
+    th = threshold_for_precision(np.r_[nn.call_scores, neg], np.r_[correct, np.zeros(len(neg), bool)], target, n)
     return {"threshold": th.threshold, "score": CALL_SCORE if index.align else "cosine", "target_precision": target,
             "precision": th.precision, "coverage": th.coverage, "reached": th.reached,
-            "leave_one_out_accuracy": float(correct.mean()), "n_negatives": int(len(neg))}  # fmt: skip
+            "leave_one_out_accuracy": float(correct.mean()), "n_negatives": len(neg) - len(outside),
+            "n_outside": len(outside)}  # fmt: skip
 
 
 def build_index(
@@ -222,6 +242,6 @@ def build_index(
     index = ReferenceIndex(vectors, ids, labels, sequences, card)
     pick = sorted(np.random.default_rng([seed, 3]).permutation(len(sequences))[:MAX_NEGATIVES])
     negatives = shuffled([sequences[i] for i in pick], seed)
-    index.card["calibration"] = calibrate_calls(index, negatives, embed_fn(negatives), target)
+    index.card["calibration"] = calibrate_calls(index, negatives, embed_fn(negatives), target, seed)
     index.card["labels"] = len(set(labels))
     return index

@@ -60,15 +60,16 @@ class KmerIndex:
         norm = np.sqrt(np.asarray(m.multiply(m).sum(1)).ravel())
         return m.multiply(1 / np.maximum(norm, 1e-9)[:, None]).tocsr()
 
-    def search(self, sequences: list[str], depth: int, exclude: np.ndarray | None = None) -> np.ndarray:
-        """[queries, depth] reference indices, best first; ``exclude[i]`` (a reference index) is never returned for query i."""
-        depth = min(depth, self.refs.shape[0] - (exclude is not None))
+    def search(self, sequences: list[str], depth: int, exclude: list[np.ndarray] | None = None) -> np.ndarray:
+        """[queries, depth] reference indices, best first; ``exclude[i]`` (reference indices) are never returned for query i."""
+        excluded = max((len(e) for e in exclude), default=0) if exclude is not None else 0
+        depth = min(depth, self.refs.shape[0] - excluded)
         queries = self._weigh(_matrix(sequences, self.k))
         out = np.zeros((len(sequences), depth), dtype=np.int64)
         for start in range(0, len(sequences), BLOCK):
             scores = (queries[start : start + BLOCK] @ self.refs.T).toarray()
-            if exclude is not None:
-                scores[np.arange(len(scores)), exclude[start : start + BLOCK]] = -np.inf
+            for row, e in enumerate(exclude[start : start + BLOCK] if exclude is not None else []):
+                scores[row, e] = -np.inf
             top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
             order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable")
             out[start : start + len(scores)] = np.take_along_axis(top, order, 1)

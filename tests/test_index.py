@@ -112,6 +112,18 @@ def test_evidence_and_vote_by_hand():
     assert vote(["a", "b"], np.array([-1.0, -2.0])) == ("a", -1.0)  # weak calls stay ordered (below any threshold)
 
 
+def test_calibration_leaves_whole_labels_out_for_real_out_of_set_negatives(refs, tmp_path):
+    build(refs, tmp_path / "idx", "--align", "5")
+    index = load_index(tmp_path / "idx")
+    c = index.card["calibration"]
+    assert c["n_negatives"] == 30 and c["n_outside"] == 30  # 30 shuffled; all 30 references searched with their label left out
+    own = np.flatnonzero(np.array(index.labels) == index.labels[0])
+    nn = index.search(index.vectors[:1], 25, [index.sequences[0]], exclude=[own])  # 25 = the 20 others + 5 more than exist
+    assert len(nn.ids[0]) == 20 and index.labels[0] not in nn.labels[0] and nn.calls[0] != index.labels[0]
+    alone = index.search(index.vectors[:1], 3, [index.sequences[0]], exclude=[np.array([0])])
+    assert index.ids[0] not in alone.ids[0] and alone.calls[0] == index.labels[0]  # its own family, without itself
+
+
 def test_an_index_calibrated_on_raw_alignment_scores_is_refused(refs, tmp_path):
     import json
 
@@ -132,7 +144,7 @@ def test_three_mer_words_and_their_nearest_references_by_hand():
     kmers = KmerIndex(refs, 3)
     # MKV and KVL are in 2 of 3 references, VLA, LAA, ... in one: rarer words weigh more (idf = log(4 / (df + 1)))
     assert list(kmers.search(["MKVLAAGW"], 3)[0]) == [0, 2, 1]
-    assert list(kmers.search(["MKVLAAGW"], 2, exclude=np.array([0]))[0]) == [2, 1]
+    assert list(kmers.search(["MKVLAAGW"], 2, exclude=[np.array([0])])[0]) == [2, 1]
 
 
 def test_kmer_candidates_find_a_homologue_the_embedding_does_not_rank_first(refs, tmp_path):
