@@ -152,11 +152,23 @@ def sweep(
         list[str] | None,
         typer.Option("--size", metavar="N|all", help="Run one stage of the grid: only these data sizes (repeat)."),
     ] = None,
+    merge: Annotated[
+        bool, typer.Option("--merge", help="Write the whole grid's report from its stages' probe rows (no training, no probing).")
+    ] = False,
 ) -> None:
     """Train a grid of students, probe them and the teacher on Pfam/SCOPe, and write a report (resumable).
 
     A stage (--preset / --size) reports in OUT/stages/NAME/; a later stage or the whole grid resumes its cells.
     """
+    if merge and (presets or sizes):
+        raise typer.BadParameter("--merge reports the whole grid: drop --preset / --size")
+    if merge:
+        from distill.sweep_merge import merge_stages
+
+        path = merge_stages(config)
+        print(path.read_text())
+        console.print(f"report: {path}")
+        return
     from distill.sweep import run_sweep
 
     path = run_sweep(config, console, presets, sizes)

@@ -7,6 +7,7 @@ from distill.config import SweepConfig
 from distill.errors import UserError
 from distill.fasta import read_fasta
 from distill.sweep import grid, run_sweep
+from distill.sweep_merge import merge_stages
 
 TEACHER = EXAMPLES / "teacher" / "tiny_esm1b_t4_192.pt"
 
@@ -179,16 +180,29 @@ def test_a_two_size_two_seed_sweep_reports_paired_gains_and_resumes(tmp_path, ca
         "presets = ['small']\ntemperatures = [2.0]\nlambdas = [0.0, 0.5]\nepochs = 1\ndata_sizes = [16]\nseeds = [0, 1]\nteacher_cache = true\n"
         f"[fit]\nbatch_size = 16\nquiet = true\n[tasks.pfam]\ndata = ['{pfam}']\nmin_per_class = 5\n"
     )
-    text = run_sweep(config, Console(stderr=True, soft_wrap=True)).read_text()
+    console = Console(stderr=True, soft_wrap=True)
+    run_sweep(config, console, sizes=["16"])  # the grid in two stages, then one report over both
+    with pytest.raises(UserError, match=r"pfam: no stage probed Student-h128-L8-vanilla-nall-s0, .*then --merge"):
+        merge_stages(config)
+    run_sweep(config, console, sizes=["all"])
+    merged = merge_stages(config).read_text()
+    assert merged.startswith("# Distillation sweep: the whole grid, merged from the stages n16, nall")
+    assert "| small | 16 | 2 | 0.5 | 2 |" in merged and "| pfam F1 (macro) | small | 32 | 2 | 0.5 |" in merged
+    assert "shrinks with data size:" in merged and (tmp_path / "report" / "gain_vs_md.png").is_file()
+    staged = json.loads((tmp_path / "report" / "stages" / "nall" / "pfam" / "results.json").read_text())
+    staged["protocol"] = staged["protocol"].replace("seed 0", "seed 7")
+    (tmp_path / "report" / "stages" / "nall" / "pfam" / "results.json").write_text(json.dumps(staged))
+    with pytest.raises(UserError, match="probed under another protocol"):
+        merge_stages(config)
+
+    text = run_sweep(config, console).read_text()  # the whole grid: every cell skipped, probed again, the same analysis
     assert "## Data size and seeds" in text and "| small | 16 | 2 | 0.5 | 2 |" in text
     assert "| perplexity | small | 16 | 2 | 0.5 |" in text and "| pfam F1 (macro) | small | 32 | 2 | 0.5 |" in text
-    assert "shrinks with data size:" in text and (tmp_path / "report" / "gain_vs_md.png").is_file()
+    assert merged.split("## Data size and seeds")[1].split("![gain")[0] == text.split("## Data size and seeds")[1].split("![gain")[0]
     rows = [line.split(" | ")[0].strip("| ") for line in (tmp_path / "report" / "pfam" / "results.md").read_text().splitlines()]
     assert [r for r in rows if r.startswith("Student")] == [
         f"Student-h128-L8-{t}-n{n}-s{s}" for n in (16, "all") for s in (0, 1) for t in ("vanilla", "T2.0")
     ]  # each run its own row, named by its run directory
     # masks are keyed by the training seed, so each (size, seed) has its own teacher cache
     assert sorted(p.name for p in (tmp_path / "report" / "teacher-cache").iterdir()) == ["n16-s0", "n16-s1", "nall-s0", "nall-s1"]
-    capsys.readouterr()
-    run_sweep(config, Console(stderr=True, soft_wrap=True))
     assert capsys.readouterr().err.count("finished earlier, skipped") == 8
