@@ -161,13 +161,13 @@ def sweep(
     A stage (--preset / --size) reports in OUT/stages/NAME/; a later stage or the whole grid resumes its cells.
     """
     if merge and (presets or sizes):
-        raise typer.BadParameter("--merge reports the whole grid: drop --preset / --size")
+        raise ValueError("--merge reports the whole grid: drop --preset / --size")
     if merge:
         from distill.sweep_merge import merge_stages
 
-        path = merge_stages(config)
+        path, missing = merge_stages(config)
         print(path.read_text())
-        console.print(f"report: {path}")
+        console.print(f"report: {path}" + (f" ({len(missing)} cells not run yet, named at its top)" if missing else ""))
         return
     from distill.sweep import run_sweep
 

@@ -4,7 +4,8 @@ A grid too big for one sitting runs in stages (``--preset`` / ``--size``), each 
 grid's one protocol. Probing every student again for the whole grid's report would cost as much as all the stages'
 probes together; the rows are already on disk (OUT/stages/NAME/TASK/results.json), so the merge reads them, checks
 that every stage probed under the same protocol (the same split and settings), and writes OUT/report.md with the
-study tables and the data-size analysis over every cell.
+study tables and the data-size analysis over every cell probed so far; students no stage has probed yet (or
+fine-tuned, with ``[finetune.TASK]``) are named at the top of the report, so a partial grid is read as one.
 """
 
 from __future__ import annotations
@@ -61,29 +62,28 @@ def held_out(cfg: SweepConfig, students: dict[str, RunKey]) -> tuple[dict[str, d
     return results, missing
 
 
-def merge_stages(config: Path) -> Path:
-    """OUT/report.md over every cell of the grid, from the stages' rows; names the students no stage has probed."""
+def merge_stages(config: Path) -> tuple[Path, list[str]]:
+    """OUT/report.md over the grid's cells probed so far, from the stages' rows, and the students not among them."""
     cfg = SweepConfig.from_toml(config)
     out = Path(cfg.out)
     students = grid_students(cfg)
-    tables, parts, stages = {}, [], set()
+    tables, parts, stages, missing = {}, [], set(), []
     for task in cfg.tasks:
         protocol, rows, read = stage_rows(out, task)
         stages.update(read)
-        missing = [Path(s).parent.name for s in students if s not in rows]
-        if missing:
-            raise UserError(f"{task}: no stage probed {', '.join(missing)}; run the stages that train them "
-                            f"(distill sweep {config} --preset P --size N), then --merge")  # fmt: skip
+        missing += [f"{task}/{Path(s).parent.name}" for s in students if s not in rows]
         tables[task] = [rows[s] for s in [cfg.teacher, *students] if s in rows]
         parts += [f"## {task}", "", protocol.split("\n\n")[0], "", study_table(tables[task]), ""]
-    finetuned, missing = held_out(cfg, students)
-    if missing:
-        raise UserError(f"fine-tuned calls missing for {', '.join(missing)}; run the stages that fine-tune them, then --merge")
+    finetuned, unscored = held_out(cfg, students)
+    missing += [f"fine-tuned {m}" for m in unscored]
     parameters = {students[r["spec"]].preset: r["parameters"] for rows in tables.values() for r in rows if r["spec"] in students}
     values = sweep_stats.run_values(tables, students) | values_of(finetuned)
     head = [f"# Distillation sweep: the whole grid, merged from the stages {', '.join(sorted(stages))}", "",
             f"Teacher `{cfg.teacher}`; students {', '.join(cfg.presets)} x T {cfg.temperatures} x lambda {cfg.lambdas}; "
             f"{len(students)} students, each probed once, in its stage (OUT/stages/NAME/ has its figures and timings).", ""]  # fmt: skip
+    if missing:
+        head += [f"Not in this report yet (no stage has run them; `distill sweep {config} --preset P --size N`): "
+                 f"{', '.join(missing)}.", ""]  # fmt: skip
     path = out / "report.md"
     atomic_write_text(path, "\n".join(head + parts + [sweep_stats.section(values, parameters, out)]))
-    return path
+    return path, missing

@@ -74,6 +74,20 @@ def test_bad_sweep_configs_are_named(tmp_path, text, message):
     assert message in str(e.value) and str(path) in str(e.value)
 
 
+def test_merge_reports_the_whole_grid_and_needs_probed_stages(tmp_path):
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+
+    config = tmp_path / "sweep.toml"
+    config.write_text(f"out = '{tmp_path / 'out'}'\ndata = '{EXAMPLES / 'train.fasta'}'\nteacher = 't'\npresets = ['small']\n"
+                      f"[tasks.pfam]\ndata = ['{EXAMPLES / 'pfam.fasta'}']\n")  # fmt: skip
+    res = CliRunner().invoke(app, ["sweep", str(config), "--merge", "--size", "all"])
+    assert res.exit_code == 2 and "--merge reports the whole grid: drop --preset / --size" in res.output
+    with pytest.raises(UserError, match=r"no stage of .*out has probed pfam: run the stages first"):
+        merge_stages(config)
+
+
 def sweep_inputs(tmp_path, max_length: int, n_train: int, n_pfam: int):
     """A small training FASTA from the bundled sample and a labelled Pfam file for the sweep's probe."""
     records = [(r.id, r.sequence) for r in read_fasta(EXAMPLES / "train.fasta") if len(r.sequence) < max_length][:n_train]
@@ -182,10 +196,13 @@ def test_a_two_size_two_seed_sweep_reports_paired_gains_and_resumes(tmp_path, ca
     )
     console = Console(stderr=True, soft_wrap=True)
     run_sweep(config, console, sizes=["16"])  # the grid in two stages, then one report over both
-    with pytest.raises(UserError, match=r"pfam: no stage probed Student-h128-L8-vanilla-nall-s0, .*then --merge"):
-        merge_stages(config)
+    path, missing = merge_stages(config)  # half the grid: reported, and the other half named
+    assert missing == [f"pfam/Student-h128-L8-{t}-nall-s{s}" for s in (0, 1) for t in ("vanilla", "T2.0")]
+    assert "Not in this report yet" in path.read_text() and "| small | 16 | 2 | 0.5 | 2 |" in path.read_text()
     run_sweep(config, console, sizes=["all"])
-    merged = merge_stages(config).read_text()
+    merged, missing = merge_stages(config)
+    merged = merged.read_text()
+    assert missing == [] and "Not in this report yet" not in merged
     assert merged.startswith("# Distillation sweep: the whole grid, merged from the stages n16, nall")
     assert "| small | 16 | 2 | 0.5 | 2 |" in merged and "| pfam F1 (macro) | small | 32 | 2 | 0.5 |" in merged
     assert "shrinks with data size:" in merged and (tmp_path / "report" / "gain_vs_md.png").is_file()
