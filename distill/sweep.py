@@ -64,6 +64,10 @@ class Run(NamedTuple):
     size: int | None  # training sequences; None: all of ``data``
     seed: int
 
+    def key(self, every: int) -> RunKey:
+        """The analysis key; ``every``: the sequences of the whole training file (the size of ``size=None``)."""
+        return RunKey(self.preset, self.size or every, self.temperature, self.lam, self.seed)
+
 
 def grid(cfg: SweepConfig) -> list[Run]:
     """Every run; lambda = 0 once per preset, size and seed (the temperature does not matter there)."""
@@ -168,7 +172,7 @@ def run_sweep(config: Path, console: Console, presets: list[str] | None = None, 
     students: dict[str, RunKey] = {}
     for r in runs:
         run = out / "runs" / r.name
-        students[str(run / "student")] = RunKey(r.preset, subsets[r.size][1], r.temperature, r.lam, r.seed)
+        students[str(run / "student")] = r.key(subsets[None][1])
         if _finished(run):
             console.print(f"{r.name}: finished earlier, skipped")
             continue

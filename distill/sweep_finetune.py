@@ -25,6 +25,11 @@ from distill.probe import classification_metrics
 from distill.sweep_stats import RunKey
 
 
+def finetune_run(out: Path, task: str, spec: str) -> Path:
+    """Where a student (its bundle path) is fine-tuned on ``task``."""
+    return out / "finetune" / task / Path(spec).parent.name
+
+
 def settings_of(task: str, settings: dict[str, Any], student: str, run: Path, seed: int) -> FinetuneConfig:
     rest = {k: v for k, v in settings.items() if k not in ("data", "test")}
     data = [settings["data"]] if isinstance(settings["data"], str) else list(settings["data"])
@@ -59,7 +64,7 @@ def finetune_students(cfg: SweepConfig, students: dict[str, RunKey], out: Path, 
     results: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     for task, settings in cfg.finetune.items():
         for spec, key in students.items():
-            run = out / "finetune" / task / Path(spec).parent.name
+            run = finetune_run(out, task, spec)
             ft = settings_of(task, settings, spec, run, key.seed)
             done = (run / "model" / "config.json").is_file()
             if done and (changed := changed_options(run, ft)):

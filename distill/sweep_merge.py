@@ -19,7 +19,7 @@ from distill.errors import UserError
 from distill.fasta import read_fasta
 from distill.io import atomic_write_text, read_json_object
 from distill.sweep import grid, study_table
-from distill.sweep_finetune import values_of
+from distill.sweep_finetune import finetune_run, values_of
 from distill.sweep_stats import RunKey
 
 
@@ -27,7 +27,7 @@ def grid_students(cfg: SweepConfig) -> dict[str, RunKey]:
     """Every student of the grid: its bundle path (as the stages name it in their rows) -> its key."""
     every = sum(1 for _ in read_fasta(Path(cfg.data)))
     out = Path(cfg.out)
-    return {str(out / "runs" / r.name / "student"): RunKey(r.preset, r.size or every, r.temperature, r.lam, r.seed) for r in grid(cfg)}
+    return {str(out / "runs" / r.name / "student"): r.key(every) for r in grid(cfg)}
 
 
 def stage_rows(out: Path, task: str) -> tuple[str, dict[str, dict[str, Any]], list[str]]:
@@ -53,7 +53,7 @@ def held_out(cfg: SweepConfig, students: dict[str, RunKey]) -> tuple[dict[str, d
     missing = []
     for task in cfg.finetune:
         for spec, key in students.items():
-            path = Path(cfg.out) / "finetune" / task / Path(spec).parent.name / "held_out.json"
+            path = finetune_run(Path(cfg.out), task, spec) / "held_out.json"
             if not path.is_file():
                 missing.append(f"{task}/{Path(spec).parent.name}")
                 continue
