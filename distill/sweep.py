@@ -13,7 +13,7 @@ study-style tables and the figures.
     temperatures = [1.0, 2.0]
     lambdas = [0.0, 0.5]
     epochs = 3                                     # optional, else the preset's
-    teacher_cache = true                           # one cache (K = epochs views) per data size and seed
+    teacher_cache = true                           # one cache per data size and seed (K views: epochs, or the longest preset's)
     baselines = true                               # random init + amino-acid composition rows
     data_sizes = [1000, 4000]                      # optional: nested random subsets of data (and all of it)
     seeds = [0, 1, 2]                              # optional: training seeds; the probe split stays fixed
@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 from rich.console import Console
 
 from distill import data, sweep_finetune, sweep_stats, teacher_cache
-from distill.config import PRESETS, FitConfig, ProbeConfig, SweepConfig
+from distill.config import PRESET_TRAINING, PRESETS, FitConfig, ProbeConfig, SweepConfig
 from distill.distributed import pick_device
 from distill.errors import UserError
 from distill.fasta import read_fasta
@@ -139,6 +139,13 @@ def _finished(run: Path) -> bool:
     return state.get("epoch", 0) >= (config.get("epochs") or 0)
 
 
+def cache_views(cfg: SweepConfig) -> int:
+    """Maskings in the shared teacher cache: one per epoch, so no epoch replays another's masks. Without ``epochs``
+    each preset trains for its own (study) epochs; the largest over the config's presets keeps one cache valid for
+    every stage of the grid."""
+    return cfg.epochs or max(PRESET_TRAINING[p][1] for p in cfg.presets)
+
+
 def build_cache(cfg: SweepConfig, fasta: Path, cache: Path, views: int, seed: int, console: Console) -> Path:
     """The teacher's logits on ``fasta`` under the masks of ``seed`` (masking is keyed by the training seed)."""
     seqs = data.load_fasta(fasta)
@@ -167,7 +174,7 @@ def run_sweep(config: Path, console: Console, presets: list[str] | None = None, 
         t0 = time.perf_counter()
         for size, seed in sorted({(r.size, r.seed) for r in runs if r.lam > 0}, key=lambda k: (k[0] or 0, k[1])):
             name = f"n{size if size else 'all'}-s{seed}"
-            caches[(size, seed)] = build_cache(cfg, subsets[size][0], out / "teacher-cache" / name, cfg.epochs or 1, seed, console)
+            caches[(size, seed)] = build_cache(cfg, subsets[size][0], out / "teacher-cache" / name, cache_views(cfg), seed, console)
         timings["teacher cache"] = time.perf_counter() - t0
     students: dict[str, RunKey] = {}
     for r in runs:

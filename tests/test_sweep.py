@@ -25,6 +25,21 @@ def test_grid_trains_vanilla_once_per_preset_and_names_runs_like_the_study():
     ]
 
 
+def test_the_shared_teacher_cache_holds_one_masking_per_epoch_of_the_longest_preset():
+    from distill.sweep import cache_views
+
+    cfg = SweepConfig(out="o", data="d", teacher="t", presets=["small", "medium"], tasks={})
+    assert cache_views(cfg) == 20  # study epochs: small 10, medium 20; a small-only stage reuses the same cache
+    assert cache_views(SweepConfig(**{**cfg.__dict__, "presets": ["small"]})) == 10
+    assert cache_views(SweepConfig(**{**cfg.__dict__, "epochs": 3})) == 3
+
+
+@pytest.mark.parametrize("config", sorted((EXAMPLES.parent / "benchmarks").glob("sweep*.toml")), ids=lambda p: p.name)
+def test_the_shipped_sweep_configs_parse(config):
+    cfg = SweepConfig.from_toml(config)  # a typo'd key or preset in a benchmark config fails here, not hours into a grid
+    assert cfg.presets and cfg.tasks
+
+
 def test_a_stage_keeps_the_run_names_of_the_whole_grid_and_names_what_it_does_not_know(tmp_path):
     from distill.errors import UserError
     from distill.sweep import stage
