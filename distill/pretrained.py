@@ -42,7 +42,8 @@ def _offline_message(name: str, cause: BaseException) -> str:
         f"  {_MODEL_URL.format(name=name)}\n"
         f"  {_REGRESSION_URL.format(name=name)}\n"
         f"then either put both files into {ckpt}/ (the torch hub cache; set TORCH_HOME to move it),\n"
-        f"or keep them side by side anywhere and pass the path: --teacher /path/to/{name}.pt"
+        f"or keep them side by side anywhere and pass the path where the name went: --teacher /path/to/{name}.pt\n"
+        f'(a model spec of any other command takes the same path; in a sweep config, teacher = "/path/to/{name}.pt")'
     )
 
 

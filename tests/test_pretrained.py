@@ -56,6 +56,7 @@ def test_offline_and_not_cached_says_what_to_download_and_where(tmp_path, monkey
     msg = str(e.value)
     assert "esm1b_t33_650M_UR50S.pt" in msg and "esm1b_t33_650M_UR50S-contact-regression.pt" in msg
     assert str(tmp_path / "hub" / "checkpoints") in msg and "--teacher /path/to/esm1b_t33_650M_UR50S.pt" in msg
+    assert 'teacher = "/path/to/esm1b_t33_650M_UR50S.pt"' in msg  # the same advice for a sweep config
 
 
 def test_bad_specs(tmp_path, tiny_esm1b):
