@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from rich.console import Console
 
 from distill import data, sweep_finetune, sweep_stats, teacher_cache
-from distill.config import PRESET_TRAINING, PRESETS, FitConfig, ProbeConfig, SweepConfig
+from distill.config import PRESETS, FitConfig, ProbeConfig, SweepConfig
 from distill.distributed import pick_device
 from distill.errors import UserError
 from distill.fasta import read_fasta
@@ -143,7 +144,8 @@ def cache_views(cfg: SweepConfig) -> int:
     """Maskings in the shared teacher cache: one per epoch, so no epoch replays another's masks. Without ``epochs``
     each preset trains for its own (study) epochs; the largest over the config's presets keeps one cache valid for
     every stage of the grid."""
-    return cfg.epochs or max(PRESET_TRAINING[p][1] for p in cfg.presets)
+    base = cfg.fit_config()
+    return max(replace(base, preset=p, epochs=cfg.epochs).resolved().epochs for p in cfg.presets)  # as fit resolves them
 
 
 def build_cache(cfg: SweepConfig, fasta: Path, cache: Path, views: int, seed: int, console: Console) -> Path:
