@@ -44,6 +44,13 @@ class Distributed:
         torch_dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def close(self) -> None:
+        """Leave the group together: a rank tearing gloo down while its peer still talks to it aborts the peer
+        ("terminate called without an active exception"). Only on the normal path: after an error the peer may never arrive."""
+        if self.world > 1 and torch_dist.is_initialized():
+            torch_dist.barrier()
+            torch_dist.destroy_process_group()
+
     def sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64)
         if self.world > 1:

@@ -259,12 +259,13 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, console: Console | None 
             stop.requested = dist.sum([float(stop.requested)])[0] > 0
     if stop.requested:
         console.print(f"stopped after epoch {counters['epoch']}; continue with --resume")
+        dist.close()
         return FinetuneResult(out, None, counters, d.notes)
     bundle = None
     if dist.main:
         load_weights(out / "best", model, head)
         bundle = write_bundle(out, cfg, encoder, model, head, d, device, counters, console)
-    dist.barrier()
+    dist.close()
     return FinetuneResult(out, bundle or out / "model", counters, d.notes)
 
 

@@ -341,7 +341,10 @@ def progress_bar(console: Console) -> Progress:
 
 def fit(cfg: FitConfig, resume: bool = False) -> FitResult:
     """Train a student (see ``FitRecipe``); resumable to the same weights."""
-    return FitRecipe(cfg, resume).run()
+    recipe = FitRecipe(cfg, resume)
+    result = recipe.run()
+    recipe.dist.close()
+    return result
 
 
 def _check_replicas(model: ESM, dist: Distributed, out: Path) -> None:

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -17,6 +20,23 @@ os.environ["ESM_DISTILL_CACHE"] = tempfile.mkdtemp(prefix="esm-distill-test-cach
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 EXAMPLES = REPO / "examples"
+
+
+@pytest.fixture
+def spawn():
+    """Start a command in its own session; whatever the test's outcome, its whole process group is killed afterwards
+    (torchrun's ranks and the server's workers included)."""
+    started: list[subprocess.Popen] = []
+
+    def start(cmd: list[str], **kw) -> subprocess.Popen:
+        started.append(subprocess.Popen(cmd, start_new_session=True, **kw))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
 
 
 def shared(path: str) -> Path:

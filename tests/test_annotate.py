@@ -130,23 +130,21 @@ def test_refuses_to_overwrite_and_checks_resume_settings(bundle, tmp_path):
     assert res.exit_code == 2 and "--embeddings must end in one of .h5" in res.output
 
 
-def _run(args, env=None):
-    return subprocess.Popen(
-        [sys.executable, "-m", "distill", "annotate", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+def _run(spawn, args, env=None):
+    return spawn([sys.executable, "-m", "distill", "annotate", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def test_resume_after_sigkill_gives_identical_files(bundle, tmp_path):
+def test_resume_after_sigkill_gives_identical_files(bundle, spawn, tmp_path):
     _, graph = bundle
     rng = np.random.default_rng(0)
     records = [(f"r{i}", REAL[j][1]) for i, j in enumerate(rng.integers(0, len(REAL), 3000))]
     fasta = write_input(tmp_path / "big.fa", records)
     common = ["--model", str(graph), "--top-k", "2", "--chunk-records", "100", "--quiet"]
-    ref = _run([str(fasta), "-o", str(tmp_path / "ref.tsv"), "--embeddings", str(tmp_path / "ref.h5"), *common])
+    ref = _run(spawn, [str(fasta), "-o", str(tmp_path / "ref.tsv"), "--embeddings", str(tmp_path / "ref.h5"), *common])
     assert ref.wait(timeout=300) == 0, ref.stdout.read().decode()
 
     out, progress = tmp_path / "run.tsv", tmp_path / "run.tsv.progress.json"
-    proc = _run([str(fasta), "-o", str(out), "--embeddings", str(tmp_path / "run.h5"), *common])
+    proc = _run(spawn, [str(fasta), "-o", str(out), "--embeddings", str(tmp_path / "run.h5"), *common])
     deadline = time.time() + 120
     while time.time() < deadline:
         if progress.is_file() and json.loads(progress.read_text())["chunks"] >= 8:
@@ -158,7 +156,7 @@ def test_resume_after_sigkill_gives_identical_files(bundle, tmp_path):
     assert not state["complete"] and 0 < state["records"] < 3000
     with open(out, "a") as f:
         f.write("r99999\t12\tPF0")  # what a kill in the middle of a write leaves: resume must not trust it
-    res = _run([str(fasta), "-o", str(out), "--embeddings", str(tmp_path / "run.h5"), "--resume", *common])
+    res = _run(spawn, [str(fasta), "-o", str(out), "--embeddings", str(tmp_path / "run.h5"), "--resume", *common])
     assert res.wait(timeout=300) == 0, res.stdout.read().decode()
     assert out.read_bytes() == (tmp_path / "ref.tsv").read_bytes()
     import h5py

@@ -203,7 +203,7 @@ def test_a_fine_tuned_cosine_head_exports_to_onnx_with_its_temperature_and_thres
     assert heads_of(tuned)["pfam"].module.temperature.item() != 1.0  # so the graph must carry it
 
 
-def test_torchrun_two_processes_match_one(pfam4, tmp_path):
+def test_torchrun_two_processes_match_one(pfam4, spawn, tmp_path):
     import json
     import os
     import subprocess
@@ -217,10 +217,9 @@ def test_torchrun_two_processes_match_one(pfam4, tmp_path):
     assert single.exit_code == 0, single.output
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "distill"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [*cmd, *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300, start_new_session=True
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = spawn([*cmd, *args, "--out", str(tmp_path / "two")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
     rows = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")]
     assert [r["train_loss"] for r in rows[1]] == pytest.approx([r["train_loss"] for r in rows[0]], rel=1e-4)
     a, b = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("one", "two"))

@@ -116,8 +116,8 @@ def test_refuses_to_overwrite_a_run_and_reports_corrupt_checkpoints(small_fasta,
         fit(config(small_fasta, run, tiny_esm1b), resume=True)
 
 
-def _cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "distill", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _cli(spawn, *args: str) -> subprocess.Popen:
+    return spawn([sys.executable, "-m", "distill", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _cli_args(fasta, out, teacher, epochs=3) -> list[str]:
@@ -138,18 +138,18 @@ def _wait_for_rows(run: Path, n: int, proc: subprocess.Popen, timeout: float = 1
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_killed_or_interrupted_run_resumes_to_the_same_weights(sig, small_fasta, tiny_esm1b, tmp_path):
+def test_killed_or_interrupted_run_resumes_to_the_same_weights(sig, spawn, small_fasta, tiny_esm1b, tmp_path):
     whole = tmp_path / "whole"
-    assert _cli(*_cli_args(small_fasta, whole, tiny_esm1b)).wait() == 0
+    assert _cli(spawn, *_cli_args(small_fasta, whole, tiny_esm1b)).wait() == 0
     run = tmp_path / "killed"
-    proc = _cli(*_cli_args(small_fasta, run, tiny_esm1b))
+    proc = _cli(spawn, *_cli_args(small_fasta, run, tiny_esm1b))
     _wait_for_rows(run, 20, proc)  # mid-way through epoch 2
     proc.send_signal(sig)
     code = proc.wait(timeout=120)
     if sig == signal.SIGINT:
         assert code == 130, proc.stdout.read()  # Ctrl-C: checkpoint written, clean exit, resumable
         assert "continue with: distill fit --resume" in proc.stdout.read()
-    resumed = _cli("fit", "--resume", str(run), "--quiet")
+    resumed = _cli(spawn, "fit", "--resume", str(run), "--quiet")
     assert resumed.wait() == 0, resumed.stdout.read()
     assert_same_weights(whole, run)
     assert [x["step"] for x in rows(run)] == [x["step"] for x in rows(whole)]
@@ -192,14 +192,17 @@ def test_cli_bad_fasta_names_record_and_line(tmp_path):
 
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
-def test_ddp_on_two_cpu_processes_matches_one_process(small_fasta, tiny_esm1b, tmp_path):
+def test_ddp_on_two_cpu_processes_matches_one_process(spawn, small_fasta, tiny_esm1b, tmp_path):
     single = tmp_path / "single"
-    assert _cli(*_cli_args(small_fasta, single, tiny_esm1b, epochs=1)).wait() == 0
+    assert _cli(spawn, *_cli_args(small_fasta, single, tiny_esm1b, epochs=1)).wait() == 0
     ddp = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m", "distill"]
-    proc = subprocess.run(cmd + _cli_args(small_fasta, ddp, tiny_esm1b, epochs=1), env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = spawn(
+        cmd + _cli_args(small_fasta, ddp, tiny_esm1b, epochs=1), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
     assert json.loads((ddp / "ddp_check.json").read_text()) == {"world_size": 2, "parameters_equal": True}
     assert [x["loss"] for x in rows(ddp)] == pytest.approx([x["loss"] for x in rows(single)], rel=1e-4)
     a, b = final_weights(single), final_weights(ddp)
