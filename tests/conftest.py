@@ -22,6 +22,17 @@ SHARED = REPO.parent / "shared" / "data"
 EXAMPLES = REPO / "examples"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def pca_draws_tsne():
+    """In-process probes draw their t-SNE panels with PCA: t-SNE's 1,000 optimisation steps per panel cost about a
+    second each, a third of a sweep test's time. The figure test puts sklearn's TSNE back (test_probe)."""
+    from sklearn.decomposition import PCA
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("distill.plots.TSNE", lambda n_components, **_: PCA(n_components))
+        yield
+
+
 @pytest.fixture
 def spawn():
     """Start a command in its own session; whatever the test's outcome, its whole process group is killed afterwards

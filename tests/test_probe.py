@@ -155,7 +155,10 @@ def test_head_errors(bundle, tmp_path):
         load_head(head_dir)
 
 
-def test_cli_evaluate_writes_one_table_csv_json_and_figures(bundle, tmp_path):
+def test_cli_evaluate_writes_one_table_csv_json_and_figures(bundle, tmp_path, monkeypatch):
+    from sklearn.manifold import TSNE
+
+    monkeypatch.setattr("distill.plots.TSNE", TSNE)  # the real figures (conftest draws the other tests' with PCA)
     out = tmp_path / "eval"
     args = ["evaluate", str(TEACHER), str(bundle), "--data", str(EXAMPLES / "scope.fasta"), "--task", "scope"]
     args += ["--split", "family-holdout", "--baselines", "--ppl-data", str(EXAMPLES / "valid.fasta"), "--out", str(out)]

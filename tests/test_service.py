@@ -285,12 +285,12 @@ def test_compare_without_a_reference_says_why(monkeypatch):
 
 
 def test_concurrent_clients_of_mixed_lengths_never_get_each_others_answers(server, direct):
-    """32 clients x 40 requests (ESM_DISTILL_LOAD_REQUESTS=500 for the full load test) of 1-4 sequences while two
+    """32 clients x 20 requests (ESM_DISTILL_LOAD_REQUESTS=500 for the full load test) of 1-4 sequences while two
     busy-loop processes hog both cores: every answer is 200 and equal to its sequences' own embeddings. Bounded by
     work: each request waits for its answer (the service's own timeouts apply), nothing here watches the clock."""
     _, ref = direct
     rng = np.random.default_rng(0)
-    per_client = int(os.environ.get("ESM_DISTILL_LOAD_REQUESTS", "40"))
+    per_client = int(os.environ.get("ESM_DISTILL_LOAD_REQUESTS", "20"))
     jobs = [[SEQS[i] for i in rng.choice(len(SEQS), rng.integers(1, 5), replace=False)] for _ in range(32 * per_client)]
 
     def call(seqs):

@@ -104,20 +104,23 @@ def test_merge_reports_the_whole_grid_and_needs_probed_stages(tmp_path):
 
 
 def sweep_inputs(tmp_path, max_length: int, n_train: int, n_pfam: int):
-    """A small training FASTA from the bundled sample and a labelled Pfam file for the sweep's probe."""
+    """Small training and validation FASTAs from the bundled sample and a labelled Pfam file for the sweep's probe
+    (16 validation sequences: every run and every probed model computes perplexity on them)."""
     records = [(r.id, r.sequence) for r in read_fasta(EXAMPLES / "train.fasta") if len(r.sequence) < max_length][:n_train]
+    valid = [(r.id, r.sequence) for r in read_fasta(EXAMPLES / "valid.fasta")][:16]
     labelled = [(f"{r.id} {r.description}", r.sequence) for r in list(read_fasta(EXAMPLES / "pfam.fasta"))[:n_pfam]]
-    return write_fasta(tmp_path / "train.fasta", records), write_fasta(tmp_path / "pfam.fasta", labelled)
+    paths = (write_fasta(tmp_path / "train.fasta", records), write_fasta(tmp_path / "valid.fasta", valid))
+    return *paths, write_fasta(tmp_path / "pfam.fasta", labelled)
 
 
 def test_sweep_trains_probes_reports_and_resumes_without_redoing(tmp_path, capsys):
-    train, pfam = sweep_inputs(tmp_path, max_length=120, n_train=48, n_pfam=150)
+    train, valid, pfam = sweep_inputs(tmp_path, max_length=120, n_train=48, n_pfam=150)
     labelled = [(f"{r.id} {r.description}", r.sequence) for r in read_fasta(pfam)]
     ft_train = write_fasta(tmp_path / "ft_train.fasta", [r for i, r in enumerate(labelled) if i % 4])
     ft_test = write_fasta(tmp_path / "ft_test.fasta", labelled[::4])
     config = tmp_path / "sweep.toml"
     config.write_text(
-        f"out = '{tmp_path / 'report'}'\ndata = '{train}'\nvalid = '{EXAMPLES / 'valid.fasta'}'\nteacher = '{TEACHER}'\n"
+        f"out = '{tmp_path / 'report'}'\ndata = '{train}'\nvalid = '{valid}'\nteacher = '{TEACHER}'\n"
         "presets = ['small']\ntemperatures = [2.0]\nlambdas = [0.0, 0.5]\nepochs = 1\nteacher_cache = true\nbaselines = true\n"
         "[fit]\nbatch_size = 16\nquiet = true\n"
         f"[tasks.pfam]\ndata = ['{pfam}']\nmin_per_class = 5\n"
@@ -202,10 +205,10 @@ def test_fine_tuned_calls_join_the_paired_analysis():
 def test_a_two_size_two_seed_sweep_reports_paired_gains_and_resumes(tmp_path, capsys):
     from rich.console import Console
 
-    train, pfam = sweep_inputs(tmp_path, max_length=100, n_train=32, n_pfam=100)
+    train, valid, pfam = sweep_inputs(tmp_path, max_length=100, n_train=32, n_pfam=100)
     config = tmp_path / "sweep.toml"
     config.write_text(
-        f"out = '{tmp_path / 'report'}'\ndata = '{train}'\nvalid = '{EXAMPLES / 'valid.fasta'}'\nteacher = '{TEACHER}'\n"
+        f"out = '{tmp_path / 'report'}'\ndata = '{train}'\nvalid = '{valid}'\nteacher = '{TEACHER}'\n"
         "presets = ['small']\ntemperatures = [2.0]\nlambdas = [0.0, 0.5]\nepochs = 1\ndata_sizes = [16]\nseeds = [0, 1]\nteacher_cache = true\n"
         f"[fit]\nbatch_size = 16\nquiet = true\n[tasks.pfam]\ndata = ['{pfam}']\nmin_per_class = 5\n"
     )
