@@ -87,12 +87,16 @@ def write_labelled(path: Path, records: list) -> Path:
     return path
 
 
-@pytest.fixture
-def small_fasta(tmp_path) -> Path:
+def write_small_fasta(directory: Path) -> Path:
     """60 real Pfam domains (SH3, WW, zf-C2H2: 20 each) from the bundled sample, for quick training runs."""
     from distill.fasta import read_fasta
 
     families = ("PF00018", "PF00397", "PF00096")
     records = [(r.id, r.sequence) for r in read_fasta(EXAMPLES / "train.fasta") if r.description in families]
     assert len(records) == 60
-    return write_fasta(tmp_path / "small.fasta", records)
+    return write_fasta(directory / "small.fasta", records)
+
+
+@pytest.fixture
+def small_fasta(tmp_path) -> Path:
+    return write_small_fasta(tmp_path)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_small_fasta
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -137,10 +138,19 @@ def _wait_for_rows(run: Path, n: int, proc: subprocess.Popen, timeout: float = 1
     raise TimeoutError
 
 
+@pytest.fixture(scope="module")
+def whole_run(tiny_esm1b, tmp_path_factory) -> Path:
+    """The uninterrupted CLI run both kill tests compare against (one run, not one per signal)."""
+    root = tmp_path_factory.mktemp("whole")
+    fasta = write_small_fasta(root)
+    done = subprocess.run([sys.executable, "-m", "distill", *_cli_args(fasta, root / "run", tiny_esm1b)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return root / "run"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_killed_or_interrupted_run_resumes_to_the_same_weights(sig, spawn, small_fasta, tiny_esm1b, tmp_path):
-    whole = tmp_path / "whole"
-    assert _cli(spawn, *_cli_args(small_fasta, whole, tiny_esm1b)).wait() == 0
+def test_killed_or_interrupted_run_resumes_to_the_same_weights(sig, spawn, whole_run, small_fasta, tiny_esm1b, tmp_path):
+    whole = whole_run
     run = tmp_path / "killed"
     proc = _cli(spawn, *_cli_args(small_fasta, run, tiny_esm1b))
     _wait_for_rows(run, 20, proc)  # mid-way through epoch 2
