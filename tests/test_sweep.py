@@ -109,8 +109,7 @@ def sweep_inputs(tmp_path, max_length: int, n_train: int, n_pfam: int):
     records = [(r.id, r.sequence) for r in read_fasta(EXAMPLES / "train.fasta") if len(r.sequence) < max_length][:n_train]
     valid = [(r.id, r.sequence) for r in read_fasta(EXAMPLES / "valid.fasta")][:16]
     labelled = [(f"{r.id} {r.description}", r.sequence) for r in list(read_fasta(EXAMPLES / "pfam.fasta"))[:n_pfam]]
-    paths = (write_fasta(tmp_path / "train.fasta", records), write_fasta(tmp_path / "valid.fasta", valid))
-    return *paths, write_fasta(tmp_path / "pfam.fasta", labelled)
+    return tuple(write_fasta(tmp_path / f"{name}.fasta", recs) for name, recs in (("train", records), ("valid", valid), ("pfam", labelled)))
 
 
 def test_sweep_trains_probes_reports_and_resumes_without_redoing(tmp_path, capsys):

@@ -150,7 +150,6 @@ def whole_run(tiny_esm1b, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_killed_or_interrupted_run_resumes_to_the_same_weights(sig, spawn, whole_run, small_fasta, tiny_esm1b, tmp_path):
-    whole = whole_run
     run = tmp_path / "killed"
     proc = _cli(spawn, *_cli_args(small_fasta, run, tiny_esm1b))
     _wait_for_rows(run, 20, proc)  # mid-way through epoch 2
@@ -161,8 +160,8 @@ def test_killed_or_interrupted_run_resumes_to_the_same_weights(sig, spawn, whole
         assert "continue with: distill fit --resume" in proc.stdout.read()
     resumed = _cli(spawn, "fit", "--resume", str(run), "--quiet")
     assert resumed.wait() == 0, resumed.stdout.read()
-    assert_same_weights(whole, run)
-    assert [x["step"] for x in rows(run)] == [x["step"] for x in rows(whole)]
+    assert_same_weights(whole_run, run)
+    assert [x["step"] for x in rows(run)] == [x["step"] for x in rows(whole_run)]
 
 
 def test_cli_config_reuse_and_resume_guards(small_fasta, tiny_esm1b, tmp_path):
