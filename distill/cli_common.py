@@ -1,16 +1,18 @@
 """What every ``distill`` command shares: the console, and one error policy for the whole command line.
 
-Errors the user can fix (bad files, formats, model specs, options; ``distill.errors.UserError``) print one
-``error:`` line and exit 2. Anything else is a bug or the machine running out of something: its traceback is
-printed with one line of advice, exit 1. ``distill --debug ...`` shows tracebacks for every error.
+Usage errors (a missing or unknown option, a bad choice or type) are click's: one usage line, exit 2. Errors the
+user can fix (bad files, formats, model specs, option values; ``distill.errors.UserError``) print one ``error:``
+line and exit 2. Anything else is a bug or the machine running out of memory: its traceback is printed with one line
+of advice (the memory hint only for an out-of-memory error), exit 1. ``distill --debug ...`` shows tracebacks for
+every error.
 """
 
 from __future__ import annotations
 
+import sys
 import traceback
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -22,30 +24,38 @@ console = Console(stderr=True, soft_wrap=True)  # never hard-wrap messages in lo
 
 # OSError subclasses we raise for missing, existing or unreadable files; ValueError for bad values and formats.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, ConnectionError, UserError)
-ADVICE = (
-    "unexpected error (traceback above). Out of memory: lower --max-tokens or --batch-size. "
-    "Otherwise it is a bug: please report it with the traceback and the command."
-)
+BUG_ADVICE = "unexpected error (traceback above): it is a bug, please report it with the traceback and the command."
+MEMORY_ADVICE = "out of memory (traceback above): lower --max-tokens or --batch-size."
+
+# The click that typer runs on: click itself up to typer 0.28, a vendored copy (typer._click) from 0.29. Its usage
+# errors must pass through to click's own handler whichever it is, so take the classes from typer, never `import click`.
+_click = sys.modules[next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException").__module__]
+CLICK_SIGNALS = (typer.Exit, typer.Abort, *(getattr(_click, n) for n in ("ClickException", "Exit", "Abort") if hasattr(_click, n)))
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """MemoryError, torch's OutOfMemoryError (CUDA or MPS), or an allocator's "out of memory" RuntimeError."""
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
 
 
 class Commands(TyperGroup):
     """A Typer group that applies the error policy to every command it runs."""
 
-    def invoke(self, ctx: click.Context):  # noqa: ANN201
+    def invoke(self, ctx: typer.Context):  # noqa: ANN201
         try:
             return super().invoke(ctx)
-        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException, click.Abort):
+        except CLICK_SIGNALS:
             raise
         except USER_ERRORS as e:
             if ctx.find_root().params.get("debug"):
                 raise
             console.print(f"[bold red]error:[/] {escape(str(e))}")  # messages name files and specs: no markup in them
             raise typer.Exit(2) from None
-        except Exception:
+        except Exception as e:
             if ctx.find_root().params.get("debug"):
                 raise
             traceback.print_exc()
-            console.print(f"[bold red]error:[/] {ADVICE}")
+            console.print(f"[bold red]error:[/] {MEMORY_ADVICE if out_of_memory(e) else BUG_ADVICE}")
             raise typer.Exit(1) from None
 
 
@@ -54,11 +64,19 @@ def task_list(tasks: str | None) -> list[str] | None:
     return [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
 
 
+def not_an_option(value: str | None) -> str | None:
+    """Click takes the next word as an option's value even when it is an option (`--ray -o out.tsv`): refuse that."""
+    if value is not None and value.startswith("-"):
+        raise typer.BadParameter(f"needs a value, got the option {value!r}")
+    return value
+
+
 # Scaling out (distill.scale): the same four options on annotate, teacher-cache and index.
 RayAddress = Annotated[
     str | None,
     typer.Option(
         "--ray",
+        callback=not_an_option,
         help="Run the chunks on a Ray actor pool: 'local' starts Ray on this machine, 'auto' or HOST:PORT joins a cluster "
         "(`ray start --head`). Needs esm-distill[ray] on every machine.",
     ),

@@ -1,8 +1,12 @@
 import argparse
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import esm
+import pytest
 import torch
 from conftest import EXAMPLES, REPO
 from typer.testing import CliRunner
@@ -78,7 +82,59 @@ def test_error_policy_user_errors_one_line_bugs_traceback_debug_shows_all(tmp_pa
     monkeypatch.setattr(distill.evaluate, "perplexity_of", broken)
     res = runner.invoke(app, ["perplexity", "random:small", str(missing)])
     assert res.exit_code == 1 and "Traceback" in res.output and "shape mismatch inside torch" in res.output
-    assert "Out of memory: lower --max-tokens" in res.output
+    assert "it is a bug" in res.output and "memory" not in res.output  # a bug is not sent off to tune --max-tokens
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(distill.evaluate, "perplexity_of", out_of_memory)
+    res = runner.invoke(app, ["perplexity", "random:small", str(missing)])
+    assert res.exit_code == 1 and "out of memory (traceback above): lower --max-tokens" in res.output
+    assert "it is a bug" not in res.output
     monkeypatch.undo()
     res = runner.invoke(app, ["--debug", "perplexity", "random:small", str(missing)])
     assert isinstance(res.exception, FileNotFoundError)  # --debug: the user error is raised with its traceback
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["annotate", "{fasta}"], "Missing option '-o' / '--output'"),
+        (["annotate"], "Missing argument"),
+        (["annotate", "{fasta}", "--ray", "-o", "calls.tsv"], "Invalid value for '--ray': needs a value, got the option '-o'"),
+        (["export", "onnx", "bundle", "--bogus"], "No such option: --bogus"),
+        (["annotate", "{fasta}", "-o", "calls.tsv", "--max-tokens", "many"], "Invalid value for '--max-tokens'"),
+        (["fti"], "No such command 'fti'"),
+    ],
+)
+def test_usage_errors_through_the_installed_entry_point_print_usage_and_exit_2(tmp_path, args, expected):
+    """The real `distill` script in a subprocess, as a user runs it: whatever click typer vendors, a usage mistake
+    is click's usage message and exit 2, never a traceback or the crash advice."""
+    fasta = tmp_path / "x.fa"
+    fasta.write_text(">a\nMKTAYIAK\n")
+    exe = Path(sys.executable).with_name("distill")
+    res = subprocess.run([str(exe), *(a.format(fasta=fasta) for a in args)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert expected in res.stderr and "Usage: distill" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr + res.stdout and "unexpected error" not in res.stderr
+
+
+def test_a_bad_option_value_the_command_checks_is_one_error_line_exit_2(tmp_path):
+    """Values click cannot judge (a device name) are checked by the command: one `error:` line, same exit code."""
+    exe = Path(sys.executable).with_name("distill")
+    res = subprocess.run(
+        [str(exe), "perplexity", "random:small", "x.fa", "--device", "tpu"], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert res.returncode == 2 and res.stderr.strip() == "error: --device must be auto, cpu or cuda, got 'tpu'", res.stderr
+
+
+def test_readme_test_command_is_what_ci_runs_and_both_install_the_locked_set():
+    """A fresh machine gets the dependency set the suite passed with: both README commands and .ci/run install with
+    constraints.txt, and that file pins every package to one version."""
+    readme = (REPO / "README.md").read_text()
+    commands = re.findall(r"^python3 -m venv .*$", readme, flags=re.M)
+    assert len(commands) == 2 and all("-c constraints.txt" in c for c in commands), commands
+    assert commands[1] in (REPO / ".ci" / "run").read_text()
+    pins = [line for line in (REPO / "constraints.txt").read_text().splitlines() if line and not line.startswith("#")]
+    assert pins and all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[^=\s]+", line) for line in pins), [p for p in pins if "==" not in p]
+    assert any(line.startswith("typer==") for line in pins) and not any(line.lower().startswith("torch==") for line in pins)
