@@ -22,9 +22,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from distill.config import ModelConfig  # noqa: E402
-from distill.fasta import read_fasta  # noqa: E402
-from distill.model import build_student  # noqa: E402
+from distill.core.config import ModelConfig  # noqa: E402
+from distill.core.fasta import read_fasta  # noqa: E402
+from distill.core.model import build_student  # noqa: E402
 from export.onnx import export  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def main() -> None:
             for i, j in enumerate(rng.integers(0, len(seqs), n)):
                 f.write(f">r{i}\n{seqs[j]}\n")
         code = (
-            "import resource; from distill.cli import app\n"
+            "import resource; from distill.cli.app import app\n"
             f"try: app(['annotate', {str(fasta)!r}, '--model', {str(graph)!r}, '-o', {str(tmp / f'o{n}.tsv')!r}, '--quiet'], prog_name='distill')\n"
             "except SystemExit: pass\n"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"

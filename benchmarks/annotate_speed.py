@@ -3,7 +3,7 @@
     python benchmarks/annotate_speed.py [--n 2000] [--esm1b-n 40]
 
 Students (small, large presets; random weights, timing does not depend on training) are exported to ONNX
-(fp32 and int8; the faster is reported as "best") and run through `distill.annotate.annotate` (TSV rows +
+(fp32 and int8; the faster is reported as "best") and run through `distill.recipes.annotate.annotate` (TSV rows +
 HDF5 embeddings, the whole command path). The reference is a full-size ESM-1b architecture (33 layers x 1280,
 650M parameters, random weights) driven exactly like fair-esm's `scripts/extract.py`: FastaBatchedDataset,
 `get_batch_indices(toks_per_batch=4096, extra_toks_per_seq=1)`, `repr_layers=[33]`, mean over residues,
@@ -27,11 +27,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from distill.annotate import Options, annotate  # noqa: E402
-from distill.config import ModelConfig  # noqa: E402
-from distill.fasta import read_fasta  # noqa: E402
+from distill.core.config import ModelConfig  # noqa: E402
+from distill.core.fasta import read_fasta  # noqa: E402
+from distill.core.model import build_student  # noqa: E402
 from distill.inference import resolve  # noqa: E402
-from distill.model import build_student  # noqa: E402
+from distill.recipes.annotate import Options, annotate  # noqa: E402
 from export.onnx import export  # noqa: E402
 
 

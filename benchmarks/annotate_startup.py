@@ -44,8 +44,8 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     import torch
 
-    from distill.config import ModelConfig
-    from distill.model import build_student
+    from distill.core.config import ModelConfig
+    from distill.core.model import build_student
     from export.onnx import export
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,7 +63,7 @@ def main() -> None:
             k += 1
             return [py, "-m", "distill", "annotate", str(fasta), "-o", str(tmp / f"o{k}.tsv"), "--model", str(graph), "--quiet"]
 
-        probe = f"import sys; sys.argv = {annotate_cmd()!r}; from distill.cli import main\ntry:\n main()\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+        probe = f"import sys; sys.argv = {annotate_cmd()!r}; from distill.cli.app import main\ntry:\n main()\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
         torch_imported = subprocess.run([py, "-c", probe], cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)},
                                         capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]  # fmt: skip
         times = [timed(annotate_cmd(), repo, 1)[0] for _ in range(args.runs)]  # a new output file each run

@@ -5,7 +5,7 @@ SCOPe training references of benchmarks/classify_split.py (validation only: the 
 
 Each training domain is a query against the other 6,683 (itself left out); a call is right when it names the query's
 superfamily. "seen": another training domain of the query's family exists; "unseen": none (remote homology). The rule
-the product uses (distill.align: E-values, the vote of each label's best three) is computed by the product's own code.
+the product uses (distill.inference.align: E-values, the vote of each label's best three) is computed by the product's own code.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import classify_split  # noqa: E402
 
-from distill.align import Aligner, evidence, vote  # noqa: E402
-from distill.labels import read_labelled  # noqa: E402
+from distill.core.labels import read_labelled  # noqa: E402
+from distill.inference.align import Aligner, evidence, vote  # noqa: E402
 
 
 def all_against_all(sequences: list[str], cache: Path) -> np.ndarray:
@@ -91,7 +91,7 @@ def main() -> None:
         "-ln E, sum of each label's best 2": lambda: class_sum(e, labels, (1, 1)),
         "-ln E, sum of each label's best 3": lambda: class_sum(e, labels, (1, 1, 1)),
         "-ln E, sum of each label's best 5": lambda: class_sum(e, labels, (1,) * 5),
-        "-ln E, best 3 weighted 1, 1/2, 1/4 (the product: distill.align.vote)": lambda: product_vote(e, list(labels)),
+        "-ln E, best 3 weighted 1, 1/2, 1/4 (the product: distill.inference.align.vote)": lambda: product_vote(e, list(labels)),
     }
     print(f"SCOPe training references: {len(labels)} ({seen.sum()} seen, {(~seen).sum()} unseen), leave-one-out accuracy\n")
     print("| rule | all | family seen | family unseen |\n|---|---|---|---|")

@@ -112,9 +112,9 @@ def affine(t_small: float, n_small: int, t_big: float, n_big: int, n_queries: in
 
 def nearest_neighbour(d: dict, vote: bool = False) -> Result:
     """The best-scoring training sequence's label; ``vote``: the product's rule over every training sequence instead
-    (E-values, evidence vote of the best three per class: distill.align), the ceiling of an index's candidates."""
-    from distill.align import Aligner, evidence
-    from distill.align import vote as evidence_vote
+    (E-values, evidence vote of the best three per class: distill.inference.align), the ceiling of an index's candidates."""
+    from distill.inference.align import Aligner, evidence
+    from distill.inference.align import vote as evidence_vote
 
     t = time.perf_counter()
     aligner = Aligner(d["train"].sequences, threads=2)
@@ -153,8 +153,8 @@ def nearest_neighbour(d: dict, vote: bool = False) -> Result:
 
 
 def linear_probe(d: dict, out: Path) -> Result:
-    from distill.embeddings import featurizer
-    from distill.probe import train_head
+    from distill.inference.embeddings import featurizer
+    from distill.recipes.probe import train_head
 
     feat = featurizer("random:small")
     labels = sorted(set(d["train"].labels))
@@ -198,9 +198,9 @@ def finetune_settings(task: str, quick: bool) -> dict:
 
 
 def finetuned(d: dict, run: Path, model: str, seed: int, settings: dict, teacher: Path | None = None) -> Result:
-    from distill.config import FinetuneConfig
-    from distill.finetune import finetune
+    from distill.core.config import FinetuneConfig
     from distill.inference import resolve
+    from distill.recipes.finetune import finetune
 
     t = time.perf_counter()
     # class weights none: what the recorded figures used (the default became auto, which picks per data set)
@@ -230,8 +230,8 @@ def finetuned(d: dict, run: Path, model: str, seed: int, settings: dict, teacher
 def _search_costs(index: Any, model: Any, seqs: list[str], predict_s: float) -> dict[str, float]:
     """Which part of ``predict_s`` grows with the reference count: the flat cosine search and the 3-mer search (both
     over every reference), timed alone afterwards; the rest (embedding, alignment of a fixed number) does not."""
-    from distill.embeddings import embed
-    from distill.kmers import KmerIndex
+    from distill.inference.embeddings import embed
+    from distill.inference.kmers import KmerIndex
 
     vectors = embed(model, seqs, index.card["pooling"], 8192)
     t = time.perf_counter()
@@ -250,9 +250,9 @@ def reference(d: dict, index_dir: Path, bundle: Path | str, align: int, kmer: bo
     ``kmer``: the re-ranked candidates also come from shared 3-mers (`distill index --kmer`, the default)."""
     from rich.console import Console
 
-    from distill.embeddings import embed
-    from distill.index import load_index
-    from distill.index_build import index_command
+    from distill.inference.embeddings import embed
+    from distill.inference.index import load_index
+    from distill.recipes.index_build import index_command
 
     t = time.perf_counter()
     if not (index_dir / "index.json").is_file():
@@ -260,7 +260,7 @@ def reference(d: dict, index_dir: Path, bundle: Path | str, align: int, kmer: bo
                       kmer=kmer)  # fmt: skip
     train_s = time.perf_counter() - t
     index = load_index(index_dir)
-    from distill.encoders import load_encoder
+    from distill.inference.encoders import load_encoder
 
     model = load_encoder(str(bundle)).model.eval()
 

@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from distill.fasta import iter_records  # noqa: E402
+from distill.core.fasta import iter_records  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 PFAM_TRAIN, PFAM_TEST = 200, 40

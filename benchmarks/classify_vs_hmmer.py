@@ -8,7 +8,7 @@ Every method trains on the same training file and is scored on the same test fil
 
   HMMER              per class: FAMSA MSA (pyfamsa) -> hmmbuild (pyhmmer) -> hmmscan; the best-scoring profile
   Smith-Waterman NN  pyopal, BLOSUM62, gap open 11 / extend 1; the best-scoring training sequence
-  SW E-value vote    the same alignments, the product's call rule (distill.align: E-values, the vote of each class's
+  SW E-value vote    the same alignments, the product's call rule (distill.inference.align: E-values, the vote of each class's
                      best three): what the reference index would reach if its prefilters missed nothing
   linear probe       the old product path: softmax regression on frozen random-init `small` embeddings
   fine-tuned small   `distill finetune random:small@SEED` (one row per seed, summarised as mean +- sd)
@@ -48,9 +48,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import classify_methods as methods  # noqa: E402
 import classify_split  # noqa: E402
 
-from distill.calibration import shuffled  # noqa: E402
-from distill.labels import read_labelled  # noqa: E402
-from distill.sweep_stats import t_interval  # noqa: E402
+from distill.core.calibration import shuffled  # noqa: E402
+from distill.core.labels import read_labelled  # noqa: E402
+from distill.recipes.sweep.stats import t_interval  # noqa: E402
 
 PFAM_A = 20_000
 N_NEGATIVES = 500
@@ -95,8 +95,8 @@ def rows_for(d: dict, rows_dir: Path) -> Path:
 
 def score(name: str, result: methods.Result, d: dict, classes: int) -> dict:
     """Accuracy, macro-F1, seen/unseen accuracy, coverage at 99% precision (swept and calibrated), speeds."""
-    from distill.calibration import threshold_for_precision
-    from distill.probe import classification_metrics
+    from distill.core.calibration import threshold_for_precision
+    from distill.recipes.probe import classification_metrics
 
     truth = d["test"].labels
     m = classification_metrics(truth, result.pred)

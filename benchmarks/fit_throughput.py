@@ -2,7 +2,7 @@
 
     python benchmarks/fit_throughput.py [--data examples/train.fasta] [--steps 6] [--batch-size 64]
 
-Runs the real trainer (``distill.train.fit``) for a few optimizer steps per configuration on real
+Runs the real trainer (``distill.recipes.fit.fit``) for a few optimizer steps per configuration on real
 sequences and reads the tokens/s it logs itself (real residues + BOS/EOS, padding excluded), skipping
 the first step (warm-up). Teachers:
   - none      --lam 0 (vanilla MLM: no teacher is loaded)
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from distill.config import FitConfig, ModelConfig
-from distill.model import ESM
-from distill.pretrained import save_fair_esm
-from distill.train import fit
+from distill.core.config import FitConfig, ModelConfig
+from distill.core.model import ESM
+from distill.core.pretrained import save_fair_esm
+from distill.recipes.fit import fit
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,11 +24,12 @@ from pathlib import Path
 import esm
 import torch
 
-from distill import data, teacher_cache, tokens
-from distill.config import FitConfig, ModelConfig
-from distill.model import weights_sha256
-from distill.pretrained import from_fair_esm
-from distill.train import fit
+from distill.core import data, tokens
+from distill.core.config import FitConfig, ModelConfig
+from distill.core.model import weights_sha256
+from distill.core.pretrained import from_fair_esm
+from distill.recipes import teacher_cache
+from distill.recipes.fit import fit
 
 REPO = Path(__file__).resolve().parents[1]
 ESM1B = ModelConfig(layers=33, dim=1280, heads=20, ffn=5120)
@@ -92,7 +93,7 @@ def main() -> None:
         tmp = Path(d)
         fasta = tmp / "train.fasta"
         fasta.write_text("".join(f">{seqs.ids[i]}\n{tokens.decode(seqs.seqs[i])}\n" for i in range(n_seqs)))
-        from distill.pretrained import save_fair_esm
+        from distill.core.pretrained import save_fair_esm
 
         teacher_pt, _ = save_fair_esm(ours.float().cpu(), tmp / "teacher.pt")
         common = dict(data=str(fasta), preset="custom" if args.smoke else args.preset, batch_size=8 if args.smoke else 64, epochs=1,
@@ -122,8 +123,8 @@ def main() -> None:
 
 
 def finetune_epoch(model: str, max_tokens: int, device: torch.device, tmp: Path) -> None:
-    from distill.config import FinetuneConfig
-    from distill.finetune import finetune
+    from distill.core.config import FinetuneConfig
+    from distill.recipes.finetune import finetune
 
     cfg = FinetuneConfig(model, [str(REPO / "examples" / "pfam.fasta")], "pfam", str(tmp / "finetune"), epochs=1, lr=1e-3,
                          max_tokens=max_tokens, quiet=True, device=device.type)  # fmt: skip

@@ -40,8 +40,8 @@ BACKENDS = ["eager", "torch", "ort-fp32", "ort-opt", "ort-int8-batched", "ort-in
 
 
 def batches(n: int, max_tokens: int) -> list[np.ndarray]:
-    from distill import tokens
-    from distill.fasta import read_fasta
+    from distill.core import tokens
+    from distill.core.fasta import read_fasta
 
     records = list(read_fasta(SCOPE))
     rng = np.random.default_rng(0)
@@ -54,9 +54,9 @@ def worker(backend: str, preset: str, onnx_dir: Path, n: int, max_tokens: int) -
     """Runs in a child process: one backend, one preset."""
     import torch
 
-    from distill import tokens
-    from distill.config import ModelConfig
-    from distill.model import ESM
+    from distill.core import tokens
+    from distill.core.config import ModelConfig
+    from distill.core.model import ESM
 
     work = batches(n, max_tokens)
     dep = None  # batch dependence: measured for the ONNX Runtime backends
@@ -128,8 +128,8 @@ def main() -> None:
 
     import torch
 
-    from distill.config import ModelConfig
-    from distill.model import ESM
+    from distill.core.config import ModelConfig
+    from distill.core.model import ESM
     from export.onnx import export
 
     print(f"machine: {platform.machine()}, 2 cores, torch {torch.__version__}; {args.n} SCOPe domains, --max-tokens {args.max_tokens}\n")

@@ -27,7 +27,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from distill.fasta import read_fasta  # noqa: E402
+from distill.core.fasta import read_fasta  # noqa: E402
 
 DISTILL = [sys.executable, "-m", "distill"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distill.labels import read_labelled  # noqa: E402
+from distill.core.labels import read_labelled  # noqa: E402
 
 
 def main() -> None:

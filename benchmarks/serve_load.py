@@ -38,10 +38,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from distill.bundle import save_bundle  # noqa: E402
-from distill.config import ModelConfig  # noqa: E402
-from distill.fasta import read_fasta  # noqa: E402
-from distill.model import build_student  # noqa: E402
+from distill.core.bundle import save_bundle  # noqa: E402
+from distill.core.config import ModelConfig  # noqa: E402
+from distill.core.fasta import read_fasta  # noqa: E402
+from distill.core.model import build_student  # noqa: E402
 
 
 def sequences() -> list[str]:

@@ -17,8 +17,8 @@ import statistics
 import tomllib
 from pathlib import Path
 
-from distill.finetune import finetune
-from distill.sweep_finetune import scored, settings_of
+from distill.recipes.finetune import finetune
+from distill.recipes.sweep.finetune import scored, settings_of
 
 
 def main() -> None:

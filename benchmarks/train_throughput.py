@@ -29,14 +29,15 @@ import esm
 import numpy as np
 import torch
 
-from distill import data, teacher_cache, tokens
-from distill.config import FitConfig, ModelConfig
-from distill.fasta import read_fasta
-from distill.losses import distillation_loss, residue_logits
-from distill.model import ESM
-from distill.pretrained import save_fair_esm
-from distill.teacher_cache import load_teacher
-from distill.train import fit
+from distill.core import data, tokens
+from distill.core.config import FitConfig, ModelConfig
+from distill.core.fasta import read_fasta
+from distill.core.losses import distillation_loss, residue_logits
+from distill.core.model import ESM
+from distill.core.pretrained import save_fair_esm
+from distill.recipes import teacher_cache
+from distill.recipes.fit import fit
+from distill.recipes.teacher_cache import load_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 SCOPE = REPO.parent / "shared" / "data" / "scope" / "astral-scopedom-40-2.07.shared85.fa"

@@ -1,5 +1,5 @@
 """``python -m distill`` (and ``torchrun -m distill fit ...`` for DistributedDataParallel)."""
 
-from distill.cli import main
+from distill.cli.app import main
 
 main()

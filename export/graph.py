@@ -18,10 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distill import tokens
-from distill.errors import UserError
+from distill.core import tokens
+from distill.core.errors import UserError
+from distill.core.model import ESM, SelfAttention, sequence_embedding
 from distill.inference.onnx_backend import OUTPUTS
-from distill.model import ESM, SelfAttention, sequence_embedding
 
 
 @contextlib.contextmanager

@@ -31,12 +31,12 @@ from typing import Any
 import onnx
 import onnxruntime as ort
 
-from distill import tokens
-from distill.encoders import load_encoder
-from distill.heads import heads_of
+from distill.core import tokens
+from distill.core.heads import heads_of
+from distill.core.io import sha256_file
+from distill.core.model import ESM
+from distill.inference.encoders import load_encoder
 from distill.inference.onnx_backend import OUTPUTS
-from distill.io import sha256_file
-from distill.model import ESM
 from export.graph import ExportError, decompose_layer_norms, export_graph, output_names, quiet_third_party
 from export.parity import ONE_SEQUENCE, Parity, parity
 

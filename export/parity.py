@@ -14,11 +14,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from distill import data, tokens
-from distill.fasta import read_fasta
+from distill.core import data, tokens
+from distill.core.fasta import read_fasta
+from distill.core.model import ESM
 from distill.inference import Inference
 from distill.inference.onnx_backend import OnnxBackend
-from distill.model import ESM
 from export.graph import GraphModule, output_names
 
 PARITY_FASTA = Path(__file__).resolve().parent / "parity.fasta"

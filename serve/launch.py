@@ -26,7 +26,7 @@ def serve_args(model: str, backend: str, variant: str, console: Console, **given
     if reference and not (Path(reference) / "index.json").is_file():
         raise ValueError(f"--reference {reference} is not a `distill index` directory (no index.json)")
     if backend == "esm1b":
-        from distill.pretrained import is_fair_esm_spec  # fair-esm: only for this backend
+        from distill.core.pretrained import is_fair_esm_spec  # fair-esm: only for this backend
 
         if not is_fair_esm_spec(model):
             raise ValueError(f"--backend esm1b serves a fair-esm model: give its name or a .pt, not {model!r}")

@@ -27,10 +27,10 @@ import numpy as np
 from bentoml.exceptions import InvalidArgument
 from pydantic import StrictBool, StrictInt  # "3", true or 2.0 for top_k, "yes" for crop: a 400, not a guess
 
-from distill import tokens
-from distill.index import load_index
+from distill.core import tokens
 from distill.inference import SequenceError, resolve
 from distill.inference import top_k as best
+from distill.inference.index import load_index
 from distill.inference.sequences import Pieces, prepare
 from serve import slow_clients
 from serve.guard import Guard, limit_for

@@ -14,9 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from distill.config import INFERENCE_MAX_TOKENS
+from distill.core.config import INFERENCE_MAX_TOKENS
+from distill.core.io import sha256_file
 from distill.inference import resolve
-from distill.io import sha256_file
 
 BACKENDS = ("student-onnx", "student-torch", "esm1b")
 
@@ -43,8 +43,8 @@ def import_model(source: str, name: str | None = None, int8: bool = False) -> st
     """Put a student bundle (exported to ONNX with its heads here) or an exported ``.onnx`` into the store; returns the tag."""
     import bentoml  # lazy, like the torch-side imports below: the service's ONNX path reads models only
 
-    from distill.bundle import is_bundle
-    from distill.hf import is_hf_dir
+    from distill.core.bundle import is_bundle
+    from distill.core.hf import is_hf_dir
     from export.onnx import export_command, read_metadata
 
     path = Path(source)

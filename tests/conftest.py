@@ -29,7 +29,7 @@ def pca_draws_tsne():
     from sklearn.decomposition import PCA
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("distill.plots.TSNE", lambda n_components, **_: PCA(n_components))
+        mp.setattr("distill.recipes.plots.TSNE", lambda n_components, **_: PCA(n_components))
         yield
 
 
@@ -70,7 +70,7 @@ def tiny_esm2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def real_sequences() -> list[str]:
     """Six real proteins at the length quantiles (23-300 aa) from the bundled sample."""
-    from distill.fasta import read_fasta
+    from distill.core.fasta import read_fasta
 
     records = sorted((r.sequence for r in read_fasta(EXAMPLES / "train.fasta") if len(r.sequence) <= 300), key=len)
     return [records[round(q * (len(records) - 1))] for q in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)]  # length quantiles
@@ -82,14 +82,14 @@ def write_fasta(path: Path, records: list[tuple[str, str]]) -> Path:
 
 
 def write_labelled(path: Path, records: list) -> Path:
-    """FASTA records (``distill.fasta.Record``) with their header descriptions (the labels) kept."""
+    """FASTA records (``distill.core.fasta.Record``) with their header descriptions (the labels) kept."""
     path.write_text("".join(f">{r.id} {r.description}\n{r.sequence}\n" for r in records))
     return path
 
 
 def write_small_fasta(directory: Path) -> Path:
     """60 real Pfam domains (SH3, WW, zf-C2H2: 20 each) from the bundled sample, for quick training runs."""
-    from distill.fasta import read_fasta
+    from distill.core.fasta import read_fasta
 
     families = ("PF00018", "PF00397", "PF00096")
     records = [(r.id, r.sequence) for r in read_fasta(EXAMPLES / "train.fasta") if r.description in families]

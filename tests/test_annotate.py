@@ -11,13 +11,13 @@ import torch
 from conftest import EXAMPLES, REPO
 from typer.testing import CliRunner
 
-from distill.annotate import Options, annotate
-from distill.bundle import save_bundle
-from distill.cli import app
-from distill.config import ModelConfig
-from distill.fasta import read_fasta
+from distill.cli.app import app
+from distill.core.bundle import save_bundle
+from distill.core.config import ModelConfig
+from distill.core.fasta import read_fasta
+from distill.core.model import ESM
 from distill.inference.sequences import WINDOW, windows
-from distill.model import ESM
+from distill.recipes.annotate import Options, annotate
 
 runner = CliRunner()
 REAL = [(r.id, r.sequence) for r in read_fasta(EXAMPLES / "valid.fasta")]
@@ -65,7 +65,7 @@ def test_every_record_gets_a_row_in_input_order_with_errors_and_long_policy(bund
     assert by_id["empty"][6] == "error" and "empty sequence" in by_id["empty"][7]
     assert by_id["long"][6] == "ok" and by_id["long"][7] == "windows: 3 x 1022 residues (stride 511), averaged"
     assert rows[0][6] == rows[-1][6] == "error" and "no '>' header" in rows[0][7] and "no record id" in rows[-1][7]
-    from distill.heads import heads_of
+    from distill.core.heads import heads_of
 
     threshold = heads_of(b)["pfam"].min_probability  # the probe's calibrated no-call
     assert 0 < threshold < 1
@@ -175,7 +175,7 @@ def test_memory_stays_bounded_as_the_input_grows(bundle, tmp_path):
     def peak_rss(n: int) -> int:
         fasta = write_input(tmp_path / f"in{n}.fa", [(f"r{i}", REAL[j][1][:60]) for i, j in enumerate(rng.integers(0, len(REAL), n))])
         code = (
-            "import resource, sys; from distill.cli import app\n"
+            "import resource, sys; from distill.cli.app import app\n"
             f"try: app([{str(fasta)!r}, '--model', {str(graph)!r}, '-o', {str(tmp_path / f'o{n}.tsv')!r}, '--quiet'], prog_name='distill')\n"
             "except SystemExit: pass\n"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"

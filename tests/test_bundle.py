@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from distill import tokens
-from distill.bundle import BundleError, load_any, load_bundle, save_bundle
-from distill.config import ModelConfig
-from distill.model import ESM
+from distill.core import tokens
+from distill.core.bundle import BundleError, load_any, load_bundle, save_bundle
+from distill.core.config import ModelConfig
+from distill.core.model import ESM
 
 
 @pytest.fixture

@@ -1,7 +1,14 @@
 import numpy as np
 import pytest
 
-from distill.calibration import CalibrationError, calibrate, expected_calibration_error, fit_temperature, shuffled, threshold_for_precision
+from distill.core.calibration import (
+    CalibrationError,
+    calibrate,
+    expected_calibration_error,
+    fit_temperature,
+    shuffled,
+    threshold_for_precision,
+)
 
 
 def test_ece_matches_hand_computation():

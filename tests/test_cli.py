@@ -11,10 +11,10 @@ import torch
 from conftest import EXAMPLES, REPO
 from typer.testing import CliRunner
 
-from distill.bundle import load_bundle, save_bundle
-from distill.cli import app
-from distill.config import ModelConfig
-from distill.model import ESM
+from distill.cli.app import app
+from distill.core.bundle import load_bundle, save_bundle
+from distill.core.config import ModelConfig
+from distill.core.model import ESM
 
 runner = CliRunner()
 
@@ -48,7 +48,7 @@ def test_perplexity_for_bundles_and_fair_esm_checkpoints_agree_on_the_same_weigh
     assert res.exit_code == 0, res.output
     as_pt = json.loads(res.stdout)
     # The same weights as a bundle give the same number (same fixed evaluation masking).
-    from distill.pretrained import load_pretrained
+    from distill.core.pretrained import load_pretrained
 
     save_bundle(tmp_path / "b", load_pretrained(str(tiny_esm1b)), None)
     res = runner.invoke(app, ["perplexity", str(tmp_path / "b"), str(fasta)])
@@ -69,7 +69,7 @@ def test_export_esm_writes_a_loadable_pair(tmp_path):
 
 
 def test_error_policy_user_errors_one_line_bugs_traceback_debug_shows_all(tmp_path, monkeypatch):
-    import distill.evaluate
+    import distill.recipes.perplexity
 
     missing = tmp_path / "missing.fa"
     res = runner.invoke(app, ["perplexity", "random:small", str(missing)])
@@ -79,7 +79,7 @@ def test_error_policy_user_errors_one_line_bugs_traceback_debug_shows_all(tmp_pa
     def broken(*args, **kwargs):
         raise RuntimeError("shape mismatch inside torch")
 
-    monkeypatch.setattr(distill.evaluate, "perplexity_of", broken)
+    monkeypatch.setattr(distill.recipes.perplexity, "perplexity_of", broken)
     res = runner.invoke(app, ["perplexity", "random:small", str(missing)])
     assert res.exit_code == 1 and "Traceback" in res.output and "shape mismatch inside torch" in res.output
     assert "it is a bug" in res.output and "memory" not in res.output  # a bug is not sent off to tune --max-tokens
@@ -87,7 +87,7 @@ def test_error_policy_user_errors_one_line_bugs_traceback_debug_shows_all(tmp_pa
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(distill.evaluate, "perplexity_of", out_of_memory)
+    monkeypatch.setattr(distill.recipes.perplexity, "perplexity_of", out_of_memory)
     res = runner.invoke(app, ["perplexity", "random:small", str(missing)])
     assert res.exit_code == 1 and "out of memory (traceback above): lower --max-tokens" in res.output
     assert "it is a bug" not in res.output

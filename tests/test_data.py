@@ -2,7 +2,7 @@ import esm
 import numpy as np
 import pytest
 
-from distill import data, tokens
+from distill.core import data, tokens
 
 
 def test_encode_uses_esm1b_alphabet_and_pad_batch_adds_bos_eos():

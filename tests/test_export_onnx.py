@@ -9,15 +9,15 @@ import torch
 from conftest import EXAMPLES, shared
 from typer.testing import CliRunner
 
-from distill import tokens
-from distill.bundle import save_bundle
-from distill.cli import app
-from distill.config import ModelConfig
-from distill.fasta import read_fasta
+from distill.cli.app import app
+from distill.core import tokens
+from distill.core.bundle import save_bundle
+from distill.core.config import ModelConfig
+from distill.core.fasta import read_fasta
+from distill.core.model import ESM, sequence_embedding
+from distill.core.pretrained import load_pretrained
 from distill.inference import SequenceError, resolve
 from distill.inference.onnx_backend import select_providers
-from distill.model import ESM, sequence_embedding
-from distill.pretrained import load_pretrained
 from export import onnx as ox
 from export import parity as px
 

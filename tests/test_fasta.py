@@ -3,7 +3,7 @@ import gzip
 import pytest
 from conftest import shared
 
-from distill.fasta import DuplicateIdWarning, FastaError, count_records, iter_records, read_fasta
+from distill.core.fasta import DuplicateIdWarning, FastaError, count_records, iter_records, read_fasta
 
 
 def test_multiline_lowercase_and_blank_lines(tmp_path):

@@ -9,14 +9,14 @@ import torch.nn.functional as F
 from conftest import EXAMPLES, write_labelled
 from typer.testing import CliRunner
 
-from distill.bundle import save_bundle
-from distill.calibration import shuffled
-from distill.cli import app
-from distill.config import FinetuneConfig, ModelConfig
-from distill.fasta import read_fasta
-from distill.finetune import finetune, task_loss
-from distill.heads import heads_of
-from distill.model import build_student
+from distill.cli.app import app
+from distill.core.bundle import save_bundle
+from distill.core.calibration import shuffled
+from distill.core.config import FinetuneConfig, ModelConfig
+from distill.core.fasta import read_fasta
+from distill.core.heads import heads_of
+from distill.core.model import build_student
+from distill.recipes.finetune import finetune, task_loss
 
 runner = CliRunner()
 FAMILIES = ("PF00004", "PF00005", "PF00072", "PF00076")
@@ -56,8 +56,8 @@ def accuracy(model_spec: str, test: list) -> float:
 
 
 def test_finetuning_beats_the_linear_probe_of_the_same_model(pfam4, tuned):
-    from distill.embeddings import featurizer
-    from distill.probe import train_head
+    from distill.inference.embeddings import featurizer
+    from distill.recipes.probe import train_head
 
     labels = sorted(FAMILIES)
     feat = featurizer(str(pfam4["tiny"]))
@@ -183,7 +183,7 @@ def test_validation_labels_unknown_to_training_are_refused(pfam4, tmp_path):
 
 
 def test_random_spec_with_a_seed(pfam4):
-    from distill.encoders import load_encoder
+    from distill.inference.encoders import load_encoder
 
     a, b, c = load_encoder("random:small@1"), load_encoder("random:small@1"), load_encoder("random:small")
     assert a.fingerprint == b.fingerprint != c.fingerprint and a.card["preset"] == "small"

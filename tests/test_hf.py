@@ -7,12 +7,12 @@ import torch
 from conftest import EXAMPLES, write_fasta
 from typer.testing import CliRunner
 
-from distill import tokens
-from distill.bundle import load_any, load_bundle, save_bundle
-from distill.cli import app
-from distill.config import ModelConfig
-from distill.hf import HFError
-from distill.model import ESM
+from distill.cli.app import app
+from distill.core import tokens
+from distill.core.bundle import load_any, load_bundle, save_bundle
+from distill.core.config import ModelConfig
+from distill.core.hf import HFError
+from distill.core.model import ESM
 
 transformers = pytest.importorskip("transformers", reason="pip install 'esm-distill[hf]'")
 runner = CliRunner()

@@ -7,13 +7,13 @@ import pytest
 from conftest import EXAMPLES, write_labelled
 from typer.testing import CliRunner
 
-from distill.bundle import save_bundle
-from distill.cli import app
-from distill.config import ModelConfig
-from distill.fasta import read_fasta
-from distill.index import IndexError_, ReferenceIndex, load_index
-from distill.kmers import KmerIndex, words
-from distill.model import build_student
+from distill.cli.app import app
+from distill.core.bundle import save_bundle
+from distill.core.config import ModelConfig
+from distill.core.fasta import read_fasta
+from distill.core.model import build_student
+from distill.inference.index import IndexError_, ReferenceIndex, load_index
+from distill.inference.kmers import KmerIndex, words
 
 pytest.importorskip("faiss")
 pytest.importorskip("pyopal")
@@ -102,7 +102,7 @@ def test_alignment_reranking_orders_candidates_by_evalue_and_calls_by_vote(refs,
 
 
 def test_evidence_and_vote_by_hand():
-    from distill.align import evidence, vote
+    from distill.inference.align import evidence, vote
 
     # 0.267 * 100 - ln(0.041 * 100 * 200) = 26.7 - 6.7093
     assert evidence(np.array([100.0]), 100, np.array([200]))[0] == pytest.approx(19.9907, abs=1e-4)

@@ -10,13 +10,13 @@ import pytest
 import torch
 from conftest import REPO, write_fasta
 
-from distill import tokens
-from distill.bundle import save_bundle
-from distill.config import ModelConfig
+from distill.core import tokens
+from distill.core.bundle import save_bundle
+from distill.core.config import ModelConfig
+from distill.core.model import ESM
 from distill.inference import Inference, SequenceError, resolve
 from distill.inference.layer import Outputs
 from distill.inference.sequences import long_note, prepare, spans
-from distill.model import ESM
 
 
 def test_numpy_tokeniser_equals_fair_esm_on_real_sequences(real_sequences):
@@ -123,7 +123,7 @@ def test_onnx_paths_never_import_torch(tiny_graph, tmp_path, real_sequences):
     bundle, graph = tiny_graph
     fasta = write_fasta(tmp_path / "in.fa", [(f"s{i}", s) for i, s in enumerate(real_sequences)])
     block = "import sys; sys.modules['torch'] = None; sys.modules['esm'] = None\n"
-    annotate = f"from distill.cli import main; sys.argv = ['distill', 'annotate', {str(fasta)!r}, '-o', {str(tmp_path / 'o.tsv')!r}, '--model', {str(graph)!r}, '--embeddings', {str(tmp_path / 'e.npy')!r}, '--quiet']; main()"
+    annotate = f"from distill.cli.app import main; sys.argv = ['distill', 'annotate', {str(fasta)!r}, '-o', {str(tmp_path / 'o.tsv')!r}, '--model', {str(graph)!r}, '--embeddings', {str(tmp_path / 'e.npy')!r}, '--quiet']; main()"
     engine = f"import serve.service; from serve.store import open_stored; import shutil, pathlib; d = pathlib.Path({str(tmp_path / 'stored')!r}); d.mkdir(); shutil.copy({str(graph)!r}, d / 'model.onnx'); print(open_stored(d).embed(['MKV'])[0].sequence.shape)"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for code in (annotate, engine):

@@ -3,7 +3,7 @@ import gzip
 import pytest
 from conftest import EXAMPLES, shared
 
-from distill.labels import LabelError, LabelRule, expand, read_labelled
+from distill.core.labels import LabelError, LabelRule, expand, read_labelled
 
 
 def test_astral_scope_file_gives_superfamilies_and_families():

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill import tokens
-from distill.losses import distillation_loss, kd_kl_sum, residue_logits
+from distill.core import tokens
+from distill.core.losses import distillation_loss, kd_kl_sum, residue_logits
 
 R = torch.from_numpy(tokens.RESIDUE_IDS)
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from distill import tokens
-from distill.config import ModelConfig
-from distill.model import ESM
-from distill.pretrained import from_fair_esm, load_fair_esm
+from distill.core import tokens
+from distill.core.config import ModelConfig
+from distill.core.model import ESM
+from distill.core.pretrained import from_fair_esm, load_fair_esm
 
 
 @pytest.mark.parametrize("preset, millions", [("small", 1.2), ("medium", 5.6), ("large", 33.7)])

@@ -6,10 +6,10 @@ import esm
 import pytest
 import torch
 
-from distill import tokens
-from distill.config import ModelConfig
-from distill.model import ESM
-from distill.pretrained import ModelNotAvailable, load_fair_esm, load_pretrained, save_fair_esm
+from distill.core import tokens
+from distill.core.config import ModelConfig
+from distill.core.model import ESM
+from distill.core.pretrained import ModelNotAvailable, load_fair_esm, load_pretrained, save_fair_esm
 
 
 def test_published_layout_is_what_fair_esm_expects(tiny_esm1b):

@@ -7,15 +7,16 @@ from conftest import EXAMPLES, shared
 from sklearn.metrics import f1_score
 from typer.testing import CliRunner
 
-from distill import embeddings, tokens
-from distill.bundle import save_bundle
-from distill.cli import app
-from distill.config import ModelConfig
-from distill.data import sequence_digests
-from distill.heads import HeadError, ProbeHead, heads_of, load_head
-from distill.labels import LabelledSet, read_labelled
-from distill.model import ESM
-from distill.probe import classification_metrics, make_split, run_probe
+from distill.cli.app import app
+from distill.core import tokens
+from distill.core.bundle import save_bundle
+from distill.core.config import ModelConfig
+from distill.core.data import sequence_digests
+from distill.core.heads import HeadError, ProbeHead, heads_of, load_head
+from distill.core.labels import LabelledSet, read_labelled
+from distill.core.model import ESM
+from distill.inference import embeddings
+from distill.recipes.probe import classification_metrics, make_split, run_probe
 
 runner = CliRunner()
 TEACHER = EXAMPLES / "teacher" / "tiny_esm1b_t4_192.pt"
@@ -158,7 +159,7 @@ def test_head_errors(bundle, tmp_path):
 def test_cli_evaluate_writes_one_table_csv_json_and_figures(bundle, tmp_path, monkeypatch):
     from sklearn.manifold import TSNE
 
-    monkeypatch.setattr("distill.plots.TSNE", TSNE)  # the real figures (conftest draws the other tests' with PCA)
+    monkeypatch.setattr("distill.recipes.plots.TSNE", TSNE)  # the real figures (conftest draws the other tests' with PCA)
     out = tmp_path / "eval"
     args = ["evaluate", str(TEACHER), str(bundle), "--data", str(EXAMPLES / "scope.fasta"), "--task", "scope"]
     args += ["--split", "family-holdout", "--baselines", "--ppl-data", str(EXAMPLES / "valid.fasta"), "--out", str(out)]
@@ -199,8 +200,8 @@ def test_cls_pooled_head_exports_and_matches_torch(tmp_path):
 def test_class_weights_none_beats_balanced_on_many_singleton_classes_and_auto_picks_none():
     """Real SCOPe families of the bundled sample: 159 classes, 83 of them singletons. One member of every family with
     two or more is held out; balanced weights lose top-1 accuracy there (checked, not assumed), and auto says why."""
-    from distill.labels import LabelRule
-    from distill.probe import Split
+    from distill.core.labels import LabelRule
+    from distill.recipes.probe import Split
 
     ds = read_labelled(str(EXAMPLES / "scope.fasta"), LabelRule("scope", level="family"))
     x = embeddings.featurizer(str(TEACHER)).features(ds.sequences, "mean")

@@ -14,16 +14,16 @@ import torch
 from conftest import EXAMPLES, write_fasta
 from typer.testing import CliRunner
 
-from distill import index_build
-from distill.annotate import Options, annotate
-from distill.bundle import save_bundle
-from distill.cli import app
-from distill.config import ModelConfig
-from distill.fasta import read_fasta
+from distill.cli.app import app
+from distill.core.bundle import save_bundle
+from distill.core.config import ModelConfig
+from distill.core.fasta import read_fasta
+from distill.core.model import ESM
 from distill.inference import resolve
-from distill.model import ESM
-from distill.scale import RayOptions
-from distill.teacher_cache import TeacherCache
+from distill.recipes import index_build
+from distill.recipes.annotate import Options, annotate
+from distill.recipes.scale import RayOptions
+from distill.recipes.teacher_cache import TeacherCache
 
 ray = pytest.importorskip("ray")
 runner = CliRunner()

@@ -20,11 +20,11 @@ import torch
 from conftest import EXAMPLES, REPO
 from typer.testing import CliRunner
 
-from distill.bundle import save_bundle
-from distill.cli import app
-from distill.config import ModelConfig
-from distill.fasta import read_fasta
-from distill.model import ESM
+from distill.cli.app import app
+from distill.core.bundle import save_bundle
+from distill.core.config import ModelConfig
+from distill.core.fasta import read_fasta
+from distill.core.model import ESM
 
 runner = CliRunner()
 TEACHER = EXAMPLES / "teacher" / "tiny_esm1b_t4_192.pt"
@@ -310,8 +310,8 @@ def test_concurrent_clients_of_mixed_lengths_never_get_each_others_answers(serve
 
 
 def test_annotate_through_the_service_equals_local_annotation(server, tmp_path):
-    from distill.annotate import Options, annotate
     from distill.inference import resolve
+    from distill.recipes.annotate import Options, annotate
 
     fasta = tmp_path / "in.fa"
     fasta.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(SEQS[:20])) + ">bad\nMKJ\n>long\n" + SEQS[0] * 14 + "\n")
@@ -366,10 +366,10 @@ def test_esm1b_backend_serves_a_fair_esm_checkpoint_with_its_heads(server):
 
 
 def test_classify_flags_no_calls_and_lists_reference_neighbours(server):
-    from distill.calibration import shuffled
-    from distill.heads import heads_of
-    from distill.index import load_index
+    from distill.core.calibration import shuffled
+    from distill.core.heads import heads_of
     from distill.inference import resolve
+    from distill.inference.index import load_index
 
     status, info = post(f"{server['url']}/info", {})
     heads = heads_of(server["bundle"])

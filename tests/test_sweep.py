@@ -3,11 +3,11 @@ import json
 import pytest
 from conftest import EXAMPLES, write_fasta
 
-from distill.config import SweepConfig
-from distill.errors import UserError
-from distill.fasta import read_fasta
-from distill.sweep import grid, run_sweep
-from distill.sweep_merge import merge_stages
+from distill.core.config import SweepConfig
+from distill.core.errors import UserError
+from distill.core.fasta import read_fasta
+from distill.recipes.sweep.grid import grid, run_sweep
+from distill.recipes.sweep.merge import merge_stages
 
 TEACHER = EXAMPLES / "teacher" / "tiny_esm1b_t4_192.pt"
 
@@ -26,7 +26,7 @@ def test_grid_trains_vanilla_once_per_preset_and_names_runs_like_the_study():
 
 
 def test_the_shared_teacher_cache_holds_one_masking_per_epoch_of_the_longest_preset():
-    from distill.sweep import cache_views
+    from distill.recipes.sweep.grid import cache_views
 
     cfg = SweepConfig(out="o", data="d", teacher="t", presets=["small", "medium"], tasks={})
     assert cache_views(cfg) == 20  # study epochs: small 10, medium 20; a small-only stage reuses the same cache
@@ -41,8 +41,8 @@ def test_the_shipped_sweep_configs_parse(config):
 
 
 def test_a_stage_keeps_the_run_names_of_the_whole_grid_and_names_what_it_does_not_know(tmp_path):
-    from distill.errors import UserError
-    from distill.sweep import stage
+    from distill.core.errors import UserError
+    from distill.recipes.sweep.grid import stage
 
     config = tmp_path / "s.toml"
     cfg = SweepConfig(
@@ -92,7 +92,7 @@ def test_bad_sweep_configs_are_named(tmp_path, text, message):
 def test_merge_reports_the_whole_grid_and_needs_probed_stages(tmp_path):
     from typer.testing import CliRunner
 
-    from distill.cli import app
+    from distill.cli.app import app
 
     config = tmp_path / "sweep.toml"
     config.write_text(f"out = '{tmp_path / 'out'}'\ndata = '{EXAMPLES / 'train.fasta'}'\nteacher = 't'\npresets = ['small']\n"
@@ -160,7 +160,7 @@ def test_sweep_trains_probes_reports_and_resumes_without_redoing(tmp_path, capsy
 
 
 def test_subsets_are_nested_and_do_not_depend_on_the_file_order(tmp_path):
-    from distill.sweep import write_subsets
+    from distill.recipes.sweep.grid import write_subsets
 
     records = [(r.id, r.sequence) for r in read_fasta(EXAMPLES / "train.fasta")][:60]
     ids = {}
@@ -175,7 +175,7 @@ def test_subsets_are_nested_and_do_not_depend_on_the_file_order(tmp_path):
 
 
 def test_paired_gains_and_intervals_match_a_hand_computation():
-    from distill.sweep_stats import RunKey, log_log_slope, paired_differences, t_interval
+    from distill.recipes.sweep.stats import RunKey, log_log_slope, paired_differences, t_interval
 
     ci = t_interval([0.1, 0.2, 0.3])  # mean 0.2, sd 0.1, t(0.975, 2) = 4.302653 -> half-width 0.248414
     assert (round(ci.mean, 6), round(ci.sd, 6), round(ci.lo, 5), round(ci.hi, 5)) == (0.2, 0.1, -0.04841, 0.44841)
@@ -188,8 +188,8 @@ def test_paired_gains_and_intervals_match_a_hand_computation():
 
 
 def test_fine_tuned_calls_join_the_paired_analysis():
-    from distill.sweep_finetune import values_of
-    from distill.sweep_stats import RunKey, paired_differences
+    from distill.recipes.sweep.finetune import values_of
+    from distill.recipes.sweep.stats import RunKey, paired_differences
 
     runs = [(1.0, 0.0, 0, 0.5, 0.4), (2.0, 0.5, 0, 0.7, 0.5), (1.0, 0.0, 1, 0.6, 0.5), (2.0, 0.5, 1, 0.6, 0.7)]  # T, lam, seed, acc, F1
     results = {"pfam": {f"r{i}/student": {"key": RunKey("small", 100, t, lam, seed), "accuracy": a, "f1_macro": f}

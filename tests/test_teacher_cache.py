@@ -6,11 +6,11 @@ import torch
 from test_train import config, rows
 from typer.testing import CliRunner
 
-from distill import data
-from distill.cli import app
-from distill.losses import residue_logits
-from distill.teacher_cache import CacheMismatch, TeacherCache, load_teacher
-from distill.train import fit
+from distill.cli.app import app
+from distill.core import data
+from distill.core.losses import residue_logits
+from distill.recipes.fit import fit
+from distill.recipes.teacher_cache import CacheMismatch, TeacherCache, load_teacher
 
 runner = CliRunner()
 

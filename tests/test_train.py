@@ -12,13 +12,13 @@ from conftest import write_small_fasta
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from distill import data
-from distill.cli import app
-from distill.config import FitConfig, ModelConfig
-from distill.losses import distillation_loss, residue_logits
-from distill.model import ESM
-from distill.teacher_cache import load_teacher
-from distill.train import fit
+from distill.cli.app import app
+from distill.core import data
+from distill.core.config import FitConfig, ModelConfig
+from distill.core.losses import distillation_loss, residue_logits
+from distill.core.model import ESM
+from distill.recipes.fit import fit
+from distill.recipes.teacher_cache import load_teacher
 
 TINY = {"preset": "custom", "layers": 2, "dim": 32, "heads": 4, "ffn": 64}
 runner = CliRunner()

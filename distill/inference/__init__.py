@@ -5,6 +5,7 @@ over thin backends (onnx_backend.py, torch_backend.py, http_backend.py); resolve
 an ``Inference``. Importing this package (and the ONNX backend) does not import torch.
 """
 
+from distill.core.config import INFERENCE_MAX_TOKENS
 from distill.inference.layer import Embedding, Inference, heads_asked, stack, top_k
 from distill.inference.resolve import resolve
 from distill.inference.sequences import LONG_POLICIES, SequenceError, validate

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from distill.errors import UserError
+from distill.core.errors import UserError
 from distill.inference.layer import Outputs
 
 

@@ -12,8 +12,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from distill import tokens
-from distill.config import INFERENCE_MAX_TOKENS
+from distill.core import tokens
+from distill.core.config import INFERENCE_MAX_TOKENS
 from distill.inference.sequences import prepare
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.config import INFERENCE_MAX_TOKENS
+from distill.core.config import INFERENCE_MAX_TOKENS
 from distill.inference.layer import Inference
 
 
@@ -45,8 +45,8 @@ def resolve(
 
 def torch_backend(spec: str, heads: str | None = None, device: str = "auto"):  # noqa: ANN201 (TorchBackend: imports torch)
     """A bundle, fair-esm model or ``random:`` spec with its heads (a bundle's own, or a head directory)."""
-    from distill.encoders import load_encoder  # torch: imported here so that the other backends never load it
-    from distill.heads import heads_in, heads_of, load_head
+    from distill.core.heads import heads_in, heads_of, load_head
+    from distill.inference.encoders import load_encoder  # torch: imported here so that the other backends never load it
     from distill.inference.torch_backend import TorchBackend
 
     enc = load_encoder(spec)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from distill import tokens
+from distill.core import tokens
 
 LONG_POLICIES = ("error", "crop", "windows")
 WINDOW = tokens.MAX_RESIDUES

@@ -1,6 +1,6 @@
 """PyTorch backend: a student bundle, a fair-esm model (ESM-1b) or a random-init model, with heads.
 
-CUDA (bf16 autocast) when available, else CPU. ``heads`` maps task -> ``distill.heads.Head``.
+CUDA (bf16 autocast) when available, else CPU. ``heads`` maps task -> ``distill.core.heads.Head``.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill.distributed import pick_device
-from distill.heads import Head
+from distill.core.distributed import pick_device
+from distill.core.heads import Head
+from distill.core.model import ESM, sequence_embedding
 from distill.inference.layer import Outputs
-from distill.model import ESM, sequence_embedding
 
 
 class TorchBackend:

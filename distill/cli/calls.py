@@ -1,0 +1,133 @@
+"""``distill finetune`` and ``distill index``: the commands that make calls (registered on the app in cli.py).
+
+Option defaults come from ``FinetuneConfig`` itself, so the help cannot disagree with what runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from distill.cli.options import GpusPerWorker, RayAddress, Shard, Threads, Workers, console
+from distill.core.config import CLASS_WEIGHTS, DEFAULT_TARGET_PRECISION, FinetuneConfig
+
+D = FinetuneConfig(model="", data=[], task="", out="")  # the defaults
+
+
+def finetune(
+    model: Annotated[
+        str, typer.Argument(help="Encoder to start from: a bundle, random:PRESET or random:PRESET@SEED, or a fair-esm name / .pt.")
+    ],
+    data: Annotated[
+        list[str], typer.Option("--data", help="Labelled training files, directories or globs (FASTA headers, Stockholm, TSV).")
+    ],
+    task: Annotated[
+        str,
+        typer.Option(
+            help="Any name (letters, digits, _): labels kept as written; pfam and scope are presets (Pfam accession, SCOPe sccs)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Run directory; the fine-tuned bundle is OUT/model.")],
+    valid: Annotated[list[str] | None, typer.Option("--valid", help="Labelled validation files (early stopping, calibration).")] = None,
+    valid_fraction: Annotated[
+        float, typer.Option(help="Without --valid: this fraction of each class (stratified) validates.")
+    ] = D.valid_fraction,
+    labels: Annotated[Path | None, typer.Option(help="id<TAB>label file for plain-FASTA --data / --valid.")] = None,
+    level: Annotated[str, typer.Option(help="scope: class, fold, superfamily or family.")] = D.level,
+    label_field: Annotated[int, typer.Option(help="FASTA: the header field after the id that holds the label.")] = D.label_field,
+    label_regex: Annotated[str | None, typer.Option(help="FASTA: a regex whose first group is the label.")] = None,
+    epochs: Annotated[int, typer.Option(help="At most this many epochs (early stopping may end sooner).")] = D.epochs,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, 5% warm-up, cosine decay).")] = D.lr,
+    batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step.")] = D.batch_size,
+    max_tokens: Annotated[int, typer.Option(help="Token budget of one forward pass (the same default as fit and probe).")] = D.max_tokens,
+    freeze_layers: Annotated[int, typer.Option(help="Keep the embeddings and the first N layers fixed.")] = D.freeze_layers,
+    pooling: Annotated[str, typer.Option(help="Sequence embedding fed to the head: mean over residues, or cls.")] = D.pooling,
+    head: Annotated[str, typer.Option(help="cosine (NormFace, for many small classes) or linear.")] = D.head,
+    class_weights: Annotated[
+        str,
+        typer.Option(
+            help=f"{', '.join(CLASS_WEIGHTS)}: auto is balanced only when every class has 5 training examples (balanced trades top-1 accuracy for rare-class recall)."
+        ),
+    ] = D.class_weights,
+    min_per_class: Annotated[
+        int, typer.Option(help="Classes with fewer training sequences leave the label set (they become no-call negatives).")
+    ] = D.min_per_class,
+    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better validation macro-F1.")] = D.patience,
+    negative_rate: Annotated[
+        float, typer.Option(help="Residue-shuffled copies per step (share of the step), trained towards 'none of these'.")
+    ] = D.negative_rate,
+    teacher: Annotated[str | None, typer.Option(help="Task distillation: a fine-tuned bundle with a head for TASK.")] = None,
+    lam: Annotated[float, typer.Option(help="Weight of the teacher's soft targets: (1-lam) CE + lam T^2 KL.")] = D.lam,
+    temperature: Annotated[float, typer.Option(help="Task-distillation temperature T.")] = D.temperature,
+    target_precision: Annotated[
+        float, typer.Option(help="The no-call threshold is set for this precision on validation + negatives.")
+    ] = D.target_precision,
+    seed: Annotated[int, typer.Option(help="Seed of the head, the validation split, data order and crops.")] = D.seed,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda (bf16 autocast).")] = D.device,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last epoch checkpoint (same options).")] = False,
+    quiet: Annotated[bool, typer.Option(help="No per-epoch lines.")] = False,
+) -> None:
+    """Fine-tune an encoder end to end with a classification head; writes a calibrated bundle (OUT/model)."""
+    from distill.recipes.finetune import finetune as run
+
+    cfg = FinetuneConfig(
+        model=model, data=list(data), task=task, out=str(out), valid=list(valid) if valid else None, valid_fraction=valid_fraction,
+        labels=str(labels) if labels else None, level=level, label_field=label_field, label_regex=label_regex, epochs=epochs, lr=lr, batch_size=batch_size, max_tokens=max_tokens,
+        freeze_layers=freeze_layers, pooling=pooling, head=head, class_weights=class_weights, min_per_class=min_per_class,
+        patience=patience, negative_rate=negative_rate, teacher=teacher, lam=lam, temperature=temperature,
+        target_precision=target_precision, seed=seed, device=device, quiet=quiet,
+    )  # fmt: skip
+    result = run(cfg, resume, console)
+    if result.bundle is None:
+        raise typer.Exit(130)
+    console.print(f"fine-tuned bundle: {result.bundle} (best epoch {result.metrics['best_epoch']})")
+
+
+def index(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="The model whose embeddings are indexed: a bundle, random:PRESET or random:PRESET@SEED, a fair-esm name / .pt."
+        ),
+    ],
+    data: Annotated[list[str], typer.Option("--data", help="Labelled reference files (FASTA headers, Stockholm, TSV).")],
+    task: Annotated[str, typer.Option(help="The task name (as for finetune): pfam and scope read their label formats.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Index directory.")],
+    append: Annotated[bool, typer.Option(help="Add the sequences to an existing index (same model, new ids).")] = False,
+    labels: Annotated[Path | None, typer.Option(help="id<TAB>label file for plain-FASTA --data.")] = None,
+    pooling: Annotated[str, typer.Option(help="mean or cls; a bundle's fine-tuned head decides when not given.")] = "",
+    target_precision: Annotated[float, typer.Option(help="The similarity threshold is set for this precision.")] = DEFAULT_TARGET_PRECISION,
+    align: Annotated[int, typer.Option(help="Re-rank this many nearest references per query by Smith-Waterman (0: cosine calls).")] = 0,
+    kmer: Annotated[
+        bool,
+        typer.Option(help="With --align N: also align the N references sharing the most 4-mers with the query (distill.inference.kmers)."),
+    ] = True,
+    max_tokens: Annotated[int, typer.Option(help="Token budget of one forward pass.")] = D.max_tokens,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    shard: Shard = None,
+    ray: RayAddress = None,
+    workers: Workers = 1,
+    threads: Threads = 0,
+    gpus_per_worker: GpusPerWorker = 0.0,
+) -> None:
+    """Embed labelled reference sequences into an index for annotation transfer (`annotate --reference`)."""
+    from distill.recipes.index_build import index_command
+    from distill.recipes.scale import parse_shard, ray_options
+
+    scale, part = ray_options(ray, workers, threads, gpus_per_worker), parse_shard(shard)
+    idx = index_command(model, list(data), task, output, append, labels, pooling, target_precision, max_tokens, device, console, align,
+                        scale, part, threads, kmer)  # fmt: skip
+    if part is not None:
+        console.print(f"{output}: part {part[0]}/{part[1]} of the index; join all parts with `distill merge PARTS... -o INDEX`")
+        return
+    c = idx.card["calibration"]
+    console.print(f"{output}: {len(idx)} references, {idx.card['labels']} labels; leave-one-out accuracy "
+                  f"{c['leave_one_out_accuracy']:.3f}; no-call below {c['score']} {c['threshold']:.4f} for precision >= {c['target_precision']} "
+                  f"(coverage {c['coverage']:.3f}; negatives: {c['n_negatives']} shuffled, {c.get('n_outside', 0)} of left-out labels)")  # fmt: skip
+
+
+def register(app: typer.Typer, export_app: typer.Typer) -> None:
+    app.command()(finetune)
+    app.command()(index)

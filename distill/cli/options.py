@@ -1,0 +1,92 @@
+"""What every ``distill`` command shares: the console, and one error policy for the whole command line.
+
+Usage errors (a missing or unknown option, a bad choice or type) are click's: one usage line, exit 2. Errors the
+user can fix (bad files, formats, model specs, option values; ``distill.core.errors.UserError``) print one ``error:``
+line and exit 2. Anything else is a bug or the machine running out of memory: its traceback is printed with one line
+of advice (the memory hint only for an out-of-memory error), exit 1. ``distill --debug ...`` shows tracebacks for
+every error.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
+
+from distill.core.errors import UserError
+
+console = Console(stderr=True, soft_wrap=True)  # never hard-wrap messages in logs
+
+# OSError subclasses we raise for missing, existing or unreadable files; ValueError for bad values and formats.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, ConnectionError, UserError)
+BUG_ADVICE = "unexpected error (traceback above): it is a bug, please report it with the traceback and the command."
+MEMORY_ADVICE = "out of memory (traceback above): lower --max-tokens or --batch-size."
+
+# The click that typer runs on: click itself up to typer 0.28, a vendored copy (typer._click) from 0.29. Its usage
+# errors must pass through to click's own handler whichever it is, so take the classes from typer, never `import click`.
+_click = sys.modules[next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException").__module__]
+CLICK_SIGNALS = (typer.Exit, typer.Abort, *(getattr(_click, n) for n in ("ClickException", "Exit", "Abort") if hasattr(_click, n)))
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """MemoryError, torch's OutOfMemoryError (CUDA or MPS), or an allocator's "out of memory" RuntimeError."""
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
+
+
+class Commands(TyperGroup):
+    """A Typer group that applies the error policy to every command it runs."""
+
+    def invoke(self, ctx: typer.Context):  # noqa: ANN201
+        try:
+            return super().invoke(ctx)
+        except CLICK_SIGNALS:
+            raise
+        except USER_ERRORS as e:
+            if ctx.find_root().params.get("debug"):
+                raise
+            console.print(f"[bold red]error:[/] {escape(str(e))}")  # messages name files and specs: no markup in them
+            raise typer.Exit(2) from None
+        except Exception as e:
+            if ctx.find_root().params.get("debug"):
+                raise
+            traceback.print_exc()
+            console.print(f"[bold red]error:[/] {MEMORY_ADVICE if out_of_memory(e) else BUG_ADVICE}")
+            raise typer.Exit(1) from None
+
+
+def task_list(tasks: str | None) -> list[str] | None:
+    """``pfam,scope`` -> ["pfam", "scope"]; None (every head) when not given."""
+    return [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+
+
+def not_an_option(value: str | None) -> str | None:
+    """Click takes the next word as an option's value even when it is an option (`--ray -o out.tsv`): refuse that."""
+    if value is not None and value.startswith("-"):
+        raise typer.BadParameter(f"needs a value, got the option {value!r}")
+    return value
+
+
+# Scaling out (distill.recipes.scale): the same four options on annotate, teacher-cache and index.
+RayAddress = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        callback=not_an_option,
+        help="Run the chunks on a Ray actor pool: 'local' starts Ray on this machine, 'auto' or HOST:PORT joins a cluster "
+        "(`ray start --head`). Needs esm-distill[ray] on every machine.",
+    ),
+]
+Workers = Annotated[int, typer.Option(help="With --ray: actors, one loaded model each.")]
+Threads = Annotated[
+    int, typer.Option(help="CPU threads per model copy (0: the library's default); with --ray, per actor and its CPU reservation.")
+]
+GpusPerWorker = Annotated[float, typer.Option(help="With --ray: GPUs per actor (0: CPU actors).")]
+Shard = Annotated[
+    str | None,
+    typer.Option(help="I/N: do only the I-th (from 0) of N contiguous parts (a scheduler array task); `distill merge` joins them."),
+]

@@ -1,0 +1,234 @@
+"""The commands that put a model to work: ``annotate``, ``import``, ``serve``, ``export onnx`` and ``export esm``.
+
+``annotate`` with an ``.onnx`` model (or ``--url``) runs without torch: everything torch-side is imported inside
+the branches that need it.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from distill.cli.options import GpusPerWorker, RayAddress, Shard, Threads, Workers, console, task_list
+from distill.core.config import INFERENCE_MAX_TOKENS
+from distill.recipes.annotate import LONG_POLICIES, Options
+from distill.recipes.scale import parse_shard, ray_options
+
+O = Options()  # the defaults  # noqa: E741
+
+
+def annotate(
+    input: Annotated[Path, typer.Argument(help="FASTA to annotate (.gz works); streamed, any size.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output TSV: one row per input record.")],
+    model: Annotated[
+        str | None,
+        typer.Option(help="Exported .onnx (heads inside), student bundle, random:PRESET[@SEED], or fair-esm name / .pt (with --heads)."),
+    ] = None,
+    url: Annotated[str | None, typer.Option(help="Use a running `distill serve` service instead of a local model.")] = None,
+    tasks: Annotated[
+        str | None, typer.Option(help="Comma-separated heads to call (pfam,scope). [default: every head of the model]")
+    ] = None,
+    top_k: Annotated[int, typer.Option(help="Labels (with probabilities) per task and record.")] = O.top_k,
+    embeddings: Annotated[Path | None, typer.Option(help="Also write embeddings: .h5 (one dataset per id), .parquet or .npy.")] = None,
+    long: Annotated[
+        str, typer.Option(help=f"Over 1,022 residues: {' or '.join(LONG_POLICIES)} (overlapping windows averaged, or the leading 1,022).")
+    ] = O.long_policy,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run of the same command.")] = False,
+    heads: Annotated[str | None, typer.Option(help="Head directory for a fair-esm model (written by distill probe --out).")] = None,
+    providers: Annotated[str, typer.Option(help="auto (GPU when present), cpu, cuda or tensorrt.")] = "auto",
+    max_tokens: Annotated[
+        int, typer.Option(help="Token budget per forward pass (no backward pass: twice training's default).")
+    ] = INFERENCE_MAX_TOKENS,
+    chunk_records: Annotated[int, typer.Option(help="Records per chunk: the unit of length sorting and of resume.")] = O.chunk_records,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    min_probability: Annotated[
+        float | None, typer.Option(help="Write '-' (no call) below this top probability. [default: each head's calibrated threshold]")
+    ] = None,
+    reference: Annotated[
+        Path | None, typer.Option(help="A `distill index` directory: nearest labelled references beside the calls.")
+    ] = None,
+    reference_k: Annotated[int, typer.Option(help="Reference neighbours per record (id, label, cosine similarity).")] = O.reference_k,
+    api_key: Annotated[str, typer.Option(envvar="ESM_DISTILL_API_KEY", help="With --url: the service's API key.")] = "",
+    shard: Shard = None,
+    ray: RayAddress = None,
+    workers: Workers = 1,
+    threads: Threads = 0,
+    gpus_per_worker: GpusPerWorker = 0.0,
+) -> None:
+    """Annotate every record of a FASTA: TSV calls per task (+ embeddings), nothing dropped, resumable."""
+    from distill.inference import resolve
+    from distill.recipes.annotate import annotate as run
+
+    if (model is None) == (url is None):
+        raise ValueError("give exactly one of --model (run locally) or --url (use a running service)")
+    load = partial(resolve, url or model, heads, providers, max_tokens, api_key)
+    inference = load(threads=threads)
+    opts = Options(tasks=task_list(tasks), top_k=top_k, embeddings=embeddings, long_policy=long, resume=resume, chunk_records=chunk_records,
+                   quiet=quiet, min_probability=min_probability, reference=reference, reference_k=reference_k, shard=parse_shard(shard))  # fmt: skip
+    summary = run(input, inference, output, opts, console, ray_options(ray, workers, threads, gpus_per_worker), load)
+    rate = summary.records / summary.seconds if summary.seconds else 0.0
+    console.print(
+        f"{summary.records} records: {summary.ok} ok, {summary.errors} error -> {summary.output}"
+        + (f", embeddings {summary.embeddings}" if summary.embeddings else "")
+        + (f" ({rate:,.0f} records/s, {summary.residues / summary.seconds:,.0f} residues/s)" if summary.seconds else "")
+    )
+
+
+def merge(
+    outputs: Annotated[
+        list[Path],
+        typer.Argument(help="Every part of one job, any order: annotate TSVs, teacher-cache directories or index parts (--shard I/N)."),
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The merged output (what one unsharded run writes).")],
+    embeddings: Annotated[
+        Path | None, typer.Option(help="annotate: also merge the shards' embeddings into this file (same format).")
+    ] = None,
+) -> None:
+    """Join the parts of a sharded job in input order; refuses missing, duplicated, unfinished or foreign parts."""
+    from distill.inference.index import PART_FILE
+
+    if all((p / "meta.json").is_file() for p in outputs):
+        from distill.recipes.teacher_cache import merge_parts
+
+        meta = merge_parts(outputs, output)
+        console.print(
+            f"merged {len(outputs)} parts: teacher cache {output}, {meta['n_shards']} shard files x {meta['key']['views']} view(s)"
+        )
+        return
+    if all((p / PART_FILE).is_file() for p in outputs):
+        from distill.recipes.index_build import merge_parts as merge_index
+
+        index = merge_index(outputs, output)
+        console.print(f"merged {len(outputs)} parts: index {output}, {len(index)} references")
+        return
+    if unknown := [p for p in outputs if p.is_dir()]:
+        raise ValueError(f"{unknown[0]} is a directory but not a part of a sharded job (no meta.json or {PART_FILE}), or parts are mixed")
+    from distill.recipes.annotate_merge import merge as run
+
+    state = run(outputs, output, embeddings)
+    console.print(
+        f"merged {len(state['merged_from'])} shards: {state['records']} records ({state['ok']} ok, {state['errors']} error) -> {output}"
+    )
+
+
+def import_cmd(
+    model: Annotated[str, typer.Argument(help="Student bundle (exported to ONNX with its heads on the way) or an exported .onnx.")],
+    name: Annotated[str | None, typer.Option(help="Model-store name. [default: esm-distill-<bundle or file name>]")] = None,
+    int8: Annotated[bool, typer.Option(help="Also store the int8 graph (serve it with --variant int8).")] = False,
+) -> None:
+    """Put a student into BentoML's model store (what `distill serve` and `bentoml build` use)."""
+    from serve.store import import_model
+
+    print(import_model(model, name, int8))
+
+
+def serve(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Model-store tag (name:version), student bundle or exported .onnx (imported first); with --backend esm1b a fair-esm name or .pt."
+        ),
+    ],
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 3000,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    backend: Annotated[
+        str, typer.Option(help="student-onnx (ONNX Runtime; CUDA when present), student-torch, or esm1b (MODEL is a fair-esm name / .pt).")
+    ] = "student-onnx",
+    heads: Annotated[Path | None, typer.Option(help="With --backend esm1b: its heads (distill probe MODEL --out DIR/<task>).")] = None,
+    variant: Annotated[str, typer.Option(help="fp32 or int8 (needs `distill import --int8`).")] = "fp32",
+    compare_with: Annotated[str | None, typer.Option(help="Comparison model for /compare: esm1b_t33_650M_UR50S or a fair-esm .pt.")] = None,
+    compare_heads: Annotated[
+        Path | None, typer.Option(help="Heads of the comparison model (distill probe MODEL --out DIR/<task>).")
+    ] = None,
+    batching: Annotated[
+        bool,
+        typer.Option(
+            help="Run the model as its own service with adaptive batching across requests (for GPUs; on a CPU one process is faster)."
+        ),
+    ] = False,
+    reference: Annotated[Path | None, typer.Option(help="A `distill index` directory: /classify adds nearest labelled references.")] = None,
+    max_sequences: Annotated[int, typer.Option(help="Sequences per request; more is a 400.")] = 64,
+    max_residues: Annotated[int, typer.Option(help="Residues per request; more is a 400.")] = 65536,
+    max_request_bytes: Annotated[
+        int, typer.Option(help="Request body limit in bytes, checked before parsing (413). [default: from the two limits above]")
+    ] = 0,
+    api_key: Annotated[
+        str, typer.Option(envvar="ESM_DISTILL_API_KEY", help="Require this key on every endpoint but health / metrics.")
+    ] = "",
+    client_timeout: Annotated[
+        float, typer.Option(help="Seconds a client may take to send its request head (then closed) or between pieces of its body (408).")
+    ] = 10.0,
+) -> None:
+    """Serve a student with BentoML: /embed, /classify, /compare, /annotate, /info, /health (+ /readyz, /livez, /metrics)."""
+    from serve.launch import launch, serve_args
+
+    args = serve_args(
+        model, backend, variant, console, esm1b_heads=str(heads or ""), compare=compare_with or "", compare_heads=str(compare_heads or ""),
+        batching=batching, reference=str(reference.resolve()) if reference else "", max_sequences=max_sequences, max_residues=max_residues,
+        max_request_bytes=max_request_bytes, api_key=api_key, client_timeout=client_timeout,
+    )  # fmt: skip
+    raise typer.Exit(launch(args, host, port, console))
+
+
+def export_esm(
+    bundle: Annotated[Path, typer.Argument(help="Student bundle directory.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output .pt (its -contact-regression.pt is written beside it).")],
+) -> None:
+    """Write a student as a fair-esm checkpoint that esm.pretrained.load_model_and_alphabet_local opens."""
+    from distill.core.bundle import load_bundle
+    from distill.core.pretrained import save_fair_esm
+
+    paths = save_fair_esm(load_bundle(bundle)[0], output)
+    console.print(f"wrote {paths[0]} and {paths[1]}")
+
+
+def export_hf(
+    model: Annotated[
+        str, typer.Argument(help="Student bundle (its heads go along as files), or any model spec (random:PRESET, fair-esm, HF).")
+    ],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Output directory: config.json, model.safetensors, tokenizer files, README.md.")
+    ],
+) -> None:
+    """Write a model as a Hugging Face `EsmForMaskedLM` directory (AutoModelForMaskedLM / AutoTokenizer load it offline)."""
+    from distill.core.bundle import is_bundle, load_any
+    from distill.core.hf import export_hf as write
+
+    net, card = load_any(model)
+    out = write(net, card, output, Path(model) / "heads" if is_bundle(Path(model)) else None)
+    console.print(f"wrote {out} (config.json, model.safetensors, vocab.txt, README.md" + (", heads/)" if (out / "heads").is_dir() else ")"))
+
+
+def export_onnx(
+    model: Annotated[
+        str, typer.Argument(help="Student bundle, random:PRESET[@SEED], or a fair-esm name / .pt (ESM-1b comparison backend).")
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output .onnx (fp32); variants are written beside it.")],
+    opset: Annotated[int, typer.Option(help="ONNX opset of the fp32 graph (17-21).")] = 18,
+    fp16: Annotated[bool, typer.Option(help="Also write NAME.fp16.onnx (fp16 weights and compute, fp32 I/O).")] = False,
+    int8: Annotated[bool, typer.Option(help="Also write NAME.int8.onnx (ONNX Runtime dynamic int8 quantisation).")] = False,
+    optimize: Annotated[
+        bool, typer.Option(help="Also write NAME.opt.onnx (ONNX Runtime transformer fusions), kept only if parity holds.")
+    ] = False,
+    trt: Annotated[bool, typer.Option(help="Also write NAME.trt.onnx for TensorRT (opset 17, int32 input, checked op list).")] = False,
+    heads: Annotated[
+        bool, typer.Option(help="Add <task>_probabilities outputs from the bundle's heads (written by `distill probe`).")
+    ] = False,
+) -> None:
+    """Export a student (or ESM-1b) to ONNX: checked graph, parity report, optional fp16/int8/optimized/TensorRT variants."""
+    from export.onnx import export_command, summary
+
+    print(summary(export_command(model, output, opset, fp16, int8, optimize, trt, heads)))
+
+
+def register(app: typer.Typer, export_app: typer.Typer) -> None:
+    app.command()(annotate)
+    app.command()(merge)
+    app.command("import")(import_cmd)
+    app.command()(serve)
+    export_app.command("esm")(export_esm)
+    export_app.command("onnx")(export_onnx)
+    export_app.command("hf")(export_hf)

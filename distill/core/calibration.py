@@ -1,0 +1,151 @@
+"""Calibrated calls and the no-call: temperature scaling, expected calibration error, a threshold for a precision.
+
+A classifier over a fixed label set must be able to say "none of these". The recipe (Guo et al. 2017 for the
+temperature; the threshold as in any score-based annotation tool):
+
+1. fit one temperature ``T`` on validation logits by minimising the negative log-likelihood (the ranking of labels
+   does not change, only how sure the head says it is). ``T`` is kept in [0.5, 20]: a head that separates its
+   validation set perfectly drives the fit to 0, which says nothing about how much sharper it should be and
+   saturates every probability to 1 (no threshold can then separate anything); so sharpening stops at 2x. Negatives are kept out of this fit on purpose: with them
+   the in-set calibration got worse (ECE 0.09 -> 0.32 on Pfam, against 0.09 -> 0.011 without);
+2. score validation sequences *and negatives*: sequences of classes outside the label set and residue-shuffled
+   sequences (same composition and length, no homology), whose every call is wrong;
+3. pick the smallest top-1 probability at which the calls made (top-1 >= threshold) reach the target precision on
+   that pool. Below it, ``annotate`` writes ``-`` and ``/classify`` answers a no-call.
+
+The same threshold search serves the reference index, on cosine similarities instead of probabilities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import logsumexp
+
+from distill.core.config import DEFAULT_TARGET_PRECISION
+
+ECE_BINS = 15
+T_MIN, T_MAX = 0.5, 20.0  # the temperature's range (see 1. above)
+
+
+class CalibrationError(ValueError):
+    """Calibration data that cannot support a threshold (e.g. no validation examples, no negatives)."""
+
+
+def shuffled(sequences: list[str], seed: int) -> list[str]:
+    """Each sequence with its residues permuted (keyed by ``seed`` and position in the list): a negative control."""
+    out = []
+    for i, s in enumerate(sequences):
+        chars = np.array(list(s))
+        np.random.default_rng([seed, i, 7]).shuffle(chars)
+        out.append("".join(chars))
+    return out
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """The temperature in [T_MIN, T_MAX] minimising validation NLL (bounded search on log T); 1.0 with nothing to fit."""
+    if len(y) == 0:
+        return 1.0
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
+
+    def nll(log_t: float) -> float:
+        scaled = z / np.exp(log_t)
+        return float(np.mean(logsumexp(scaled, axis=1) - scaled[np.arange(len(y)), y]))
+
+    best = minimize_scalar(nll, bounds=(np.log(T_MIN), np.log(T_MAX)), method="bounded", options={"xatol": 1e-6})
+    return float(np.exp(best.x))
+
+
+def expected_calibration_error(probabilities: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Top-1 ECE: the support-weighted mean |accuracy - confidence| over equal-width confidence bins."""
+    if len(y) == 0:
+        return 0.0
+    conf = probabilities.max(1)
+    correct = probabilities.argmax(1) == y
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+@dataclass
+class Threshold:
+    threshold: float  # calls need a score >= this
+    precision: float  # reached on the calibration pool (positives + negatives)
+    coverage: float  # fraction of in-set positives called correctly at the threshold
+    reached: bool  # False: no threshold reaches the target; the highest score seen is used (almost no calls)
+
+
+def threshold_for_precision(scores: np.ndarray, correct: np.ndarray, target: float, n_positive: int) -> Threshold:
+    """The lowest score threshold whose calls (score >= t) have precision >= ``target``.
+
+    ``scores`` holds the top-1 score of every pooled example and ``correct`` whether its top-1 call is right
+    (always False for negatives); coverage is correct calls over the ``n_positive`` in-set examples.
+    """
+    if not 0 < target <= 1:
+        raise CalibrationError(f"the target precision must be in (0, 1], got {target}")
+    if len(scores) == 0:
+        raise CalibrationError("no calibration examples: a threshold needs validation sequences")
+    order = np.argsort(-scores, kind="stable")
+    s, c = scores[order], correct[order].astype(np.float64)
+    tp = np.cumsum(c)
+    precision = tp / np.arange(1, len(s) + 1)
+    # A threshold can only sit at a score value: cut after the last of tied scores.
+    last_of_tie = np.r_[s[1:] != s[:-1], True]
+    ok = np.flatnonzero(last_of_tie & (precision >= target))
+    if len(ok) == 0:
+        return Threshold(float(s[0]) + 1e-6, 0.0, 0.0, False)
+    k = ok[-1]  # the most calls that still meet the target
+    return Threshold(float(s[k]), float(precision[k]), float(tp[k]) / max(n_positive, 1), True)
+
+
+def calibrate(
+    logits: np.ndarray, y: np.ndarray, negative_logits: np.ndarray, target: float = DEFAULT_TARGET_PRECISION, fit: bool = True
+) -> dict:
+    """Temperature + no-call threshold from validation logits (labels ``y``) and negatives' logits.
+
+    Returns the card section stored with a head: ``temperature``, ``threshold``, ``target_precision``, the precision
+    and coverage reached, ECE before and after, and the pool's make-up.
+    """
+    if len(y) == 0:
+        raise CalibrationError("no validation examples to calibrate on; give --valid or a larger --valid-fraction")
+    if len(negative_logits) == 0:
+        raise CalibrationError("no negatives to calibrate the no-call on (shuffled or out-of-set sequences)")
+    before = _softmax(logits)
+    temperature = fit_temperature(logits, y) if fit else 1.0
+    after = _softmax(logits / temperature)
+    neg = _softmax(negative_logits / temperature)
+    scores = np.r_[after.max(1), neg.max(1)]
+    correct = np.r_[after.argmax(1) == y, np.zeros(len(neg), dtype=bool)]
+    th = threshold_for_precision(scores, correct, target, len(y))
+    return {
+        "temperature": temperature,
+        "threshold": th.threshold,
+        "target_precision": target,
+        "precision": th.precision,
+        "coverage": th.coverage,
+        "reached": th.reached,
+        "ece_before": expected_calibration_error(before, y),
+        "ece_after": expected_calibration_error(after, y),
+        "n_valid": int(len(y)),
+        "n_negatives": int(len(neg)),
+    }
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def describe(c: dict) -> str:
+    """The one-line summary printed when a calibrated head is written."""
+    return (f"calibration: temperature {c['temperature']:.3f}, ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}; no-call below "
+            f"p = {c['threshold']:.4f} for precision >= {c['target_precision']} (coverage {c['coverage']:.3f} of validation sequences)")  # fmt: skip

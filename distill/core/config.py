@@ -1,0 +1,349 @@
+"""Every command's settings, in one torch-free module: the config dataclasses are the one source of defaults.
+
+The CLI's options take their defaults from these classes (so ``--help`` shows what runs), the recipes read them,
+and ``tests/test_config.py`` checks the README's tables against them.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from distill.core import tokens
+from distill.core.io import read_json_object
+from distill.core.labels import LabelRule, check_task_name
+
+DEFAULT_TEACHER = "esm1b_t33_650M_UR50S"
+TRAIN_MAX_TOKENS = 8192  # tokens (incl. padding) per forward pass when training
+# Inference keeps no activations for a backward pass, so its default budget is twice training's.
+INFERENCE_MAX_TOKENS = 2 * TRAIN_MAX_TOKENS
+DEFAULT_TARGET_PRECISION = 0.99  # no-call thresholds are set for this precision on validation + negatives
+POOLINGS = ("mean", "cls")
+
+
+# Layers / dim / heads from the study; the FFN is 2 x dim, which is what gives its counts.
+PRESETS: dict[str, dict[str, int]] = {
+    "small": {"layers": 8, "dim": 128, "heads": 2, "ffn": 256},  # 1.2M parameters
+    "medium": {"layers": 10, "dim": 256, "heads": 4, "ffn": 512},  # 5.6M
+    "large": {"layers": 28, "dim": 384, "heads": 6, "ffn": 768},  # 33.7M
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    layers: int
+    dim: int
+    heads: int
+    ffn: int
+    max_positions: int = 1024
+    token_dropout: bool = True
+    emb_layer_norm_before: bool = True
+    position_embedding: str = "learned"  # "learned" (ESM-1b) or "rotary" (ESM-2)
+    vocab_size: int = tokens.VOCAB_SIZE
+    padding_idx: int = tokens.PAD
+    mask_idx: int = tokens.MASK
+
+    def __post_init__(self) -> None:
+        if min(self.layers, self.dim, self.heads, self.ffn) < 1:
+            raise ValueError(f"layers, dim, heads and ffn must be positive: {self}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.position_embedding not in ("learned", "rotary"):
+            raise ValueError(f"position_embedding must be 'learned' or 'rotary', got {self.position_embedding!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> ModelConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Batch size (sequences per optimizer step) and epochs per preset, from the study.
+PRESET_TRAINING = {"small": (512, 10), "medium": (128, 20), "large": (64, 30)}
+# Options a resumed run may change; everything else must match the run being resumed.
+RESUME_OVERRIDABLE = {"device", "max_steps", "save_every_minutes", "quiet"}
+
+
+@dataclass
+class FitConfig:
+    data: str
+    out: str
+    valid: str | None = None
+    valid_fraction: float = 0.05
+    preset: str = "small"
+    layers: int | None = None
+    dim: int | None = None
+    heads: int | None = None
+    ffn: int | None = None
+    teacher: str = DEFAULT_TEACHER
+    teacher_cache: str | None = None  # read teacher logits from `distill teacher-cache` output instead
+    mask_views: int | None = None  # K fixed maskings cycled over epochs (set by the cache); None = new masks each epoch
+    temperature: float = 2.0
+    lam: float = 0.5
+    epochs: int | None = None  # preset default
+    batch_size: int | None = None  # sequences per optimizer step; preset default
+    max_tokens: int = TRAIN_MAX_TOKENS  # tokens (incl. padding) in one forward pass
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int | None = None  # default: 5% of all steps
+    clip_norm: float = 1.0
+    mask_rate: float = 0.15
+    seed: int = 0
+    device: str = "auto"
+    save_every_minutes: float = 10.0
+    max_steps: int | None = None  # stop (with a checkpoint) after this many steps in this invocation
+    quiet: bool = False
+
+    def resolved(self) -> FitConfig:
+        batch, epochs = PRESET_TRAINING.get(self.preset, (64, 10))
+        cfg = FitConfig(**{f.name: getattr(self, f.name) for f in fields(self)})
+        cfg.batch_size = cfg.batch_size or batch
+        cfg.epochs = cfg.epochs or epochs
+        cfg.betas = tuple(cfg.betas)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.preset not in PRESETS and self.preset != "custom":
+            raise ValueError(f"--preset must be one of {', '.join(PRESETS)} or custom, got {self.preset!r}")
+        if not 0 <= self.lam <= 1:
+            raise ValueError(f"--lam must be in [0, 1], got {self.lam}")
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be positive, got {self.temperature}")
+        if not 0 < self.mask_rate < 1:
+            raise ValueError(f"--mask-rate must be in (0, 1), got {self.mask_rate}")
+        if not 0 <= self.valid_fraction < 1:
+            raise ValueError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
+        for name in ("epochs", "batch_size", "max_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+
+    def model_config(self) -> ModelConfig:
+        base = dict(PRESETS.get(self.preset, {}))
+        custom = {k: getattr(self, k) for k in ("layers", "dim", "heads", "ffn") if getattr(self, k) is not None}
+        merged = {**base, **custom}
+        if "ffn" not in custom and "dim" in custom:
+            merged["ffn"] = 2 * merged["dim"]  # the study's FFN = 2 x dim
+        missing = {"layers", "dim", "heads"} - set(merged)
+        if missing:
+            raise ValueError(f"--preset custom needs --layers, --dim and --heads (missing {', '.join(sorted(missing))})")
+        return ModelConfig(**merged)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> FitConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(obj) - known
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        return cls(**obj)
+
+    @classmethod
+    def from_sources(cls, config_file: Path | None, given: dict[str, Any]) -> FitConfig:
+        """Defaults <- a JSON config file (``--config``) <- options given on the command line."""
+        merged = {**(read_json_object(config_file, "--config") if config_file else {}), **given}
+        if "data" not in merged:
+            raise ValueError("missing DATA (the training FASTA)")
+        if "out" not in merged:
+            raise ValueError("missing --out RUN_DIR")
+        return cls.from_json(merged)
+
+    @classmethod
+    def for_resume(cls, run: Path, given: dict[str, Any]) -> FitConfig:
+        """The run's saved config; only ``RESUME_OVERRIDABLE`` options may differ from it."""
+        saved = read_json_object(Path(run) / "config.json", "run config")
+        clash = sorted(k for k, v in given.items() if k not in RESUME_OVERRIDABLE and k != "out" and saved.get(k) != v)
+        if "out" in given and Path(given["out"]).resolve() != Path(run).resolve():
+            clash.append("out")
+        if clash:
+            raise ValueError(f"--resume continues {run} with its saved config; these options differ from it: {', '.join(clash)}")
+        return cls.from_json({**saved, **{k: v for k, v in given.items() if k in RESUME_OVERRIDABLE}, "out": str(run)})
+
+
+CLASS_WEIGHTS = ("auto", "none", "balanced")
+MIN_FOR_BALANCED = 5  # auto: balanced only when every class has this many training examples
+HEAD_KINDS = ("cosine", "linear")
+
+
+@dataclass
+class FinetuneConfig:
+    model: str  # bundle, random:PRESET[@SEED], fair-esm name or .pt
+    data: list[str]
+    task: str
+    out: str
+    valid: list[str] | None = None
+    valid_fraction: float = 0.1  # per class, stratified; classes too small to spare one stay training-only
+    labels: str | None = None  # id<TAB>label file for plain FASTA
+    level: str = "superfamily"  # scope: class, fold, superfamily or family
+    label_field: int = 1  # FASTA: the header field after the id that holds the label
+    label_regex: str | None = None  # FASTA: or the first group of this regex
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    batch_size: int = 32  # sequences per optimizer step
+    max_tokens: int = TRAIN_MAX_TOKENS  # tokens per forward pass (micro-batch), as in `distill fit`
+    freeze_layers: int = 0  # embeddings + the first N layers stay fixed
+    pooling: str = "mean"
+    head: str = "cosine"
+    class_weights: str = "auto"  # auto: balanced when every class has MIN_FOR_BALANCED training examples, else none
+    min_per_class: int = 2  # classes with fewer training sequences leave the label set (they become negatives)
+    patience: int = 3  # epochs without a better validation macro-F1 before stopping
+    negative_rate: float = 0.25  # residue-shuffled copies added per step, as a share of the step (0: none)
+    negative_weight: float = 0.5  # weight of their loss towards the uniform distribution
+    teacher: str | None = None  # a fine-tuned bundle with a head for the same task
+    lam: float = 0.5
+    temperature: float = 2.0
+    target_precision: float = DEFAULT_TARGET_PRECISION
+    seed: int = 0
+    device: str = "auto"
+    quiet: bool = False
+
+    def rule(self) -> LabelRule:
+        return LabelRule(self.task, self.level, self.label_field, self.label_regex)
+
+    def validate(self) -> None:
+        self.rule()  # the task name, level and header rule
+        checks = [
+            (self.pooling in POOLINGS, f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}"),
+            (self.head in HEAD_KINDS, f"--head must be one of {', '.join(HEAD_KINDS)}, got {self.head!r}"),
+            (self.class_weights in CLASS_WEIGHTS, f"--class-weights must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weights!r}"),
+            (0 < self.valid_fraction < 1 or self.valid, f"--valid-fraction must be in (0, 1), got {self.valid_fraction}"),
+            (0 <= self.lam <= 1, f"--lam must be in [0, 1], got {self.lam}"),
+            (self.temperature > 0, f"--temperature must be positive, got {self.temperature}"),
+            (0 < self.target_precision <= 1, f"--target-precision must be in (0, 1], got {self.target_precision}"),
+            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (0 <= self.negative_rate <= 1, f"--negative-rate must be in [0, 1], got {self.negative_rate}"),
+        ]
+        checks += [(getattr(self, n) >= 1, f"--{n.replace('_', '-')} must be at least 1") for n in ("epochs", "batch_size", "patience")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass
+class ProbeConfig:
+    task: str
+    data: list[str]
+    test: list[str] | None = None
+    split: str = "random"
+    pooling: str = "mean"
+    hidden: int = 0  # 0 = softmax regression; > 0 = one hidden layer (--mlp)
+    min_per_class: int = 10
+    test_fraction: float = 0.2
+    seed: int = 0
+    max_tokens: int = TRAIN_MAX_TOKENS
+    device: str = "cpu"
+    labels: str | None = None  # id<TAB>label file for plain-FASTA --data / --test
+    valid: list[str] | None = None  # labelled files for early stopping (default: 10% of the training part)
+    class_weights: str = "auto"  # auto | none | balanced (see choose_class_weights)
+    level: str = "superfamily"  # scope: class, fold, superfamily or family
+    label_field: int = 1  # FASTA: the header field after the id that holds the label
+    label_regex: str | None = None  # FASTA: or the first group of this regex
+
+    def rule(self) -> LabelRule:
+        return LabelRule(self.task, self.level, self.label_field, self.label_regex)
+
+    def protocol(self) -> dict[str, Any]:
+        return {
+            "probe": "frozen embeddings, standardised; "
+            + (f"MLP, one hidden layer of {self.hidden}" if self.hidden else "linear softmax regression"),
+            "loss": f"cross-entropy (class weights {self.class_weights}), AdamW, early stopping on "
+            + ("the --valid files" if self.valid else "a 10% validation part of the training split"),
+            "pooling": self.pooling,
+            "split": self.split if self.test is None else "given test set",
+            "test_fraction": self.test_fraction if self.test is None else None,
+            "seed": self.seed,
+            "min_per_class": self.min_per_class,
+            "data": self.data,
+            "test": self.test,
+        }
+
+    def describe(self, n_classes: int, n_train: int, n_test: int, weights: str = "balanced") -> str:
+        split = {
+            "random": f"stratified random split {1 - self.test_fraction:.0%}/{self.test_fraction:.0%}",
+            "family-holdout": "family-holdout split (test families absent from training, superfamilies seen)",
+        }[self.split]
+        if self.test:
+            split = f"given test set {', '.join(self.test)}"
+        probe = f"MLP probe ({self.hidden} hidden)" if self.hidden else "linear probe (softmax regression)"
+        return (
+            f"Protocol: frozen-embedding {probe} on standardised {self.pooling}-pooled embeddings, cross-entropy with "
+            f"{weights} class weights, early stopping on {'the --valid files' if self.valid else '10% of the training part'}; "
+            f"{split}, seed {self.seed}; labels with fewer "
+            f"than {self.min_per_class} examples dropped. Task {self.task}: {n_classes} classes, {n_train} training and "
+            f"{n_test} test sequences. Precision, recall and F1 are given macro-averaged (every class counts the same) "
+            f"and weighted by class support."
+        )
+
+
+@dataclass
+class SweepConfig:
+    """`distill sweep CONFIG.toml` (format in ``distill.recipes.sweep.grid``'s docstring)."""
+
+    out: str
+    data: str
+    teacher: str
+    presets: list[str]
+    tasks: dict[str, dict[str, Any]]  # task -> ProbeConfig settings (``data`` required)
+    valid: str | None = None
+    temperatures: list[float] = field(default_factory=lambda: [2.0])
+    lambdas: list[float] = field(default_factory=lambda: [0.5])
+    epochs: int | None = None  # None: each preset's
+    teacher_cache: bool = False  # one cache (K = epochs views) shared by all runs
+    baselines: bool = False
+    fit: dict[str, Any] = field(default_factory=dict)  # any other FitConfig setting
+    seed: int = 0  # of the subsets and the probe split (and of training when ``seeds`` is empty)
+    data_sizes: list[int] = field(default_factory=list)  # nested random subsets of ``data``, besides all of it
+    seeds: list[int] = field(default_factory=list)  # training seeds (paired: vanilla and distilled share each)
+    finetune: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> FinetuneConfig settings + ``test`` (held out)
+
+    def fit_config(self) -> FitConfig:
+        """The ``[fit]`` settings over FitConfig's defaults (data and out filled per run)."""
+        return FitConfig(data=self.data, out=self.out, **self.fit)
+
+    @classmethod
+    def from_toml(cls, path: Path) -> SweepConfig:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"sweep config {path} does not exist") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path} is not valid TOML: {e}") from e
+        known = {f.name for f in fields(cls)}
+        if set(raw) - known:
+            raise ValueError(f"{path}: unknown keys {sorted(set(raw) - known)}; allowed: {sorted(known)}")
+        for key in ("out", "data", "teacher", "presets", "tasks"):
+            if key not in raw:
+                raise ValueError(f"{path}: missing required key {key!r}")
+        for name in raw["presets"]:
+            if name not in PRESETS:
+                raise ValueError(f"{path}: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        task_keys = {f.name for f in fields(ProbeConfig)} - {"task", "device"}
+        for task, settings in raw["tasks"].items():
+            try:
+                check_task_name(task)
+            except ValueError as e:
+                raise ValueError(f"{path}: [tasks.{task}]: {e}") from e
+            bad = set(settings) - task_keys
+            if bad or "data" not in settings:
+                raise ValueError(f"{path}: [tasks.{task}] needs 'data' and takes {sorted(task_keys)}; got unknown {sorted(bad)}")
+        bad = set(raw.get("fit", {})) - {f.name for f in fields(FitConfig)}
+        if bad:
+            raise ValueError(f"{path}: [fit] has unknown settings {sorted(bad)}")
+        ft_keys = ({f.name for f in fields(FinetuneConfig)} - {"model", "task", "out", "seed", "quiet", "device"}) | {"test"}
+        for task, settings in raw.get("finetune", {}).items():
+            bad = set(settings) - ft_keys
+            if bad or "data" not in settings or "test" not in settings:
+                raise ValueError(
+                    f"{path}: [finetune.{task}] needs 'data' and 'test' and takes {sorted(ft_keys)}; got unknown {sorted(bad)}"
+                )
+        return cls(**raw)

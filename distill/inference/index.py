@@ -1,0 +1,247 @@
+"""Annotation transfer from a reference index: labelled embeddings, nearest neighbours by cosine similarity.
+
+bio_embeddings' way: embed labelled reference proteins once, then call a query by its nearest reference. A class
+becomes callable by adding its sequences (``--append``), without retraining. Search is exact inner product over
+L2-normalised vectors (faiss ``IndexFlatIP``): at 10^5-10^6 references a query costs milliseconds on a CPU.
+
+INDEX/
+  index.json      card: model spec, weights fingerprint, pooling, dim, count, calibration, check vectors
+  vectors.npy     [n, dim] float32, L2-normalised
+  entries.tsv     id<TAB>label<TAB>sequence, one line per vector, same order
+
+``--align N`` (distill.inference.align): the N nearest references by cosine (and by shared k-mers) are aligned, ordered by the
+alignment's E-value, and the call is their evidence-weighted vote; the calibrated threshold is then on its evidence.
+
+The model check: the card keeps a few reference sequences with their vectors; a backend that embeds them
+differently (cosine < 0.99, which int8 graphs of the same model pass) is another model, and is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distill.core.calibration import shuffled, threshold_for_precision
+from distill.core.config import DEFAULT_TARGET_PRECISION
+from distill.core.io import read_json_object
+from distill.inference.kmers import KmerIndex
+
+FORMAT = "esm-distill-index"
+N_CHECK = 8  # reference sequences kept to recognise the model
+CHECK_COSINE = 0.99
+MAX_NEGATIVES = 2000  # shuffled references embedded to calibrate the threshold (and as many left out with their label)
+MAX_LEFT_OUT = 1000  # a label with more references is too costly to leave out of a search (depth grows with it)
+CALL_SCORE = "alignment evidence"  # an --align index's calls: -ln E vote (distill.inference.align); "alignment": raw scores, before
+PART_FILE = "index-part.json"  # marks a directory as one part of a `distill index --shard I/N` job
+
+
+class IndexError_(ValueError):  # noqa: N801 (``IndexError`` is a builtin)
+    """A missing or corrupt index, or one used with a model it was not built with."""
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+@dataclass
+class Neighbours:
+    ids: list[list[str]]
+    labels: list[list[str]]
+    similarities: np.ndarray  # [n, k] cosine
+    calls: list[str]  # per query, the label called (before the threshold): nearest by cosine, or the alignment vote
+    call_scores: np.ndarray  # [n] what the calibrated threshold applies to: cosine, or the vote's -ln E evidence
+    scores: np.ndarray | None = None  # [n, k] Smith-Waterman scores when the index re-ranks by alignment
+    evidence: np.ndarray | None = None  # [n, k] their -ln E-values (distill.inference.align.evidence), the order then
+
+
+class ReferenceIndex:
+    def __init__(self, vectors: np.ndarray, ids: list[str], labels: list[str], sequences: list[str], card: dict[str, Any]):
+        try:
+            import faiss
+        except ImportError as e:  # optional: esm-distill[index]
+            raise ImportError("reference indexes need faiss: pip install 'esm-distill[index]'") from e
+        self.vectors, self.ids, self.labels, self.sequences, self.card = normalise(vectors), list(ids), list(labels), list(sequences), card
+        self._faiss = faiss.IndexFlatIP(self.vectors.shape[1])
+        self._faiss.add(self.vectors)
+        self._aligner = None
+        self._kmers: KmerIndex | None = None
+        self._lengths = np.array([len(x) for x in self.sequences])
+
+    @property
+    def align(self) -> int:
+        """Candidates re-ranked by alignment per query (0: calls by cosine similarity alone)."""
+        return int(self.card.get("align", 0))
+
+    @property
+    def threshold(self) -> float:
+        return float(self.card.get("calibration", {}).get("threshold", 0.0))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def search(
+        self, queries: np.ndarray, k: int, sequences: list[str] | None = None, exclude: list[np.ndarray] | None = None
+    ) -> Neighbours:
+        """The k nearest references; with an ``--align`` index and the query ``sequences``, re-ranked by alignment.
+
+        ``exclude`` (calibration only): per query, reference indices never returned (itself, or its whole label).
+        """
+        extra = max((len(e) for e in exclude), default=0) if exclude is not None else 0
+        k = min(k, len(self) - extra)
+        q = normalise(queries)
+        depth = min(max(k, self.align if sequences is not None else 0) + extra, len(self))
+        sims, idx = self._faiss.search(q, depth)
+        if exclude is not None:
+            keep = [np.flatnonzero(~np.isin(row, e))[: depth - extra] for row, e in zip(idx, exclude, strict=True)]
+            idx, sims = np.take_along_axis(idx, np.stack(keep), 1), np.take_along_axis(sims, np.stack(keep), 1)
+        if sequences is None or not self.align:
+            idx, sims = idx[:, :k], sims[:, :k]
+            labels = [[self.labels[j] for j in row] for row in idx]
+            return Neighbours([[self.ids[j] for j in row] for row in idx], labels, sims, [r[0] for r in labels], sims[:, 0].copy())
+        return self._aligned(q, sequences, list(idx), k, exclude)
+
+    def _aligned(
+        self, q: np.ndarray, sequences: list[str], candidates: list[np.ndarray], k: int, exclude: list[np.ndarray] | None
+    ) -> Neighbours:
+        """Candidates by cosine plus those by shared k-mers, aligned and ordered by evidence; the call is their vote."""
+        from distill.inference.align import Aligner, rerank, vote  # pyopal (optional extra): only when re-ranking
+
+        self._aligner = self._aligner or Aligner(self.sequences)
+        if self.card.get("kmer"):  # and the nearest by shared k-mers (distill.inference.kmers): both prefilters' candidates
+            self._kmers = self._kmers or KmerIndex(self.sequences, int(self.card["kmer"]))
+            near = self._kmers.search(sequences, self.align, exclude)
+            candidates = [np.concatenate([c, w[~np.isin(w, c)]]) for c, w in zip(candidates, near, strict=True)]
+        ranked = rerank(self._aligner, sequences, candidates, self._lengths)
+        votes = [vote([self.labels[j] for j in r.idx], r.evidence) for r in ranked]
+        idx = np.stack([r.idx[:k] for r in ranked])
+        labels = [[self.labels[j] for j in row] for row in idx]
+        sims = (q[:, None, :] * self.vectors[idx]).sum(-1)
+        return Neighbours(
+            [[self.ids[j] for j in row] for row in idx], labels, sims, [v[0] for v in votes], np.array([v[1] for v in votes]),
+            np.stack([r.scores[:k] for r in ranked]), np.stack([r.evidence[:k] for r in ranked]),
+        )  # fmt: skip
+
+    def check_model(self, embed_fn) -> None:  # noqa: ANN001 (sequences -> [n, dim] vectors)
+        """Refuse a model that embeds the stored check sequences differently from the one that built the index."""
+        check = self.card["check"]
+        got = normalise(embed_fn(check["sequences"]))
+        if got.shape[1] != self.vectors.shape[1]:
+            raise IndexError_(
+                f"the index holds {self.vectors.shape[1]}-dim embeddings of {self.card['model']}; this model's are {got.shape[1]}-dim"
+            )
+        cos = float((got * normalise(np.array(check["vectors"]))).sum(1).min())
+        if cos < CHECK_COSINE:
+            raise IndexError_(
+                f"the index was built with {self.card['model']} (weights {self.card['fingerprint'][:12]}); this model embeds its "
+                f"reference sequences differently (cosine {cos:.3f} < {CHECK_COSINE}): rebuild it with `distill index MODEL ...`"
+            )
+
+    def save(self, directory: Path) -> Path:
+        """Written whole into a temporary directory, then swapped in: a kill never leaves a half-appended index."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp, old = directory.with_name(f".{directory.name}.tmp"), directory.with_name(f".{directory.name}.old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        np.save(tmp / "vectors.npy", self.vectors)
+        rows = zip(self.ids, self.labels, self.sequences, strict=True)
+        (tmp / "entries.tsv").write_text("".join(f"{i}\t{label}\t{seq}\n" for i, label, seq in rows))
+        (tmp / "index.json").write_text(json.dumps({"format": FORMAT, **self.card, "count": len(self)}, indent=1))
+        shutil.rmtree(old, ignore_errors=True)
+        if directory.exists():
+            directory.rename(old)
+        tmp.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+        return directory
+
+
+def load_index(directory: Path) -> ReferenceIndex:
+    directory = Path(directory)
+    card_path = directory / "index.json"
+    if not card_path.is_file():
+        raise IndexError_(
+            f"{directory} is not a reference index (no index.json); build one with `distill index MODEL --data ... -o {directory}`"
+        )
+    card = read_json_object(card_path, "index card")
+    if card.get("format") != FORMAT:
+        raise IndexError_(f"{card_path} is not an esm-distill index card (format {card.get('format')!r})")
+    if card.get("align") and card.get("calibration", {}).get("score") != CALL_SCORE:
+        raise IndexError_(
+            f"{directory} was calibrated on raw alignment scores by an earlier version; calls now vote by E-value: "
+            f"rebuild it with `distill index MODEL --data ... --align {card['align']} -o {directory}`"
+        )
+    try:
+        vectors = np.load(directory / "vectors.npy")
+        rows = [line.split("\t") for line in (directory / "entries.tsv").read_text().splitlines()]
+    except (OSError, ValueError) as e:
+        raise IndexError_(f"{directory} is corrupt: {e}") from e
+    if vectors.ndim != 2 or len(rows) != len(vectors) or len(vectors) != card.get("count") or any(len(r) != 3 for r in rows):
+        raise IndexError_(f"{directory} is corrupt: {len(vectors)} vectors, {len(rows)} entries, card says {card.get('count')}")
+    return ReferenceIndex(vectors, *([r[c] for r in rows] for c in range(3)), card)
+
+
+def calibrate_calls(
+    index: ReferenceIndex, negatives: list[str], negative_vectors: np.ndarray, target: float, seed: int = 0
+) -> dict[str, Any]:
+    """Leave-one-out calls over the references (right if the others call the reference's label) + two kinds of negatives.
+
+    A reference whose label occurs once cannot be called right; it counts all the same, so coverage is what a query
+    of a stored class would see. Negatives: shuffled references, and references of other classes, each searched with
+    its whole label left out (a real protein of a class outside the index: any call is wrong; labels of more than
+    ``MAX_LEFT_OUT`` references are not left out). Scores are cosine similarities, or the vote's evidence for an
+    ``--align`` index.
+    """
+    n = len(index)
+    nn = index.search(index.vectors, 1, index.sequences, exclude=[np.array([i]) for i in range(n)])
+    correct = np.array([call == label for call, label in zip(nn.calls, index.labels, strict=True)])
+    neg = index.search(negative_vectors, 1, negatives).call_scores if len(negatives) else np.zeros(0, np.float32)
+    members: dict[str, list[int]] = {}
+    for i, label in enumerate(index.labels):
+        members.setdefault(label, []).append(i)
+    outside = [int(i) for i in np.random.default_rng([seed, 4]).permutation(n) if len(members[index.labels[i]]) <= MAX_LEFT_OUT]
+    outside = sorted(outside[:MAX_NEGATIVES]) if len(members) > 1 else []
+    if outside:
+        left_out = [np.array(members[index.labels[i]]) for i in outside]
+        neg = np.r_[neg, index.search(index.vectors[outside], 1, [index.sequences[i] for i in outside], exclude=left_out).call_scores]
+    th = threshold_for_precision(np.r_[nn.call_scores, neg], np.r_[correct, np.zeros(len(neg), bool)], target, n)
+    return {"threshold": th.threshold, "score": CALL_SCORE if index.align else "cosine", "target_precision": target,
+            "precision": th.precision, "coverage": th.coverage, "reached": th.reached,
+            "leave_one_out_accuracy": float(correct.mean()), "n_negatives": len(neg) - len(outside),
+            "n_outside": len(outside)}  # fmt: skip
+
+
+def build_index(
+    embed_fn, ids: list[str], sequences: list[str], labels: list[str], card: dict[str, Any],  # noqa: ANN001
+    previous: ReferenceIndex | None = None, target: float = DEFAULT_TARGET_PRECISION, seed: int = 0,
+    vectors: np.ndarray | None = None,
+) -> ReferenceIndex:  # fmt: skip
+    """Embed ``sequences`` (appended to ``previous`` when given; ``vectors`` when already embedded), then calibrate
+    the call threshold."""
+    if previous is not None:
+        previous.check_model(embed_fn)
+        clash = sorted(set(ids) & set(previous.ids))
+        if clash:
+            raise IndexError_(f"{len(clash)} ids are already in the index (first: {clash[0]!r}); ids must be unique")
+        card = previous.card | {"appended": previous.card.get("appended", 0) + 1}
+    vectors = normalise(embed_fn(sequences) if vectors is None else vectors)
+    if previous is None:
+        card = card | {"check": {"sequences": sequences[:N_CHECK], "vectors": vectors[:N_CHECK].tolist()}}
+    else:
+        vectors, ids, labels, sequences = (
+            np.r_[previous.vectors, vectors],
+            previous.ids + ids,
+            previous.labels + labels,
+            previous.sequences + sequences,
+        )
+    index = ReferenceIndex(vectors, ids, labels, sequences, card)
+    pick = sorted(np.random.default_rng([seed, 3]).permutation(len(sequences))[:MAX_NEGATIVES])
+    negatives = shuffled([sequences[i] for i in pick], seed)
+    index.card["calibration"] = calibrate_calls(index, negatives, embed_fn(negatives), target, seed)
+    index.card["labels"] = len(set(labels))
+    return index

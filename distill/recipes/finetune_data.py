@@ -1,0 +1,68 @@
+"""Labelled data for ``distill finetune``: the label set, a stratified validation part, out-of-set negatives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from distill.core.config import FinetuneConfig
+from distill.core.labels import LabelledSet, read_labelled
+
+
+@dataclass
+class Data:
+    train: LabelledSet
+    valid: LabelledSet
+    labels: list[str]
+    y_train: np.ndarray
+    y_valid: np.ndarray
+    outside: list[str]  # sequences of classes outside the label set: negatives for the no-call
+    notes: list[str] = field(default_factory=list)
+
+
+def stratified_valid(ds: LabelledSet, fraction: float, seed: int) -> np.ndarray:
+    """Validation mask: ``floor(fraction * n)`` of each class (keyed shuffle), at least one left for training."""
+    mask = np.zeros(len(ds), dtype=bool)
+    labels = np.array(ds.labels)
+    for k, label in enumerate(sorted(set(ds.labels))):
+        members = np.flatnonzero(labels == label)
+        take = min(int(fraction * len(members)), len(members) - 1)
+        if take > 0:
+            mask[np.random.default_rng([seed, k, 11]).permutation(members)[:take]] = True
+    return mask
+
+
+def setup_data(cfg: FinetuneConfig) -> Data:
+    labels_file = Path(cfg.labels) if cfg.labels else None
+    ds = read_labelled(cfg.data, cfg.rule(), labels_file)
+    if cfg.valid:
+        train, valid = ds, read_labelled(cfg.valid, cfg.rule(), labels_file)
+    else:
+        is_valid = stratified_valid(ds, cfg.valid_fraction, cfg.seed)
+        train, valid = ds.subset(np.flatnonzero(~is_valid)), ds.subset(np.flatnonzero(is_valid))
+    counts = train.counts()
+    kept = sorted(label for label, n in counts.items() if n >= cfg.min_per_class)
+    notes = []
+    if len(counts) < 2:
+        raise ValueError(f"{', '.join(cfg.data)}: only one class ({next(iter(counts))}); a classifier needs at least 2")
+    if len(kept) < 2:
+        raise ValueError(f"fewer than 2 classes have {cfg.min_per_class} training sequences; lower --min-per-class or add data")
+    unknown = sorted(set(valid.labels) - set(counts))
+    if cfg.valid and unknown:
+        raise ValueError(
+            f"--valid has labels absent from the training data: {', '.join(unknown[:5])}" + (" ..." if len(unknown) > 5 else "")
+        )
+    index = {label: i for i, label in enumerate(kept)}
+    outside = [s for s, label in zip(train.sequences, train.labels, strict=True) if label not in index]
+    outside += [s for s, label in zip(valid.sequences, valid.labels, strict=True) if label not in index]
+    if len(kept) < len(counts):
+        notes.append(f"{len(counts) - len(kept)} classes with fewer than {cfg.min_per_class} training sequences left the label set; "
+                     f"their {len(outside)} sequences are no-call negatives")  # fmt: skip
+    train = train.subset([i for i, label in enumerate(train.labels) if label in index])
+    valid = valid.subset([i for i, label in enumerate(valid.labels) if label in index])
+    if len(valid) == 0:
+        raise ValueError("no validation sequences: give --valid FILE or raise --valid-fraction (classes need 1/fraction members)")
+    y = [np.array([index[label] for label in s.labels], dtype=np.int64) for s in (train, valid)]
+    return Data(train, valid, kept, y[0], y[1], outside, notes)

@@ -1,0 +1,264 @@
+"""Frozen-embedding probes: a softmax-regression (or small MLP) head on sequence embeddings.
+
+The protocol, stated in every table we print: embeddings from the frozen model (``mean`` over residues or the
+``cls`` token), standardised; labels with fewer than ``min_per_class`` examples dropped (counted); a stratified
+random split, or for SCOPe a family-holdout split (test domains come from families absent from training, within
+superfamilies seen in training: the remote-homology setting); a validation split taken from the training part
+for early stopping; class-weighted cross-entropy; fixed seeds.
+
+Heads and their files: ``distill.core.heads``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+from sklearn.model_selection import train_test_split
+
+from distill.core.calibration import calibrate
+from distill.core.config import CLASS_WEIGHTS, MIN_FOR_BALANCED
+from distill.core.heads import Head, ProbeHead
+from distill.core.labels import LabelledSet
+
+SPLITS = ("random", "family-holdout")
+
+
+def choose_class_weights(asked: str, counts: Counter) -> tuple[str, str]:
+    """``auto`` -> ``balanced`` when every class has ``MIN_FOR_BALANCED`` training examples, else ``none``: inverse-size
+    weights on classes with one or two examples trade most of the top-1 accuracy for macro recall. Returns (used, why)."""
+    if asked not in CLASS_WEIGHTS:
+        raise ValueError(f"--class-weights must be one of {', '.join(CLASS_WEIGHTS)}, got {asked!r}")
+    if asked != "auto":
+        return asked, f"class weights {asked} (as asked)"
+    small = sum(1 for n in counts.values() if n < MIN_FOR_BALANCED)
+    if small:
+        return "none", (f"class weights none (auto: {small} of {len(counts)} classes have fewer than {MIN_FOR_BALANCED} training "
+                        "examples; balanced weights would trade top-1 accuracy for macro recall)")  # fmt: skip
+    return "balanced", f"class weights balanced (auto: every class has at least {MIN_FOR_BALANCED} training examples)"
+
+
+# ---- splits ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Split:
+    train: np.ndarray
+    test: np.ndarray
+    notes: list[str] = field(default_factory=list)  # what was dropped or held back, and why
+
+
+def drop_rare(ds: LabelledSet, min_per_class: int) -> tuple[np.ndarray, list[str]]:
+    counts = ds.counts()
+    rare = {label for label, n in counts.items() if n < min_per_class}
+    keep = np.array([i for i, label in enumerate(ds.labels) if label not in rare], dtype=np.int64)
+    notes = []
+    if rare:
+        notes.append(f"dropped {len(rare)} labels with fewer than {min_per_class} examples ({len(ds) - len(keep)} sequences)")
+    if len({ds.labels[i] for i in keep}) < 2:
+        raise ValueError(
+            f"fewer than 2 classes have at least {min_per_class} examples ({len(counts)} labels in the data); lower --min-per-class"
+        )
+    return keep, notes
+
+
+def make_split(ds: LabelledSet, kind: str, seed: int, test_fraction: float = 0.2, min_per_class: int = 10) -> Split:
+    if kind not in SPLITS:
+        raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {kind!r}")
+    keep, notes = drop_rare(ds, min_per_class)
+    labels = np.array(ds.labels)[keep]
+    if kind == "random":
+        train, test = train_test_split(keep, test_size=test_fraction, stratify=labels, random_state=seed)
+        return Split(np.sort(train), np.sort(test), notes)
+    groups = np.array(ds.groups)[keep]
+    if (groups == labels).all():
+        raise ValueError("--split family-holdout needs family labels below the class (SCOPe sccs); these data have none")
+    rng = np.random.default_rng(seed)
+    test_mask = np.zeros(len(keep), dtype=bool)
+    single = 0
+    for label in sorted(set(labels)):
+        members = np.flatnonzero(labels == label)
+        families = sorted(set(groups[members]))
+        if len(families) < 2:
+            single += 1
+            continue
+        rng.shuffle(families)
+        held = 0
+        for fam in families[:-1]:  # at least one family stays in training
+            if held >= test_fraction * len(members):
+                break
+            in_fam = members[groups[members] == fam]
+            test_mask[in_fam] = True
+            held += len(in_fam)
+    notes.append(f"family-holdout: {single} superfamilies with a single family are training-only")
+    return Split(keep[~test_mask], keep[test_mask], notes)
+
+
+# ---- training -------------------------------------------------------------------------------------
+
+
+def train_head(
+    x: np.ndarray,
+    y: np.ndarray,
+    classes: int,
+    hidden: int = 0,
+    seed: int = 0,
+    valid_fraction: float = 0.1,
+    max_epochs: int = 200,
+    patience: int = 10,
+    lr: float = 3e-3,
+    weight_decay: float = 1e-4,
+    batch_size: int = 256,
+    class_weights: str = "balanced",
+    valid: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[ProbeHead, dict[str, Any]]:
+    """Cross-entropy (``balanced`` or ``none`` class weights), AdamW, early stopping on validation loss: on
+    ``valid`` (features, labels) when given, else on ``valid_fraction`` of the training data. Returns the best head."""
+    torch.manual_seed(seed)
+    idx = np.arange(len(y))
+    counts = np.bincount(y, minlength=classes)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    yt = torch.from_numpy(y.astype(np.int64))
+    if valid is None:
+        can_stratify = counts[counts > 0].min() >= 2 and int(valid_fraction * len(y)) >= (counts > 0).sum()
+        tr, va = train_test_split(idx, test_size=valid_fraction, stratify=y if can_stratify else None, random_state=seed)
+        xv, yv = xt[va], yt[va]
+    else:
+        tr, va = idx, np.array([], dtype=np.int64)
+        xv, yv = torch.from_numpy(np.ascontiguousarray(valid[0], dtype=np.float32)), torch.from_numpy(valid[1].astype(np.int64))
+    head = ProbeHead(x.shape[1], classes, hidden)
+    head.mean.copy_(xt[tr].mean(0))
+    head.scale.copy_(1.0 / xt[tr].std(0).clamp_min(1e-6))
+    weight = torch.from_numpy(len(y) / (classes * np.maximum(counts, 1))).float() if class_weights == "balanced" else None
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    best, best_loss, bad, epochs = copy.deepcopy(head.state_dict()), math.inf, 0, 0
+    for epochs in range(1, max_epochs + 1):  # noqa: B007 (the count is reported)
+        head.train()
+        for b in torch.from_numpy(tr)[torch.randperm(len(tr), generator=gen)].split(batch_size):
+            loss = F.cross_entropy(head(xt[b]), yt[b], weight=weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        head.eval()
+        with torch.no_grad():
+            val_loss = F.cross_entropy(head(xv), yv, weight=weight).item()
+        if val_loss < best_loss - 1e-4:
+            best, best_loss, bad = copy.deepcopy(head.state_dict()), val_loss, 0
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    head.load_state_dict(best)
+    return head.eval(), {"epochs": epochs, "best_valid_loss": best_loss, "n_valid": len(yv), "valid_x": xv.numpy(), "valid_y": yv.numpy()}
+
+
+# ---- metrics --------------------------------------------------------------------------------------
+
+METRIC_COLUMNS = [
+    "accuracy",
+    "precision_macro",
+    "recall_macro",
+    "f1_macro",
+    "precision_weighted",
+    "recall_weighted",
+    "f1_weighted",
+]
+
+
+def classification_metrics(y_true: list[str] | np.ndarray, y_pred: list[str] | np.ndarray) -> dict[str, float]:
+    """scikit-learn's accuracy and precision/recall/F1, macro- and weighted-averaged (undefined terms count 0)."""
+    out = {"accuracy": float(accuracy_score(y_true, y_pred))}
+    for avg in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average=avg, zero_division=0)
+        out |= {f"precision_{avg}": float(p), f"recall_{avg}": float(r), f"f1_{avg}": float(f)}
+    return out
+
+
+@dataclass
+class ProbeResult:
+    head: Head
+    metrics: dict[str, Any]
+    y_true: list[str]
+    y_pred: list[str]
+    test_index: np.ndarray
+    notes: list[str]
+
+
+def run_probe(
+    features: np.ndarray,
+    ds: LabelledSet,
+    task: str,
+    split: Split,
+    protocol: dict[str, Any],
+    hidden: int = 0,
+    seed: int = 0,
+    test_features: np.ndarray | None = None,
+    test_ds: LabelledSet | None = None,
+    negative_features: np.ndarray | None = None,
+    *,
+    class_weights: str = "auto",
+    valid: tuple[np.ndarray, LabelledSet] | None = None,
+) -> ProbeResult:
+    """Train a head on ``split.train`` and score it on ``split.test`` (or on a separate test set).
+
+    ``valid`` (features, labelled set) replaces the 10% early-stopping part of the training data. With
+    ``negative_features`` (embeddings of residue-shuffled sequences) the head is calibrated on its early-stopping
+    validation data plus those negatives: temperature and no-call threshold, as for fine-tuned heads.
+    """
+    labels = sorted({ds.labels[i] for i in split.train})
+    if len(labels) < 2:
+        raise ValueError(f"the {task} training split has {len(labels)} class; a classifier needs at least 2")
+    index = {label: i for i, label in enumerate(labels)}
+    y = np.array([index[ds.labels[i]] for i in split.train])
+    notes = list(split.notes)
+    weights, why = choose_class_weights(class_weights, Counter(ds.labels[i] for i in split.train))
+    notes.append(why)
+    valid_xy = None
+    if valid is not None:
+        known = [i for i, label in enumerate(valid[1].labels) if label in index]
+        if not known:
+            raise ValueError(f"none of the --valid labels occur in the {task} training data")
+        if len(known) < len(valid[1]):
+            notes.append(f"{len(valid[1]) - len(known)} validation sequences have labels absent from training; not used")
+        valid_xy = (valid[0][known], np.array([index[valid[1].labels[i]] for i in known]))
+    module, fit_info = train_head(features[split.train], y, len(labels), hidden, seed, class_weights=weights, valid=valid_xy)
+    if test_ds is None:
+        test_x, truth, test_index = features[split.test], [ds.labels[i] for i in split.test], split.test
+    else:
+        known = np.array([i for i, label in enumerate(test_ds.labels) if label in index], dtype=np.int64)
+        if len(known) < len(test_ds):
+            notes.append(f"{len(test_ds) - len(known)} test sequences have labels absent from training; not scored")
+        test_x, truth, test_index = test_features[known], [test_ds.labels[i] for i in known], known
+    if len(truth) == 0:
+        raise ValueError(f"no test examples for {task} after the split; use more data or a lower --min-per-class")
+    card = {"task": task, "dim": module.dim, "hidden": hidden, "protocol": protocol | {"class_weights": weights}}
+    head = Head(module, labels, card)
+    if negative_features is not None:
+        with torch.no_grad():
+            logits = module(torch.from_numpy(fit_info["valid_x"])).numpy()
+            neg = module(torch.from_numpy(np.ascontiguousarray(negative_features, dtype=np.float32))).numpy()
+        head.card["calibration"] = calibrate(logits, fit_info["valid_y"], neg)
+        module.temperature.fill_(head.card["calibration"]["temperature"])
+    pred = [labels[i] for i in head.probabilities(test_x).argmax(1)]
+    metrics = classification_metrics(truth, pred) | {
+        "classes": len(labels),
+        "n_train": len(split.train),
+        "n_test": len(truth),
+        "head_epochs": fit_info["epochs"],
+        "class_weights": weights,
+    }
+    head.card["metrics"] = metrics
+    return ProbeResult(head, metrics, truth, pred, test_index, notes)
+
+
+def label_counts_line(ds: LabelledSet) -> str:
+    c = Counter(ds.labels)
+    return f"{len(ds)} sequences, {len(c)} labels (largest {c.most_common(1)[0][1]}, smallest {min(c.values())})"
