@@ -33,8 +33,8 @@ import onnxruntime as ort
 
 from distill.core import tokens
 from distill.core.heads import heads_of
-from distill.core.io import sha256_file
 from distill.core.model import ESM
+from distill.core.spec import parse_spec
 from distill.inference.encoders import load_encoder
 from distill.inference.onnx_backend import OUTPUTS
 from export.graph import ExportError, decompose_layer_norms, export_graph, output_names, quiet_third_party
@@ -250,14 +250,9 @@ def _ort_version() -> str:
 
 def source_of(spec: str, card: dict[str, Any]) -> dict[str, Any]:
     """Provenance for the metadata: bundle (hash of its weights), random-init baseline or fair-esm model."""
-    p = Path(spec)
-    if spec.startswith("random:"):
-        return {"source": spec, "source_sha256": "", "preset": card.get("preset") or "custom"}
-    if p.is_dir():
-        return {"source": str(p), "source_sha256": sha256_file(p / "model.safetensors"), "preset": card.get("preset") or "custom"}
-    if p.suffix == ".pt" and p.is_file():
-        return {"source": str(p), "source_sha256": sha256_file(p), "preset": "fair-esm"}
-    return {"source": spec, "source_sha256": "", "preset": "fair-esm"}
+    s = parse_spec(spec)
+    preset = "fair-esm" if s.kind == "fair-esm" else card.get("preset") or "custom"
+    return {"source": s.text, "source_sha256": (s.file_fingerprint() if s.kind != "random" else None) or "", "preset": preset}
 
 
 def summary(result: ExportResult) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from distill.core.spec import parse_spec
 from serve.schemas import ServeArgs
 from serve.store import BACKENDS, import_model
 from serve.watchdog import stop_group
@@ -26,9 +27,7 @@ def serve_args(model: str, backend: str, variant: str, console: Console, **given
     if reference and not (Path(reference) / "index.json").is_file():
         raise ValueError(f"--reference {reference} is not a `distill index` directory (no index.json)")
     if backend == "esm1b":
-        from distill.core.pretrained import is_fair_esm_spec  # fair-esm: only for this backend
-
-        if not is_fair_esm_spec(model):
+        if parse_spec(model).kind != "fair-esm":
             raise ValueError(f"--backend esm1b serves a fair-esm model: give its name or a .pt, not {model!r}")
         return ServeArgs(backend=backend, variant=variant, esm1b=model, **given)
     if Path(model).exists():

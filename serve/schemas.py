@@ -16,7 +16,7 @@ class ServeArgs(BaseModel):
     variant: Literal["fp32", "int8"] = "fp32"
     esm1b: str = Field("esm1b_t33_650M_UR50S", description="backend esm1b: a fair-esm name or .pt")
     esm1b_heads: str = Field("", description="backend esm1b: its head directory (`distill probe MODEL --out DIR/<task>`)")
-    compare: str = Field("", description="fair-esm name or .pt for /compare")
+    compare: str = Field("", description="comparison model for /compare: a torch model spec (fair-esm name or .pt, unirep1900, a bundle)")
     compare_heads: str = Field("", description="head directory of the comparison model")
     batching: bool = Field(False, description="the model as its own service with adaptive batching across requests (for GPUs)")
     reference: str = Field("", description="a `distill index` directory: /classify adds nearest labelled references")

@@ -6,7 +6,7 @@ reference-index neighbours. Two more BentoML services (``bentoml.depends``) join
 
   Engine              --batching: the model as its own service with adaptive batching across requests (for GPUs;
                       on a CPU the extra hop costs more than batching gains)
-  Reference           --compare-with: the comparison model (ESM-1b, fair-esm name or local .pt, with probed heads)
+  Reference           --compare-with: the comparison model (ESM-1b, UniRep, any torch model spec, with probed heads)
 
 Configuration: the start-up arguments ``serve.schemas.ServeArgs`` (``bentoml.use_arguments``), given as
 ``bentoml serve serve.service:EsmDistillService --arg model=TAG --arg backend=student-onnx ...``; `distill serve`
@@ -145,7 +145,7 @@ class Engine:
         return self.student.card()
 
 
-NO_REFERENCE = "no comparison model configured: start the service with `distill serve MODEL --compare-with esm1b_t33_650M_UR50S` (or a .pt)"
+NO_REFERENCE = "no comparison model configured: start the service with `distill serve MODEL --compare-with esm1b_t33_650M_UR50S` (or a .pt, or unirep1900)"
 
 
 @bentoml.service(name="esm-distill-reference", workers=1, traffic={"timeout": TIMEOUT})

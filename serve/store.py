@@ -16,16 +16,15 @@ from typing import Any
 
 from distill.core.config import INFERENCE_MAX_TOKENS
 from distill.core.io import sha256_file
+from distill.core.spec import parse_spec
 from distill.inference import resolve
 
 BACKENDS = ("student-onnx", "student-torch", "esm1b")
 
 
 def model_name(source: str) -> str:
-    """A model-store name from a bundle or file path: ``esm-distill-<name>`` (letters, digits, - _ .)."""
-    p = Path(source)
-    stem = p.parent.name if p.name == "student" and p.is_dir() else p.name.removesuffix(".onnx")
-    return "esm-distill-" + (re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-").lower() or "model")
+    """A model-store name from a model spec's display name: ``esm-distill-<name>`` (letters, digits, - _ .)."""
+    return "esm-distill-" + (re.sub(r"[^A-Za-z0-9_.-]+", "-", parse_spec(source).name).strip("-").lower() or "model")
 
 
 def content_sha256(path: Path, int8: bool) -> str:
@@ -43,10 +42,9 @@ def import_model(source: str, name: str | None = None, int8: bool = False) -> st
     """Put a student bundle (exported to ONNX with its heads here) or an exported ``.onnx`` into the store; returns the tag."""
     import bentoml  # lazy, like the torch-side imports below: the service's ONNX path reads models only
 
-    from distill.core.bundle import is_bundle
-    from distill.core.hf import is_hf_dir
     from export.onnx import export_command, read_metadata
 
+    spec = parse_spec(source)
     path = Path(source)
     name = name or model_name(source)
     content = content_sha256(path, int8)
@@ -59,12 +57,12 @@ def import_model(source: str, name: str | None = None, int8: bool = False) -> st
             return str(stored.tag)
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp)
-        if is_bundle(path) or is_hf_dir(path):  # a Hugging Face export serves like the bundle it came from
+        if spec.kind in ("bundle", "hf-dir"):  # a Hugging Face export serves like the bundle it came from
             result = export_command(source, staged / "model.onnx", int8=int8, heads=None)  # the bundle's heads, if any
             shutil.copytree(path, staged / "bundle")
             if int8 and "int8" not in result.paths:
                 raise ValueError("the int8 graph failed its parity check; import without --int8")
-        elif path.suffix == ".onnx" and path.is_file():
+        elif spec.kind == "onnx" and path.is_file():
             meta = read_metadata(path)
             if meta.get("esm_distill_contract") is None:
                 raise ValueError(f"{path} is not an esm-distill graph (no esm_distill_contract in its metadata)")

@@ -7,6 +7,7 @@ from distill.core import tokens
 from distill.core.bundle import BundleError, load_any, load_bundle, save_bundle
 from distill.core.config import ModelConfig
 from distill.core.model import ESM
+from distill.core.spec import SpecError
 
 
 @pytest.fixture
@@ -67,5 +68,5 @@ def test_load_any_takes_bundles_and_fair_esm_checkpoints(bundle, tiny_esm1b):
     assert load_any(str(bundle[0]))[1]["preset"] == "custom"
     model, card = load_any(str(tiny_esm1b))
     assert card["parameters"] == model.num_parameters()
-    with pytest.raises(BundleError, match="neither a student bundle"):
+    with pytest.raises(SpecError, match="neither a student bundle"):
         load_any("no/such/thing")

@@ -14,6 +14,7 @@ from distill.core import tokens
 from distill.core.bundle import save_bundle
 from distill.core.config import ModelConfig
 from distill.core.fasta import read_fasta
+from distill.core.io import sha256_file
 from distill.core.model import ESM, sequence_embedding
 from distill.core.pretrained import load_pretrained
 from distill.inference import SequenceError, resolve
@@ -72,7 +73,7 @@ def test_metadata_round_trip(exported):
     assert meta["alphabet"] == list(tokens.TOKENS) and meta["outputs"] == ox.OUTPUTS
     assert meta["architecture"]["layers"] == 4 and meta["architecture"]["dim"] == 192
     assert meta["parameters"] == load_pretrained(str(TEACHER)).num_parameters()
-    assert meta["source_sha256"] == ox.sha256_file(TEACHER) and meta["preset"] == "fair-esm" and meta["labels"] == {}
+    assert meta["source_sha256"] == sha256_file(TEACHER) and meta["preset"] == "fair-esm" and meta["labels"] == {}
     assert ox.read_metadata(out.with_name("tiny.trt.onnx"))["inputs"]["tokens"].startswith("int32")
 
 

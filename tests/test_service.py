@@ -185,7 +185,7 @@ def test_info_health_openapi_and_bentoml_endpoints(server):
     status, info = post(f"{server['url']}/info", {})
     assert status == 200 and info["tag"] == server["tag"] and info["backend"] == "student-onnx"
     assert info["provider"] == "CPUExecutionProvider" and set(info["labels"]) == {"pfam", "scope", "species"} and info["max_length"] == 1022
-    assert info["reference"]["available"] and info["reference"]["model"] == "tiny_esm1b_t4_192.pt"
+    assert info["reference"]["available"] and info["reference"]["model"] == "tiny_esm1b_t4_192"  # the spec's display name: the file's stem
     assert info["batching"] is False  # the default: the model in the API process
     assert post(f"{server['url']}/health", {}) == (
         200,

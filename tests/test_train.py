@@ -185,7 +185,10 @@ def test_cli_config_reuse_and_resume_guards(small_fasta, tiny_esm1b, tmp_path):
         (["--lam", "1.5"], "--lam must be in [0, 1]"),
         (["--preset", "huge"], "--preset must be one of"),
         (["--max-tokens", "20"], "--max-tokens 20 cannot hold one sequence"),
-        (["--teacher", "no_such_model"], "is neither a student bundle directory, random:PRESET[@SEED], a fair-esm model name"),
+        (
+            ["--teacher", "no_such_model"],
+            "is neither a student bundle directory, random:PRESET[@SEED] or random:BUNDLE[@SEED], a fair-esm model name",
+        ),
     ],
 )
 def test_cli_bad_options_are_clear_errors(args, message, small_fasta, tmp_path):

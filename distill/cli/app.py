@@ -59,9 +59,24 @@ def fit(
     dim: Annotated[int | None, typer.Option(help="Override the preset's embedding dim (FFN follows as 2 x dim).")] = None,
     heads: Annotated[int | None, typer.Option(help="Override the preset's attention heads.")] = None,
     ffn: Annotated[int | None, typer.Option(help="Override the FFN width.")] = None,
-    teacher: Annotated[str | None, typer.Option(help=f"fair-esm model name or path to a fair-esm .pt. {default('teacher')}")] = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option(help=f"The teacher, a torch model spec: a fair-esm name or .pt (ESM-1b), unirep1900, a bundle. {default('teacher')}"),
+    ] = None,
     temperature: Annotated[float | None, typer.Option(help=f"Distillation temperature T. {default('temperature')}")] = None,
-    lam: Annotated[float | None, typer.Option(help=f"Weight of the KD term; 0 = vanilla MLM, no teacher loaded. {default('lam')}")] = None,
+    lam: Annotated[
+        float | None, typer.Option(help=f"Weight of the KD term; 0 = vanilla MLM (no teacher loaded unless --rep-weight). {default('lam')}")
+    ] = None,
+    rep_weight: Annotated[
+        float | None,
+        typer.Option(
+            help=f"Weight of representation distillation (a learned map of student states to the teacher's); 0 = off. {default('rep_weight')}"
+        ),
+    ] = None,
+    rep_loss: Annotated[str | None, typer.Option(help=f"Representation distance: cosine or mse. {default('rep_loss')}")] = None,
+    rep_level: Annotated[
+        str | None, typer.Option(help=f"Representation level: pooled (sequence embedding), residue, or both. {default('rep_level')}")
+    ] = None,
     epochs: Annotated[int | None, typer.Option(help=f"Epochs. [default: {EPOCHS} for small/medium/large]")] = None,
     batch_size: Annotated[int | None, typer.Option(help=f"Sequences per optimizer step. [default: {BATCHES}]")] = None,
     max_tokens: Annotated[
@@ -100,7 +115,9 @@ def fit(
 def teacher_cache_cmd(
     data: Annotated[Path, typer.Argument(help="The training FASTA the students will use (the whole file; any validation split works).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Cache directory (an interrupted build resumes into it).")],
-    teacher: Annotated[str, typer.Option(help="fair-esm model name or path to a fair-esm .pt.")] = DEFAULT_TEACHER,
+    teacher: Annotated[
+        str, typer.Option(help="The teacher, a torch model spec: a fair-esm name or .pt (ESM-1b), unirep1900, a bundle.")
+    ] = DEFAULT_TEACHER,
     views: Annotated[int, typer.Option(help="K fixed maskings per sequence; training epoch e uses view e mod K.")] = 1,
     seed: Annotated[int, typer.Option(help="Masking seed: must equal the --seed of the runs that use the cache.")] = D.seed,
     mask_rate: Annotated[float, typer.Option(help="Fraction of residues masked: must equal the runs' --mask-rate.")] = D.mask_rate,

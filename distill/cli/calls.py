@@ -10,16 +10,14 @@ from typing import Annotated
 
 import typer
 
-from distill.cli.options import GpusPerWorker, RayAddress, Shard, Threads, Workers, console
+from distill.cli.options import SPECS, GpusPerWorker, RayAddress, Shard, Threads, Workers, console
 from distill.core.config import CLASS_WEIGHTS, DEFAULT_TARGET_PRECISION, FinetuneConfig
 
 D = FinetuneConfig(model="", data=[], task="", out="")  # the defaults
 
 
 def finetune(
-    model: Annotated[
-        str, typer.Argument(help="Encoder to start from: a bundle, random:PRESET or random:PRESET@SEED, or a fair-esm name / .pt.")
-    ],
+    model: Annotated[str, typer.Argument(help=f"Encoder to start from, a torch model spec: {SPECS}")],
     data: Annotated[
         list[str], typer.Option("--data", help="Labelled training files, directories or globs (FASTA headers, Stockholm, TSV).")
     ],
@@ -88,9 +86,7 @@ def finetune(
 def index(
     model: Annotated[
         str,
-        typer.Argument(
-            help="The model whose embeddings are indexed: a bundle, random:PRESET or random:PRESET@SEED, a fair-esm name / .pt."
-        ),
+        typer.Argument(help=f"The model whose embeddings are indexed, a torch model spec: {SPECS}"),
     ],
     data: Annotated[list[str], typer.Option("--data", help="Labelled reference files (FASTA headers, Stockholm, TSV).")],
     task: Annotated[str, typer.Option(help="The task name (as for finetune): pfam and scope read their label formats.")],

@@ -19,7 +19,9 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from distill.core.errors import UserError
+from distill.core.spec import GRAMMAR
 
+SPECS = f"{GRAMMAR} (the grammar: docs/inference.md)."
 console = Console(stderr=True, soft_wrap=True)  # never hard-wrap messages in logs
 
 # OSError subclasses we raise for missing, existing or unreadable files; ValueError for bad values and formats.

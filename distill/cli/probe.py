@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from distill.cli.options import console
+from distill.cli.options import SPECS, console
 from distill.core.config import ProbeConfig
 
 P = ProbeConfig(task="", data=[])  # the defaults
@@ -56,7 +56,7 @@ def probe_config(
 
 
 def probe(
-    model: Annotated[str, typer.Argument(help="Student bundle, fair-esm name or .pt, random:PRESET[@SEED], or composition.")],
+    model: Annotated[str, typer.Argument(help=f"A torch model spec or composition: {SPECS}")],
     data: DataOpt,
     task: TaskOpt,
     test: TestOpt = None,
@@ -77,8 +77,8 @@ def probe(
     out: Annotated[Path | None, typer.Option(help="Head directory. [default: MODEL/heads/TASK for a bundle]")] = None,
 ) -> None:
     """Train a Pfam or SCOPe classification head on frozen embeddings and store it with the model."""
-    from distill.core.bundle import is_bundle
     from distill.core.calibration import describe
+    from distill.core.spec import is_bundle
     from distill.inference.embeddings import featurizer
     from distill.recipes.evaluate import markdown_table, prepare, probe_one
 
@@ -105,9 +105,7 @@ def probe(
 
 
 def evaluate(
-    models: Annotated[
-        list[str], typer.Argument(help="Models to compare: bundles, fair-esm names or .pt files, random:PRESET[@SEED], composition.")
-    ],
+    models: Annotated[list[str], typer.Argument(help=f"Models to compare, torch model specs or composition: {SPECS}")],
     data: DataOpt,
     task: TaskOpt,
     test: TestOpt = None,

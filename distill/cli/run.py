@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from distill.cli.options import GpusPerWorker, RayAddress, Shard, Threads, Workers, console, task_list
+from distill.cli.options import SPECS, GpusPerWorker, RayAddress, Shard, Threads, Workers, console, task_list
 from distill.core.config import INFERENCE_MAX_TOKENS
 from distill.recipes.annotate import LONG_POLICIES, Options
 from distill.recipes.scale import parse_shard, ray_options
@@ -25,7 +25,7 @@ def annotate(
     output: Annotated[Path, typer.Option("-o", "--output", help="Output TSV: one row per input record.")],
     model: Annotated[
         str | None,
-        typer.Option(help="Exported .onnx (heads inside), student bundle, random:PRESET[@SEED], or fair-esm name / .pt (with --heads)."),
+        typer.Option(help=f"Any model spec (a fair-esm model takes its heads from --heads): {SPECS}"),
     ] = None,
     url: Annotated[str | None, typer.Option(help="Use a running `distill serve` service instead of a local model.")] = None,
     tasks: Annotated[
@@ -139,7 +139,10 @@ def serve(
     ] = "student-onnx",
     heads: Annotated[Path | None, typer.Option(help="With --backend esm1b: its heads (distill probe MODEL --out DIR/<task>).")] = None,
     variant: Annotated[str, typer.Option(help="fp32 or int8 (needs `distill import --int8`).")] = "fp32",
-    compare_with: Annotated[str | None, typer.Option(help="Comparison model for /compare: esm1b_t33_650M_UR50S or a fair-esm .pt.")] = None,
+    compare_with: Annotated[
+        str | None,
+        typer.Option(help="Comparison model for /compare, a torch model spec: esm1b_t33_650M_UR50S, a fair-esm .pt, unirep1900."),
+    ] = None,
     compare_heads: Annotated[
         Path | None, typer.Option(help="Heads of the comparison model (distill probe MODEL --out DIR/<task>).")
     ] = None,
@@ -186,16 +189,15 @@ def export_esm(
 
 
 def export_hf(
-    model: Annotated[
-        str, typer.Argument(help="Student bundle (its heads go along as files), or any model spec (random:PRESET, fair-esm, HF).")
-    ],
+    model: Annotated[str, typer.Argument(help=f"A torch model spec (a bundle's heads go along as files): {SPECS}")],
     output: Annotated[
         Path, typer.Option("-o", "--output", help="Output directory: config.json, model.safetensors, tokenizer files, README.md.")
     ],
 ) -> None:
     """Write a model as a Hugging Face `EsmForMaskedLM` directory (AutoModelForMaskedLM / AutoTokenizer load it offline)."""
-    from distill.core.bundle import is_bundle, load_any
+    from distill.core.bundle import load_any
     from distill.core.hf import export_hf as write
+    from distill.core.spec import is_bundle
 
     net, card = load_any(model)
     out = write(net, card, output, Path(model) / "heads" if is_bundle(Path(model)) else None)
@@ -203,9 +205,7 @@ def export_hf(
 
 
 def export_onnx(
-    model: Annotated[
-        str, typer.Argument(help="Student bundle, random:PRESET[@SEED], or a fair-esm name / .pt (ESM-1b comparison backend).")
-    ],
+    model: Annotated[str, typer.Argument(help=f"A torch model spec (a fair-esm model: the ESM-1b comparison backend): {SPECS}")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output .onnx (fp32); variants are written beside it.")],
     opset: Annotated[int, typer.Option(help="ONNX opset of the fp32 graph (17-21).")] = 18,
     fp16: Annotated[bool, typer.Option(help="Also write NAME.fp16.onnx (fp16 weights and compute, fp32 I/O).")] = False,

@@ -14,17 +14,21 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from distill.core import tokens
-from distill.core.config import PRESETS, ModelConfig
-from distill.core.hf import HUB_ID, find, is_hf_dir, load_hf
+from distill.core.config import ModelConfig
+from distill.core.hf import find, load_hf
 from distill.core.io import atomic_write_json, read_json_object, umask
 from distill.core.model import ESM, build_student
+from distill.core.spec import GRAMMAR, ModelSpec, parse_spec
+
+if TYPE_CHECKING:
+    from distill.core.unirep import UniRep
 
 FORMAT = "esm-distill-bundle"
 VERSION = 1
@@ -132,41 +136,35 @@ def training_digests(directory: Path) -> np.ndarray | None:
     return np.load(path) if path.is_file() else None
 
 
-def is_bundle(path: Path) -> bool:
-    return (Path(path) / "config.json").is_file() and not is_hf_dir(Path(path))
+def load_any(spec: str | ModelSpec) -> tuple[ESM | UniRep, dict[str, Any]]:
+    """The one torch model loader, for every spec whose weights torch loads (``distill.core.spec``): a bundle,
+    ``random:``, a fair-esm name or ``.pt``, a Hugging Face directory or hub id, UniRep -> (model in eval mode, card).
+    A UniRep is not an ``ESM`` but answers like one (logits over ESM's tokens, representations, ``cfg.dim``)."""
+    s = spec if isinstance(spec, ModelSpec) else parse_spec(spec)
+    match s.kind:
+        case "random":
+            model = build_student(s.config, seed=s.seed)
+            return model.eval(), {"name": s.text, "model": s.config.to_dict(), "preset": s.preset, "parameters": model.num_parameters()}
+        case "bundle":
+            return load_bundle(s.path)
+        case "hf-dir":
+            return load_hf(s.path)
+        case "hf-hub":
+            return load_hf(find(s.text))  # its snapshot in the local HF cache, or a message saying how to get it
+        case "fair-esm":
+            from distill.core.pretrained import load_pretrained  # fair-esm: only for its specs
 
+            model = load_pretrained(s.text).eval()
+            return model, {"name": s.text, "model": model.cfg.to_dict(), "parameters": model.num_parameters(), "preset": None}
+        case "unirep":
+            from distill.core.unirep import load_unirep
 
-def parse_random(spec: str) -> tuple[ModelConfig, int]:
-    """``random:PRESET[@SEED]`` or ``random:BUNDLE[@SEED]`` -> (architecture, seed; 0 unless given)."""
-    what, _, seed = spec.removeprefix("random:").partition("@")
-    if seed and not seed.isdigit():
-        raise ValueError(f"{spec!r}: the seed after @ must be a non-negative integer")
-    if what in PRESETS:
-        return ModelConfig.preset(what), int(seed or 0)
-    if is_bundle(Path(what)):
-        return ModelConfig(**read_bundle_config(Path(what))["model"]), int(seed or 0)
-    raise ValueError(f"{spec!r}: after random: give a preset ({', '.join(PRESETS)}) or a bundle directory, optionally @SEED")
-
-
-def load_any(spec: str) -> tuple[ESM, dict[str, Any]]:
-    """The one torch model loader: a bundle directory, ``random:PRESET[@SEED]`` / ``random:BUNDLE[@SEED]``, a
-    fair-esm model name or ``.pt`` checkpoint, or a Hugging Face ESM directory / hub id in the local HF cache
-    -> (model in eval mode, card)."""
-    from distill.core.pretrained import is_fair_esm_spec, load_pretrained  # fair-esm: only for its specs
-
-    if spec.startswith("random:"):
-        cfg, seed = parse_random(spec)
-        model = build_student(cfg, seed=seed)
-        preset = next((p for p in PRESETS if ModelConfig.preset(p) == cfg), None)
-        return model.eval(), {"name": spec, "model": cfg.to_dict(), "preset": preset, "parameters": model.num_parameters()}
-    if Path(spec).is_dir():
-        return load_hf(Path(spec)) if is_hf_dir(Path(spec)) else load_bundle(Path(spec))
-    if is_fair_esm_spec(spec):
-        model = load_pretrained(spec).eval()
-        return model, {"name": spec, "model": model.cfg.to_dict(), "parameters": model.num_parameters(), "preset": None}
-    if HUB_ID.match(spec) and not Path(spec).exists():
-        return load_hf(find(spec))  # a hub id: its snapshot in the local HF cache, or a message saying how to get it
-    raise BundleError(
-        f"{spec!r} is neither a student bundle directory, random:PRESET[@SEED], a fair-esm model name or .pt checkpoint, "
-        "nor a Hugging Face ESM directory or hub id"
-    )
+            model, path = load_unirep(s.text)
+            return model, {
+                "name": s.name,
+                "model": model.cfg.to_dict(),
+                "parameters": model.num_parameters(),
+                "preset": None,
+                "weights": str(path),
+            }
+    raise BundleError(f"{s.text!r} is a {s.kind} model, not weights torch can load here: give {GRAMMAR}")

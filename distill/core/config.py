@@ -85,6 +85,9 @@ class FitConfig:
     mask_views: int | None = None  # K fixed maskings cycled over epochs (set by the cache); None = new masks each epoch
     temperature: float = 2.0
     lam: float = 0.5
+    rep_weight: float = 0.0  # weight of representation distillation (student states -> teacher states); 0 = off
+    rep_loss: str = "cosine"  # cosine | mse
+    rep_level: str = "pooled"  # pooled | residue | both
     epochs: int | None = None  # preset default
     batch_size: int | None = None  # sequences per optimizer step; preset default
     max_tokens: int = TRAIN_MAX_TOKENS  # tokens (incl. padding) in one forward pass
@@ -116,6 +119,13 @@ class FitConfig:
             raise ValueError(f"--lam must be in [0, 1], got {self.lam}")
         if self.temperature <= 0:
             raise ValueError(f"--temperature must be positive, got {self.temperature}")
+        if self.rep_weight < 0 or self.rep_loss not in ("cosine", "mse") or self.rep_level not in ("pooled", "residue", "both"):
+            raise ValueError(
+                f"--rep-weight must be >= 0 (got {self.rep_weight}), --rep-loss cosine or mse (got {self.rep_loss!r}), "
+                f"--rep-level pooled, residue or both (got {self.rep_level!r})"
+            )
+        if self.rep_weight > 0 and self.teacher_cache:
+            raise ValueError("--rep-weight needs a live teacher: the teacher cache stores logits only (use --teacher)")
         if not 0 < self.mask_rate < 1:
             raise ValueError(f"--mask-rate must be in (0, 1), got {self.mask_rate}")
         if not 0 <= self.valid_fraction < 1:
@@ -123,6 +133,10 @@ class FitConfig:
         for name in ("epochs", "batch_size", "max_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.lam > 0 or self.rep_weight > 0
 
     def model_config(self) -> ModelConfig:
         base = dict(PRESETS.get(self.preset, {}))

@@ -25,8 +25,8 @@ from distill.core.errors import UserError
 from distill.core.hf_card import model_card
 from distill.core.io import read_json_object
 from distill.core.model import ESM
+from distill.core.spec import HUB_ID, is_hf_dir
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # ours -> transformers', per layer (``{i}``) and for the rest
 LAYER_KEYS = {
@@ -53,17 +53,6 @@ def hf_key(ours: str) -> str:
     if m:
         return f"esm.encoder.layer.{m.group(1)}.{LAYER_KEYS[m.group(2)]}.{m.group(3)}"
     return TOP_KEYS[ours]
-
-
-def is_hf_dir(path: Path) -> bool:
-    """A directory whose config.json is a transformers config (``model_type``), not an esm-distill bundle."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return "model_type" in json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
 
 
 def find(spec: str) -> Path | None:

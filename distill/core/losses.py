@@ -12,6 +12,10 @@ the live teacher is sliced to them, and the teacher-logit cache stores exactly t
 Both terms are returned as *sums* over positions, divided by ``normalizer`` -- the number of
 masked positions in the whole optimizer step -- so gradient accumulation over micro-batches and
 across processes gives exactly the loss of one big batch.
+
+Representation distillation (any teacher, ESM-1b's last layer or UniRep's states) adds ``rep_weight * L_rep``: a
+learned linear map from the student's hidden states to the teacher's (``Projected``), compared per residue and/or on
+the pooled sequence embedding by cosine distance (1 - cos) or mean squared error, normalised by the step's rows.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from distill.core import tokens
+from distill.core.model import sequence_embedding
 
 
 @dataclass
@@ -29,6 +35,11 @@ class LossParts:
     total: torch.Tensor
     mlm: torch.Tensor  # sum of cross-entropies / normalizer
     kd: torch.Tensor  # sum of KL divergences / normalizer (before the T^2 factor)
+    rep: torch.Tensor | None = None  # representation term (before rep_weight); set by the recipe when it is on
+
+    def __post_init__(self) -> None:
+        if self.rep is None:
+            self.rep = self.mlm.new_zeros(())
 
 
 def residue_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -59,3 +70,45 @@ def distillation_loss(
         kd = kd_kl_sum(student_logits, teacher_residue_logits, temperature) / normalizer
     total = (1 - lam) * mlm + lam * temperature**2 * kd
     return LossParts(total, mlm, kd)
+
+
+REP_LOSSES = ("cosine", "mse")
+REP_LEVELS = ("pooled", "residue", "both")
+
+
+class Projected(nn.Module):
+    """The student with a linear map of its hidden states to the teacher's width: trained with it, never saved in
+    its bundle (the bundle is the student alone)."""
+
+    def __init__(self, student: nn.Module, teacher_dim: int):
+        super().__init__()
+        self.student = student
+        self.proj = nn.Linear(student.cfg.dim, teacher_dim)
+
+    def forward(self, toks: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.student(toks)
+        return {
+            **out,
+            "projected": self.proj(out["representations"]),
+            "pooled_projected": self.proj(sequence_embedding(out["representations"], toks)),
+        }
+
+
+def rep_distance_sum(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    """Sum over rows of (1 - cosine) or of the mean squared error over the feature dimension; rows [N, dim]."""
+    student, teacher = student.float(), teacher.float()
+    if kind == "cosine":
+        return (1 - F.cosine_similarity(student, teacher, dim=-1)).sum()
+    return (student - teacher).pow(2).mean(-1).sum()
+
+
+def representation_loss(out: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], residues: torch.Tensor, kind: str,
+                        level: str, n_sequences: int, n_residues: int) -> torch.Tensor:  # fmt: skip
+    """``out`` from ``Projected``; ``teacher`` with ``representations`` [B, T, D] and ``pooled`` [B, D]; ``residues`` the
+    [B, T] mask of real residues. Pooled rows are divided by the step's sequences, residue rows by its residues."""
+    loss = out["projected"].new_zeros(())
+    if level in ("pooled", "both"):
+        loss = loss + rep_distance_sum(out["pooled_projected"], teacher["pooled"], kind) / n_sequences
+    if level in ("residue", "both"):
+        loss = loss + rep_distance_sum(out["projected"][residues], teacher["representations"][residues], kind) / n_residues
+    return loss

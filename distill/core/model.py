@@ -195,6 +195,11 @@ def sequence_embedding(representations: torch.Tensor, toks: torch.Tensor) -> tor
     return (representations * weight).sum(1) / weight.sum(1).clamp_min(1.0)
 
 
+def pooled_embedding(out: dict[str, torch.Tensor], toks: torch.Tensor) -> torch.Tensor:
+    """A model's protein embedding: its own pooling where it defines one (UniRep's h_avg), else ``sequence_embedding``."""
+    return out["pooled"] if "pooled" in out else sequence_embedding(out["representations"], toks)
+
+
 def build_student(cfg: ModelConfig, seed: int | None = None) -> ESM:
     if seed is not None:
         torch.manual_seed(seed)

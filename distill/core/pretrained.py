@@ -28,11 +28,6 @@ class ModelNotAvailable(UserError):
     """A fair-esm model that is neither cached nor downloadable here."""
 
 
-def is_fair_esm_spec(spec: str) -> bool:
-    """A fair-esm model name (``esm1b_t33_650M_UR50S``) or a path to a ``.pt`` checkpoint."""
-    return spec.endswith(".pt") or hasattr(esm.pretrained, spec)
-
-
 def _offline_message(name: str, cause: BaseException) -> str:
     ckpt = Path(torch.hub.get_dir()) / "checkpoints"
     return (

@@ -1,11 +1,7 @@
 """Frozen per-sequence features for probing: any model spec -> [N, dim] float32, cached on disk.
 
-Model specs (the same everywhere a model is named):
-  DIR              a student bundle
-  NAME | FILE.pt   a fair-esm model (``esm1b_t33_650M_UR50S``, ``esm2_t6_8M_UR50D``, a local checkpoint)
-  random:PRESET    a randomly initialised model of a preset size (baseline: what does training add?); @SEED: its seed
-  random:DIR       a randomly initialised model with the bundle's architecture (@SEED too)
-  composition      amino-acid composition, 25 frequencies (baseline: what does a Transformer add?)
+Models are ``distill.core.spec``'s specs that torch loads, plus ``composition`` (25 amino-acid frequencies: what does
+a Transformer add?) and ``random:`` baselines (what does training add?).
 
 Embeddings are computed once per (model weights, sequences, pooling) and cached as ``.npy`` (ESM-1b on a CPU
 is slow: never twice). Sequences over 1,022 residues are embedded on their leading 1,022 (counted, reported).
@@ -23,10 +19,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from distill.core import tokens
-from distill.core.bundle import is_bundle, parse_random
 from distill.core.config import POOLINGS, TRAIN_MAX_TOKENS
 from distill.core.io import atomic_save_npy
 from distill.core.model import ESM
+from distill.core.spec import parse_spec
 from distill.inference import Inference
 from distill.inference.encoders import load_encoder
 from distill.inference.torch_backend import TorchBackend
@@ -114,17 +110,15 @@ def n_cropped(sequences: list[str]) -> int:
 
 def featurizer(spec: str) -> Featurizer:
     """Resolve a model spec (see the module docstring) through ``encoders.load_encoder``, named for tables."""
-    if spec == "composition":
+    if parse_spec(spec).kind == "composition":
         n = len(tokens.RESIDUE_LETTERS)
         return Featurizer("composition", "composition-v1", n, 0, None, {"name": "composition"}, spec)
     enc = load_encoder(spec)
-    model, cfg = enc.model.eval(), enc.model.cfg
-    if spec.startswith("random:"):
-        seed = parse_random(spec)[1]
-        name = f"random-h{cfg.dim}-L{cfg.layers}" + (f"@{seed}" if seed else "")
-        return Featurizer(name, f"random-seed{seed}-{enc.fingerprint}", cfg.dim, model.num_parameters(), model, {"name": name}, spec)
-    p = Path(spec)
-    name = _bundle_name(p, enc.card) if is_bundle(p) else p.name if p.is_dir() else (p.stem if p.suffix == ".pt" and p.is_file() else spec)
+    model, cfg, s = enc.model.eval(), enc.model.cfg, enc.spec
+    if s.kind == "random":
+        name = f"random-h{cfg.dim}-L{cfg.layers}" + (f"@{s.seed}" if s.seed else "")
+        return Featurizer(name, f"random-seed{s.seed}-{enc.fingerprint}", cfg.dim, model.num_parameters(), model, {"name": name}, spec)
+    name = _bundle_name(s.path, enc.card) if s.kind == "bundle" else s.name  # tables name students by how they were trained
     return Featurizer(name, enc.fingerprint, cfg.dim, model.num_parameters(), model, enc.card, spec)
 
 

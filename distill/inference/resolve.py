@@ -1,10 +1,7 @@
-"""One ``resolve(spec)`` for every way a model is named; it returns an ``Inference``.
+"""One ``resolve(spec)`` for every model spec (``distill.core.spec``); it returns an ``Inference``.
 
-X.onnx                   an exported graph (heads inside) -> ONNX Runtime; torch is never imported
-http(s)://HOST:PORT      a running `distill serve` -> its annotate endpoint
-DIR                      a student bundle, with the heads in DIR/heads -> torch
-NAME | FILE.pt           a fair-esm model (ESM-1b), heads from ``heads`` -> torch
-random:PRESET[@SEED]     a randomly initialised model (a baseline), random:DIR[@SEED] with a bundle's shape
+An ``onnx`` spec runs on ONNX Runtime and never imports torch; ``http`` asks a running `distill serve`; every other
+kind is a torch model, with a bundle's own heads or those of ``heads``.
 """
 
 from __future__ import annotations
@@ -12,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from distill.core.config import INFERENCE_MAX_TOKENS
+from distill.core.spec import parse_spec
 from distill.inference.layer import Inference
 
 
@@ -25,22 +23,22 @@ def resolve(
 ) -> Inference:
     """``providers``: auto | cpu | cuda | tensorrt for ONNX Runtime; torch takes cpu, else CUDA when present;
     ``api_key`` for a service started with one; ``threads``: intra-op CPU threads (0: the library's default)."""
-    spec = str(spec)
-    if spec.startswith(("http://", "https://")):
+    s = parse_spec(spec)
+    if s.kind == "http":
         from distill.inference.http_backend import HttpBackend  # each backend's imports only when it is used
 
-        return Inference(HttpBackend(spec, api_key=api_key), max_tokens)
-    if spec.endswith(".onnx"):
+        return Inference(HttpBackend(s.text, api_key=api_key), max_tokens)
+    if s.kind == "onnx":
         from distill.inference.onnx_backend import OnnxBackend  # lazy: the ONNX path must not import torch
 
         if heads:
-            raise ValueError(f"{spec} carries its heads in the graph; --heads is for fair-esm models")
-        return Inference(OnnxBackend(Path(spec), providers, threads), max_tokens)
+            raise ValueError(f"{s.text} carries its heads in the graph; --heads is for fair-esm models")
+        return Inference(OnnxBackend(s.path, providers, threads), max_tokens)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    return Inference(torch_backend(spec, heads, "cpu" if providers == "cpu" else "auto"), max_tokens)
+    return Inference(torch_backend(s.text, heads, "cpu" if providers == "cpu" else "auto"), max_tokens)
 
 
 def torch_backend(spec: str, heads: str | None = None, device: str = "auto"):  # noqa: ANN201 (TorchBackend: imports torch)
@@ -60,8 +58,6 @@ def torch_backend(spec: str, heads: str | None = None, device: str = "auto"):  #
             found = {hp.name: load_head(hp, dim)}
         else:  # a directory of <task>/ heads, as `distill probe --out` writes them
             found = heads_in(hp, dim)
-    elif Path(spec).is_dir():
-        found = heads_of(Path(spec), dim)
-    path = Path(spec)
-    name = path.name if path.exists() else spec
-    return TorchBackend(enc.model, found, name, {"source": spec, "preset": enc.card.get("preset")}, device)
+    elif enc.spec.kind in ("bundle", "hf-dir"):
+        found = heads_of(enc.spec.path, dim)
+    return TorchBackend(enc.model, found, enc.name, {"source": spec, "preset": enc.card.get("preset")}, device)

@@ -12,7 +12,7 @@ import torch
 
 from distill.core.distributed import pick_device
 from distill.core.heads import Head
-from distill.core.model import ESM, sequence_embedding
+from distill.core.model import ESM, pooled_embedding
 from distill.inference.layer import Outputs
 
 
@@ -39,8 +39,9 @@ class TorchBackend:
     def forward(self, batch: np.ndarray, sequences: list[str], tasks: list[str], residues: bool, cls: bool) -> Outputs:
         toks = torch.from_numpy(batch).to(self.device)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            reps = self.model(toks)["representations"].float()
-        pooled = sequence_embedding(reps, toks).cpu().numpy()
+            out = self.model(toks)
+        reps = out["representations"].float()
+        pooled = pooled_embedding(out, toks).float().cpu().numpy()
         first = reps[:, 0].cpu().numpy()
         probs = {t: self.heads[t].probabilities(pooled if self.heads[t].pooling == "mean" else first) for t in tasks}
         return Outputs(pooled, probs, first if cls else None, reps.cpu().numpy() if residues else None)

@@ -42,7 +42,7 @@ from distill.core.config import FinetuneConfig
 from distill.core.distributed import Distributed, StopRequested, pick_device
 from distill.core.heads import Head, ProbeHead, heads_of
 from distill.core.io import atomic_write_json
-from distill.core.model import ESM, sequence_embedding
+from distill.core.model import ESM, pooled_embedding
 from distill.inference.embeddings import embed
 from distill.inference.encoders import Encoder, load_encoder
 from distill.recipes.finetune_checkpoints import load_weights, resume_state, save_checkpoint, save_weights
@@ -83,8 +83,8 @@ def teacher_logits(cfg: FinetuneConfig, d: Data, device: torch.device) -> torch.
 
 
 def pooled(model: ESM, toks: torch.Tensor, pooling: str) -> torch.Tensor:
-    reps = model(toks)["representations"]
-    return sequence_embedding(reps, toks) if pooling == "mean" else reps[:, 0]
+    out = model(toks)
+    return pooled_embedding(out, toks) if pooling == "mean" else out["representations"][:, 0]
 
 
 def task_loss(

