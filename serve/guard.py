@@ -51,12 +51,34 @@ def message_of(body: bytes) -> str:
     return "; ".join(texts)
 
 
-def unknown_fields(body: bytes, allowed: set[str]) -> list[str]:
-    """Top-level fields of a JSON object body that the endpoint does not take (malformed JSON is BentoML's to refuse)."""
+MAX_JSON_DEPTH = 32  # no request of this API nests deeper than 3; far below the parser's recursion limit
+
+
+def json_problem(body: bytes) -> str | None:
+    """Why a request body is not JSON this service reads, or None. Every failure of the parser is caught here, before
+    BentoML parses the body again: syntax, encoding, an integer past Python's 4,300-digit limit (ValueError) and
+    nesting past the recursion limit (RecursionError); nesting deeper than MAX_JSON_DEPTH is refused as well."""
+    if not body.strip():
+        return None  # an empty body is BentoML's to answer (endpoints without arguments take one)
     try:
         obj = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return []
+    except RecursionError:
+        return f"request JSON nests deeper than {MAX_JSON_DEPTH} levels"
+    except Exception as e:  # noqa: BLE001 (JSONDecodeError, UnicodeDecodeError, ValueError: all one answer to the client)
+        return f"request body is not valid JSON: {str(e)[:200]}"
+    stack = [(obj, 1)]
+    while stack:  # iterative: a deep structure must not recurse here either
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                return f"request JSON nests deeper than {MAX_JSON_DEPTH} levels"
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return None
+
+
+def unknown_fields(body: bytes, allowed: set[str]) -> list[str]:
+    """Top-level fields of a JSON object body that the endpoint does not take (the body has passed ``json_problem``)."""
+    obj = json.loads(body) if body.strip() else None
     return sorted(set(obj) - allowed) if isinstance(obj, dict) else []
 
 
@@ -73,9 +95,14 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         path = scope.get("path", "")
         if self.api_key and not path.startswith(OPEN_PATHS) and not self._authorised(headers):
-            return await self._refuse(send, 401, "missing or wrong API key: send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
-        if scope.get("method") != "POST":
-            return await self.app(scope, receive, send)
+            return await self._refuse(
+                send,
+                401,
+                "missing or wrong API key: send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
+                [(b"www-authenticate", b'Bearer realm="esm-distill"')],
+            )
+        if scope.get("method") != "POST":  # GET /embed's 405, an unknown path's 404: in the one error shape too
+            return await self.app(scope, receive, self._one_shape(send))
         if not headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
             return await self._refuse(
                 send, 415, f"send JSON with 'Content-Type: application/json' (got {headers.get('content-type', 'none')!r})"
@@ -96,6 +123,8 @@ class Guard:
             more = message.get("more_body", False)
             if len(body) > self.max_bytes:
                 return await self._refuse(send, 413, self._too_large(len(body), streamed=True))
+        if problem := json_problem(body):
+            return await self._refuse(send, 400, problem)
         unknown = unknown_fields(body, self.fields[path]) if path in self.fields else []
         if unknown:
             return await self._refuse(send, 400, f"unknown field(s) {unknown} for {path}; it takes {sorted(self.fields[path])}")
@@ -111,18 +140,22 @@ class Guard:
         await self.app(scope, replay, self._one_shape(send))
 
     def _authorised(self, headers: dict[str, str]) -> bool:
-        sent = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
-        return hmac.compare_digest(sent.encode(), self.api_key.encode())
+        if "x-api-key" in headers:
+            sent = headers["x-api-key"]
+        else:  # RFC 7235: the scheme is case-insensitive, and a credential without it is no Bearer credential
+            scheme, _, sent = headers.get("authorization", "").strip().partition(" ")
+            sent = sent.strip() if scheme.lower() == "bearer" else ""
+        return bool(sent) and hmac.compare_digest(sent.encode(), self.api_key.encode())
 
     def _too_large(self, size: int, streamed: bool = False) -> str:
         amount = f"more than {size:,}" if streamed else f"{size:,}"
         return (f"request body of {amount} bytes exceeds the limit of {self.max_bytes:,} bytes (set by --max-sequences / "
                 "--max-residues, or --max-request-bytes); split the request")  # fmt: skip
 
-    async def _refuse(self, send: Send, status: int, message: str) -> None:
+    async def _refuse(self, send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
         body = error_body(status, message)
         await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})  # fmt: skip
         await send({"type": "http.response.body", "body": body})
 
     def _one_shape(self, send: Send) -> Send:

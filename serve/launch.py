@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 from distill.core.spec import parse_spec
-from serve.schemas import ServeArgs
+from serve.schemas import API_KEY_ENV, ServeArgs
 from serve.store import BACKENDS, import_model
 from serve.watchdog import stop_group
 
@@ -54,13 +54,16 @@ def launch(args: ServeArgs, host: str, port: int, console: Console) -> int:
     watchdog process stops the group when this process dies without a chance to (SIGKILL), so no server outlives it.
     """
     with tempfile.TemporaryDirectory(prefix="esm-distill-serve-") as tmp:
-        arg_file = Path(tmp) / "args.json"  # JSON is YAML; the directory is private (0700): the API key may be in it
-        arg_file.write_text(args.model_dump_json())
+        # The API key never goes into the arguments: BentoML passes them to its workers on their command lines, which
+        # any local user can read (/proc/PID/cmdline). It reaches them in the environment, readable by its owner only.
+        arg_file = Path(tmp) / "args.json"  # JSON is YAML
+        arg_file.write_text(args.model_copy(update={"api_key": ""}).model_dump_json())
+        env = os.environ | ({API_KEY_ENV: args.api_key} if args.api_key else {})
         cmd = [sys.executable, "-m", "bentoml", "serve", "serve.service:EsmDistillService", "--port", str(port), "--host", host,
                "--arg-file", str(arg_file)]  # fmt: skip
         served = args.model if args.backend != "esm1b" else args.esm1b
         console.print(f"serving {served} on http://{host}:{port} ({args.backend}, {args.variant})")
-        server = subprocess.Popen(cmd, start_new_session=True)
+        server = subprocess.Popen(cmd, start_new_session=True, env=env)
         watchdog = subprocess.Popen([sys.executable, "-m", "serve.watchdog", str(server.pid), str(GRACE_S)], stdin=subprocess.PIPE,
                                     start_new_session=True, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
         try:

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+API_KEY_ENV = "ESM_DISTILL_API_KEY"  # how the key reaches the service's processes
+
 
 class ServeArgs(BaseModel):
     """What the service is started with: ``bentoml serve serve.service:EsmDistillService --arg model=TAG ...``
@@ -26,7 +28,11 @@ class ServeArgs(BaseModel):
         1 << 22, ge=1, description="per_residue answers: at most this many residues x dim values (~40 MB of JSON)"
     )
     max_request_bytes: int = Field(0, ge=0, description="request body limit in bytes (0: derived from the sequence and residue limits)")
-    api_key: str = Field("", description="when set, every endpoint but health and metrics needs it (Authorization: Bearer KEY)")
+    api_key: str = Field(
+        "",
+        description=f"when set, every endpoint but health and metrics needs it (Authorization: Bearer KEY); "
+        f"`distill serve` passes it in ${API_KEY_ENV} instead, never on a command line",
+    )
     client_timeout: float = Field(
         10.0,
         gt=0,

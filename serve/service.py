@@ -19,6 +19,7 @@ import asyncio
 import base64
 import inspect
 import logging
+import os
 import time
 from typing import Any, Literal
 
@@ -36,6 +37,7 @@ from serve import slow_clients
 from serve.guard import Guard, limit_for
 from serve.resilience import ENGINE_STALL_S, ClientErrorsOnOneLine, call
 from serve.schemas import (
+    API_KEY_ENV,
     B64,
     AnnotateResponse,
     Call,
@@ -373,7 +375,7 @@ ENDPOINT_FIELDS = {  # what each public endpoint takes, from its signature: an u
 EsmDistillService.add_asgi_middleware(
     Guard,
     max_bytes=ARGS.max_request_bytes or limit_for(MAX_SEQUENCES, MAX_RESIDUES),
-    api_key=ARGS.api_key,
+    api_key=ARGS.api_key or os.environ.get(API_KEY_ENV, ""),
     fields=ENDPOINT_FIELDS,
     body_timeout=ARGS.client_timeout,
 )

@@ -89,3 +89,42 @@ def test_unknown_fields_are_refused_by_name():
     )
     assert c.post("/embed", json={"sequences": ["MKV"], "crop": True}).status_code == 200
     assert c.post("/other", json={"anything": 1}).status_code == 200  # endpoints without a field list pass
+
+
+def test_every_parser_failure_is_a_400_in_one_shape_and_never_reaches_the_app():
+    """Finding 1 of the hostile-client probe: a 5,000-digit integer or 1,000 levels of nesting made the parser raise
+    ValueError / RecursionError, which nothing caught: the request hung for 600 s, then a plain-text 500."""
+    seen.clear()
+    c = client(max_bytes=100_000, api_key="k")
+    h = {"content-type": "application/json", "authorization": "Bearer k"}
+    digits = c.post("/classify", content=b'{"sequences": ["MKT"], "top_k": ' + b"9" * 5000 + b"}", headers=h)
+    assert digits.status_code == 400 and "request body is not valid JSON" in digits.json()["error"]["message"]
+    for depth in (1000, 40):
+        deep = c.post("/embed", content=b"[" * depth + b"]" * depth, headers=h)
+        assert deep.status_code == 400 and deep.json() == {"error": {"status": 400, "message": "request JSON nests deeper than 32 levels"}}
+    health = c.post("/health", content=b"[" * 1000 + b"]" * 1000, headers={"content-type": "application/json"})  # open path
+    assert health.status_code == 400
+    assert c.post("/embed", content=b'{"sequences": ["MKT"', headers=h).status_code == 400
+    assert c.post("/embed", content=b"\xff\xfe", headers=h).status_code == 400
+    assert seen == []  # none of them reached the app
+    assert c.post("/embed", content=b'{"sequences": [["M"]]}', headers=h).status_code == 200  # shallow nesting passes
+
+
+def test_bearer_scheme_is_case_insensitive_and_a_401_says_which_scheme():
+    c = client(api_key="s3cret")
+    body = {"sequences": ["MKV"]}
+    assert c.post("/embed", json=body, headers={"authorization": "bearer s3cret"}).status_code == 200
+    assert c.post("/embed", json=body, headers={"authorization": "BEARER s3cret"}).status_code == 200
+    refused = c.post("/embed", json=body, headers={"authorization": "s3cret"})  # no scheme: not a Bearer credential
+    assert refused.status_code == 401 and refused.headers["www-authenticate"] == 'Bearer realm="esm-distill"'
+
+
+def test_answers_of_other_methods_and_paths_take_the_one_shape():
+    async def routes(scope, receive, send):
+        status, text = (405, b"Method Not Allowed") if scope["path"] == "/embed" else (404, b"Not Found")
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": text})
+
+    c = TestClient(Guard(routes, max_bytes=1000))
+    assert c.get("/embed").json() == {"error": {"status": 405, "message": "Method Not Allowed"}}
+    assert c.get("/nowhere").json() == {"error": {"status": 404, "message": "Not Found"}}

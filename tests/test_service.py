@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -49,9 +50,10 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path | None = None) -> Non
     pytest.fail("server did not become ready" + (":\n" + log.read_text()[-3000:] if log else ""))
 
 
-def post(url: str, payload, raw: bytes | None = None) -> tuple[int, object]:
+def post(url: str, payload, raw: bytes | None = None, key: str = "") -> tuple[int, object]:
     data = raw if raw is not None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    auth = {"Authorization": f"Bearer {key}"} if key else {}
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **auth})
     try:
         with urllib.request.urlopen(req, timeout=300) as r:  # above the service's stalled-engine retry (60 s)
             return r.status, json.loads(r.read())
@@ -427,14 +429,18 @@ def _group_members(pgid: int) -> list[int]:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_stopping_or_killing_distill_serve_leaves_no_server_behind(server, direct, tmp_path, sig):
     """SIGTERM is forwarded to the server's process group; after SIGKILL the watchdog stops it. Either way every
-    server process is gone and the port is free within 15 s. The SIGTERM server runs the two-service topology
-    (--batching: the model in its own Engine service), and answers like the one-process one."""
-    port = free_port()
+    process below `distill serve`, in whatever group, is gone and the port is free within 15 s. The SIGTERM server
+    runs the two-service topology (--batching: the model in its own Engine service), and answers like the
+    one-process one. The API key (given in the environment) is on no process's command line, nor in a file left."""
+    from serve.watchdog import descendants
+
+    port, key = free_port(), "k3y-that-must-not-leak"
     batching = sig == signal.SIGTERM
     cmd = [sys.executable, "-m", "distill", "serve", server["tag"], "--port", str(port)] + (["--batching"] if batching else [])
     proc = subprocess.Popen(
-        cmd, env=server["env"], stdout=open(tmp_path / "log", "w"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
-    )
+        cmd, env=server["env"] | {"ESM_DISTILL_API_KEY": key}, stdout=open(tmp_path / "log", "w"), stderr=subprocess.STDOUT,
+        cwd=REPO, start_new_session=True,
+    )  # fmt: skip
     groups: set[int] = set()
     try:
         wait_ready(f"http://127.0.0.1:{port}", proc, tmp_path / "log")
@@ -443,19 +449,32 @@ def test_stopping_or_killing_distill_serve_leaves_no_server_behind(server, direc
         ]
         groups = {os.getpgid(c) for c in children} - {os.getpgid(proc.pid)}
         assert len(groups) == 2  # the server's own group, and the watchdog's
+        below = descendants(proc.pid)
+        for pid in below:
+            with contextlib.suppress(OSError):
+                assert key.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert post(f"http://127.0.0.1:{port}/info", {})[0] == 401 and post(f"http://127.0.0.1:{port}/info", {}, key=key)[0] == 200
         if batching:
-            status, body = post(f"http://127.0.0.1:{port}/embed", {"sequences": SEQS[:3]})
+            status, body = post(f"http://127.0.0.1:{port}/embed", {"sequences": SEQS[:3]}, key=key)
             assert status == 200, body
             for seq, r in zip(SEQS[:3], body["results"], strict=True):
                 np.testing.assert_allclose(r["embedding"], direct[1][seq].sequence, atol=1e-5)
-            assert post(f"http://127.0.0.1:{port}/info", {})[1]["batching"] is True
+            assert post(f"http://127.0.0.1:{port}/info", {}, key=key)[1]["batching"] is True
         os.kill(proc.pid, sig)
         proc.wait(timeout=30)
+
+        def left() -> list[int]:
+            return [p for p in below if Path(f"/proc/{p}").exists() and "Z" not in _state(p)] + [
+                m for g in groups for m in _group_members(g)
+            ]
+
         for _ in range(150):  # bounded by polls, 15 s
-            if not any(_group_members(g) for g in groups):
+            if not left():
                 break
             time.sleep(0.1)
-        assert not any(_group_members(g) for g in groups), {g: _group_members(g) for g in groups}
+        assert not left(), left()
+        for leftover in Path(tempfile.gettempdir()).glob("esm-distill-serve-*/args.json"):
+            assert key not in leftover.read_text()
         with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=5):
             pass  # nobody listens any more
         with socket.socket() as s:
@@ -466,6 +485,13 @@ def test_stopping_or_killing_distill_serve_leaves_no_server_behind(server, direc
         for g in groups | {proc.pid}:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(g, signal.SIGKILL)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
 
 
 def _rss_mb(pattern: str) -> float:

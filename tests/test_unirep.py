@@ -144,7 +144,37 @@ def test_representation_distillation_trains_resumes_and_leaves_the_map_out_of_th
     ckpt = lambda run: load_file(run / json.loads((run / "checkpoint.json").read_text())["path"] / "model.safetensors")  # noqa: E731
     a, b = ckpt(full), ckpt(resumed)
     assert "proj.weight" in a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ValueError, match="--rep-weight needs a live teacher"):
+    with pytest.raises(ValueError, match="compares pooled embeddings only"):
         FitConfig(out="x", teacher_cache="c", **base).resolved()
     with pytest.raises(ValueError, match="--rep-loss cosine or mse"):
         FitConfig(out="x", **{**base, "rep_loss": "l1"}).resolved()
+
+
+def test_a_causal_teachers_cache_runs_it_once_for_every_view_and_equals_the_live_teacher(tmp_path):
+    from distill.core.fasta import read_fasta
+    from distill.recipes.teacher_cache import TeacherCache, build_command
+
+    fasta = write_small_fasta(tmp_path)
+    long = "MKTAYIAKQRQISFVKSHFSRQ" * 50  # 1,100 residues: its window moves with the view
+    fasta.write_text(fasta.read_text() + f">long\n{long}\n")
+    teacher = str(FIXTURES / "unirep_tiny1.npz")
+    out, stats, n = build_command(fasta, tmp_path / "cache", teacher, 3, 0, 0.15, 4000, 8, "cpu", True)
+    short = sum(len(r.sequence) + 2 for r in read_fasta(fasta) if len(r.sequence) <= 1022)  # tokens: BOS and EOS count
+    assert stats["tokens"] == short + 1024 + 3 * 1024  # one pass (pooled + every short record), then the long one per view
+    cache, model = TeacherCache(out), load_npz(FIXTURES / "unirep_tiny1.npz")
+    assert cache.key.causal
+    seqs = data.load_fasta(fasta)
+    for view in range(3):
+        examples = [data.masked_example(seqs.seqs[i], 0, view, int(seqs.keys[i]), 0.15, train=True) for i in range(len(seqs))]
+        batch = data.collate(examples, list(range(len(seqs))))
+        with torch.no_grad():
+            live = teacher_logits(model, batch.tokens, batch.labels)[batch.labels != data.IGNORE]
+        cached = cache.logits(view, [int(k) for k in seqs.keys])
+        assert cached.shape == live.shape and (cached - live).abs().max() < 2e-2  # fp16 storage
+    toks = torch.from_numpy(tokens.pad_batch([s[:1022] for s in seqs.seqs]))
+    with torch.no_grad():
+        assert (cache.pooled([int(k) for k in seqs.keys]) - model(toks)["pooled"]).abs().max() < 2e-2
+    cfg = FitConfig(data=str(fasta), out=str(tmp_path / "run"), teacher_cache=str(out), epochs=2, batch_size=16, max_tokens=4000,
+                    quiet=True, lam=0.5, rep_weight=1.0, valid_fraction=0.0, preset="custom", layers=2, dim=32, heads=4, ffn=64)  # fmt: skip
+    rows = [json.loads(line) for line in (fit(cfg).out / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert all(r["kd"] > 0 and r["rep"] > 0 for r in rows)

@@ -124,8 +124,10 @@ class FitConfig:
                 f"--rep-weight must be >= 0 (got {self.rep_weight}), --rep-loss cosine or mse (got {self.rep_loss!r}), "
                 f"--rep-level pooled, residue or both (got {self.rep_level!r})"
             )
-        if self.rep_weight > 0 and self.teacher_cache:
-            raise ValueError("--rep-weight needs a live teacher: the teacher cache stores logits only (use --teacher)")
+        if self.rep_weight > 0 and self.teacher_cache and self.rep_level != "pooled":
+            raise ValueError(
+                "--rep-weight with --teacher-cache compares pooled embeddings only (--rep-level pooled): a cache stores no per-residue states"
+            )
         if not 0 < self.mask_rate < 1:
             raise ValueError(f"--mask-rate must be in (0, 1), got {self.mask_rate}")
         if not 0 <= self.valid_fraction < 1:
@@ -202,6 +204,7 @@ class FinetuneConfig:
     epochs: int = 10
     lr: float = 1e-3
     weight_decay: float = 0.01
+    clip_norm: float = 1.0  # gradient clipping max norm
     batch_size: int = 32  # sequences per optimizer step
     max_tokens: int = TRAIN_MAX_TOKENS  # tokens per forward pass (micro-batch), as in `distill fit`
     freeze_layers: int = 0  # embeddings + the first N layers stay fixed

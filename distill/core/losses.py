@@ -47,11 +47,22 @@ def residue_logits(logits: torch.Tensor) -> torch.Tensor:
     return logits[..., torch.from_numpy(tokens.RESIDUE_IDS).to(logits.device)]
 
 
-def kd_kl_sum(student_logits: torch.Tensor, teacher_residue_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Sum over rows of KL(softmax(z_t/T) || softmax(z_s/T)) over the residue tokens."""
-    log_p_s = F.log_softmax(residue_logits(student_logits).float() / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_residue_logits.float() / temperature, dim=-1)
+def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The one KD term, for every task (residues here, classes in fine-tuning): the sum over rows of
+    KL(softmax(z_t / T) || softmax(z_s / T)), both [rows, classes]."""
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum")
+
+
+def mix(hard: torch.Tensor | float, kd: torch.Tensor | float, lam: float, temperature: float) -> torch.Tensor | float:
+    """(1 - lam) * hard + lam * T^2 * kd: the study's objective, for tensors and for the logged floats alike."""
+    return (1 - lam) * hard + lam * temperature**2 * kd
+
+
+def kd_kl_sum(student_logits: torch.Tensor, teacher_residue_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``kl_sum`` over the residue tokens of a [rows, 33] student and a [rows, 25] teacher."""
+    return kl_sum(residue_logits(student_logits), teacher_residue_logits, temperature)
 
 
 def distillation_loss(
@@ -68,8 +79,7 @@ def distillation_loss(
         kd = mlm.new_zeros(())
     else:
         kd = kd_kl_sum(student_logits, teacher_residue_logits, temperature) / normalizer
-    total = (1 - lam) * mlm + lam * temperature**2 * kd
-    return LossParts(total, mlm, kd)
+    return LossParts(mix(mlm, kd, lam, temperature), mlm, kd)
 
 
 REP_LOSSES = ("cosine", "mse")

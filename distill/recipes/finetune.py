@@ -42,12 +42,13 @@ from distill.core.config import FinetuneConfig
 from distill.core.distributed import Distributed, StopRequested, pick_device
 from distill.core.heads import Head, ProbeHead, heads_of
 from distill.core.io import atomic_write_json
+from distill.core.losses import kl_sum, mix
 from distill.core.model import ESM, pooled_embedding
 from distill.inference.embeddings import embed
 from distill.inference.encoders import Encoder, load_encoder
 from distill.recipes.finetune_checkpoints import load_weights, resume_state, save_checkpoint, save_weights
 from distill.recipes.finetune_data import Data, setup_data
-from distill.recipes.fit import lr_lambda
+from distill.recipes.outline import adamw, optimizer_step, warmup_cosine
 from distill.recipes.probe import choose_class_weights, classification_metrics
 
 COSINE_SCALE = 16.0  # logit scale of the cosine head: softmax can reach ~1 - 1e-6 over hundreds of classes
@@ -101,9 +102,7 @@ def task_loss(
     ce = F.cross_entropy(logits, y, weight=weight, reduction="sum")
     if soft is None:
         return loss + ce
-    t = cfg.temperature
-    kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(soft[~neg] / t, -1), log_target=True, reduction="sum")
-    return loss + (1 - cfg.lam) * ce + cfg.lam * t * t * kl
+    return loss + mix(ce, kl_sum(logits, soft[~neg], cfg.temperature), cfg.lam, cfg.temperature)
 
 
 def step_examples(
@@ -147,7 +146,6 @@ def train_epoch(net: torch.nn.Module, opt, sched, d: Data, epoch: int, cfg: Fine
         mine = np.argsort([len(c) for c in crops], kind="stable")[dist.rank :: dist.world]
         scale = 1.0 if len(mine) else 0.0  # a rank without examples joins the all-reduce with a zero-weight pass
         mine = mine if len(mine) else np.array([0])
-        opt.zero_grad(set_to_none=True)
         groups = tokens.token_budget_groups(np.array([len(c) for c in crops]), mine, cfg.max_tokens)
         for j, group in enumerate(groups):
             sync = dist.world == 1 or j == len(groups) - 1
@@ -157,9 +155,7 @@ def train_epoch(net: torch.nn.Module, opt, sched, d: Data, epoch: int, cfg: Fine
                 loss = task_loss(logits, torch.from_numpy(y[group]).to(device), ctx["weight"], soft, cfg) / len(step)
                 (loss * scale * dist.world).backward()  # DDP averages over ranks; the step's loss is their sum
             total += loss.item() * len(step) * scale
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(net.parameters(), opt, sched, cfg.clip_norm)
         n += len(step)
     return dist.sum([total])[0] / max(n, 1)
 
@@ -186,12 +182,8 @@ def make_optimizer(model: ESM, head: ProbeHead, cfg: FinetuneConfig, steps: int)
     for p in (*model.lm_head.dense.parameters(), *model.lm_head.layer_norm.parameters(), model.lm_head.bias):
         p.requires_grad_(False)
     frozen = freeze(model, cfg.freeze_layers)
-    params = [p for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    rest = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(max(1, steps // 20), steps))
-    return opt, sched, frozen
+    opt = adamw([*model.parameters(), *head.parameters()], cfg.lr, cfg.weight_decay)
+    return opt, warmup_cosine(opt, max(1, steps // 20), steps), frozen
 
 
 def freeze(model: ESM, n_layers: int) -> int:

@@ -37,45 +37,28 @@ from distill.core.bundle import save_bundle
 from distill.core.config import DEFAULT_TEACHER, FitConfig
 from distill.core.distributed import Distributed, StopRequested, pick_device
 from distill.core.io import atomic_write_json
-from distill.core.losses import LossParts, Projected, distillation_loss, representation_loss
+from distill.core.losses import LossParts, Projected, distillation_loss, mix, representation_loss
 from distill.core.model import ESM, build_student
 from distill.recipes import teacher_cache
 from distill.recipes.fit_checkpoints import jsonl_truncate, load_checkpoint, save_checkpoint
+from distill.recipes.outline import adamw, optimizer_step, warmup_cosine
 from distill.recipes.perplexity import autocast, perplexity
 from distill.recipes.teacher_cache import load_teacher, teacher_outputs
 
 
 def open_cache(cfg: FitConfig, n_records: int, data_sha256: str) -> teacher_cache.TeacherCache:
     """The run's teacher cache, checked against the run's data, masking, seed and teacher."""
-    if cfg.lam == 0:
+    if not cfg.needs_teacher:
         raise ValueError("--teacher-cache is only used by distillation; --lam 0 trains without a teacher")
     cache = teacher_cache.TeacherCache(Path(cfg.teacher_cache))
     if cfg.teacher != DEFAULT_TEACHER and cfg.teacher != cache.key.teacher:
         raise teacher_cache.CacheMismatch(f"--teacher {cfg.teacher} differs from the cache's teacher {cache.key.teacher}")
     expected = teacher_cache.CacheKey(
         teacher=cache.key.teacher, teacher_sha256=cache.key.teacher_sha256, data_sha256=data_sha256,
-        n_records=n_records, mask_rate=cfg.mask_rate, seed=cfg.seed, views=cfg.mask_views or cache.key.views,
+        n_records=n_records, mask_rate=cfg.mask_rate, seed=cfg.seed, views=cfg.mask_views or cache.key.views, causal=cache.key.causal,
     )  # fmt: skip
     cache.check(expected)
     return cache
-
-
-def lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
-
-
-def make_optimizer(model: ESM, cfg: FitConfig) -> torch.optim.AdamW:
-    # No weight decay on biases and layer norms (the usual BERT/RoBERTa choice).
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
 @dataclass
@@ -132,14 +115,18 @@ class FitRecipe:
         elif cfg.needs_teacher:
             self.teacher, self.teacher_sha = load_teacher(cfg.teacher, self.device)
         # With representation distillation the student trains beside a map to the teacher's width (not in its bundle).
-        self.trained = Projected(self.model, self.teacher.cfg.dim).to(self.device) if cfg.rep_weight > 0 else self.model
+        if cfg.rep_weight > 0:
+            teacher_dim = self.cache.pooled([int(self.train_set.keys[0])]).shape[1] if self.cache else self.teacher.cfg.dim
+            self.trained = Projected(self.model, teacher_dim).to(self.device)
+        else:
+            self.trained = self.model
         self.net = torch.nn.parallel.DistributedDataParallel(self.trained) if self.dist.world > 1 else self.trained
 
     def setup_optimizer(self) -> None:
         cfg = self.cfg
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.05 * self.total_steps))
-        self.optimizer = make_optimizer(self.trained, cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(warmup, self.total_steps))
+        self.optimizer = adamw(self.trained.parameters(), cfg.lr, cfg.weight_decay, cfg.betas)
+        self.scheduler = warmup_cosine(self.optimizer, warmup, self.total_steps)
 
     def load_or_start(self) -> None:
         """Counters (and weights, optimiser, schedule) from the last checkpoint, or a fresh run directory."""
@@ -234,15 +221,12 @@ class FitRecipe:
             mlm, kd, rep = mlm + parts.mlm.item() * weight, kd + parts.kd.item() * weight, rep + parts.rep.item() * weight
             real += batch.n_real if weight else 0
             padded += batch.tokens.numel() if weight else 0
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm).item()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(self.trained.parameters(), self.optimizer, self.scheduler, cfg.clip_norm)
         mlm, kd, rep, real, padded = dist.sum([mlm, kd, rep, real, padded])
         self.epoch_real, self.epoch_padded = self.epoch_real + real, self.epoch_padded + padded
         elapsed = time.perf_counter() - t0
         return {"event": "train", "step": self.counters["global_step"] + 1, "epoch": self.counters["epoch"] + 1,
-                "loss": (1 - cfg.lam) * mlm + cfg.lam * cfg.temperature**2 * kd + cfg.rep_weight * rep, "mlm": mlm, "kd": kd, "rep": rep, "ppl": math.exp(min(mlm, 50)),
+                "loss": mix(mlm, kd, cfg.lam, cfg.temperature) + cfg.rep_weight * rep, "mlm": mlm, "kd": kd, "rep": rep, "ppl": math.exp(min(mlm, 50)),
                 "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "seconds": elapsed, "tokens": real,
                 "tokens_per_s": real / elapsed, "padding": 1 - real / padded, "seqs": len(step_idx), "targets": n_targets}  # fmt: skip
 
@@ -256,7 +240,10 @@ class FitRecipe:
             out = self.net(toks)
             with torch.no_grad():
                 if self.cache is not None:
-                    teacher = {"logits": self.cache.logits(view, [int(self.train_set.keys[i]) for i in batch.index]).to(self.device)}
+                    keys = [int(self.train_set.keys[i]) for i in batch.index]
+                    teacher = {"logits": self.cache.logits(view, keys).to(self.device)}
+                    if cfg.rep_weight > 0:  # a causal teacher's cache holds its pooled embeddings
+                        teacher["pooled"] = self.cache.pooled(keys).to(self.device)
                 elif self.teacher is not None:
                     teacher = teacher_outputs(self.teacher, toks, labels)
                     teacher["logits"] = teacher["logits"][sel]

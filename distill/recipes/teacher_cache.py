@@ -18,6 +18,12 @@ offsets last, so a build killed at any point resumes at the first unfinished sha
 
 The key -- teacher spec and weights hash, data hash and record count, mask rate, seed, K and crop
 policy -- is checked on use: a cache built for other settings is refused, never silently used.
+
+A causal teacher (UniRep) predicts residue i from the residues before it, whatever the masking, so its logits at
+every residue of a record are computed once and each view takes its masked positions from them: K views cost one
+teacher pass (records longer than 1,022 residues, whose window moves with the view, still run once per view). Such
+a cache also stores the teacher's pooled embedding of each record (``s{shard:05d}.pooled.npy``, [records, dim]
+float16, of the record's leading 1,022 residues) for pooled representation distillation.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ class CacheKey:
     views: int
     crop: str = CROP_POLICY
     residue_tokens: str = tokens.RESIDUE_LETTERS
+    causal: bool = False  # a causal teacher: one pass serves every view, and pooled embeddings are stored
 
     def differences(self, other: CacheKey, ignore: tuple[str, ...] = ()) -> list[str]:
         a, b = asdict(self), asdict(other)
@@ -72,6 +79,10 @@ class CacheKey:
 def _shard_paths(root: Path, view: int, shard: int) -> tuple[Path, Path]:
     stem = root / f"v{view:03d}-s{shard:05d}"
     return stem.with_suffix(".logits.npy"), stem.with_suffix(".offsets.npy")
+
+
+def _pooled_path(root: Path, shard: int) -> Path:
+    return root / f"s{shard:05d}.pooled.npy"
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -94,14 +105,41 @@ class CacheWorker:
             if sha != key.teacher_sha256:
                 raise CacheMismatch(f"the teacher {spec} on this worker has other weights than the driver's (sha256 {sha[:12]}...)")
         self.teacher, self.key, self.max_tokens = teacher, key, max_tokens
+        self._memo: tuple[tuple[int, int], dict[int, np.ndarray], np.ndarray] | None = None
 
     @torch.no_grad()
-    def run(self, item: tuple[int, data.SequenceSet]) -> tuple[np.ndarray, np.ndarray, int]:
-        """(view, records) -> (logits [masked positions, 25] fp16, row offsets [records + 1], residues run)."""
+    def _causal_pass(self, part: data.SequenceSet) -> tuple[dict[int, np.ndarray], np.ndarray, int]:
+        """A causal teacher over the unmasked records, once per run of records (the views of a shard come in a row):
+        logits at every residue of the records needing no crop, and every record's pooled embedding."""
+        memo_key = (int(part.keys[0]), len(part))
+        if self._memo is not None and self._memo[0] == memo_key:
+            return self._memo[1], self._memo[2], 0
+        full, pooled, residues = {}, np.zeros((len(part), self.teacher.cfg.dim), dtype=np.float16), 0
+        lengths = np.minimum(part.lengths(), tokens.MAX_RESIDUES)
+        for group in tokens.token_budget_groups(lengths, np.arange(len(part)), self.max_tokens):
+            toks = torch.from_numpy(tokens.pad_batch([part.seqs[i][: tokens.MAX_RESIDUES] for i in group])).to(self.device)
+            with autocast(self.device):
+                out = teacher_outputs(self.teacher, toks, torch.full_like(toks, data.IGNORE))
+            pooled[group] = out["pooled"].float().cpu().numpy()
+            for row, i in enumerate(group):
+                if len(part.seqs[i]) <= tokens.MAX_RESIDUES:
+                    full[i] = out["logits"][row, 1 : lengths[i] + 1].float().to(torch.float16).cpu().numpy()
+            residues += int((lengths[group] + 2).sum())  # tokens with BOS and EOS, as a batch's n_real counts them
+        self._memo = (memo_key, full, pooled)
+        return full, pooled, residues
+
+    @torch.no_grad()
+    def run(self, item: tuple[int, data.SequenceSet]) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+        """(view, records) -> (logits [masked positions, 25] fp16, row offsets [records + 1], residues run, pooled
+        embeddings [records, dim] fp16 of a causal teacher, else None)."""
         view, part = item
         per_record: dict[int, np.ndarray] = {}
-        residues = 0
-        for group in tokens.token_budget_groups(part.lengths(), np.arange(len(part)), self.max_tokens):
+        full, pooled, residues = self._causal_pass(part) if self.key.causal else ({}, None, 0)
+        for i, logits in full.items():  # the view's masked positions of the one causal pass
+            labels = data.masked_example(part.seqs[i], self.key.seed, view, int(part.keys[i]), self.key.mask_rate, train=True)[1]
+            per_record[i] = logits[labels != data.IGNORE]
+        rest = np.array([i for i in range(len(part)) if i not in full], dtype=np.int64)
+        for group in tokens.token_budget_groups(part.lengths(), rest, self.max_tokens):
             examples = [
                 data.masked_example(part.seqs[i], self.key.seed, view, int(part.keys[i]), self.key.mask_rate, train=True) for i in group
             ]
@@ -114,7 +152,7 @@ class CacheWorker:
             residues += batch.n_real
         counts = np.array([len(per_record[i]) for i in range(len(part))], dtype=np.int64)
         stacked = np.concatenate([per_record[i] for i in range(len(part))]).reshape(-1, len(tokens.RESIDUE_LETTERS))
-        return stacked, np.concatenate([[0], np.cumsum(counts)]), residues
+        return stacked, np.concatenate([[0], np.cumsum(counts)]), residues, pooled
 
 
 def build(
@@ -151,7 +189,13 @@ def build(
         meta |= {"part": list(part), "range": [lo, hi]}
     atomic_write_json(meta_path, meta)
 
-    todo = [(v, s) for v in range(key.views) for s in range(lo, hi) if not _shard_paths(out, v, s)[1].exists()]
+    # A causal teacher's views of one shard come in a row, so its one pass over the shard serves them all.
+    order = (
+        [(v, s) for s in range(lo, hi) for v in range(key.views)]
+        if key.causal
+        else [(v, s) for v in range(key.views) for s in range(lo, hi)]
+    )
+    todo = [(v, s) for v, s in order if not _shard_paths(out, v, s)[1].exists()]
     console = Console(stderr=True, soft_wrap=True, quiet=quiet)
     if len(todo) < key.views * (hi - lo):
         console.print(f"resuming {out}: {key.views * (hi - lo) - len(todo)} of {key.views * (hi - lo)} shards already done")
@@ -165,8 +209,10 @@ def build(
     worker |= {"spec": key.teacher} if ray else {"teacher": teacher}
     with progress:
         task = progress.add_task("cache", total=sum(len(rows_of_shard[s]) for _, s in todo))
-        for (view, shard), (logits, offsets, n) in zip(todo, ordered_map(CacheWorker, worker, records, ray), strict=True):
+        for (view, shard), (logits, offsets, n, pooled) in zip(todo, ordered_map(CacheWorker, worker, records, ray), strict=True):
             logits_path, offsets_path = _shard_paths(out, view, shard)
+            if pooled is not None and not _pooled_path(out, shard).exists():
+                _save_npy(_pooled_path(out, shard), pooled)  # before the shard's first offsets: a done shard has it
             _save_npy(logits_path, logits)
             _save_npy(offsets_path, offsets)  # last: marks the shard done
             residues += n
@@ -218,6 +264,18 @@ class TeacherCache:
             self._open[(view, shard)] = (np.load(logits_path, mmap_mode="r"), np.load(offsets_path))
         return self._open[(view, shard)]
 
+    def pooled(self, record_keys: list[int]) -> torch.Tensor:
+        """A causal teacher's pooled embeddings [records, dim] float32, in the given order."""
+        if not self.key.causal:
+            raise ValueError(f"teacher cache {self.root} holds no pooled embeddings (its teacher {self.key.teacher} is not causal)")
+        rows = []
+        for k in record_keys:
+            shard, row = divmod(int(k), self.shard_size)
+            if ("pooled", shard) not in self._open:
+                self._open[("pooled", shard)] = np.load(_pooled_path(self.root, shard), mmap_mode="r")
+            rows.append(self._open[("pooled", shard)][row])
+        return torch.from_numpy(np.stack(rows).astype(np.float32))
+
     def logits(self, view: int, record_keys: list[int]) -> torch.Tensor:
         """[sum of masked positions, 25] float32, records concatenated in the given order."""
         parts = []
@@ -250,7 +308,7 @@ def merge_parts(parts: list[Path], final: Path) -> dict[str, Any]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for path in ordered:
-        for f in sorted(path.glob("v*-s*.npy")):
+        for f in sorted([*path.glob("v*-s*.npy"), *path.glob("s*.pooled.npy")]):
             try:
                 os.link(f, tmp / f.name)  # same file system: no copy
             except OSError:
@@ -285,6 +343,12 @@ def load_teacher(spec: str, device: torch.device) -> tuple[ESM, str]:
     return teacher.to(device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32), sha
 
 
+def cache_key(spec: str, net: torch.nn.Module, sha: str, fasta: Path, n_records: int, mask_rate: float, seed: int, views: int) -> CacheKey:
+    """The key of a cache of the loaded teacher ``net`` (``spec``, weights ``sha``) on ``fasta``."""
+    return CacheKey(teacher=spec, teacher_sha256=sha, data_sha256=data.dataset_fingerprint(fasta), n_records=n_records,
+                    mask_rate=mask_rate, seed=seed, views=views, causal=bool(getattr(net, "causal", False)))  # fmt: skip
+
+
 def build_command(
     fasta: Path,
     output: Path,
@@ -307,10 +371,7 @@ def build_command(
     dev = pick_device("cpu" if ray else device)  # on Ray the driver only fingerprints the teacher; actors pick their device
     seqs = data.load_fasta(fasta)
     net, sha = load_teacher(teacher, dev)
-    key = CacheKey(
-        teacher=teacher, teacher_sha256=sha, data_sha256=data.dataset_fingerprint(fasta),
-        n_records=len(seqs), mask_rate=mask_rate, seed=seed, views=views,
-    )  # fmt: skip
+    key = cache_key(teacher, net, sha, fasta, len(seqs), mask_rate, seed, views)
     if ray is not None:
         del net
         return output, build(seqs, None, key, output, max_tokens, device, shard_size, quiet, ray, part), len(seqs)

@@ -154,10 +154,9 @@ def cache_views(cfg: SweepConfig) -> int:
 def build_cache(cfg: SweepConfig, fasta: Path, cache: Path, views: int, seed: int, console: Console) -> Path:
     """The teacher's logits on ``fasta`` under the masks of ``seed`` (masking is keyed by the training seed)."""
     seqs = data.load_fasta(fasta)
-    key = dict(n_records=len(seqs), mask_rate=cfg.fit_config().mask_rate, seed=seed, views=views)
     dev = pick_device(cfg.fit_config().device)
     net, sha = load_teacher(cfg.teacher, dev)
-    full = teacher_cache.CacheKey(teacher=cfg.teacher, teacher_sha256=sha, data_sha256=data.dataset_fingerprint(fasta), **key)
+    full = teacher_cache.cache_key(cfg.teacher, net, sha, fasta, len(seqs), cfg.fit_config().mask_rate, seed, views)
     stats = teacher_cache.build(seqs, net, full, cache, cfg.fit_config().max_tokens, dev, quiet=True)
     console.print(f"teacher cache {cache}: {views} views, {stats['bytes'] / 1e6:.1f} MB")
     return cache

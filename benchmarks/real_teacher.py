@@ -1,0 +1,110 @@
+"""Distilling a real protein LM on this CPU: UniRep-1900 -> `small` students, each way, probed on real labels.
+
+    python benchmarks/real_teacher.py OUT [--n 3000] [--seeds 0] [--epochs 10] [--ways vanilla,logit,rep,both] [--tasks scope,pfam]
+
+Stages, each skipped when its output exists (a killed run resumes where it stopped):
+  1. data      OUT/train.fasta, OUT/valid.fasta: N (+ 200) proteins of at most 1,022 residues, drawn with seed 0 from
+               ../shared/data/unlabeled/corpus_*.fasta.gz, leaving out whole proteomes reserved for the open-world
+               calls benchmark (E. coli K-12, S. cerevisiae, M. tuberculosis H37Rv: OX= 83333, 559292, 83332), so no
+               student has seen the proteomes its calls are judged on. No Pfam or SCOPe material is in the corpus
+               (its SOURCES file), so the probes test on sequences no model trained on.
+  2. cache     OUT/cache: `distill teacher-cache --teacher unirep1900 --views EPOCHS` (one UniRep pass serves every view)
+  3. students  OUT/students/WAY-sSEED: `distill fit --preset small` from the cache:
+               vanilla (lam 0), logit (lam 0.5, T 2), rep (lam 0 + pooled representation KD, weight 1), both
+  4. probes    `distill evaluate` of every student, random:small@SEED and composition on SCOPe 2.07 superfamilies
+               (family-holdout: the test domains' families never occur in training) and on the 54 Pfam families
+               (random split), written to OUT/eval-scope and OUT/eval-pfam (results.md, .csv, .json, figures)
+Prints the two tables at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+RESERVED = {"83333", "559292", "83332"}  # OX= of the proteomes the open-world calls benchmark is judged on
+WAYS = {
+    "vanilla": ["--lam", "0"],
+    "logit": ["--lam", "0.5", "--temperature", "2"],
+    "rep": ["--lam", "0", "--rep-weight", "1", "--rep-level", "pooled"],
+    "both": ["--lam", "0.5", "--temperature", "2", "--rep-weight", "1", "--rep-level", "pooled"],
+}
+
+
+def corpus() -> list[tuple[str, str]]:
+    records = []
+    for path in sorted((SHARED / "unlabeled").glob("corpus_*.fasta.gz")):
+        with gzip.open(path, "rt") as f:
+            header, seq = None, []
+            for line in [*f, ">"]:
+                if line.startswith(">"):
+                    if header and not RESERVED & set(re.findall(r"OX=(\d+)", header)) and len("".join(seq)) <= 1022:
+                        records.append((header.split()[0], "".join(seq)))
+                    header, seq = line[1:].strip(), []
+                else:
+                    seq.append(line.strip())
+    return records
+
+
+def write_data(out: Path, n: int) -> None:
+    if (out / "train.fasta").exists():
+        return
+    records = corpus()
+    pick = np.random.default_rng(0).permutation(len(records))[: n + 200]
+    out.mkdir(parents=True, exist_ok=True)
+    for name, idx in (("valid", pick[:200]), ("train", pick[200:])):
+        (out / f"{name}.fasta").write_text("".join(f">{records[i][0]}\n{records[i][1]}\n" for i in idx))
+    print(f"data: {n} train + 200 valid of {len(records):,} eligible corpus proteins (reserved proteomes left out)")
+
+
+def distill(*args: str) -> None:
+    print("$ distill " + " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", "distill", *args], check=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--n", type=int, default=3000)
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--ways", default=",".join(WAYS))
+    ap.add_argument("--tasks", default="scope,pfam", help="probe tasks, in this order")
+    args = ap.parse_args()
+    out, seeds, ways = args.out, [int(s) for s in args.seeds.split(",")], args.ways.split(",")
+    write_data(out, args.n)
+    cache = out / "cache"
+    for seed in seeds:  # masking is keyed by the training seed: one cache per seed
+        seed_cache = cache if seed == 0 else out / f"cache-s{seed}"
+        if not (seed_cache / "meta.json").exists() or '"complete": true' not in (seed_cache / "meta.json").read_text():
+            distill("teacher-cache", str(out / "train.fasta"), "--teacher", "unirep1900", "--views", str(args.epochs),
+                    "--seed", str(seed), "-o", str(seed_cache), "--quiet")  # fmt: skip
+        for way in ways:
+            run = out / "students" / f"{way}-s{seed}"
+            if (run / "student").exists() and not (run / "checkpoint.json").exists():
+                continue
+            resume = ["--resume", str(run)] if (run / "checkpoint.json").exists() else ["--out", str(run)]
+            cached = [] if way == "vanilla" else ["--teacher-cache", str(seed_cache)]
+            distill("fit", str(out / "train.fasta"), "--valid", str(out / "valid.fasta"), "--preset", "small", "--epochs",
+                    str(args.epochs), "--seed", str(seed), *cached, *WAYS[way], *resume, "--quiet")  # fmt: skip
+    models = [str(out / "students" / f"{w}-s{s}" / "student") for s in seeds for w in ways]
+    models += [f"random:small@{s}" for s in seeds] + ["composition"]
+    scope = str(SHARED / "scope" / "astral-scopedom-40-2.07.shared85.fa")
+    probes = {"scope": ["--data", scope, "--split", "family-holdout"], "pfam": ["--data", str(SHARED / "pfam_families")]}
+    for task in args.tasks.split(","):
+        extra = probes[task]
+        if not (out / f"eval-{task}" / "results.md").exists():
+            distill("evaluate", *models, "--task", task, *extra, "--no-baselines", "--out", str(out / f"eval-{task}"))
+        print((out / f"eval-{task}" / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
