@@ -111,18 +111,18 @@ class Guard:
         if declared > self.max_bytes:
             return await self._refuse(send, 413, self._too_large(declared))
         body, more = b"", True
-        while more:  # read (at most the limit) before the app sees anything
-            try:
-                async with asyncio.timeout(self.body_timeout):  # a client that stalls mid-body holds a worker slot
+        try:  # the whole body within one deadline: a client that stalls, or drips a byte at a time, holds a worker slot
+            async with asyncio.timeout(self.body_timeout):
+                while more:  # read (at most the limit) before the app sees anything
                     message = await receive()
-            except TimeoutError:
-                return await self._refuse(
-                    send, 408, f"no request body data for {self.body_timeout:g} s after {len(body):,} bytes; send the body at once"
-                )
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_bytes:
-                return await self._refuse(send, 413, self._too_large(len(body), streamed=True))
+                    body += message.get("body", b"")
+                    more = message.get("more_body", False)
+                    if len(body) > self.max_bytes:
+                        return await self._refuse(send, 413, self._too_large(len(body), streamed=True))
+        except TimeoutError:
+            return await self._refuse(
+                send, 408, f"request body not complete within {self.body_timeout:g} s ({len(body):,} bytes arrived); send the body at once"
+            )
         if problem := json_problem(body):
             return await self._refuse(send, 400, problem)
         unknown = unknown_fields(body, self.fields[path]) if path in self.fields else []

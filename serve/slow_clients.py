@@ -1,4 +1,5 @@
-"""A request-head deadline for the HTTP server: close a connection whose request head does not arrive in time.
+"""Request-head limits for the HTTP server: close a connection whose request head does not arrive in time, or
+grows past a size (a 64 MB header was accepted before).
 
 uvicorn (what BentoML 1.4 serves with) closes an idle keep-alive connection 5 s after its last answer, but has no
 header timeout: a connection that never sends a byte, or stops in the middle of its request line or headers, stays
@@ -6,8 +7,10 @@ open for good, and a few thousand of them exhaust the worker's file descriptors 
 BentoML has a setting for it, so this module adds one to uvicorn's HTTP protocol classes (h11, and httptools when
 installed) in the worker process: a timer armed when a connection opens and again after every answer, which closes
 the connection if, when it fires, no request head has arrived since. A request being read or answered is never cut
-(slow bodies are bounded by the body limit of serve/guard.py, not by time). Installed by serve/service.py at import,
-before uvicorn loads its protocol class.
+(slow bodies are bounded by the body deadline and size limit of serve/guard.py). The size limit counts the bytes a
+connection sends while no request is in flight: past ``MAX_HEAD_BYTES`` without a complete head, it is answered
+431 and closed (httptools has no limit of its own; h11's is its 16 KiB incomplete-event limit, which it answers with
+a plain 400). Installed by serve/service.py at import, before uvicorn loads its protocol class.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import logging
 
 log = logging.getLogger("esm_distill.serve")
 PROTOCOLS = ("uvicorn.protocols.http.h11_impl:H11Protocol", "uvicorn.protocols.http.httptools_impl:HttpToolsProtocol")
-HOOKED = ("connection_made", "on_response_complete", "connection_lost")
+HOOKED = ("connection_made", "on_response_complete", "connection_lost", "data_received")
+MAX_HEAD_BYTES = 64 * 1024  # request line + headers; this API's requests send a few hundred bytes of them
+TOO_LARGE = (b'HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\nconnection: close\r\n'
+             b'content-length: %d\r\n\r\n%s')  # fmt: skip
 
 
 def waiting_for_head(protocol: object) -> bool:
@@ -33,6 +39,12 @@ def _expire(protocol: object) -> None:
         client = f"{protocol.client[0]}:{protocol.client[1]}" if protocol.client else "a client"
         log.info("closed the connection of %s: no complete request head within %.0f s", client, protocol.esm_head_timeout)
         transport.close()
+
+
+def _refuse_head(protocol: object) -> None:
+    body = b'{"error": {"status": 431, "message": "request head over %d bytes: send fewer or shorter headers"}}' % MAX_HEAD_BYTES
+    protocol.transport.write(TOO_LARGE % (len(body), body))
+    protocol.transport.close()
 
 
 def _arm(protocol: object) -> None:
@@ -65,7 +77,7 @@ def install(seconds: float) -> list[str]:
         if not all(callable(getattr(cls, m, None)) for m in HOOKED):
             log.warning("%s has no %s: no request-head deadline (uvicorn changed; put a proxy with one in front)", spec, HOOKED)
             continue
-        made, complete, lost = (getattr(cls, m) for m in HOOKED)
+        made, complete, lost, received = (getattr(cls, m) for m in HOOKED)
 
         def connection_made(self, transport, _made=made) -> None:  # noqa: ANN001
             _made(self, transport)
@@ -79,7 +91,18 @@ def install(seconds: float) -> list[str]:
             _disarm(self)
             _lost(self, exc)
 
+        def data_received(self, data: bytes, _received=received) -> None:
+            waiting = waiting_for_head(self)
+            _received(self, data)
+            if not waiting or not waiting_for_head(self):  # a head completed (what follows is body): start again
+                self.esm_head_bytes = 0
+                return
+            self.esm_head_bytes = getattr(self, "esm_head_bytes", 0) + len(data)
+            if self.esm_head_bytes > MAX_HEAD_BYTES and self.transport is not None and not self.transport.is_closing():
+                _refuse_head(self)
+
         cls.connection_made, cls.on_response_complete, cls.connection_lost = connection_made, on_response_complete, connection_lost
+        cls.data_received = data_received
         cls.esm_head_timeout = seconds
         hooked.append(name)
     return hooked

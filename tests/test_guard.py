@@ -128,3 +128,26 @@ def test_answers_of_other_methods_and_paths_take_the_one_shape():
     c = TestClient(Guard(routes, max_bytes=1000))
     assert c.get("/embed").json() == {"error": {"status": 405, "message": "Method Not Allowed"}}
     assert c.get("/nowhere").json() == {"error": {"status": 404, "message": "Not Found"}}
+
+
+def test_the_whole_body_has_one_deadline_so_a_dripping_client_is_cut_off():
+    """Finding 5: a body dripped a byte at a time was held indefinitely (the deadline counted pauses, not the body).
+    Driven as the ASGI server drives the guard: one receive() per piece, 50 ms apart."""
+    import asyncio
+    import time
+
+    pieces = [bytes([b]) for b in b'{"sequences": ["MKTAYIAKQR"]}']
+    sent: list[dict] = []
+
+    async def receive():
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": pieces.pop(0), "more_body": len(pieces) > 1}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/embed", "headers": [(b"content-type", b"application/json")]}
+    start = time.monotonic()
+    asyncio.run(Guard(app, max_bytes=1000, body_timeout=0.5)(scope, receive, send))
+    assert sent[0]["status"] == 408 and b"request body not complete within 0.5 s" in sent[1]["body"]
+    assert time.monotonic() - start < 1.2  # cut at the deadline, not after the last piece (1.5 s)

@@ -69,3 +69,29 @@ def test_install_leaves_a_class_without_the_hooks_alone(monkeypatch, caplog):
     monkeypatch.setitem(__import__("sys").modules, "tests_fake", type("M", (), {"Bare": Bare}))
     assert slow_clients.install(1.0) == [] and not hasattr(Bare, "esm_head_timeout")
     assert "no request-head deadline" in caplog.text
+
+
+def test_a_request_head_past_the_size_limit_is_answered_431_and_closed(port):
+    """Finding 5: a 64 MB request header was accepted (and its memory kept). Past 64 KiB without a complete head the
+    connection is answered and closed, on both parsers (h11 refuses at its own 16 KiB limit, with a 400)."""
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        try:
+            for _ in range(64):  # up to 1 MiB of header, 16 KiB at a time, reading between pieces
+                s.sendall(b"a" * 16384)
+                s.settimeout(0.05)
+                try:
+                    if chunk := s.recv(65536):
+                        answer += chunk
+                        break
+                except TimeoutError:
+                    continue
+            s.settimeout(30)
+            while chunk := s.recv(65536):
+                answer += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # closed while we were still sending: refused all the same
+    assert answer.startswith((b"HTTP/1.1 431", b"HTTP/1.1 400")), answer[:80]  # answered before the head deadline
+    _, ok = closed_after(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert ok.startswith(b"HTTP/1.1 200")
