@@ -84,10 +84,12 @@ def unknown_fields(body: bytes, allowed: set[str]) -> list[str]:
 
 class Guard:
     def __init__(
-        self, app: Callable, max_bytes: int, api_key: str = "", fields: dict[str, set[str]] | None = None, body_timeout: float = 10.0
-    ):
+        self, app: Callable, max_bytes: int, api_key: str = "", fields: dict[str, set[str]] | None = None, body_timeout: float = 10.0,
+        max_concurrency: int = 0,
+    ):  # fmt: skip
         self.app, self.max_bytes, self.api_key, self.body_timeout = app, max_bytes, api_key, body_timeout
         self.fields = fields or {}  # endpoint path -> the request fields it takes; anything else is a 400
+        self.max_concurrency, self.in_flight = max_concurrency, 0  # 0: no cap
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -128,6 +130,10 @@ class Guard:
         unknown = unknown_fields(body, self.fields[path]) if path in self.fields else []
         if unknown:
             return await self._refuse(send, 400, f"unknown field(s) {unknown} for {path}; it takes {sorted(self.fields[path])}")
+        if self.max_concurrency and self.in_flight >= self.max_concurrency:  # full: refuse now, not after a queue
+            return await self._refuse(
+                send, 503, f"the server is busy ({self.in_flight} requests in flight, its limit); retry shortly", [(b"retry-after", b"1")]
+            )
         replayed = False
 
         async def replay() -> Message:
@@ -137,7 +143,11 @@ class Guard:
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        await self.app(scope, replay, self._one_shape(send))
+        self.in_flight += 1
+        try:
+            await self.app(scope, replay, self._one_shape(send))
+        finally:
+            self.in_flight -= 1
 
     def _authorised(self, headers: dict[str, str]) -> bool:
         if "x-api-key" in headers:

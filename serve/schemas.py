@@ -34,9 +34,10 @@ class ServeArgs(BaseModel):
         f"`distill serve` passes it in ${API_KEY_ENV} instead, never on a command line",
     )
     client_timeout: float = Field(
-        10.0,
-        gt=0,
-        description="seconds a client may take to send its request head (then the connection is closed) or between two pieces of its body (408)",
+        10.0, gt=0, description="seconds a client may take to send its request head (then the connection is closed) or its whole body (408)"
+    )
+    max_concurrency: int = Field(
+        8, ge=1, description="requests a worker takes on at once; more are answered 503 with Retry-After (bounds its memory)"
     )
 
 

@@ -378,4 +378,5 @@ EsmDistillService.add_asgi_middleware(
     api_key=ARGS.api_key or os.environ.get(API_KEY_ENV, ""),
     fields=ENDPOINT_FIELDS,
     body_timeout=ARGS.client_timeout,
+    max_concurrency=ARGS.max_concurrency,
 )

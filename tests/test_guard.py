@@ -151,3 +151,45 @@ def test_the_whole_body_has_one_deadline_so_a_dripping_client_is_cut_off():
     asyncio.run(Guard(app, max_bytes=1000, body_timeout=0.5)(scope, receive, send))
     assert sent[0]["status"] == 408 and b"request body not complete within 0.5 s" in sent[1]["body"]
     assert time.monotonic() - start < 1.2  # cut at the deadline, not after the last piece (1.5 s)
+
+
+def test_requests_past_the_concurrency_cap_get_503_with_retry_after_and_the_slot_comes_back():
+    """Finding 4: 130 concurrent requests were all taken on (and the worker's memory with them); now a worker takes
+    on at most max_concurrency at once, and refuses the rest at once instead of queueing them."""
+    import asyncio
+
+    release = asyncio.Event()
+
+    async def slow(scope, receive, send):
+        await receive()
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    guard = Guard(slow, max_bytes=1000, max_concurrency=2)
+    scope = {"type": "http", "method": "POST", "path": "/embed", "headers": [(b"content-type", b"application/json")]}
+
+    async def one() -> list[dict]:
+        sent: list[dict] = []
+
+        async def receive():
+            return {"type": "http.request", "body": b'{"sequences": ["MKV"]}', "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        await guard(scope, receive, send)
+        return sent
+
+    async def burst():
+        first = [asyncio.create_task(one()) for _ in range(2)]
+        await asyncio.sleep(0.05)  # both in flight
+        refused = await one()
+        release.set()
+        done = await asyncio.gather(*first)
+        return refused, done, await one()
+
+    refused, done, after = asyncio.run(burst())
+    assert refused[0]["status"] == 503 and (b"retry-after", b"1") in refused[0]["headers"]
+    assert json.loads(refused[1]["body"])["error"]["message"].startswith("the server is busy (2 requests in flight")
+    assert [d[0]["status"] for d in done] == [200, 200] and after[0]["status"] == 200 and guard.in_flight == 0

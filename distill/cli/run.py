@@ -16,8 +16,10 @@ from distill.cli.options import SPECS, GpusPerWorker, RayAddress, Shard, Threads
 from distill.core.config import INFERENCE_MAX_TOKENS
 from distill.recipes.annotate import LONG_POLICIES, Options
 from distill.recipes.scale import parse_shard, ray_options
+from serve.schemas import ServeArgs
 
 O = Options()  # the defaults  # noqa: E741
+SERVE = {name: f.default for name, f in ServeArgs.model_fields.items()}  # the service's defaults: ServeArgs is their one source
 
 
 def annotate(
@@ -153,17 +155,20 @@ def serve(
         ),
     ] = False,
     reference: Annotated[Path | None, typer.Option(help="A `distill index` directory: /classify adds nearest labelled references.")] = None,
-    max_sequences: Annotated[int, typer.Option(help="Sequences per request; more is a 400.")] = 64,
-    max_residues: Annotated[int, typer.Option(help="Residues per request; more is a 400.")] = 65536,
+    max_sequences: Annotated[int, typer.Option(help="Sequences per request; more is a 400.")] = SERVE["max_sequences"],
+    max_residues: Annotated[int, typer.Option(help="Residues per request; more is a 400.")] = SERVE["max_residues"],
     max_request_bytes: Annotated[
         int, typer.Option(help="Request body limit in bytes, checked before parsing (413). [default: from the two limits above]")
-    ] = 0,
+    ] = SERVE["max_request_bytes"],
     api_key: Annotated[
         str, typer.Option(envvar="ESM_DISTILL_API_KEY", help="Require this key on every endpoint but health / metrics.")
     ] = "",
     client_timeout: Annotated[
-        float, typer.Option(help="Seconds a client may take to send its request head (then closed) or between pieces of its body (408).")
-    ] = 10.0,
+        float, typer.Option(help="Seconds a client may take to send its request head (then closed) or its whole body (408).")
+    ] = SERVE["client_timeout"],
+    max_concurrency: Annotated[
+        int, typer.Option(help="Requests a worker takes on at once; more get 503 with Retry-After (bounds its memory).")
+    ] = SERVE["max_concurrency"],
 ) -> None:
     """Serve a student with BentoML: /embed, /classify, /compare, /annotate, /info, /health (+ /readyz, /livez, /metrics)."""
     from serve.launch import launch, serve_args
@@ -171,7 +176,7 @@ def serve(
     args = serve_args(
         model, backend, variant, console, esm1b_heads=str(heads or ""), compare=compare_with or "", compare_heads=str(compare_heads or ""),
         batching=batching, reference=str(reference.resolve()) if reference else "", max_sequences=max_sequences, max_residues=max_residues,
-        max_request_bytes=max_request_bytes, api_key=api_key, client_timeout=client_timeout,
+        max_request_bytes=max_request_bytes, api_key=api_key, client_timeout=client_timeout, max_concurrency=max_concurrency,
     )  # fmt: skip
     raise typer.Exit(launch(args, host, port, console))
 
