@@ -12,7 +12,8 @@ ratios of throughput (in-process and HTTP in 4 alternating windows per level) an
 blocks of 25 requests in-process and over HTTP in turn, so both p50s are of the same requests at nearly the same
 moment; errors there stop the run). Clients keep one connection each (keep-alive), as bentoml's SyncHTTPClient
 does. --hog N runs N busy loops on the same cores meanwhile (in-process windows included): a load test, not a
-speed figure.
+speed figure. The server's --max-concurrency is set to the highest level driven, so the figures are of throughput,
+not of the cap's 503s.
 """
 
 from __future__ import annotations
@@ -211,9 +212,8 @@ def main() -> None:
             first = in_process(embedder, reqs, args.seconds)
             for batching, encoding in [(b == "on", e) for b in args.batching for e in args.encoding]:
                 port = free_port()
-                cmd = [sys.executable, "-m", "distill", "serve", tag, "--port", str(port), "--backend", backend, "--variant", variant] + (
-                    ["--batching"] if batching else []
-                )
+                cmd = [sys.executable, "-m", "distill", "serve", tag, "--port", str(port), "--backend", backend, "--variant", variant,
+                       "--max-concurrency", str(max(args.concurrency))] + (["--batching"] if batching else [])  # throughput, not the cap  # fmt: skip
                 proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
                 url = f"http://127.0.0.1:{port}"
                 for _ in range(240):

@@ -54,11 +54,16 @@ def post(url: str, payload, raw: bytes | None = None, key: str = "") -> tuple[in
     data = raw if raw is not None else json.dumps(payload).encode()
     auth = {"Authorization": f"Bearer {key}"} if key else {}
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **auth})
-    try:
-        with urllib.request.urlopen(req, timeout=300) as r:  # above the service's stalled-engine retry (60 s)
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+    for _ in range(200):  # a busy server (its concurrency cap: 503 + Retry-After) is asked again, as clients should
+        try:
+            with urllib.request.urlopen(req, timeout=300) as r:  # above the service's stalled-engine retry (60 s)
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            text = e.read().decode()
+            if e.code != 503 or "busy" not in text:
+                return e.code, text
+            time.sleep(0.05)
+    return 503, "still busy after 200 tries"
 
 
 CLIENT_TIMEOUT = 4  # seconds (--client-timeout); below uvicorn's 5-s keep-alive, so the idle case is ours to close

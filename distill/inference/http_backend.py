@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import json
+import random
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -17,6 +19,8 @@ import numpy as np
 
 from distill.core.errors import UserError
 from distill.inference.layer import Outputs
+
+BUSY_RETRIES = 120  # a busy service (503 + Retry-After) is asked again this many times before the error
 
 
 class ServiceError(UserError):
@@ -44,13 +48,18 @@ class HttpBackend:
             data=json.dumps(payload).encode(),
             headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})},
         )
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as e:
-            raise ServiceError(f"{self.url}/{endpoint} answered {e.code}: {e.read().decode(errors='replace')[:500]}") from e
-        except urllib.error.URLError as e:
-            raise ServiceError(f"cannot reach the service at {self.url} ({e.reason}); is `distill serve` running?") from e
+        for attempt in range(BUSY_RETRIES + 1):
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError as e:
+                if e.code == 503 and attempt < BUSY_RETRIES:  # busy (its concurrency cap): ask again when it says
+                    time.sleep(float(e.headers.get("Retry-After") or 1) * random.uniform(0.5, 1.5))  # jitter: not all at once
+                    continue
+                raise ServiceError(f"{self.url}/{endpoint} answered {e.code}: {e.read().decode(errors='replace')[:500]}") from e
+            except urllib.error.URLError as e:
+                raise ServiceError(f"cannot reach the service at {self.url} ({e.reason}); is `distill serve` running?") from e
+        raise AssertionError("unreachable")
 
     def forward(self, batch: np.ndarray, sequences: list[str], tasks: list[str], residues: bool, cls: bool) -> Outputs:
         if residues or cls:
