@@ -174,7 +174,14 @@ def test_a_causal_teachers_cache_runs_it_once_for_every_view_and_equals_the_live
     toks = torch.from_numpy(tokens.pad_batch([s[:1022] for s in seqs.seqs]))
     with torch.no_grad():
         assert (cache.pooled([int(k) for k in seqs.keys]) - model(toks)["pooled"]).abs().max() < 2e-2
-    cfg = FitConfig(data=str(fasta), out=str(tmp_path / "run"), teacher_cache=str(out), epochs=2, batch_size=16, max_tokens=4000,
-                    quiet=True, lam=0.5, rep_weight=1.0, valid_fraction=0.0, preset="custom", layers=2, dim=32, heads=4, ffn=64)  # fmt: skip
-    rows = [json.loads(line) for line in (fit(cfg).out / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    from typer.testing import CliRunner
+
+    from distill.cli.app import app
+
+    args = ["fit", str(fasta), "--out", str(tmp_path / "run"), "--teacher-cache", str(out), "--epochs", "2", "--batch-size", "16",
+            "--max-tokens", "4000", "--quiet", "--lam", "0.5", "--rep-weight", "1", "--valid-fraction", "0", "--preset", "custom",
+            "--layers", "2", "--dim", "32", "--heads", "4"]  # fmt: skip
+    res = CliRunner().invoke(app, args)  # through the command line, as the docs show it
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
     assert all(r["kd"] > 0 and r["rep"] > 0 for r in rows)

@@ -63,6 +63,10 @@ def fit(
         str | None,
         typer.Option(help=f"The teacher, a torch model spec: a fair-esm name or .pt (ESM-1b), unirep1900, a bundle. {default('teacher')}"),
     ] = None,
+    teacher_cache: Annotated[
+        Path | None,
+        typer.Option(help="Read the teacher from a `distill teacher-cache` directory instead of running it (no teacher is loaded)."),
+    ] = None,
     temperature: Annotated[float | None, typer.Option(help=f"Distillation temperature T. {default('temperature')}")] = None,
     lam: Annotated[
         float | None, typer.Option(help=f"Weight of the KD term; 0 = vanilla MLM (no teacher loaded unless --rep-weight). {default('lam')}")

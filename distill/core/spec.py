@@ -34,7 +34,6 @@ GRAMMAR = (
     "a Hugging Face ESM directory or hub id, unirep1900 (unirep256, unirep64) or a UniRep model_weights.npz, "
     "an exported .onnx graph, or http(s)://HOST:PORT of a running `distill serve`"
 )
-HELP = f"Model: {GRAMMAR} (docs/inference.md)."
 # Every fair-esm hub name has this shape (esm1b_t33_650M_UR50S, esm2_t6_8M_UR50D, esm1v_t33_650M_UR90S_1, ...):
 # matching it here keeps fair-esm (and torch) out of the imports; tests check it against esm.pretrained.
 FAIR_ESM_NAME = re.compile(r"^esm[a-z0-9_]*_t\d+_\d+[MB]_\w+$")
