@@ -136,6 +136,9 @@ def test_representation_distillation_trains_resumes_and_leaves_the_map_out_of_th
     assert rep[0] > 0 and np.mean(rep[-3:]) < 0.8 * np.mean(rep[:3])  # the student's states move toward UniRep's
     model, card = load_bundle(full / "student")  # strict: the bundle holds the student alone
     assert card["training"]["rep_weight"] == 1.0 and card["training"]["teacher"].endswith("unirep_tiny1.npz")
+    from distill.inference.embeddings import featurizer
+
+    assert featurizer(str(full / "student")).name == "Student-h32-L2-vanilla-rep1-both"  # its own row in tables
     part = tmp_path / "part"
     assert not fit(FitConfig(out=str(part), max_steps=4, **base)).completed
     resumed = fit(FitConfig(out=str(part), **base), resume=True)

@@ -128,4 +128,6 @@ def _bundle_name(path: Path, card: dict) -> str:
     base = f"Student-h{cfg['dim']}-L{cfg['layers']}"
     if not training:
         return f"{base} ({path.name})"
-    return base + ("-vanilla" if not training.get("lam") else f"-T{float(training.get('temperature', 0)):.1f}")
+    name = base + ("-vanilla" if not training.get("lam") else f"-T{float(training.get('temperature', 0)):.1f}")
+    rep = training.get("rep_weight") or 0
+    return name + (f"-rep{rep:g}-{training.get('rep_level', 'pooled')}" if rep else "")  # representation KD: its own row
