@@ -54,32 +54,26 @@ def message_of(body: bytes) -> str:
 MAX_JSON_DEPTH = 32  # no request of this API nests deeper than 3; far below the parser's recursion limit
 
 
-def json_problem(body: bytes) -> str | None:
-    """Why a request body is not JSON this service reads, or None. Every failure of the parser is caught here, before
-    BentoML parses the body again: syntax, encoding, an integer past Python's 4,300-digit limit (ValueError) and
-    nesting past the recursion limit (RecursionError); nesting deeper than MAX_JSON_DEPTH is refused as well."""
+def parse_body(body: bytes) -> tuple[Any, str | None]:
+    """(the request's JSON, None), or (None, why it is not JSON this service reads). Every failure of the parser is
+    caught here, before BentoML parses the body again: syntax, encoding, an integer past Python's 4,300-digit limit
+    (ValueError) and nesting past the recursion limit (RecursionError); nesting deeper than MAX_JSON_DEPTH too."""
     if not body.strip():
-        return None  # an empty body is BentoML's to answer (endpoints without arguments take one)
+        return None, None  # an empty body is BentoML's to answer (endpoints without arguments take one)
     try:
         obj = json.loads(body)
     except RecursionError:
-        return f"request JSON nests deeper than {MAX_JSON_DEPTH} levels"
+        return None, f"request JSON nests deeper than {MAX_JSON_DEPTH} levels"
     except Exception as e:  # noqa: BLE001 (JSONDecodeError, UnicodeDecodeError, ValueError: all one answer to the client)
-        return f"request body is not valid JSON: {str(e)[:200]}"
+        return None, f"request body is not valid JSON: {str(e)[:200]}"
     stack = [(obj, 1)]
     while stack:  # iterative: a deep structure must not recurse here either
         item, depth = stack.pop()
         if isinstance(item, dict | list):
             if depth > MAX_JSON_DEPTH:
-                return f"request JSON nests deeper than {MAX_JSON_DEPTH} levels"
+                return None, f"request JSON nests deeper than {MAX_JSON_DEPTH} levels"
             stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
-    return None
-
-
-def unknown_fields(body: bytes, allowed: set[str]) -> list[str]:
-    """Top-level fields of a JSON object body that the endpoint does not take (the body has passed ``json_problem``)."""
-    obj = json.loads(body) if body.strip() else None
-    return sorted(set(obj) - allowed) if isinstance(obj, dict) else []
+    return obj, None
 
 
 class Guard:
@@ -125,9 +119,10 @@ class Guard:
             return await self._refuse(
                 send, 408, f"request body not complete within {self.body_timeout:g} s ({len(body):,} bytes arrived); send the body at once"
             )
-        if problem := json_problem(body):
+        obj, problem = parse_body(body)
+        if problem:
             return await self._refuse(send, 400, problem)
-        unknown = unknown_fields(body, self.fields[path]) if path in self.fields else []
+        unknown = sorted(set(obj) - self.fields[path]) if path in self.fields and isinstance(obj, dict) else []
         if unknown:
             return await self._refuse(send, 400, f"unknown field(s) {unknown} for {path}; it takes {sorted(self.fields[path])}")
         if self.max_concurrency and self.in_flight >= self.max_concurrency:  # full: refuse now, not after a queue

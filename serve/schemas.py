@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from distill.core.config import SERVE
+
 API_KEY_ENV = "ESM_DISTILL_API_KEY"  # how the key reaches the service's processes
 
 
@@ -22,22 +24,28 @@ class ServeArgs(BaseModel):
     compare_heads: str = Field("", description="head directory of the comparison model")
     batching: bool = Field(False, description="the model as its own service with adaptive batching across requests (for GPUs)")
     reference: str = Field("", description="a `distill index` directory: /classify adds nearest labelled references")
-    max_sequences: int = Field(64, ge=1, description="sequences per request")
-    max_residues: int = Field(65536, ge=1, description="residues per request")
+    max_sequences: int = Field(SERVE.max_sequences, ge=1, description="sequences per request")
+    max_residues: int = Field(SERVE.max_residues, ge=1, description="residues per request")
     max_per_residue_values: int = Field(
         1 << 22, ge=1, description="per_residue answers: at most this many residues x dim values (~40 MB of JSON)"
     )
-    max_request_bytes: int = Field(0, ge=0, description="request body limit in bytes (0: derived from the sequence and residue limits)")
+    max_request_bytes: int = Field(
+        SERVE.max_request_bytes, ge=0, description="request body limit in bytes (0: derived from the sequence and residue limits)"
+    )
     api_key: str = Field(
         "",
         description=f"when set, every endpoint but health and metrics needs it (Authorization: Bearer KEY); "
         f"`distill serve` passes it in ${API_KEY_ENV} instead, never on a command line",
     )
     client_timeout: float = Field(
-        10.0, gt=0, description="seconds a client may take to send its request head (then the connection is closed) or its whole body (408)"
+        SERVE.client_timeout,
+        gt=0,
+        description="seconds a client may take to send its request head (then the connection is closed) or its whole body (408)",
     )
     max_concurrency: int = Field(
-        8, ge=1, description="requests a worker takes on at once; more are answered 503 with Retry-After (bounds its memory)"
+        SERVE.max_concurrency,
+        ge=1,
+        description="requests a worker takes on at once; more are answered 503 with Retry-After (bounds its memory)",
     )
 
 

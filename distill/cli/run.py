@@ -13,13 +13,11 @@ from typing import Annotated
 import typer
 
 from distill.cli.options import SPECS, GpusPerWorker, RayAddress, Shard, Threads, Workers, console, task_list
-from distill.core.config import INFERENCE_MAX_TOKENS
+from distill.core.config import INFERENCE_MAX_TOKENS, SERVE
 from distill.recipes.annotate import LONG_POLICIES, Options
 from distill.recipes.scale import parse_shard, ray_options
-from serve.schemas import ServeArgs
 
 O = Options()  # the defaults  # noqa: E741
-SERVE = {name: f.default for name, f in ServeArgs.model_fields.items()}  # the service's defaults: ServeArgs is their one source
 
 
 def annotate(
@@ -155,20 +153,20 @@ def serve(
         ),
     ] = False,
     reference: Annotated[Path | None, typer.Option(help="A `distill index` directory: /classify adds nearest labelled references.")] = None,
-    max_sequences: Annotated[int, typer.Option(help="Sequences per request; more is a 400.")] = SERVE["max_sequences"],
-    max_residues: Annotated[int, typer.Option(help="Residues per request; more is a 400.")] = SERVE["max_residues"],
+    max_sequences: Annotated[int, typer.Option(help="Sequences per request; more is a 400.")] = SERVE.max_sequences,
+    max_residues: Annotated[int, typer.Option(help="Residues per request; more is a 400.")] = SERVE.max_residues,
     max_request_bytes: Annotated[
         int, typer.Option(help="Request body limit in bytes, checked before parsing (413). [default: from the two limits above]")
-    ] = SERVE["max_request_bytes"],
+    ] = SERVE.max_request_bytes,
     api_key: Annotated[
         str, typer.Option(envvar="ESM_DISTILL_API_KEY", help="Require this key on every endpoint but health / metrics.")
     ] = "",
     client_timeout: Annotated[
         float, typer.Option(help="Seconds a client may take to send its request head (then closed) or its whole body (408).")
-    ] = SERVE["client_timeout"],
+    ] = SERVE.client_timeout,
     max_concurrency: Annotated[
         int, typer.Option(help="Requests a worker takes on at once; more get 503 with Retry-After (bounds its memory).")
-    ] = SERVE["max_concurrency"],
+    ] = SERVE.max_concurrency,
 ) -> None:
     """Serve a student with BentoML: /embed, /classify, /compare, /annotate, /info, /health (+ /readyz, /livez, /metrics)."""
     from serve.launch import launch, serve_args

@@ -23,6 +23,20 @@ DEFAULT_TARGET_PRECISION = 0.99  # no-call thresholds are set for this precision
 POOLINGS = ("mean", "cls")
 
 
+@dataclass(frozen=True)
+class ServeDefaults:
+    """`distill serve`'s limits: serve.schemas.ServeArgs and the command line both read them here (torch- and
+    pydantic-free, so `distill --help` stays light)."""
+
+    max_sequences: int = 64  # per request
+    max_residues: int = 65536  # per request
+    max_request_bytes: int = 0  # 0: derived from the two limits above
+    client_timeout: float = 10.0  # seconds for a request head, or a whole body
+    max_concurrency: int = 8  # requests a worker takes on at once
+
+
+SERVE = ServeDefaults()
+
 # Layers / dim / heads from the study; the FFN is 2 x dim, which is what gives its counts.
 PRESETS: dict[str, dict[str, int]] = {
     "small": {"layers": 8, "dim": 128, "heads": 2, "ffn": 256},  # 1.2M parameters

@@ -90,18 +90,20 @@ class Projected(nn.Module):
     """The student with a linear map of its hidden states to the teacher's width: trained with it, never saved in
     its bundle (the bundle is the student alone)."""
 
-    def __init__(self, student: nn.Module, teacher_dim: int):
+    def __init__(self, student: nn.Module, teacher_dim: int, level: str = "both"):
         super().__init__()
-        self.student = student
+        self.student, self.level = student, level
         self.proj = nn.Linear(student.cfg.dim, teacher_dim)
 
     def forward(self, toks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The student's outputs, plus only the projections ``level`` compares (every residue's costs a
+        [tokens, dim] x [dim, teacher dim] product)."""
         out = self.student(toks)
-        return {
-            **out,
-            "projected": self.proj(out["representations"]),
-            "pooled_projected": self.proj(sequence_embedding(out["representations"], toks)),
-        }
+        if self.level in ("residue", "both"):
+            out["projected"] = self.proj(out["representations"])
+        if self.level in ("pooled", "both"):
+            out["pooled_projected"] = self.proj(sequence_embedding(out["representations"], toks))
+        return out
 
 
 def rep_distance_sum(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
@@ -116,7 +118,7 @@ def representation_loss(out: dict[str, torch.Tensor], teacher: dict[str, torch.T
                         level: str, n_sequences: int, n_residues: int) -> torch.Tensor:  # fmt: skip
     """``out`` from ``Projected``; ``teacher`` with ``representations`` [B, T, D] and ``pooled`` [B, D]; ``residues`` the
     [B, T] mask of real residues. Pooled rows are divided by the step's sequences, residue rows by its residues."""
-    loss = out["projected"].new_zeros(())
+    loss = torch.zeros((), device=residues.device)
     if level in ("pooled", "both"):
         loss = loss + rep_distance_sum(out["pooled_projected"], teacher["pooled"], kind) / n_sequences
     if level in ("residue", "both"):

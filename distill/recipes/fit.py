@@ -117,7 +117,7 @@ class FitRecipe:
         # With representation distillation the student trains beside a map to the teacher's width (not in its bundle).
         if cfg.rep_weight > 0:
             teacher_dim = self.cache.pooled([int(self.train_set.keys[0])]).shape[1] if self.cache else self.teacher.cfg.dim
-            self.trained = Projected(self.model, teacher_dim).to(self.device)
+            self.trained = Projected(self.model, teacher_dim, cfg.rep_level).to(self.device)
         else:
             self.trained = self.model
         self.net = torch.nn.parallel.DistributedDataParallel(self.trained) if self.dist.world > 1 else self.trained
