@@ -85,6 +85,15 @@ class Neighbour(BaseModel):
     evalue: float = Field(-1.0, description="the alignment's Karlin-Altschul E-value when the index re-ranks by alignment, else -1")
 
 
+class DomainHit(BaseModel):
+    start: int = Field(description="1-based first residue of the region on the query")
+    end: int = Field(description="1-based last residue (inclusive)")
+    label: str = Field(description="the region's vote among the references that hit it")
+    verdict: str = Field(description="call: clears the label's threshold; related: significant, below the label's member threshold")
+    evalue: float = Field(description="E-value of the strongest reference hit in the region, over the whole index")
+    ref_id: str = Field(description="that reference")
+
+
 class Classified(BaseModel):
     calls: dict[str, list[Call]] = Field(description="per task, the top-k labels, most probable first")
     no_call: dict[str, bool] = Field(
@@ -95,10 +104,16 @@ class Classified(BaseModel):
     neighbours: list[Neighbour] = Field(default_factory=list, description="nearest labelled references (with a reference index)")
     reference_call: str = Field(
         "",
-        description="the references' call when its score clears the index's calibrated threshold, else '-': the nearest "
-        "reference's label (cosine index), or the neighbours' E-value vote (aligning index)",
+        description="the references' call when its score clears the calibrated threshold (an aligning index: the label's own), "
+        "else '-': the nearest reference's label (cosine index), or the neighbours' E-value vote (aligning index)",
     )
     reference_score: float = Field(0.0, description="the call's score: cosine similarity, or the vote's evidence (-ln E)")
+    related_to: str = Field(
+        "", description="an aligning index's vote when significant but below that label's member threshold: a homologue, not called"
+    )
+    domains: list[DomainHit] = Field(
+        default_factory=list, description="an aligning index: each region of the query where references hit significantly, in order"
+    )
 
 
 class ClassifyResponse(BaseModel):

@@ -44,6 +44,7 @@ from serve.schemas import (
     Classified,
     ClassifyResponse,
     CompareResponse,
+    DomainHit,
     Embedded,
     EmbedResponse,
     Encoding,
@@ -222,7 +223,8 @@ class EsmDistillService:
             out.append(Classified(calls=calls, no_call=no_call, cropped=long))
         if index is not None:
             vectors = np.array([r["mean"] for r in rows], dtype=np.float32)
-            nn = await asyncio.to_thread(index.search, vectors, top_k, prepared.pieces)  # faiss + alignment: CPU work off the event loop
+            # faiss + alignment: CPU work off the event loop
+            nn = await asyncio.to_thread(index.search, vectors, top_k, prepared.pieces, None, bool(index.align))
             scores = nn.scores if nn.scores is not None else np.zeros_like(nn.similarities)
             evidence = nn.evidence if nn.evidence is not None else np.full_like(nn.similarities, np.nan)
             for i, c in enumerate(out):
@@ -230,8 +232,15 @@ class EsmDistillService:
                     Neighbour(id=rid, label=lab, similarity=float(s), score=float(x), evalue=-1.0 if np.isnan(e) else float(np.exp(-e)))
                     for rid, lab, s, x, e in zip(nn.ids[i], nn.labels[i], nn.similarities[i], scores[i], evidence[i], strict=True)
                 ]
-                c.reference_call = nn.calls[i] if nn.call_scores[i] >= index.threshold else "-"
+                verdict = index.verdict(nn.calls[i], float(nn.call_scores[i]))
+                c.reference_call = nn.calls[i] if verdict == "call" else "-"
+                c.related_to = nn.calls[i] if verdict == "related" else ""
                 c.reference_score = float(nn.call_scores[i])
+                c.domains = [
+                    DomainHit(start=d.start, end=d.end, label=d.label, verdict=v, evalue=d.evalue, ref_id=index.ids[d.ref])
+                    for d in (nn.domains[i] if nn.domains is not None else [])
+                    if (v := index.verdict(d.label, d.score)) != "no-call"
+                ]
         return out
 
     async def card(self) -> dict[str, Any]:

@@ -77,16 +77,17 @@ def test_alignment_reranking_orders_candidates_by_evalue_and_calls_by_vote(refs,
 
     build(refs, tmp_path / "idx", "--align", "30", "--no-kmer")
     index = load_index(tmp_path / "idx")
-    assert index.card["kmer"] == 0 and index.card["calibration"]["score"] == "alignment evidence"
+    assert index.card["kmer"] == 0 and index.card["calibration"]["score"] == "alignment E-value"
     query = next(iter(read_fasta(refs["queries"]))).sequence
     nn = index.search(index.vectors[:1], 30, [query])
     cand = index.search(index.vectors[:1], 30)  # the 30 candidates by cosine
     targets = [index.sequences[index.ids.index(i)] for i in cand.ids[0]]
     direct = pyopal.align(query, targets, "BLOSUM62", gap_open=11, gap_extend=1)
-    # -ln E = 0.267 S - ln(0.041 m n), by hand, best first
+    # -ln E = 0.267 S - ln(0.041 m n) - ln R over the R = 30 references of the index, by hand, best first
+    assert len(index) == 30
     by_hand = sorted(
         (
-            (0.267 * h.score - np.log(0.041 * len(query) * len(targets[h.target_index])), h.score, cand.ids[0][h.target_index])
+            (0.267 * h.score - np.log(0.041 * len(query) * len(targets[h.target_index]) * 30), h.score, cand.ids[0][h.target_index])
             for h in direct
         ),
         key=lambda t: -t[0],
@@ -106,6 +107,8 @@ def test_evidence_and_vote_by_hand():
 
     # 0.267 * 100 - ln(0.041 * 100 * 200) = 26.7 - 6.7093
     assert evidence(np.array([100.0]), 100, np.array([200]))[0] == pytest.approx(19.9907, abs=1e-4)
+    # searched against 1,000 references, E is 1,000 times larger: 19.9907 - ln 1000 = 13.0829 (E = 2.08e-6)
+    assert evidence(np.array([100.0]), 100, np.array([200]), 1000)[0] == pytest.approx(13.0829, abs=1e-4)
     assert vote(["a", "b", "b"], np.array([10.0, 9.0, 8.0])) == ("b", 13.0)  # 9 + 8/2 beats one hit of 10
     assert vote(["a", "b", "b", "b", "b"], np.array([14.0, 8.0, 4.0, 4.0, 4.0])) == ("a", 14.0)  # 8 + 2 + 1; the 4th not counted
     assert vote(["a", "b", "b"], np.array([3.0, 2.0, -5.0])) == ("a", 3.0)  # a negative second hit costs nothing
@@ -124,16 +127,17 @@ def test_calibration_leaves_whole_labels_out_for_real_out_of_set_negatives(refs,
     assert index.ids[0] not in alone.ids[0] and alone.calls[0] == index.labels[0]  # its own family, without itself
 
 
-def test_an_index_calibrated_on_raw_alignment_scores_is_refused(refs, tmp_path):
+def test_an_index_calibrated_by_an_earlier_version_is_refused(refs, tmp_path):
     import json
 
     build(refs, tmp_path / "idx", "--align", "5")
     card_path = tmp_path / "idx" / "index.json"
     card = json.loads(card_path.read_text())
-    card["calibration"]["score"] = "alignment"  # what an earlier version wrote
-    card_path.write_text(json.dumps(card))
-    with pytest.raises(IndexError_, match="calibrated on raw alignment scores by an earlier version.*--align 5"):
-        load_index(tmp_path / "idx")
+    for earlier in ("alignment", "alignment evidence"):  # raw scores; pairwise E-values
+        card["calibration"]["score"] = earlier
+        card_path.write_text(json.dumps(card))
+        with pytest.raises(IndexError_, match="calibrated by an earlier version.*E-values over the whole index.*--align 5"):
+            load_index(tmp_path / "idx")
 
 
 def test_three_mer_words_and_their_nearest_references_by_hand():

@@ -116,7 +116,19 @@ def server(tmp_path_factory):
     res = runner.invoke(app, ["import", str(bundle)])
     assert res.exit_code == 0, res.output
     tag = res.output.strip().splitlines()[-1]
-    res = runner.invoke(app, ["index", str(bundle), "--data", str(EXAMPLES / "pfam.fasta"), "--task", "pfam", "-o", str(root / "index")])
+    index_args = [
+        "index",
+        str(bundle),
+        "--data",
+        str(EXAMPLES / "pfam.fasta"),
+        "--task",
+        "pfam",
+        "--align",
+        "20",
+        "-o",
+        str(root / "index"),
+    ]
+    res = runner.invoke(app, index_args)
     assert res.exit_code == 0, res.output
     port = free_port()
     cmd = [
@@ -387,16 +399,20 @@ def test_classify_flags_no_calls_and_lists_reference_neighbours(server):
     assert status == 200, body
     index = load_index(server["index"])
     vectors = np.stack([e.sequence for e in resolve(server["graph"]).embed(seqs)])
-    nn = index.search(vectors, 3)
-    for r, ids, sims in zip(body["results"], nn.ids, nn.similarities, strict=True):
+    nn = index.search(vectors, 3, seqs, domains=True)  # an aligning index: neighbours by E-value, the call their vote
+    for i, r in enumerate(body["results"]):
         for t, calls in r["calls"].items():
             assert r["no_call"][t] == (calls[0]["probability"] < info["min_probability"][t])
-        assert [n["id"] for n in r["neighbours"]] == ids and [n["similarity"] for n in r["neighbours"]] == pytest.approx(
-            sims.tolist(), abs=1e-5
-        )
-        assert r["reference_call"] == (ids and r["neighbours"][0]["label"] if sims[0] >= index.threshold else "-")
-        assert r["reference_score"] == pytest.approx(float(sims[0]), abs=1e-5)  # a cosine index: the nearest's similarity
-        assert all(n["evalue"] == -1 for n in r["neighbours"])
+        assert [n["id"] for n in r["neighbours"]] == nn.ids[i]
+        assert [n["similarity"] for n in r["neighbours"]] == pytest.approx(nn.similarities[i].tolist(), abs=1e-5)
+        assert [n["evalue"] for n in r["neighbours"]] == pytest.approx(np.exp(-nn.evidence[i]).tolist(), rel=1e-4)
+        verdict = index.verdict(nn.calls[i], float(nn.call_scores[i]))
+        assert r["reference_call"] == (nn.calls[i] if verdict == "call" else "-")
+        assert r["related_to"] == (nn.calls[i] if verdict == "related" else "")
+        assert r["reference_score"] == pytest.approx(float(nn.call_scores[i]), rel=1e-5)
+        want = [(d.start, d.end, d.label) for d in nn.domains[i] if index.verdict(d.label, d.score) != "no-call"]
+        assert [(d["start"], d["end"], d["label"]) for d in r["domains"]] == want
+    assert all(r["domains"] for r in body["results"][:4]) and not any(r["domains"] for r in body["results"][4:])  # shuffles: none
 
 
 def test_int8_import_with_heads_passes_and_its_engine_answers_independently_of_the_batch(server):

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from distill.cli.options import SPECS, GpusPerWorker, RayAddress, Shard, Threads, Workers, console
-from distill.core.config import CLASS_WEIGHTS, DEFAULT_TARGET_PRECISION, FinetuneConfig
+from distill.core.config import CLASS_WEIGHTS, DEFAULT_MAX_EVALUE, DEFAULT_TARGET_PRECISION, FinetuneConfig
 
 D = FinetuneConfig(model="", data=[], task="", out="")  # the defaults
 
@@ -100,6 +100,15 @@ def index(
         bool,
         typer.Option(help="With --align N: also align the N references sharing the most 4-mers with the query (distill.inference.kmers)."),
     ] = True,
+    background: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --align N: a whole proteome (FASTA) of mostly non-members; each label's threshold is raised above its real non-members there (docs/calls.md)."
+        ),
+    ] = None,
+    max_evalue: Annotated[
+        float, typer.Option(help="With --align N: no call weaker than this E-value over the whole index, whatever the calibration allows.")
+    ] = DEFAULT_MAX_EVALUE,
     max_tokens: Annotated[int, typer.Option(help="Token budget of one forward pass.")] = D.max_tokens,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     shard: Shard = None,
@@ -114,7 +123,7 @@ def index(
 
     scale, part = ray_options(ray, workers, threads, gpus_per_worker), parse_shard(shard)
     idx = index_command(model, list(data), task, output, append, labels, pooling, target_precision, max_tokens, device, console, align,
-                        scale, part, threads, kmer)  # fmt: skip
+                        scale, part, threads, kmer, background, max_evalue)  # fmt: skip
     if part is not None:
         console.print(f"{output}: part {part[0]}/{part[1]} of the index; join all parts with `distill merge PARTS... -o INDEX`")
         return
@@ -122,6 +131,10 @@ def index(
     console.print(f"{output}: {len(idx)} references, {idx.card['labels']} labels; leave-one-out accuracy "
                   f"{c['leave_one_out_accuracy']:.3f}; no-call below {c['score']} {c['threshold']:.4f} for precision >= {c['target_precision']} "
                   f"(coverage {c['coverage']:.3f}; negatives: {c['n_negatives']} shuffled, {c.get('n_outside', 0)} of left-out labels)")  # fmt: skip
+    if "background" in c:
+        b = c["background"]
+        console.print(f"background {b['name']}: {b['proteins']} proteins, {b['presumed_members']} presumed members left out; "
+                      f"{b['raised']} labels' thresholds raised above their real non-members")  # fmt: skip
 
 
 def register(app: typer.Typer, export_app: typer.Typer) -> None:

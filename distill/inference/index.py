@@ -26,9 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from distill.core.calibration import shuffled, threshold_for_precision
-from distill.core.config import DEFAULT_TARGET_PRECISION
 from distill.core.io import read_json_object
+from distill.inference.domains import MAX_SPANS, MIN_EVIDENCE, Domain, segment
 from distill.inference.kmers import KmerIndex
 
 FORMAT = "esm-distill-index"
@@ -36,7 +35,7 @@ N_CHECK = 8  # reference sequences kept to recognise the model
 CHECK_COSINE = 0.99
 MAX_NEGATIVES = 2000  # shuffled references embedded to calibrate the threshold (and as many left out with their label)
 MAX_LEFT_OUT = 1000  # a label with more references is too costly to leave out of a search (depth grows with it)
-CALL_SCORE = "alignment evidence"  # an --align index's calls: -ln E vote (distill.inference.align); "alignment": raw scores, before
+CALL_SCORE = "alignment E-value"  # an --align index's calls: -ln E vote over the whole index; before: per pair, or raw scores
 PART_FILE = "index-part.json"  # marks a directory as one part of a `distill index --shard I/N` job
 
 
@@ -58,6 +57,8 @@ class Neighbours:
     call_scores: np.ndarray  # [n] what the calibrated threshold applies to: cosine, or the vote's -ln E evidence
     scores: np.ndarray | None = None  # [n, k] Smith-Waterman scores when the index re-ranks by alignment
     evidence: np.ndarray | None = None  # [n, k] their -ln E-values (distill.inference.align.evidence), the order then
+    votes: list[dict[str, float]] | None = None  # per query, every label's vote (aligning index)
+    domains: list[list[Domain]] | None = None  # per query, its regions (``search(..., domains=True)``)
 
 
 class ReferenceIndex:
@@ -80,15 +81,28 @@ class ReferenceIndex:
 
     @property
     def threshold(self) -> float:
+        """The calibrated no-call threshold: below it no label is called (nor named as related)."""
         return float(self.card.get("calibration", {}).get("threshold", 0.0))
+
+    def threshold_for(self, label: str) -> float:
+        """A label's own threshold where a background proteome raised it (``--background``), else the global one."""
+        return float(self.card.get("calibration", {}).get("labels", {}).get(label, self.threshold))
+
+    def verdict(self, label: str, score: float) -> str:
+        """call (a member), related (significant, but below the label's member threshold) or no-call."""
+        if score >= self.threshold_for(label):
+            return "call"
+        return "related" if score >= self.threshold else "no-call"
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def search(
-        self, queries: np.ndarray, k: int, sequences: list[str] | None = None, exclude: list[np.ndarray] | None = None
-    ) -> Neighbours:
-        """The k nearest references; with an ``--align`` index and the query ``sequences``, re-ranked by alignment.
+        self, queries: np.ndarray, k: int, sequences: list[str] | None = None, exclude: list[np.ndarray] | None = None,
+        domains: bool = False,
+    ) -> Neighbours:  # fmt: skip
+        """The k nearest references; with an ``--align`` index and the query ``sequences``, re-ranked by alignment
+        (and, with ``domains``, the regions of each query: distill.inference.domains).
 
         ``exclude`` (calibration only): per query, reference indices never returned (itself, or its whole label).
         """
@@ -104,13 +118,14 @@ class ReferenceIndex:
             idx, sims = idx[:, :k], sims[:, :k]
             labels = [[self.labels[j] for j in row] for row in idx]
             return Neighbours([[self.ids[j] for j in row] for row in idx], labels, sims, [r[0] for r in labels], sims[:, 0].copy())
-        return self._aligned(q, sequences, list(idx), k, exclude)
+        return self._aligned(q, sequences, list(idx), k, exclude, domains)
 
     def _aligned(
-        self, q: np.ndarray, sequences: list[str], candidates: list[np.ndarray], k: int, exclude: list[np.ndarray] | None
-    ) -> Neighbours:
+        self, q: np.ndarray, sequences: list[str], candidates: list[np.ndarray], k: int, exclude: list[np.ndarray] | None,
+        domains: bool = False,
+    ) -> Neighbours:  # fmt: skip
         """Candidates by cosine plus those by shared k-mers, aligned and ordered by evidence; the call is their vote."""
-        from distill.inference.align import Aligner, rerank, vote  # pyopal (optional extra): only when re-ranking
+        from distill.inference.align import Aligner, rerank, votes  # pyopal (optional extra): only when re-ranking
 
         self._aligner = self._aligner or Aligner(self.sequences)
         if self.card.get("kmer"):  # and the nearest by shared k-mers (distill.inference.kmers): both prefilters' candidates
@@ -118,13 +133,21 @@ class ReferenceIndex:
             near = self._kmers.search(sequences, self.align, exclude)
             candidates = [np.concatenate([c, w[~np.isin(w, c)]]) for c, w in zip(candidates, near, strict=True)]
         ranked = rerank(self._aligner, sequences, candidates, self._lengths)
-        votes = [vote([self.labels[j] for j in r.idx], r.evidence) for r in ranked]
+        totals = [votes([self.labels[j] for j in r.idx], r.evidence) for r in ranked]
+        calls = [max(t, key=t.__getitem__) for t in totals]  # first among ties: the strongest single neighbour's label
         idx = np.stack([r.idx[:k] for r in ranked])
         labels = [[self.labels[j] for j in row] for row in idx]
         sims = (q[:, None, :] * self.vectors[idx]).sum(-1)
+        regions = None
+        if domains:
+            regions = []
+            for seq, r in zip(sequences, ranked, strict=True):
+                top = r.idx[:MAX_SPANS][r.evidence[:MAX_SPANS] >= MIN_EVIDENCE]
+                spans = self._aligner.spans(seq, top)
+                regions.append(segment(spans, [self.labels[j] for j in top], r.evidence[: len(top)], top))
         return Neighbours(
-            [[self.ids[j] for j in row] for row in idx], labels, sims, [v[0] for v in votes], np.array([v[1] for v in votes]),
-            np.stack([r.scores[:k] for r in ranked]), np.stack([r.evidence[:k] for r in ranked]),
+            [[self.ids[j] for j in row] for row in idx], labels, sims, calls, np.array([t[c] for t, c in zip(totals, calls, strict=True)]),
+            np.stack([r.scores[:k] for r in ranked]), np.stack([r.evidence[:k] for r in ranked]), totals, regions,
         )  # fmt: skip
 
     def check_model(self, embed_fn) -> None:  # noqa: ANN001 (sequences -> [n, dim] vectors)
@@ -173,7 +196,7 @@ def load_index(directory: Path) -> ReferenceIndex:
         raise IndexError_(f"{card_path} is not an esm-distill index card (format {card.get('format')!r})")
     if card.get("align") and card.get("calibration", {}).get("score") != CALL_SCORE:
         raise IndexError_(
-            f"{directory} was calibrated on raw alignment scores by an earlier version; calls now vote by E-value: "
+            f"{directory} was calibrated by an earlier version (pairwise E-values); calls now vote by E-values over the whole index: "
             f"rebuild it with `distill index MODEL --data ... --align {card['align']} -o {directory}`"
         )
     try:
@@ -184,64 +207,3 @@ def load_index(directory: Path) -> ReferenceIndex:
     if vectors.ndim != 2 or len(rows) != len(vectors) or len(vectors) != card.get("count") or any(len(r) != 3 for r in rows):
         raise IndexError_(f"{directory} is corrupt: {len(vectors)} vectors, {len(rows)} entries, card says {card.get('count')}")
     return ReferenceIndex(vectors, *([r[c] for r in rows] for c in range(3)), card)
-
-
-def calibrate_calls(
-    index: ReferenceIndex, negatives: list[str], negative_vectors: np.ndarray, target: float, seed: int = 0
-) -> dict[str, Any]:
-    """Leave-one-out calls over the references (right if the others call the reference's label) + two kinds of negatives.
-
-    A reference whose label occurs once cannot be called right; it counts all the same, so coverage is what a query
-    of a stored class would see. Negatives: shuffled references, and references of other classes, each searched with
-    its whole label left out (a real protein of a class outside the index: any call is wrong; labels of more than
-    ``MAX_LEFT_OUT`` references are not left out). Scores are cosine similarities, or the vote's evidence for an
-    ``--align`` index.
-    """
-    n = len(index)
-    nn = index.search(index.vectors, 1, index.sequences, exclude=[np.array([i]) for i in range(n)])
-    correct = np.array([call == label for call, label in zip(nn.calls, index.labels, strict=True)])
-    neg = index.search(negative_vectors, 1, negatives).call_scores if len(negatives) else np.zeros(0, np.float32)
-    members: dict[str, list[int]] = {}
-    for i, label in enumerate(index.labels):
-        members.setdefault(label, []).append(i)
-    outside = [int(i) for i in np.random.default_rng([seed, 4]).permutation(n) if len(members[index.labels[i]]) <= MAX_LEFT_OUT]
-    outside = sorted(outside[:MAX_NEGATIVES]) if len(members) > 1 else []
-    if outside:
-        left_out = [np.array(members[index.labels[i]]) for i in outside]
-        neg = np.r_[neg, index.search(index.vectors[outside], 1, [index.sequences[i] for i in outside], exclude=left_out).call_scores]
-    th = threshold_for_precision(np.r_[nn.call_scores, neg], np.r_[correct, np.zeros(len(neg), bool)], target, n)
-    return {"threshold": th.threshold, "score": CALL_SCORE if index.align else "cosine", "target_precision": target,
-            "precision": th.precision, "coverage": th.coverage, "reached": th.reached,
-            "leave_one_out_accuracy": float(correct.mean()), "n_negatives": len(neg) - len(outside),
-            "n_outside": len(outside)}  # fmt: skip
-
-
-def build_index(
-    embed_fn, ids: list[str], sequences: list[str], labels: list[str], card: dict[str, Any],  # noqa: ANN001
-    previous: ReferenceIndex | None = None, target: float = DEFAULT_TARGET_PRECISION, seed: int = 0,
-    vectors: np.ndarray | None = None,
-) -> ReferenceIndex:  # fmt: skip
-    """Embed ``sequences`` (appended to ``previous`` when given; ``vectors`` when already embedded), then calibrate
-    the call threshold."""
-    if previous is not None:
-        previous.check_model(embed_fn)
-        clash = sorted(set(ids) & set(previous.ids))
-        if clash:
-            raise IndexError_(f"{len(clash)} ids are already in the index (first: {clash[0]!r}); ids must be unique")
-        card = previous.card | {"appended": previous.card.get("appended", 0) + 1}
-    vectors = normalise(embed_fn(sequences) if vectors is None else vectors)
-    if previous is None:
-        card = card | {"check": {"sequences": sequences[:N_CHECK], "vectors": vectors[:N_CHECK].tolist()}}
-    else:
-        vectors, ids, labels, sequences = (
-            np.r_[previous.vectors, vectors],
-            previous.ids + ids,
-            previous.labels + labels,
-            previous.sequences + sequences,
-        )
-    index = ReferenceIndex(vectors, ids, labels, sequences, card)
-    pick = sorted(np.random.default_rng([seed, 3]).permutation(len(sequences))[:MAX_NEGATIVES])
-    negatives = shuffled([sequences[i] for i in pick], seed)
-    index.card["calibration"] = calibrate_calls(index, negatives, embed_fn(negatives), target, seed)
-    index.card["labels"] = len(set(labels))
-    return index

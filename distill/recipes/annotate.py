@@ -33,6 +33,7 @@ from distill.core.io import atomic_path, atomic_write, atomic_write_json, read_j
 from distill.inference import Inference
 from distill.inference.index import load_index
 from distill.inference.sequences import long_note
+from distill.recipes.annotate_columns import Columns, domains_path
 from distill.recipes.scale import RayOptions, check_ray, ordered_map, shard_range
 
 LONG_POLICIES = ("windows", "crop")  # annotate never refuses a long record (no "error"): nothing is dropped
@@ -63,71 +64,6 @@ def annotate_chunk(records: list, inference: Inference, tasks: list[str], long_p
         for row, e in zip(ok, inference.embed([r.sequence for r in ok], long_policy, tasks=tasks), strict=True):
             row.embedding, row.probabilities = e.sequence, e.probabilities
     return rows
-
-
-NO_CALL = "-"  # the label written when the top probability (or similarity) is below the calibrated threshold
-
-
-@dataclass
-class Columns:
-    """What a TSV row holds: per task top-k labels (``-`` below the threshold), then reference neighbours."""
-
-    tasks: list[str]
-    labels: dict[str, list[str]]
-    top_k: int
-    thresholds: dict[str, float]  # per task: calls need a probability >= this
-    reference: Any = None  # a distill.inference.index.ReferenceIndex
-    reference_k: int = 0
-
-    def header(self) -> str:
-        cols = ["id", "length"]
-        for t in self.tasks:
-            for k in range(1, self.top_k + 1):
-                cols += [f"{t}_label_{k}", f"{t}_prob_{k}"]
-        if self.reference is not None:
-            cols += ["ref_call", "ref_call_score"]
-            for k in range(1, self.reference_k + 1):
-                cols += [f"ref_id_{k}", f"ref_label_{k}", f"ref_similarity_{k}"]
-                cols += [f"ref_score_{k}", f"ref_evalue_{k}"] if self.reference.align else []
-        return "\t".join(cols + ["status", "message"]) + "\n"
-
-    def row(self, row: Row, neighbours: tuple | None) -> str:
-        cells = [_clean(row.id), str(row.length)]
-        for t in self.tasks:
-            if row.probabilities is None:
-                cells += [""] * (2 * self.top_k)
-                continue
-            p = row.probabilities[t]
-            for i in np.argsort(-p, kind="stable")[: self.top_k]:
-                cells += [self.labels[t][i] if p[i] >= self.thresholds.get(t, 0.0) else NO_CALL, f"{p[i]:.4f}"]
-        if self.reference is not None:
-            per = 3 + 2 * bool(self.reference.align)
-            if neighbours is None:
-                cells += [""] * (2 + per * self.reference_k)
-            else:
-                ids, labels, sims, scores, evidence, call, call_score = neighbours
-                cells += [call if call_score >= self.reference.threshold else NO_CALL, f"{call_score:.4f}"]
-                for j, (rid, label, sim) in enumerate(zip(ids, labels, sims, strict=True)):
-                    cells += [_clean(rid), label, f"{sim:.4f}"]
-                    cells += [f"{scores[j]:.0f}", f"{np.exp(-evidence[j]):.2g}"] if scores is not None else []
-        return "\t".join(cells + [row.status, _clean(row.message)]) + "\n"
-
-    def rows(self, rows: list[Row]) -> str:
-        found: dict[int, tuple] = {}
-        ok = [i for i, r in enumerate(rows) if r.embedding is not None]
-        if self.reference is not None and ok:
-            nn = self.reference.search(np.stack([rows[i].embedding for i in ok]), self.reference_k, [rows[i].sequence for i in ok])
-            scores = nn.scores if nn.scores is not None else [None] * len(ok)
-            evidence = nn.evidence if nn.evidence is not None else [None] * len(ok)
-            found = {
-                i: (nn.ids[j], nn.labels[j], nn.similarities[j], scores[j], evidence[j], nn.calls[j], nn.call_scores[j])
-                for j, i in enumerate(ok)
-            }
-        return "".join(self.row(r, found.get(i)) for i, r in enumerate(rows))
-
-
-def _clean(text: str) -> str:
-    return text.replace("\t", " ").replace("\n", " ")
 
 
 def _fingerprint(input_path: Path, settings: dict[str, Any]) -> str:
@@ -208,9 +144,10 @@ def columns_for(model: Inference, opts: Options) -> Columns:
 
 @dataclass
 class ChunkOut:
-    """What one chunk adds to the outputs: its TSV rows, the embeddings of its ok rows, counts."""
+    """What one chunk adds to the outputs: its TSV rows, its domain rows, the embeddings of its ok rows, counts."""
 
     text: str
+    domains: str
     ids: list[str]
     vectors: np.ndarray
     records: int
@@ -232,13 +169,13 @@ class ChunkWorker:
         vectors = np.zeros((0, self.model.dim), np.float32)
         if self.opts.embeddings is not None and ok:
             vectors = np.stack([r.embedding for r in ok]).astype(np.float32)
-        return ChunkOut(self.cols.rows(rows), [r.id for r in ok], vectors, len(rows), len(ok), sum(r.length for r in ok))
+        return ChunkOut(*self.cols.rows(rows), [r.id for r in ok], vectors, len(rows), len(ok), sum(r.length for r in ok))
 
 
 def _start(input_path: Path, output: Path, opts: Options, cols: Columns, fingerprint: str, settings: dict, console: Console) -> dict | None:
     """A fresh run (header written) or the resumed state; None when the output is already complete."""
     progress_path, parts = _progress_path(output), output.with_name(output.name + ".parts")
-    done = {"records": 0, "bytes": 0, "chunks": 0, "ok": 0, "errors": 0, "residues": 0}
+    done = {"records": 0, "bytes": 0, "domain_bytes": 0, "chunks": 0, "ok": 0, "errors": 0, "residues": 0}
     if opts.resume and not progress_path.is_file() and output.exists():
         raise FileExistsError(f"{output} exists but has no progress file {progress_path}, so it was not written by a resumable run")
     if opts.resume and progress_path.is_file():
@@ -254,6 +191,9 @@ def _start(input_path: Path, output: Path, opts: Options, cols: Columns, fingerp
         done = {k: state[k] for k in done}
         with open(output, "r+b") as f:
             f.truncate(done["bytes"])  # anything after the last recorded chunk is a half-written chunk
+        if cols.domains:
+            with open(domains_path(output), "r+b") as f:
+                f.truncate(done["domain_bytes"])
         for shard in parts.glob("chunk-*.npz") if parts.is_dir() else []:
             if int(shard.stem.split("-")[1]) >= done["chunks"]:
                 shard.unlink()
@@ -265,6 +205,9 @@ def _start(input_path: Path, output: Path, opts: Options, cols: Columns, fingerp
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(cols.header())
     done["bytes"] = output.stat().st_size
+    if cols.domains:
+        domains_path(output).write_text(cols.domain_header())
+        done["domain_bytes"] = domains_path(output).stat().st_size
     shutil.rmtree(parts, ignore_errors=True)
     atomic_write_json(progress_path, {"fingerprint": fingerprint, "settings": settings, "complete": False, **done})
     return done
@@ -296,7 +239,8 @@ def annotate(
         total = sum(1 for _ in iter_records(input_path, warn_duplicates=False))
     lo, hi = shard_range(total, opts.shard)
     settings = {"model": model.name, "tasks": cols.tasks, "top_k": opts.top_k, "long": opts.long_policy, "chunk": opts.chunk_records,
-                "thresholds": cols.thresholds, "reference": str(opts.reference or ""), "reference_k": cols.reference_k}  # fmt: skip
+                "thresholds": cols.thresholds, "reference": str(opts.reference or ""), "reference_k": cols.reference_k,
+                "domains": cols.domains}  # fmt: skip
     job = _fingerprint(input_path, settings)  # what every shard of one job shares: `distill merge` checks it
     settings |= {"embeddings": str(opts.embeddings or ""), "shard": list(opts.shard or (0, 1)), "range": [lo, hi], "job": job}
     fingerprint = _fingerprint(input_path, settings)
@@ -313,16 +257,22 @@ def annotate(
     new_residues = 0
     chunks = _chunks(input_path, opts.chunk_records, lo + done["records"], hi if opts.shard else None)
     worker = {"load": (lambda threads=0: model) if ray is None else load, "opts": opts}
-    with Progress(*columns, console=console, disable=opts.quiet) as bar, open(output, "ab") as out:
+    with (
+        Progress(*columns, console=console, disable=opts.quiet) as bar,
+        open(output, "ab") as out,
+        open(domains_path(output) if cols.domains else os.devnull, "ab") as dom,
+    ):
         task = bar.add_task("annotate", total=hi - lo, completed=done["records"], sps=0.0, rps=0.0)
         for result in ordered_map(ChunkWorker, worker, chunks, ray):
             if opts.embeddings is not None:
                 _save_shard(parts / f"chunk-{done['chunks']:08d}.npz", result.ids, result.vectors)
-            out.write(result.text.encode())
-            out.flush()
-            os.fsync(out.fileno())
+            for f, text in ((out, result.text), (dom, result.domains)):
+                f.write(text.encode())
+                f.flush()
+                os.fsync(f.fileno())
             new_residues += result.residues
-            done = {"records": done["records"] + result.records, "bytes": out.tell(), "chunks": done["chunks"] + 1,
+            done = {"records": done["records"] + result.records, "bytes": out.tell(), "domain_bytes": dom.tell() if cols.domains else 0,
+                    "chunks": done["chunks"] + 1,
                     "ok": done["ok"] + result.ok, "errors": done["errors"] + result.records - result.ok,
                     "residues": done["residues"] + result.residues}  # fmt: skip
             atomic_write_json(_progress_path(output), {"fingerprint": fingerprint, "settings": settings, "complete": False, **done})

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from distill.core.io import atomic_path, atomic_write_json, read_json_object
+from distill.recipes.annotate_columns import domains_path
 from distill.recipes.scale import order_parts
 
 EMBEDDING_READERS = (".npy", ".parquet", ".h5", ".hdf5")
@@ -58,13 +59,17 @@ def merge(outputs: list[Path], final: Path, embeddings: Path | None = None) -> d
     if final.exists():
         raise FileExistsError(f"{final} exists; choose another -o")
     shards = check_shards(outputs)
-    with atomic_path(final) as tmp, open(tmp, "wb") as out:
-        for k, (o, _) in enumerate(shards):
-            with open(o, "rb") as f:
-                header = f.readline()
-                if k == 0:
-                    out.write(header)
-                shutil.copyfileobj(f, out)
+    tables = [(final, [o for o, _ in shards])]
+    if shards[0][1]["settings"].get("domains"):  # each shard wrote a domain table beside its TSV
+        tables.append((domains_path(final), [domains_path(o) for o, _ in shards]))
+    for target, sources in tables:
+        with atomic_path(target) as tmp, open(tmp, "wb") as out:
+            for k, source in enumerate(sources):
+                with open(source, "rb") as f:
+                    header = f.readline()
+                    if k == 0:
+                        out.write(header)
+                    shutil.copyfileobj(f, out)
     if embeddings is not None:
         _merge_embeddings([Path(s["settings"]["embeddings"]) for _, s in shards], Path(embeddings))
     total = {k: sum(s[k] for _, s in shards) for k in ("records", "ok", "errors", "residues")}

@@ -11,8 +11,9 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from distill.core.config import POOLINGS
+from distill.core.config import DEFAULT_MAX_EVALUE, POOLINGS
 from distill.core.distributed import pick_device
+from distill.core.fasta import read_fasta
 from distill.core.heads import heads_of
 from distill.core.io import atomic_path, atomic_write_json, read_json_object
 from distill.core.labels import read_labelled
@@ -20,7 +21,8 @@ from distill.core.model import ESM
 from distill.inference import kmers
 from distill.inference.embeddings import embed
 from distill.inference.encoders import load_encoder
-from distill.inference.index import PART_FILE, ReferenceIndex, build_index, load_index
+from distill.inference.index import PART_FILE, ReferenceIndex, load_index
+from distill.inference.index_calibration import build_index
 from distill.recipes.scale import RayOptions, check_ray, order_parts, ordered_map, shard_range
 
 CHUNK = 1024  # references per embedding call: the unit of Ray tasks and of --shard ranges
@@ -67,6 +69,7 @@ def index_command(
     model: str, data: list[str], task: str, output: Path, append: bool, labels: Path | None, pooling: str,
     target: float, max_tokens: int, device: str, console: Console, align: int = 0,
     ray: RayOptions | None = None, part: tuple[int, int] | None = None, threads: int = 0, kmer: bool = True,
+    background: Path | None = None, max_evalue: float = DEFAULT_MAX_EVALUE,
 ) -> ReferenceIndex | Path:  # fmt: skip
     """Build (or --append to) the index at ``output``; with ``part`` (I, N), embed only the I-th of N contiguous
     chunk ranges into a part directory for `distill merge` (which calibrates the whole index)."""
@@ -78,6 +81,11 @@ def index_command(
     check_ray(ray)
     if part is not None and append:
         raise ValueError("--shard builds a part of a new index; append to a merged index with --append, unsharded")
+    if not 0 < max_evalue <= 1000:
+        raise ValueError(f"--max-evalue must be in (0, 1000], got {max_evalue}")
+    if background is not None and not align:
+        raise ValueError("--background calibrates alignment calls per label: add --align N (e.g. --align 200)")
+    proteome = read_background(background) if background is not None else None
     previous = load_index(output) if append else None
     if not append and (Path(output) / "index.json").exists():
         raise FileExistsError(f"{output} holds an index; add to it with --append or choose another -o")
@@ -96,11 +104,26 @@ def index_command(
     card = _card(model, encoder.fingerprint, pooling, net.cfg.dim, task, align, kmers.K if align and kmer else 0)
     if part is not None:
         return _write_part(output, part, ds, worker, ray, card, {"data": [str(d) for d in data], "labels": str(labels or ""),
-                           "target": target, "max_tokens": max_tokens, "device": device})  # fmt: skip
+                           "target": target, "max_tokens": max_tokens, "device": device,
+                           "background": str(background or ""), "max_evalue": max_evalue})  # fmt: skip
     console.print(f"indexing {len(ds)} {task} references with {encoder.name} ({pooling} pooling)")
-    index = build_index(lambda seqs: embed_chunks(worker, seqs, ray), ds.ids, ds.sequences, ds.labels, card, previous, target)
+    if proteome is not None:
+        console.print(f"calibrating each label against the {len(proteome[1])} proteins of the background {proteome[0]}")
+    index = build_index(lambda seqs: embed_chunks(worker, seqs, ray), ds.ids, ds.sequences, ds.labels, card, previous, target,
+                        background=proteome, max_evalue=max_evalue)  # fmt: skip
     index.save(output)
     return index
+
+
+def read_background(path: Path) -> tuple[str, list[str]]:
+    """A background proteome: its file name and protein sequences (a bad record is an error naming it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--background {path} does not exist")
+    sequences = [r.sequence for r in read_fasta(path)]
+    if not sequences:
+        raise ValueError(f"--background {path} holds no FASTA records")
+    return path.name, sequences
 
 
 def _card(model: str, fingerprint: str, pooling: str, dim: int, task: str, align: int, kmer: int | None = None) -> dict[str, Any]:
@@ -143,7 +166,8 @@ def merge_parts(parts: list[Path], final: Path) -> ReferenceIndex:
     vectors = np.concatenate([np.load(path / "vectors.npy") for path in ordered])
     net = load_encoder(card["model"]).model.eval()
     worker = {"pooling": card["pooling"], "max_tokens": job["max_tokens"], "device": job["device"], "net": net}
+    proteome = read_background(Path(job["background"])) if job.get("background") else None
     index = build_index(lambda seqs: embed_chunks(worker, seqs, None), ds.ids, ds.sequences, ds.labels, card, None, job["target"],
-                        vectors=vectors)  # fmt: skip
+                        vectors=vectors, background=proteome, max_evalue=job.get("max_evalue", DEFAULT_MAX_EVALUE))  # fmt: skip
     index.save(final)
     return index
