@@ -16,10 +16,11 @@ one as a domain. Stages, each skipped when its output exists:
   3. index    OUT/index-VARIANT: `distill index MODEL --data refs --align N` (plain) and the same with
               ``--background`` (per-label thresholds from real non-members).
   4. annotate OUT/calls-VARIANT/NAME.tsv (+ .domains.tsv): `distill annotate PROTEOME --reference INDEX`.
-  5. score    per proteome and variant: calls, agreement with HMMER (the called label has an HMMER domain in the protein
+  5. score    per proteome and variant (``--stages score --variants old`` scores OUT/calls-old/, made elsewhere): calls, agreement with HMMER (the called label has an HMMER domain in the protein
               at i-Evalue <= 0.01 and <= 1e-5), recall of the proteins HMMER assigns at <= 1e-5, calls on proteins
               where HMMER finds none of the labels at 0.01, and for agreed domain calls the share whose coordinates
-              overlap HMMER's envelope by >= 50% (of the shorter). Written to OUT/results.json and OUT/results.md.
+              overlap HMMER's envelope by >= 50% (of the shorter), with 95% Wilson intervals. Written to
+              OUT/results-VARIANTS.json; the table of docs/results.md is printed.
 """
 
 from __future__ import annotations
@@ -167,6 +168,15 @@ def overlap(a: tuple[int, int], b: tuple[int, int]) -> float:
     return max(inter, 0) / max(min(a[1] - a[0] + 1, b[1] - b[0] + 1), 1)
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson interval of a proportion k / n."""
+    if n == 0:
+        return [0.0, 1.0]
+    p, d = k / n, 1 + z * z / n
+    c, h = (p + z * z / (2 * n)) / d, z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return [round(float(c - h), 3), round(float(c + h), 3)]
+
+
 def score(calls: Path, truth: dict, proteins: list[str]) -> dict:
     """Protein-level calls (the TSV's ref_call) and domain rows (the .domains.tsv, when written) against HMMER."""
     with open(calls) as f:
@@ -178,8 +188,10 @@ def score(calls: Path, truth: dict, proteins: list[str]) -> dict:
     for e in AGREE_EVALUES:
         agree = sum(called[p] in labels_at[e][p] for p in called)
         res[f"agree_{e:g}"] = agree / max(len(called), 1)
+        res[f"agree_{e:g}_ci"] = wilson(agree, len(called))
     res["calls_on_hmmer_negative"] = sum(not labels_at[1e-2][p] for p in called)
-    res["recall_1e-5"] = sum(called.get(p) in labels_at[1e-5][p] for p in assigned) / max(len(assigned), 1)
+    found = sum(called.get(p) in labels_at[1e-5][p] for p in assigned)
+    res["recall_1e-5"], res["recall_1e-5_ci"] = found / max(len(assigned), 1), wilson(found, len(assigned))
     domains_path = calls.with_name(calls.name.removesuffix(".tsv") + ".domains.tsv")
     if domains_path.is_file():
         res |= score_domains(domains_path, truth, labels_at, assigned)
@@ -218,17 +230,32 @@ def main() -> None:
     names = [DEVELOPMENT, *[n for n in a.report.split(",") if n]]
     results = {}
     for variant in a.variants.split(","):
-        if "index" not in stages:
-            break
-        index = build_index(a.out, variant, a.model, a.align)
-        for name in names if "annotate" in stages else []:
-            calls = annotate(a.out, variant, index, a.model, name)
-            if "score" in stages:
+        index = build_index(a.out, variant, a.model, a.align) if "index" in stages else None
+        for name in names:
+            calls = annotate(a.out, variant, index, a.model, name) if "annotate" in stages else a.out / f"calls-{variant}" / f"{name}.tsv"
+            if "score" in stages and calls.is_file():
                 proteins = [h.split()[0] for h, _ in _read_fasta((a.out / "data" / f"{name}.fasta").read_text().splitlines())]
                 results[f"{variant}/{name}"] = r = score(calls, read_hmmer(a.out / "hmmer" / f"{name}.tsv"), proteins)
                 print(variant, name, json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
     if results:
-        (a.out / "results.json").write_text(json.dumps(results, indent=1))
+        (a.out / f"results-{'-'.join(a.variants.split(','))}.json").write_text(json.dumps(results, indent=1))
+        print(table(results))
+
+
+def table(results: dict) -> str:
+    """The markdown table of docs/results.md."""
+    rows = ["| index | proteome | calls | agree with HMMER (i-E <= 0.01) [95% CI] | at <= 1e-5 | calls on HMMER-negative proteins "
+            "| recall of HMMER's <= 1e-5 proteins [95% CI] | domain calls | domains overlapping HMMER's envelope >= 50% |",
+            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key, r in results.items():
+        variant, name = key.split("/")
+        ci, rci = r["agree_0.01_ci"], r["recall_1e-5_ci"]
+        rows.append(f"| {variant} | {name} | {r['calls']} | {r['agree_0.01']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {r['agree_1e-05']:.3f} "
+                    f"| {r['calls_on_hmmer_negative']} | {r['recall_1e-5']:.3f} [{rci[0]:.3f}, {rci[1]:.3f}] | {r.get('domain_calls', '')} "
+                    f"| {r['domain_overlap_50']:.3f} |" if "domain_calls" in r else
+                    f"| {variant} | {name} | {r['calls']} | {r['agree_0.01']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {r['agree_1e-05']:.3f} "
+                    f"| {r['calls_on_hmmer_negative']} | {r['recall_1e-5']:.3f} [{rci[0]:.3f}, {rci[1]:.3f}] | | |")  # fmt: skip
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def test_overlap_and_regions_by_hand():
     spans = np.array([[10, 100, 1, 90], [15, 95, 3, 80], [150, 230, 2, 81], [60, 200, 1, 140]])
     labels, evidence = ["a", "a", "b", "c"], np.array([20.0, 15.0, 12.0, 11.0])
     # hit 4 (60-200) overlaps region 1 by 41/91 < 0.5 and region 2 (150-230) by 51/81: it joins region 2
-    d1, d2 = segment(spans, labels, evidence, np.array([7, 8, 9, 10]))
+    d1, d2 = segment(spans, labels, evidence, np.array([7, 8, 9, 10]), 1)  # 1 reference: per-pair and index-wide agree
     assert (d1.start, d1.end, d1.label, d1.score, d1.ref, d1.ref_start, d1.ref_end) == (10, 100, "a", 20 + 15 / 2, 7, 1, 90)
     assert d1.evalue == pytest.approx(np.exp(-20.0))
     assert (d2.start, d2.end, d2.label, d2.score, d2.ref) == (150, 230, "b", 12.0, 9)  # b 12 outvotes c 11

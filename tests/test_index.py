@@ -94,16 +94,23 @@ def test_alignment_reranking_orders_candidates_by_evalue_and_calls_by_vote(refs,
     )
     assert nn.evidence[0] == pytest.approx([e for e, _, _ in by_hand], rel=1e-5)
     assert list(nn.scores[0]) == [s for _, s, _ in by_hand] and nn.ids[0] == [i for _, _, i in by_hand]
-    # the call: per label, best + 1/2 second + 1/4 third (positive ones); the largest total
+    # the call: per label, best + 1/2 second + 1/4 third (positive ones); the label with the largest total on per-pair
+    # evidence (+ ln 30), scored by its total on the index-wide evidence
     totals: dict[str, list[float]] = {}
     for e, label in zip(nn.evidence[0], nn.labels[0], strict=True):
         totals.setdefault(label, []).append(e)
-    vote = {label: v[0] + sum(w * max(x, 0) for w, x in zip((0.5, 0.25), v[1:3], strict=False)) for label, v in totals.items()}
-    assert nn.calls[0] == max(vote, key=vote.get) and nn.call_scores[0] == pytest.approx(max(vote.values()), rel=1e-5)
+
+    def vote(shift: float) -> dict[str, float]:
+        return {
+            lab: v[0] + shift + sum(w * max(x + shift, 0) for w, x in zip((0.5, 0.25), v[1:3], strict=False)) for lab, v in totals.items()
+        }
+
+    pair, index_wide = vote(np.log(30)), vote(0.0)
+    assert nn.calls[0] == max(pair, key=pair.get) and nn.call_scores[0] == pytest.approx(index_wide[nn.calls[0]], rel=1e-5)
 
 
 def test_evidence_and_vote_by_hand():
-    from distill.inference.align import evidence, vote
+    from distill.inference.align import decide, evidence, vote
 
     # 0.267 * 100 - ln(0.041 * 100 * 200) = 26.7 - 6.7093
     assert evidence(np.array([100.0]), 100, np.array([200]))[0] == pytest.approx(19.9907, abs=1e-4)
@@ -113,6 +120,10 @@ def test_evidence_and_vote_by_hand():
     assert vote(["a", "b", "b", "b", "b"], np.array([14.0, 8.0, 4.0, 4.0, 4.0])) == ("a", 14.0)  # 8 + 2 + 1; the 4th not counted
     assert vote(["a", "b", "b"], np.array([3.0, 2.0, -5.0])) == ("a", 3.0)  # a negative second hit costs nothing
     assert vote(["a", "b"], np.array([-1.0, -2.0])) == ("a", -1.0)  # weak calls stay ordered (below any threshold)
+    # decide: b wins on per-pair evidence (+ ln 1000 = 6.908: a 9.908; b 8.908 + 5.908 / 2 = 11.862), scored on the
+    # index-wide vote, where its second hit (-1: E > 1 over the index) adds nothing: 2.0
+    label, score, totals = decide(["a", "b", "b"], np.array([3.0, 2.0, -1.0]), 1000)
+    assert (label, score, totals) == ("b", 2.0, {"a": 3.0, "b": 2.0})
 
 
 def test_calibration_leaves_whole_labels_out_for_real_out_of_set_negatives(refs, tmp_path):

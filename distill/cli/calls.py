@@ -5,6 +5,7 @@ Option defaults come from ``FinetuneConfig`` itself, so the help cannot disagree
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -128,8 +129,10 @@ def index(
         console.print(f"{output}: part {part[0]}/{part[1]} of the index; join all parts with `distill merge PARTS... -o INDEX`")
         return
     c = idx.card["calibration"]
+    cut = f"E-value above {math.exp(-c['threshold']):.3g}" if idx.align else f"cosine below {c['threshold']:.4f}"
+    floor = f" (--max-evalue {c['max_evalue']:g}; precision alone: {math.exp(-c['target_threshold']):.3g})" if idx.align else ""
     console.print(f"{output}: {len(idx)} references, {idx.card['labels']} labels; leave-one-out accuracy "
-                  f"{c['leave_one_out_accuracy']:.3f}; no-call below {c['score']} {c['threshold']:.4f} for precision >= {c['target_precision']} "
+                  f"{c['leave_one_out_accuracy']:.3f}; no-call at {cut}{floor} for precision >= {c['target_precision']} "
                   f"(coverage {c['coverage']:.3f}; negatives: {c['n_negatives']} shuffled, {c.get('n_outside', 0)} of left-out labels)")  # fmt: skip
     if "background" in c:
         b = c["background"]

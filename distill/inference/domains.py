@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distill.inference.align import votes
+from distill.inference.align import decide
 
 MAX_SPANS = 24  # strongest hits per query re-aligned for coordinates (full alignments cost more than scores)
 MIN_EVIDENCE = -np.log(10.0)  # hits weaker than E = 10 place nothing
@@ -40,9 +40,9 @@ def overlap(a: tuple[int, int], b: tuple[int, int]) -> float:
     return max(shared, 0) / max(min(a[1] - a[0], b[1] - b[0]) + 1, 1)
 
 
-def segment(spans: np.ndarray, labels: list[str], evidence: np.ndarray, refs: np.ndarray) -> list[Domain]:
-    """Regions of one query from its hits (``evidence`` in descending order; ``spans`` [n, 4] as ``Aligner.spans``),
-    ordered along the query."""
+def segment(spans: np.ndarray, labels: list[str], evidence: np.ndarray, refs: np.ndarray, references: int) -> list[Domain]:
+    """Regions of one query from its hits (``evidence`` in descending order, -ln E over ``references``; ``spans``
+    [n, 4] as ``Aligner.spans``), ordered along the query."""
     regions: list[list[int]] = []
     for i in range(len(evidence)):
         span = (int(spans[i, 0]), int(spans[i, 1]))
@@ -53,10 +53,9 @@ def segment(spans: np.ndarray, labels: list[str], evidence: np.ndarray, refs: np
             home.append(i)
     out = []
     for r in regions:
-        totals = votes([labels[i] for i in r], evidence[r])
-        label = max(totals, key=totals.__getitem__)
+        label, score, _ = decide([labels[i] for i in r], evidence[r], references)
         best = next(i for i in r if labels[i] == label)
         s = spans[best]
-        out.append(Domain(int(s[0]), int(s[1]), label, totals[label], int(refs[best]), int(s[2]), int(s[3]),
+        out.append(Domain(int(s[0]), int(s[1]), label, score, int(refs[best]), int(s[2]), int(s[3]),
                           float(np.exp(-evidence[best]))))  # fmt: skip
     return sorted(out, key=lambda d: d.start)

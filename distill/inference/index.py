@@ -125,7 +125,7 @@ class ReferenceIndex:
         domains: bool = False,
     ) -> Neighbours:  # fmt: skip
         """Candidates by cosine plus those by shared k-mers, aligned and ordered by evidence; the call is their vote."""
-        from distill.inference.align import Aligner, rerank, votes  # pyopal (optional extra): only when re-ranking
+        from distill.inference.align import Aligner, decide, rerank  # pyopal (optional extra): only when re-ranking
 
         self._aligner = self._aligner or Aligner(self.sequences)
         if self.card.get("kmer"):  # and the nearest by shared k-mers (distill.inference.kmers): both prefilters' candidates
@@ -133,8 +133,7 @@ class ReferenceIndex:
             near = self._kmers.search(sequences, self.align, exclude)
             candidates = [np.concatenate([c, w[~np.isin(w, c)]]) for c, w in zip(candidates, near, strict=True)]
         ranked = rerank(self._aligner, sequences, candidates, self._lengths)
-        totals = [votes([self.labels[j] for j in r.idx], r.evidence) for r in ranked]
-        calls = [max(t, key=t.__getitem__) for t in totals]  # first among ties: the strongest single neighbour's label
+        decided = [decide([self.labels[j] for j in r.idx], r.evidence, len(self)) for r in ranked]
         idx = np.stack([r.idx[:k] for r in ranked])
         labels = [[self.labels[j] for j in row] for row in idx]
         sims = (q[:, None, :] * self.vectors[idx]).sum(-1)
@@ -144,10 +143,10 @@ class ReferenceIndex:
             for seq, r in zip(sequences, ranked, strict=True):
                 top = r.idx[:MAX_SPANS][r.evidence[:MAX_SPANS] >= MIN_EVIDENCE]
                 spans = self._aligner.spans(seq, top)
-                regions.append(segment(spans, [self.labels[j] for j in top], r.evidence[: len(top)], top))
+                regions.append(segment(spans, [self.labels[j] for j in top], r.evidence[: len(top)], top, len(self)))
         return Neighbours(
-            [[self.ids[j] for j in row] for row in idx], labels, sims, calls, np.array([t[c] for t, c in zip(totals, calls, strict=True)]),
-            np.stack([r.scores[:k] for r in ranked]), np.stack([r.evidence[:k] for r in ranked]), totals, regions,
+            [[self.ids[j] for j in row] for row in idx], labels, sims, [d[0] for d in decided], np.array([d[1] for d in decided]),
+            np.stack([r.scores[:k] for r in ranked]), np.stack([r.evidence[:k] for r in ranked]), [d[2] for d in decided], regions,
         )  # fmt: skip
 
     def check_model(self, embed_fn) -> None:  # noqa: ANN001 (sequences -> [n, dim] vectors)

@@ -266,7 +266,7 @@ def annotate(
         for result in ordered_map(ChunkWorker, worker, chunks, ray):
             if opts.embeddings is not None:
                 _save_shard(parts / f"chunk-{done['chunks']:08d}.npz", result.ids, result.vectors)
-            for f, text in ((out, result.text), (dom, result.domains)):
+            for f, text in ((out, result.text), (dom, result.domains)) if cols.domains else ((out, result.text),):
                 f.write(text.encode())
                 f.flush()
                 os.fsync(f.fileno())
