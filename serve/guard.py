@@ -99,6 +99,9 @@ class Guard:
             )
         if scope.get("method") != "POST":  # GET /embed's 405, an unknown path's 404: in the one error shape too
             return await self.app(scope, receive, self._one_shape(send))
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):  # RFC 9110: 415 for a content coding the server does not take
+            return await self._refuse(send, 415, f"compressed bodies are not supported (Content-Encoding: {encoding}); send plain JSON")
         if not headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
             return await self._refuse(
                 send, 415, f"send JSON with 'Content-Type: application/json' (got {headers.get('content-type', 'none')!r})"

@@ -135,3 +135,27 @@ def test_an_aligning_index_calls_nothing_weaker_than_its_max_evalue(world, tmp_p
     assert loose["threshold"] == pytest.approx(max(loose["target_threshold"], np.log(1e-3)))
     bad = runner.invoke(app, [*base, "-o", str(tmp_path / "bad"), "--max-evalue", "0"])
     assert bad.exit_code == 2 and "--max-evalue must be in (0, 1000], got 0.0" in bad.output
+
+
+def test_a_killed_run_resumes_both_tables_to_the_same_bytes(world, tmp_path):
+    import json
+
+    index = tmp_path / "idx"
+    run("index", str(world["root"] / "tiny"), "--data", str(world["refs"]), "--task", "pfam", "--align", "20", "-o", str(index))
+    out = tmp_path / "calls.tsv"
+    base = ["annotate", str(world["queries"]), "--model", str(world["root"] / "tiny"), "--reference", str(index), "-o", str(out),
+            "--quiet", "--chunk-records", "4"]  # fmt: skip
+    run(*base)
+    whole, domains = out.read_bytes(), (tmp_path / "calls.domains.tsv").read_bytes()
+    # the state a kill after the first chunk leaves: progress says 4 records; both files hold more (a half-written chunk)
+    first = [line.split(b"\t")[0] for line in whole.splitlines()[1:5]]
+    dom_lines = domains.splitlines(keepends=True)
+    kept = dom_lines[0] + b"".join(line for line in dom_lines[1:] if line.split(b"\t")[0] in first)
+    progress = out.with_name(out.name + ".progress.json")
+    state = json.loads(progress.read_text())
+    state |= {"complete": False, "records": 4, "ok": 4, "errors": 0, "chunks": 1, "residues": 0,
+              "bytes": len(b"".join(whole.splitlines(keepends=True)[:5])), "domain_bytes": len(kept)}  # fmt: skip
+    progress.write_text(json.dumps(state))
+    (tmp_path / "calls.domains.tsv").write_bytes(domains + b"half a row")
+    run(*base, "--resume")
+    assert out.read_bytes() == whole and (tmp_path / "calls.domains.tsv").read_bytes() == domains

@@ -50,6 +50,13 @@ def test_json_only_and_one_4xx_shape():
     assert res.status_code == 415 and res.json() == {
         "error": {"status": 415, "message": "send JSON with 'Content-Type: application/json' (got 'text/plain')"}
     }
+    import gzip
+
+    packed = gzip.compress(b'{"sequences": ["MKV"]}')
+    res = client().post("/embed", content=packed, headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert res.status_code == 415 and res.json()["error"]["message"] == (
+        "compressed bodies are not supported (Content-Encoding: gzip); send plain JSON"
+    )
     res = client().post("/embed", json={"sequences": ["bad"]})
     assert res.status_code == 400 and res.json() == {"error": {"status": 400, "message": "sequence 1: empty sequence"}}
     assert message_of(b'{"error": "x"}') == "x" and message_of(b"not json") == "not json"

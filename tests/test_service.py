@@ -239,6 +239,7 @@ def test_info_health_openapi_and_bentoml_endpoints(server):
         ("embed", {"sequences": ["MKV", " "]}, "sequence 2: empty sequence"),
         ("embed", {"sequences": ["MKV", "MKVLAJ"]}, "sequence 2: illegal residue 'J' at position 6"),
         ("embed", {"sequences": ["MKßT"]}, "sequence 1: illegal residue 'ß' at position 3"),
+        ("embed", {"sequences": ["M1ß"]}, "sequence 1: illegal residue '1' at position 2"),  # the first bad one, ASCII or not
         ("classify", {"sequences": ["Mıſﬃ"]}, "sequence 1: illegal residue 'ı' at position 2"),
         ("embed", {"sequences": ["ß" * 600], "crop": True}, "sequence 1: illegal residue 'ß' at position 1"),
         ("embed", {"sequences": ["M" * 1023]}, "sequence 1: 1023 residues exceed the limit of 1022 (ask for crop"),

@@ -49,8 +49,8 @@ def illegal_position(sequence: str) -> int | None:
     """0-based index of the first character that is not one of the 25 residue letters."""
     try:
         raw = np.frombuffer(sequence.encode("ascii"), dtype=np.uint8)
-    except UnicodeEncodeError:
-        return next(i for i, c in enumerate(sequence) if ord(c) > 127)
+    except UnicodeEncodeError:  # non-ASCII as 0 (never a residue): the first bad character of either kind is reported
+        raw = np.array([ord(c) if ord(c) < 128 else 0 for c in sequence], dtype=np.uint8)
     bad = np.flatnonzero(_LOOKUP[raw] < 0)
     return int(bad[0]) if len(bad) else None
 
