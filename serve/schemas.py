@@ -27,7 +27,7 @@ class ServeArgs(BaseModel):
     max_sequences: int = Field(SERVE.max_sequences, ge=1, description="sequences per request")
     max_residues: int = Field(SERVE.max_residues, ge=1, description="residues per request")
     max_per_residue_values: int = Field(
-        1 << 22, ge=1, description="per_residue answers: at most this many residues x dim values (~40 MB of JSON)"
+        1 << 22, ge=1, description="per_residue answers: at most this many residues x dim values (~80 MB of JSON)"
     )
     max_request_bytes: int = Field(
         SERVE.max_request_bytes, ge=0, description="request body limit in bytes (0: derived from the sequence and residue limits)"

@@ -109,4 +109,7 @@ def open_stored(
     graph = path / ("model.int8.onnx" if variant == "int8" else "model.onnx")
     if not graph.is_file():
         raise ValueError(f"this model was imported without its int8 graph ({graph} missing); re-import with --int8")
-    return resolve(graph, providers=providers, max_tokens=max_tokens)
+    from distill.inference import Inference
+    from distill.inference.onnx_backend import OnnxBackend
+
+    return Inference(OnnxBackend(graph, providers, arena=False), max_tokens)  # no arena: a burst's memory comes back

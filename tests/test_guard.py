@@ -160,7 +160,7 @@ def test_the_whole_body_has_one_deadline_so_a_dripping_client_is_cut_off():
     assert time.monotonic() - start < 1.2  # cut at the deadline, not after the last piece (1.5 s)
 
 
-def test_requests_past_the_concurrency_cap_get_503_with_retry_after_and_the_slot_comes_back():
+def test_requests_past_the_concurrency_cap_get_503_with_retry_after_and_the_slot_comes_back(monkeypatch):
     """Finding 4: 130 concurrent requests were all taken on (and the worker's memory with them); now a worker takes
     on at most max_concurrency at once, and refuses the rest at once instead of queueing them."""
     import asyncio
@@ -196,7 +196,12 @@ def test_requests_past_the_concurrency_cap_get_503_with_retry_after_and_the_slot
         done = await asyncio.gather(*first)
         return refused, done, await one()
 
+    import serve.guard
+
+    trims = []
+    monkeypatch.setattr(serve.guard, "release_memory", lambda: trims.append(guard.in_flight))
     refused, done, after = asyncio.run(burst())
+    assert trims == [0, 0]  # the heap is trimmed each time the worker falls idle: after the burst, after the last
     assert refused[0]["status"] == 503 and (b"retry-after", b"1") in refused[0]["headers"]
     assert json.loads(refused[1]["body"])["error"]["message"].startswith("the server is busy (2 requests in flight")
     assert [d[0]["status"] for d in done] == [200, 200] and after[0]["status"] == 200 and guard.in_flight == 0

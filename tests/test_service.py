@@ -428,6 +428,8 @@ def test_int8_import_with_heads_passes_and_its_engine_answers_independently_of_t
     assert import_model(str(server["bundle"]), "esm-distill-int8") != tag  # without the int8 graph: another version
     engine = open_stored(Path(get(tag).path), "student-onnx", "int8")
     assert engine.backend.max_rows == 1 and set(engine.labels) == {"pfam", "scope", "species"}
+    # the service's sessions run without ONNX Runtime's memory arena, so a burst's memory comes back (serve_memory.py)
+    assert engine.backend.session.get_session_options().enable_cpu_mem_arena is False
     mixed = engine.embed(SEQS[:8], tasks=["pfam"])
     for seq, e in zip(SEQS[:8], mixed, strict=True):
         alone = engine.embed([seq], tasks=["pfam"])[0]
