@@ -173,6 +173,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(tag: str, env: dict[str, str], extra: list[str]) -> tuple[subprocess.Popen, str]:
+    """`distill serve TAG` on a free loopback port, in its own process group; returns once /readyz answers 200."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "distill", "serve", tag, "--port", str(port), *extra]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            if urllib.request.urlopen(f"{url}/readyz", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    return proc, url
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", nargs="+", default=["small", "large"])
@@ -211,17 +226,15 @@ def main() -> None:
             embedder = open_stored(stored, backend, variant)
             first = in_process(embedder, reqs, args.seconds)
             for batching, encoding in [(b == "on", e) for b in args.batching for e in args.encoding]:
-                port = free_port()
-                cmd = [sys.executable, "-m", "distill", "serve", tag, "--port", str(port), "--backend", backend, "--variant", variant,
-                       "--max-concurrency", str(max(args.concurrency))] + (["--batching"] if batching else [])  # throughput, not the cap  # fmt: skip
-                proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-                url = f"http://127.0.0.1:{port}"
-                for _ in range(240):
-                    try:
-                        if urllib.request.urlopen(f"{url}/readyz", timeout=2).status == 200:
-                            break
-                    except OSError:
-                        time.sleep(0.5)
+                extra = [
+                    "--backend",
+                    backend,
+                    "--variant",
+                    variant,
+                    "--max-concurrency",
+                    str(max(args.concurrency)),
+                ]  # throughput, not the cap
+                proc, url = start_server(tag, env, extra + (["--batching"] if batching else []))
                 hogs = []
                 try:
                     drive(url, reqs[:50], 4, 5)  # warm-up

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from serve_load import free_port  # noqa: E402
+from serve_load import start_server  # noqa: E402
 
 from distill.core.bundle import save_bundle  # noqa: E402
 from distill.core.config import ModelConfig  # noqa: E402
@@ -86,17 +85,8 @@ def main() -> None:
 
     bundle = save_bundle(tmp / "student", build_student(ModelConfig.preset(a.preset), seed=0), a.preset)
     tag = import_model(str(bundle), f"memory-{a.preset}")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "distill", "serve", tag, "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server(tag, env, [])
     try:
-        for _ in range(240):
-            try:
-                if urllib.request.urlopen(f"{url}/readyz", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
         rng = np.random.default_rng(0)
         letters = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
         seqs = ["".join(rng.choice(letters, 1022)) for _ in range(64)]
