@@ -38,6 +38,19 @@ class ServeDefaults:
 
 SERVE = ServeDefaults()
 
+
+@dataclass(frozen=True)
+class AnnotateDefaults:
+    """`distill annotate`'s defaults: the recipe's Options and the command line read them here."""
+
+    top_k: int = 1  # labels per task and record
+    long_policy: str = "windows"  # over 1,022 residues: overlapping windows, averaged (or crop)
+    chunk_records: int = 1024  # the unit of length sorting, of resume and of Ray tasks
+    reference_k: int = 3  # reference neighbours per record
+
+
+ANNOTATE = AnnotateDefaults()
+
 # Layers / dim / heads from the study; the FFN is 2 x dim, which is what gives its counts.
 PRESETS: dict[str, dict[str, int]] = {
     "small": {"layers": 8, "dim": 128, "heads": 2, "ffn": 256},  # 1.2M parameters

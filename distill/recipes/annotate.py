@@ -28,6 +28,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from distill.core.config import ANNOTATE
 from distill.core.fasta import count_records, iter_records
 from distill.core.io import atomic_path, atomic_write, atomic_write_json, read_json_object
 from distill.inference import Inference
@@ -104,15 +105,15 @@ class Options:
     """What ``distill annotate`` was asked for, besides input, model and output."""
 
     tasks: list[str] | None = None
-    top_k: int = 1
+    top_k: int = ANNOTATE.top_k
     embeddings: Path | None = None
-    long_policy: str = "windows"
+    long_policy: str = ANNOTATE.long_policy
     resume: bool = False
-    chunk_records: int = 1024
+    chunk_records: int = ANNOTATE.chunk_records
     quiet: bool = False
     min_probability: float | None = None  # overrides every head's calibrated threshold
     reference: Path | None = None  # a `distill index` directory: nearest references beside the calls
-    reference_k: int = 3
+    reference_k: int = ANNOTATE.reference_k
     shard: tuple[int, int] | None = None  # (I, N): this run handles the I-th of N contiguous record ranges (0-based)
 
 
