@@ -1,4 +1,4 @@
-"""The GPU benchmark can only run on a CUDA machine; its --smoke mode keeps the script from rotting."""
+"""Benchmark scripts that do not run in CI: the GPU one in --smoke mode, the proteome scoring by hand."""
 
 import subprocess
 import sys
@@ -12,3 +12,29 @@ def test_gpu_benchmark_script_runs_in_smoke_mode():
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "A. teacher inference: fair-esm" in res.stdout and "B. student training" in res.stdout
+
+
+def test_proteome_scoring_by_hand(tmp_path):
+    """benchmarks/proteome_calls.py's score: agreement, recall and domain overlap against HMMER, on four proteins."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from proteome_calls import overlap, score, wilson
+
+    truth = {  # protein -> HMMER domain hits (label, i-Evalue, envelope from, to)
+        "p1": [("A", 1e-20, 10, 110)],
+        "p2": [("B", 1e-3, 1, 80)],  # agrees at 0.01, not at 1e-5
+        "p3": [("C", 1e-8, 5, 60)],  # HMMER-assigned, not called: a recall miss
+    }
+    head = "id\tlength\tref_call\tstatus\n"
+    (tmp_path / "c.tsv").write_text(head + "p1\t200\tA\tok\np2\t90\tB\tok\np3\t70\t-\tok\np4\t50\tA\tok\n")
+    doms = "id\tdomain\tstart\tend\tlabel\tverdict\n"
+    doms += "p1\t1\t20\t100\tA\tcall\np2\t1\t70\t150\tB\tcall\np4\t1\t1\t50\tA\tcall\np3\t1\t5\t60\tC\trelated\n"
+    (tmp_path / "c.domains.tsv").write_text(doms)
+    r = score(tmp_path / "c.tsv", truth, ["p1", "p2", "p3", "p4"])
+    # calls p1 A (right), p2 B (right at 0.01 only), p4 A (HMMER finds nothing): 2/3 agree at 0.01, 1/3 at 1e-5
+    assert (r["calls"], r["calls_on_hmmer_negative"], r["hmmer_assigned_1e-5"]) == (3, 1, 2)
+    assert r["agree_0.01"] == 2 / 3 and r["agree_1e-05"] == 1 / 3 and r["recall_1e-5"] == 1 / 2  # p1 of {p1, p3}
+    # domain calls p1, p2, p4 (p3's is related): agreed p1 (20-100 inside 10-110: overlap 1) and p2 (70-150 vs 1-80:
+    # 11 shared of the shorter 80 -> 0.1375, under half)
+    assert overlap((70, 150), (1, 80)) == 11 / 80
+    assert r["domain_calls"] == 3 and r["domain_agree_0.01"] == 2 / 3 and r["domain_overlap_50"] == 1 / 2
+    assert wilson(0, 0) == [0.0, 1.0] and wilson(15, 27) == [0.373, 0.724]
