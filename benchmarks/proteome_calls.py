@@ -250,11 +250,9 @@ def table(results: dict) -> str:
     for key, r in results.items():
         variant, name = key.split("/")
         ci, rci = r["agree_0.01_ci"], r["recall_1e-5_ci"]
+        domains = f"{r['domain_calls']} | {r['domain_overlap_50']:.3f}" if "domain_calls" in r else " | "  # none before domains
         rows.append(f"| {variant} | {name} | {r['calls']} | {r['agree_0.01']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {r['agree_1e-05']:.3f} "
-                    f"| {r['calls_on_hmmer_negative']} | {r['recall_1e-5']:.3f} [{rci[0]:.3f}, {rci[1]:.3f}] | {r.get('domain_calls', '')} "
-                    f"| {r['domain_overlap_50']:.3f} |" if "domain_calls" in r else
-                    f"| {variant} | {name} | {r['calls']} | {r['agree_0.01']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {r['agree_1e-05']:.3f} "
-                    f"| {r['calls_on_hmmer_negative']} | {r['recall_1e-5']:.3f} [{rci[0]:.3f}, {rci[1]:.3f}] | | |")  # fmt: skip
+                    f"| {r['calls_on_hmmer_negative']} | {r['recall_1e-5']:.3f} [{rci[0]:.3f}, {rci[1]:.3f}] | {domains} |")  # fmt: skip
     return "\n".join(rows)
 
 

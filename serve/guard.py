@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import hmac
 import json
 from collections.abc import Awaitable, Callable
@@ -77,12 +78,19 @@ def parse_body(body: bytes) -> tuple[Any, str | None]:
     return obj, None
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # no glibc (musl, macOS): nothing to trim
+        return None
+
+
 def release_memory() -> None:
     """glibc's ``malloc_trim(0)``: freed heap pages go back to the OS; a no-op where there is no glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 class Guard:

@@ -224,7 +224,7 @@ class EsmDistillService:
         if index is not None:
             vectors = np.array([r["mean"] for r in rows], dtype=np.float32)
             # faiss + alignment: CPU work off the event loop
-            nn = await asyncio.to_thread(index.search, vectors, top_k, prepared.pieces, None, bool(index.align))
+            nn = await asyncio.to_thread(index.search, vectors, top_k, prepared.pieces, domains=bool(index.align))
             scores = nn.scores if nn.scores is not None else np.zeros_like(nn.similarities)
             evidence = nn.evidence if nn.evidence is not None else np.full_like(nn.similarities, np.nan)
             for i, c in enumerate(out):
@@ -238,8 +238,7 @@ class EsmDistillService:
                 c.reference_score = float(nn.call_scores[i])
                 c.domains = [
                     DomainHit(start=d.start, end=d.end, label=d.label, verdict=v, evalue=d.evalue, ref_id=index.ids[d.ref])
-                    for d in (nn.domains[i] if nn.domains is not None else [])
-                    if (v := index.verdict(d.label, d.score)) != "no-call"
+                    for d, v in index.reported(nn.domains[i] if nn.domains is not None else [])
                 ]
         return out
 

@@ -87,6 +87,23 @@ def write_labelled(path: Path, records: list) -> Path:
     return path
 
 
+def pfam_examples(families: tuple[str, ...]) -> dict[str, list]:
+    """The bundled Pfam sample's records of ``families``, in file order (``distill.core.fasta.Record``)."""
+    from distill.core.fasta import read_fasta
+
+    records = list(read_fasta(EXAMPLES / "pfam.fasta"))
+    return {f: [r for r in records if r.description == f] for f in families}
+
+
+def tiny_bundle(path: Path, seed: int = 0) -> Path:
+    """A 2-layer, 32-dim student bundle with random weights: a model for tests that need any model."""
+    from distill.core.bundle import save_bundle
+    from distill.core.config import ModelConfig
+    from distill.core.model import build_student
+
+    return save_bundle(path, build_student(ModelConfig(layers=2, dim=32, heads=2, ffn=64), seed=seed), None)
+
+
 def write_small_fasta(directory: Path) -> Path:
     """60 real Pfam domains (SH3, WW, zf-C2H2: 20 each) from the bundled sample, for quick training runs."""
     from distill.core.fasta import read_fasta

@@ -5,14 +5,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import EXAMPLES, write_labelled
+from conftest import pfam_examples, tiny_bundle, write_labelled
 from typer.testing import CliRunner
 
 from distill.cli.app import app
-from distill.core.bundle import save_bundle
-from distill.core.config import ModelConfig
-from distill.core.fasta import Record, read_fasta
-from distill.core.model import build_student
+from distill.core.fasta import Record
 from distill.inference.domains import overlap, segment
 from distill.inference.index import ReferenceIndex, load_index
 
@@ -57,9 +54,8 @@ def test_background_thresholds_by_hand():
 def world(tmp_path_factory) -> dict:
     """An index of 3 families; queries of those and of a 4th family; the 4th family's others as a background."""
     root = tmp_path_factory.mktemp("domains")
-    records = list(read_fasta(EXAMPLES / "pfam.fasta"))
-    by = {f: [r for r in records if r.description == f] for f in (*IN, OUT)}
-    save_bundle(root / "tiny", build_student(ModelConfig(layers=2, dim=32, heads=2, ffn=64), seed=0), None)
+    by = pfam_examples((*IN, OUT))
+    tiny_bundle(root / "tiny")
     fused = [Record(f"{a.id}+{b.id}", "", a.sequence + b.sequence, 0) for a, b in zip(by[IN[0]][10:12], by[IN[2]][10:12], strict=True)]
     queries = [r for f in IN for r in by[f][10:13]] + by[OUT][:3] + fused
     return {

@@ -4,14 +4,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EXAMPLES, write_labelled
+from conftest import pfam_examples, tiny_bundle, write_labelled
 from typer.testing import CliRunner
 
 from distill.cli.app import app
-from distill.core.bundle import save_bundle
-from distill.core.config import ModelConfig
 from distill.core.fasta import read_fasta
-from distill.core.model import build_student
 from distill.inference.index import IndexError_, ReferenceIndex, load_index
 from distill.inference.kmers import KmerIndex, words
 
@@ -24,10 +21,9 @@ OLD, NEW = ("PF00004", "PF00005", "PF00072"), "PF00076"
 @pytest.fixture(scope="module")
 def refs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("index")
-    records = list(read_fasta(EXAMPLES / "pfam.fasta"))
-    by = {f: [r for r in records if r.description == f] for f in (*OLD, NEW)}
-    save_bundle(root / "tiny", build_student(ModelConfig(layers=2, dim=32, heads=2, ffn=64), seed=0), None)
-    save_bundle(root / "other", build_student(ModelConfig(layers=2, dim=32, heads=2, ffn=64), seed=1), None)
+    by = pfam_examples((*OLD, NEW))
+    tiny_bundle(root / "tiny")
+    tiny_bundle(root / "other", seed=1)
     return {
         "root": root,
         "old": write_labelled(root / "old.fasta", [r for f in OLD for r in by[f][:10]]),

@@ -5,7 +5,7 @@ hmmscan's domain table answers with one row per domain and its coordinates; this
 strongest hits of a query (already aligned for its call) are re-aligned with coordinates (``Aligner.spans``), then
 read in order of evidence: a hit whose query span overlaps a region found before by at least half (of the shorter
 span) joins that region, any other hit starts a new one. A region's call is the vote of its own hits (the same
-vote as the protein's call, ``distill.inference.align.votes``), its coordinates those of the called label's strongest
+rule as the protein's call, ``distill.inference.align.decide``), its coordinates those of the called label's strongest
 hit in it.
 """
 

@@ -88,6 +88,10 @@ class ReferenceIndex:
         """A label's own threshold where a background proteome raised it (``--background``), else the global one."""
         return float(self.card.get("calibration", {}).get("labels", {}).get(label, self.threshold))
 
+    def reported(self, domains: list[Domain]) -> list[tuple[Domain, str]]:
+        """The regions worth a row, with their verdicts: those clearing the global threshold (call or related)."""
+        return [(d, v) for d in domains if (v := self.verdict(d.label, d.score)) != "no-call"]
+
     def verdict(self, label: str, score: float) -> str:
         """call (a member), related (significant, but below the label's member threshold) or no-call."""
         if score >= self.threshold_for(label):

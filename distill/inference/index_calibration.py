@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from distill.core.calibration import shuffled, threshold_for_precision
+from distill.core.calibration import Threshold, shuffled, threshold_for_precision
 from distill.core.config import DEFAULT_MAX_EVALUE, DEFAULT_TARGET_PRECISION
 from distill.inference.index import CALL_SCORE, MAX_LEFT_OUT, MAX_NEGATIVES, N_CHECK, IndexError_, ReferenceIndex, normalise
 
@@ -62,7 +62,7 @@ def calibrate_calls(
     if index.align and th.threshold < -np.log(max_evalue):
         floor = float(-np.log(max_evalue))
         made = pool >= floor
-        th = th.__class__(floor, float(right[made].mean()) if made.any() else 1.0, float(right[made].sum()) / n, th.reached)
+        th = Threshold(floor, float(right[made].mean()) if made.any() else 1.0, float(right[made].sum()) / n, th.reached)
     return {"threshold": th.threshold, "score": CALL_SCORE if index.align else "cosine", "target_precision": target,
             "precision": th.precision, "coverage": th.coverage, "reached": th.reached,
             "leave_one_out_accuracy": float(correct.mean()), "n_negatives": len(neg) - len(outside),

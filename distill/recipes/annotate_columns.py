@@ -87,12 +87,8 @@ class Columns:
 
     def domain_rows(self, rid: str, domains: list) -> str:
         """One row per region whose vote clears the global threshold (weaker regions are not significant hits)."""
-        out, n = [], 0
-        for d in domains:
-            verdict = self.reference.verdict(d.label, d.score)
-            if verdict == "no-call":
-                continue
-            n += 1
+        out = []
+        for n, (d, verdict) in enumerate(self.reference.reported(domains), 1):
             cells = [clean(rid), str(n), str(d.start), str(d.end), d.label, verdict, f"{d.score:.4f}", f"{d.evalue:.2g}",
                      clean(self.reference.ids[d.ref]), str(d.ref_start), str(d.ref_end)]  # fmt: skip
             out.append("\t".join(cells) + "\n")
