@@ -1,7 +1,7 @@
 """Calls on whole proteomes, scored against HMMER profiles of the same label set (the open-world benchmark).
 
     python benchmarks/proteome_calls.py OUT [--model random:small] [--per-family 200] [--align 200]
-                                            [--report ecoli,kuenenia] [--variants plain,background]
+                                            [--report ecoli,kuenenia] [--variants plain,background,head-plain,head]
 
 Closed test sets (held-out Pfam domains) say how well a call is made when the answer is one of the labels. A
 proteome asks the other question: most of its proteins belong to none of the labels, and many hold a relative of
@@ -15,7 +15,11 @@ one as a domain. Stages, each skipped when its output exists:
               hmmbuild, pyfamsa + pyhmmer): every domain hit with its i-Evalue and envelope.
   3. index    OUT/index-VARIANT: `distill index MODEL --data refs --align N` (plain) and the same with
               ``--background`` (per-label thresholds from real non-members).
-  4. annotate OUT/calls-VARIANT/NAME.tsv (+ .domains.tsv): `distill annotate PROTEOME --reference INDEX`.
+     finetune OUT/finetune-VARIANT: the fine-tuned heads' variants, `distill finetune MODEL --data refs --task pfam`
+              (head-plain: defaults, one mean embedding per protein) and the same with ``--background`` (head: real
+              negatives, flanked training windows, per-label thresholds, a head that scans proteins in windows).
+  4. annotate OUT/calls-VARIANT/NAME.tsv (+ .domains.tsv): `distill annotate PROTEOME --reference INDEX`, or
+              `--model OUT/finetune-VARIANT/model` for the heads (their call: the TSV's pfam_label_1).
   5. score    per proteome and variant (``--stages score --variants old`` scores OUT/calls-old/, made elsewhere): calls, agreement with HMMER (the called label has an HMMER domain in the protein
               at i-Evalue <= 0.01 and <= 1e-5), recall of the proteins HMMER assigns at <= 1e-5, calls on proteins
               where HMMER finds none of the labels at 0.01, and for agreed domain calls the share whose coordinates
@@ -135,23 +139,28 @@ def build_index(out: Path, variant: str, model: str, align: int) -> Path:
     return index
 
 
-def annotate(out: Path, variant: str, index: Path, model: str, name: str) -> Path:
+HEADS = {"head-plain": [], "head": ["--background"]}  # the fine-tuned heads' variants: extra finetune options
+
+
+def fine_tune(out: Path, variant: str, model: str) -> Path:
+    run = out / f"finetune-{variant}"
+    if not (run / "model" / "heads" / "pfam" / "labels.json").is_file():
+        extra = ["--background", str(out / "data" / f"{BACKGROUND}.fasta")] if HEADS[variant] else []
+        resume = ["--resume"] if (run / "checkpoint.json").is_file() else []
+        distill(
+            "finetune", model, "--data", str(out / "data" / "refs.fasta"), "--task", "pfam", "--out", str(run), "--quiet", *extra, *resume
+        )
+    return run / "model"
+
+
+def annotate(out: Path, variant: str, model: str, name: str, index: Path | None = None) -> Path:
+    """The proteome annotated with the index (``index``) or with a fine-tuned bundle as ``model``."""
     calls = out / f"calls-{variant}" / f"{name}.tsv"
     if not calls.is_file() or not json.loads(calls.with_name(calls.name + ".progress.json").read_text()).get("complete"):
         calls.parent.mkdir(exist_ok=True)
         resume = ["--resume"] if calls.with_name(calls.name + ".progress.json").is_file() else []
-        distill(
-            "annotate",
-            str(out / "data" / f"{name}.fasta"),
-            "--model",
-            model,
-            "--reference",
-            str(index),
-            "-o",
-            str(calls),
-            "--quiet",
-            *resume,
-        )
+        reference = ["--reference", str(index)] if index is not None else []
+        distill("annotate", str(out / "data" / f"{name}.fasta"), "--model", str(model), *reference, "-o", str(calls), "--quiet", *resume)
     return calls
 
 
@@ -177,11 +186,12 @@ def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
     return [round(float(c - h), 3), round(float(c + h), 3)]
 
 
-def score(calls: Path, truth: dict, proteins: list[str]) -> dict:
-    """Protein-level calls (the TSV's ref_call) and domain rows (the .domains.tsv, when written) against HMMER."""
+def score(calls: Path, truth: dict, proteins: list[str], column: str = "ref_call") -> dict:
+    """Protein-level calls (the TSV's ``column``: ref_call, or a head's pfam_label_1) and domain rows (the
+    .domains.tsv, when written: the index's, or the head's for a head's column) against HMMER."""
     with open(calls) as f:
         rows = {r["id"]: r for r in csv.DictReader(f, delimiter="\t")}
-    called = {p: rows[p]["ref_call"] for p in proteins if rows.get(p, {}).get("ref_call", "-") not in ("-", "")}
+    called = {p: rows[p][column] for p in proteins if rows.get(p, {}).get(column, "-") not in ("-", "")}
     labels_at = {e: {p: {h[0] for h in truth.get(p, []) if h[1] <= e} for p in proteins} for e in AGREE_EVALUES}
     assigned = [p for p in proteins if labels_at[1e-5][p]]
     res = {"proteins": len(proteins), "hmmer_assigned_1e-5": len(assigned), "calls": len(called)}
@@ -194,13 +204,13 @@ def score(calls: Path, truth: dict, proteins: list[str]) -> dict:
     res["recall_1e-5"], res["recall_1e-5_ci"] = found / max(len(assigned), 1), wilson(found, len(assigned))
     domains_path = calls.with_name(calls.name.removesuffix(".tsv") + ".domains.tsv")
     if domains_path.is_file():
-        res |= score_domains(domains_path, truth, labels_at, assigned)
+        res |= score_domains(domains_path, truth, labels_at, assigned, "reference" if column == "ref_call" else column.split("_")[0])
     return res
 
 
-def score_domains(path: Path, truth: dict, labels_at: dict, assigned: list[str]) -> dict:
-    with open(path) as f:
-        doms = [r for r in csv.DictReader(f, delimiter="\t") if r["verdict"] == "call"]
+def score_domains(path: Path, truth: dict, labels_at: dict, assigned: list[str], source: str = "reference") -> dict:
+    with open(path) as f:  # tables written before heads scanned have no source column: all rows are the index's
+        doms = [r for r in csv.DictReader(f, delimiter="\t") if r["verdict"] == "call" and r.get("source", "reference") == source]
     agreed = [d for d in doms if d["label"] in labels_at[1e-2].get(d["id"], set())]
     good = 0
     for d in agreed:
@@ -219,8 +229,8 @@ def main() -> None:
     ap.add_argument("--per-family", type=int, default=200)
     ap.add_argument("--align", type=int, default=200)
     ap.add_argument("--report", default="ecoli,kuenenia", help="proteomes to score besides the development one")
-    ap.add_argument("--variants", default="plain,background")
-    ap.add_argument("--stages", default="data,hmmer,index,annotate,score")
+    ap.add_argument("--variants", default="plain,background,head-plain,head")
+    ap.add_argument("--stages", default="data,hmmer,index,finetune,annotate,score")
     a = ap.parse_args()
     stages = a.stages.split(",")
     if "data" in stages:
@@ -230,12 +240,17 @@ def main() -> None:
     names = [DEVELOPMENT, *[n for n in a.report.split(",") if n]]
     results = {}
     for variant in a.variants.split(","):
-        index = build_index(a.out, variant, a.model, a.align) if "index" in stages else None
+        head = variant in HEADS
+        if head:
+            model, index = fine_tune(a.out, variant, a.model) if "finetune" in stages else a.out / f"finetune-{variant}" / "model", None
+        else:
+            model, index = a.model, build_index(a.out, variant, a.model, a.align) if "index" in stages else None
         for name in names:
-            calls = annotate(a.out, variant, index, a.model, name) if "annotate" in stages else a.out / f"calls-{variant}" / f"{name}.tsv"
+            calls = annotate(a.out, variant, model, name, index) if "annotate" in stages else a.out / f"calls-{variant}" / f"{name}.tsv"
             if "score" in stages and calls.is_file():
                 proteins = [h.split()[0] for h, _ in _read_fasta((a.out / "data" / f"{name}.fasta").read_text().splitlines())]
-                results[f"{variant}/{name}"] = r = score(calls, read_hmmer(a.out / "hmmer" / f"{name}.tsv"), proteins)
+                truth = read_hmmer(a.out / "hmmer" / f"{name}.tsv")
+                results[f"{variant}/{name}"] = r = score(calls, truth, proteins, "pfam_label_1" if head else "ref_call")
                 print(variant, name, json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
     if results:
         (a.out / f"results-{'-'.join(a.variants.split(','))}.json").write_text(json.dumps(results, indent=1))
@@ -244,7 +259,7 @@ def main() -> None:
 
 def table(results: dict) -> str:
     """The markdown table of docs/results.md."""
-    rows = ["| index | proteome | calls | agree with HMMER (i-E <= 0.01) [95% CI] | at <= 1e-5 | calls on HMMER-negative proteins "
+    rows = ["| calls by | proteome | calls | agree with HMMER (i-E <= 0.01) [95% CI] | at <= 1e-5 | calls on HMMER-negative proteins "
             "| recall of HMMER's <= 1e-5 proteins [95% CI] | domain calls | domains overlapping HMMER's envelope >= 50% |",
             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for key, r in results.items():

@@ -88,10 +88,12 @@ class Neighbour(BaseModel):
 class DomainHit(BaseModel):
     start: int = Field(description="1-based first residue of the region on the query")
     end: int = Field(description="1-based last residue (inclusive)")
-    label: str = Field(description="the region's vote among the references that hit it")
+    label: str = Field(description="the region's label: the references' vote, or a scanning head's top label")
     verdict: str = Field(description="call: clears the label's threshold; related: significant, below the label's member threshold")
-    evalue: float = Field(description="E-value of the strongest reference hit in the region, over the whole index")
-    ref_id: str = Field(description="that reference")
+    evalue: float = Field(description="E-value of the strongest reference hit in the region, over the whole index (a head: -1)")
+    score: float = Field(0.0, description="the index's vote (-ln E), or the head's probability in the region's best window")
+    ref_id: str = Field("", description="that reference (a head: empty)")
+    source: str = Field("reference", description="reference (the index), or the task of a head that scans whole proteins")
 
 
 class Classified(BaseModel):
@@ -112,7 +114,9 @@ class Classified(BaseModel):
         "", description="an aligning index's vote when significant but below that label's member threshold: a homologue, not called"
     )
     domains: list[DomainHit] = Field(
-        default_factory=list, description="an aligning index: each region of the query where references hit significantly, in order"
+        default_factory=list,
+        description="each region of the query where an aligning index's references hit significantly, in order, then each "
+        "domain a scanning head calls",
     )
 
 
@@ -152,6 +156,9 @@ class InfoResponse(BaseModel):
     dim: int
     labels: dict[str, list[str]]
     min_probability: dict[str, float] = Field(description="per task, the calibrated no-call threshold (0: none)")
+    calibration: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per task, the head's calibration: per-label thresholds, scan windows, background"
+    )
     reference_index: dict[str, Any] = Field(default_factory=dict, description="the reference index, when configured")
     max_length: int
     max_sequences: int

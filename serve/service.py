@@ -32,6 +32,7 @@ from distill.core import tokens
 from distill.inference import SequenceError, resolve
 from distill.inference import top_k as best
 from distill.inference.index import load_index
+from distill.inference.scan import Scan, segment, spans
 from distill.inference.sequences import Pieces, prepare
 from serve import slow_clients
 from serve.guard import Guard, limit_for
@@ -113,6 +114,11 @@ def check_tasks(tasks: tuple[str, ...], labels: dict[str, list[str]], top_k: int
     if not 1 <= top_k <= min(MAX_TOP_K, *(len(labels[t]) for t in tasks)):
         raise InvalidArgument(f"top_k must be between 1 and {min(MAX_TOP_K, *(len(labels[t]) for t in tasks))}, got {top_k}")
     return tasks
+
+
+def threshold_for(card: dict[str, Any], task: str, label: str) -> float:
+    """A label's calibrated threshold: its own where a background proteome raised it, else the head's."""
+    return float(card.get("calibration", {}).get(task, {}).get("labels", {}).get(label, card["min_probability"].get(task, 0.0)))
 
 
 def top_calls(probabilities: dict[str, list[float]], labels: dict[str, list[str]], tasks: list[str], top_k: int) -> dict[str, list[Call]]:
@@ -216,11 +222,15 @@ class EsmDistillService:
     async def classified(self, rows: list[dict[str, Any]], prepared: Pieces, tasks: list[str], top_k: int) -> list[Classified]:
         """Calls with no-call flags (+ reference neighbours), one per prepared sequence."""
         card, index = await self.card(), await self.index()
+        scans = await self.scans(card, prepared.pieces, tasks)
         out = []
-        for r, long in zip(rows, prepared.long, strict=True):
-            calls = top_calls(r["probabilities"], card["labels"], tasks, top_k)
-            no_call = {t: calls[t][0].probability < card["min_probability"].get(t, 0.0) for t in tasks}
-            out.append(Classified(calls=calls, no_call=no_call, cropped=long))
+        for i, (r, long) in enumerate(zip(rows, prepared.long, strict=True)):
+            probabilities = r["probabilities"] | {t: s[i].best for t, s in scans.items()}  # a scanning head: best windows
+            calls = top_calls(probabilities, card["labels"], tasks, top_k)
+            no_call = {t: calls[t][0].probability < threshold_for(card, t, calls[t][0].label) for t in tasks}
+            domains = [DomainHit(start=d.start, end=d.end, label=d.label, verdict="call", evalue=-1.0, score=d.score, source=t)
+                       for t, s in scans.items() for d in segment(s[i], card["labels"][t], lambda label, t=t: threshold_for(card, t, label))]  # fmt: skip
+            out.append(Classified(calls=calls, no_call=no_call, cropped=long, domains=domains))
         if index is not None:
             vectors = np.array([r["mean"] for r in rows], dtype=np.float32)
             # faiss + alignment: CPU work off the event loop
@@ -237,9 +247,21 @@ class EsmDistillService:
                 c.related_to = nn.calls[i] if verdict == "related" else ""
                 c.reference_score = float(nn.call_scores[i])
                 c.domains = [
-                    DomainHit(start=d.start, end=d.end, label=d.label, verdict=v, evalue=d.evalue, ref_id=index.ids[d.ref])
+                    DomainHit(start=d.start, end=d.end, label=d.label, verdict=v, evalue=d.evalue, score=d.score, ref_id=index.ids[d.ref])
                     for d, v in index.reported(nn.domains[i] if nn.domains is not None else [])
-                ]
+                ] + c.domains
+        return out
+
+    async def scans(self, card: dict[str, Any], sequences: list[str], tasks: list[str]) -> dict[str, list[Scan]]:
+        """Per scanning head (one calibrated on a background proteome), every sequence's windows through the student."""
+        out = {}
+        for t in tasks:
+            if (how := card.get("calibration", {}).get(t, {}).get("scan")) is None:
+                continue
+            cut = [spans(len(s), how["window"], how["stride"]) for s in sequences]
+            rows = await self.run([s[a:b] for s, sp in zip(sequences, cut, strict=True) for a, b in sp])
+            ends = np.cumsum([len(sp) for sp in cut])
+            out[t] = [Scan(sp, np.array([r["probabilities"][t] for r in rows[e - len(sp) : e]])) for sp, e in zip(cut, ends, strict=True)]
         return out
 
     async def card(self) -> dict[str, Any]:

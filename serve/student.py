@@ -49,6 +49,7 @@ class Student:
             "dim": self.embedder.dim,
             "labels": self.embedder.labels,
             "min_probability": getattr(self.embedder, "thresholds", {}),
+            "calibration": getattr(self.embedder, "calibrations", {}),
         }
 
 

@@ -81,7 +81,7 @@ def test_a_bundle_exports_to_hf_with_tokenizer_heads_and_card_and_comes_back(tmp
     # round trip: the HF directory is a teacher for `fit` and a model for `annotate`
     fasta = write_fasta(tmp_path / "in.fa", [(f"s{i}", s) for i, s in enumerate(real_sequences)])
     res = runner.invoke(app, ["fit", str(fasta), "--teacher", str(out), "--preset", "custom", "--layers", "1", "--dim", "16",
-                              "--heads", "2", "--epochs", "1", "--batch-size", "4", "--valid-fraction", "0", "--out", str(tmp_path / "run"), "--quiet"])  # fmt: skip
+                              "--attention-heads", "2", "--epochs", "1", "--batch-size", "4", "--valid-fraction", "0", "--out", str(tmp_path / "run"), "--quiet"])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "run" / "student" / "config.json").read_text())["training"]["teacher"] == str(out)
     res = runner.invoke(app, ["annotate", str(fasta), "--model", str(out), "-o", str(tmp_path / "a.tsv"), "--quiet"])

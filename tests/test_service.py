@@ -141,7 +141,7 @@ def server(tmp_path_factory):
         str(port),
         "--compare-with",
         str(TEACHER),
-        "--compare-heads",
+        "--compare-head-dir",
         str(root / "teacher-heads"),
         "--reference",
         str(root / "index"),
@@ -368,7 +368,7 @@ def test_esm1b_backend_serves_a_fair_esm_checkpoint_with_its_heads(server):
 
     port = free_port()
     heads = server["root"] / "teacher-heads"
-    cmd = [sys.executable, "-m", "distill", "serve", str(TEACHER), "--backend", "esm1b", "--heads", str(heads), "--port", str(port)]
+    cmd = [sys.executable, "-m", "distill", "serve", str(TEACHER), "--backend", "esm1b", "--head-dir", str(heads), "--port", str(port)]
     proc = subprocess.Popen(cmd, env=server["env"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

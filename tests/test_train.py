@@ -124,7 +124,7 @@ def _cli(spawn, *args: str) -> subprocess.Popen:
 def _cli_args(fasta, out, teacher, epochs=3) -> list[str]:
     return [
         "fit", str(fasta), "--out", str(out), "--teacher", str(teacher), "--preset", "custom", "--layers", "2", "--dim", "32",
-        "--heads", "4", "--epochs", str(epochs), "--batch-size", "4", "--max-tokens", "600", "--lr", "3e-3", "--quiet",
+        "--attention-heads", "4", "--epochs", str(epochs), "--batch-size", "4", "--max-tokens", "600", "--lr", "3e-3", "--quiet",
     ]  # fmt: skip
 
 

@@ -183,7 +183,7 @@ def test_a_causal_teachers_cache_runs_it_once_for_every_view_and_equals_the_live
 
     args = ["fit", str(fasta), "--out", str(tmp_path / "run"), "--teacher-cache", str(out), "--epochs", "2", "--batch-size", "16",
             "--max-tokens", "4000", "--quiet", "--lam", "0.5", "--rep-weight", "1", "--valid-fraction", "0", "--preset", "custom",
-            "--layers", "2", "--dim", "32", "--heads", "4"]  # fmt: skip
+            "--layers", "2", "--dim", "32", "--attention-heads", "4"]  # fmt: skip
     res = CliRunner().invoke(app, args)  # through the command line, as the docs show it
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"train"' in line]

@@ -19,7 +19,7 @@ import typer
 from distill.cli import calls as cli_calls
 from distill.cli import probe as cli_probe
 from distill.cli import run as cli_run
-from distill.cli.options import Commands, GpusPerWorker, RayAddress, Shard, Threads, Workers, console
+from distill.cli.options import Commands, Device, GpusPerWorker, MaxTokens, RayAddress, Shard, Threads, Workers, console
 from distill.core.config import DEFAULT_TEACHER, PRESET_TRAINING, TRAIN_MAX_TOKENS, FitConfig
 
 app = typer.Typer(
@@ -57,7 +57,7 @@ def fit(
     ] = None,
     layers: Annotated[int | None, typer.Option(help="Override the preset's layers.")] = None,
     dim: Annotated[int | None, typer.Option(help="Override the preset's embedding dim (FFN follows as 2 x dim).")] = None,
-    heads: Annotated[int | None, typer.Option(help="Override the preset's attention heads.")] = None,
+    heads: Annotated[int | None, typer.Option("--attention-heads", help="Override the preset's attention heads.")] = None,
     ffn: Annotated[int | None, typer.Option(help="Override the FFN width.")] = None,
     teacher: Annotated[
         str | None,
@@ -125,9 +125,9 @@ def teacher_cache_cmd(
     views: Annotated[int, typer.Option(help="K fixed maskings per sequence; training epoch e uses view e mod K.")] = 1,
     seed: Annotated[int, typer.Option(help="Masking seed: must equal the --seed of the runs that use the cache.")] = D.seed,
     mask_rate: Annotated[float, typer.Option(help="Fraction of residues masked: must equal the runs' --mask-rate.")] = D.mask_rate,
-    max_tokens: Annotated[int, typer.Option(help="Token budget of one teacher forward pass.")] = TRAIN_MAX_TOKENS,
+    max_tokens: MaxTokens = TRAIN_MAX_TOKENS,
     shard_size: Annotated[int, typer.Option(help="Records per shard file.")] = 4096,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = D.device,
+    device: Device = D.device,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     shard: Shard = None,
     ray: RayAddress = None,
@@ -154,9 +154,9 @@ def teacher_cache_cmd(
 def perplexity(
     model: Annotated[str, typer.Argument(help="Student bundle directory, fair-esm model name, or fair-esm .pt.")],
     fasta: Annotated[Path, typer.Argument(help="FASTA to evaluate on.")],
-    max_tokens: Annotated[int, typer.Option(help="Token budget per forward pass.")] = TRAIN_MAX_TOKENS,
+    max_tokens: MaxTokens = TRAIN_MAX_TOKENS,
     mask_rate: Annotated[float, typer.Option(help="Fraction of residues masked.")] = D.mask_rate,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = D.device,
+    device: Device = D.device,
 ) -> None:
     """Masked-LM perplexity with the fixed evaluation masking (comparable across models)."""
     from distill.recipes.perplexity import perplexity_of

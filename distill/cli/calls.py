@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from distill.cli.options import SPECS, GpusPerWorker, RayAddress, Shard, Threads, Workers, console
+from distill.cli.options import SPECS, Device, GpusPerWorker, MaxTokens, RayAddress, Shard, Threads, Workers, console
 from distill.core.config import CLASS_WEIGHTS, DEFAULT_MAX_EVALUE, DEFAULT_TARGET_PRECISION, FinetuneConfig
 
 D = FinetuneConfig(model="", data=[], task="", out="")  # the defaults
@@ -40,7 +40,7 @@ def finetune(
     epochs: Annotated[int, typer.Option(help="At most this many epochs (early stopping may end sooner).")] = D.epochs,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, 5% warm-up, cosine decay).")] = D.lr,
     batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step.")] = D.batch_size,
-    max_tokens: Annotated[int, typer.Option(help="Token budget of one forward pass (the same default as fit and probe).")] = D.max_tokens,
+    max_tokens: MaxTokens = D.max_tokens,
     freeze_layers: Annotated[int, typer.Option(help="Keep the embeddings and the first N layers fixed.")] = D.freeze_layers,
     pooling: Annotated[str, typer.Option(help="Sequence embedding fed to the head: mean over residues, or cls.")] = D.pooling,
     head: Annotated[str, typer.Option(help="cosine (NormFace, for many small classes) or linear.")] = D.head,
@@ -57,6 +57,19 @@ def finetune(
     negative_rate: Annotated[
         float, typer.Option(help="Residue-shuffled copies per step (share of the step), trained towards 'none of these'.")
     ] = D.negative_rate,
+    background: Annotated[
+        Path | None,
+        typer.Option(
+            help="A whole proteome of mostly non-members (FASTA): real negatives in training, per-label thresholds "
+            "from its held-out half, and a head that scans whole proteins for domains (docs/calls.md). Needs pyopal."
+        ),
+    ] = None,
+    background_rate: Annotated[
+        float, typer.Option(help="With --background: crops of its proteins per step (share of the step), trained towards 'none of these'.")
+    ] = D.background_rate,
+    context_rate: Annotated[
+        float, typer.Option(help="With --background: share of training pieces put in a scan window between real flanks.")
+    ] = D.context_rate,
     teacher: Annotated[str | None, typer.Option(help="Task distillation: a fine-tuned bundle with a head for TASK.")] = None,
     lam: Annotated[float, typer.Option(help="Weight of the teacher's soft targets: (1-lam) CE + lam T^2 KL.")] = D.lam,
     temperature: Annotated[float, typer.Option(help="Task-distillation temperature T.")] = D.temperature,
@@ -64,7 +77,7 @@ def finetune(
         float, typer.Option(help="The no-call threshold is set for this precision on validation + negatives.")
     ] = D.target_precision,
     seed: Annotated[int, typer.Option(help="Seed of the head, the validation split, data order and crops.")] = D.seed,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda (bf16 autocast).")] = D.device,
+    device: Device = D.device,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last epoch checkpoint (same options).")] = False,
     quiet: Annotated[bool, typer.Option(help="No per-epoch lines.")] = False,
 ) -> None:
@@ -75,7 +88,8 @@ def finetune(
         model=model, data=list(data), task=task, out=str(out), valid=list(valid) if valid else None, valid_fraction=valid_fraction,
         labels=str(labels) if labels else None, level=level, label_field=label_field, label_regex=label_regex, epochs=epochs, lr=lr, batch_size=batch_size, max_tokens=max_tokens,
         freeze_layers=freeze_layers, pooling=pooling, head=head, class_weights=class_weights, min_per_class=min_per_class,
-        patience=patience, negative_rate=negative_rate, teacher=teacher, lam=lam, temperature=temperature,
+        patience=patience, negative_rate=negative_rate, background=str(background) if background else None,
+        background_rate=background_rate, context_rate=context_rate, teacher=teacher, lam=lam, temperature=temperature,
         target_precision=target_precision, seed=seed, device=device, quiet=quiet,
     )  # fmt: skip
     result = run(cfg, resume, console)
@@ -110,8 +124,8 @@ def index(
     max_evalue: Annotated[
         float, typer.Option(help="With --align N: no call weaker than this E-value over the whole index, whatever the calibration allows.")
     ] = DEFAULT_MAX_EVALUE,
-    max_tokens: Annotated[int, typer.Option(help="Token budget of one forward pass.")] = D.max_tokens,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    max_tokens: MaxTokens = D.max_tokens,
+    device: Device = D.device,
     shard: Shard = None,
     ray: RayAddress = None,
     workers: Workers = 1,

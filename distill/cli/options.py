@@ -73,6 +73,10 @@ def not_an_option(value: str | None) -> str | None:
     return value
 
 
+# Declared once for every command that runs a model (fit's own take None: its values may come from a config file).
+MaxTokens = Annotated[int, typer.Option(help="Token budget of one forward pass (residues + 2 per sequence); lower it to use less memory.")]
+Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda; bf16 autocast on CUDA.")]
+
 # Scaling out (distill.recipes.scale): the same four options on annotate, teacher-cache and index.
 RayAddress = Annotated[
     str | None,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from distill.cli.options import SPECS, console
+from distill.cli.options import SPECS, Device, MaxTokens, console
 from distill.core.config import ProbeConfig
 
 P = ProbeConfig(task="", data=[])  # the defaults
@@ -39,8 +39,6 @@ MlpOpt = Annotated[bool, typer.Option("--mlp", help=f"One hidden layer ({MLP_HID
 MinOpt = Annotated[int, typer.Option(help="Labels with fewer examples are dropped (and counted).")]
 FractionOpt = Annotated[float, typer.Option(help="Test fraction of the random / family-holdout split.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of split and head training.")]
-TokensOpt = Annotated[int, typer.Option(help="Token budget per forward pass when embedding (as in training).")]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 LabelsOpt = Annotated[Path | None, typer.Option(help="id<TAB>label file labelling plain-FASTA --data/--test by record id.")]
 
 
@@ -66,8 +64,8 @@ def probe(
     min_per_class: MinOpt = P.min_per_class,
     test_fraction: FractionOpt = P.test_fraction,
     seed: SeedOpt = P.seed,
-    max_tokens: TokensOpt = P.max_tokens,
-    device: DeviceOpt = "auto",
+    max_tokens: MaxTokens = P.max_tokens,
+    device: Device = "auto",
     labels: LabelsOpt = None,
     valid: ValidOpt = None,
     class_weights: WeightsOpt = P.class_weights,
@@ -115,8 +113,8 @@ def evaluate(
     min_per_class: MinOpt = P.min_per_class,
     test_fraction: FractionOpt = P.test_fraction,
     seed: SeedOpt = P.seed,
-    max_tokens: TokensOpt = P.max_tokens,
-    device: DeviceOpt = "auto",
+    max_tokens: MaxTokens = P.max_tokens,
+    device: Device = "auto",
     labels: LabelsOpt = None,
     valid: ValidOpt = None,
     class_weights: WeightsOpt = P.class_weights,

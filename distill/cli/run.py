@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from distill.cli.options import SPECS, GpusPerWorker, RayAddress, Shard, Threads, Workers, console, task_list
+from distill.cli.options import SPECS, GpusPerWorker, MaxTokens, RayAddress, Shard, Threads, Workers, console, task_list
 from distill.core.config import INFERENCE_MAX_TOKENS, SERVE
 from distill.recipes.annotate import LONG_POLICIES, Options
 from distill.recipes.scale import parse_shard, ray_options
@@ -37,11 +37,11 @@ def annotate(
         str, typer.Option(help=f"Over 1,022 residues: {' or '.join(LONG_POLICIES)} (overlapping windows averaged, or the leading 1,022).")
     ] = O.long_policy,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run of the same command.")] = False,
-    heads: Annotated[str | None, typer.Option(help="Head directory for a fair-esm model (written by distill probe --out).")] = None,
+    heads: Annotated[
+        str | None, typer.Option("--head-dir", help="Head directory for a fair-esm model (written by distill probe --out).")
+    ] = None,
     providers: Annotated[str, typer.Option(help="auto (GPU when present), cpu, cuda or tensorrt.")] = "auto",
-    max_tokens: Annotated[
-        int, typer.Option(help="Token budget per forward pass (no backward pass: twice training's default).")
-    ] = INFERENCE_MAX_TOKENS,
+    max_tokens: MaxTokens = INFERENCE_MAX_TOKENS,  # no backward pass: twice training's default
     chunk_records: Annotated[int, typer.Option(help="Records per chunk: the unit of length sorting and of resume.")] = O.chunk_records,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     min_probability: Annotated[
@@ -137,14 +137,16 @@ def serve(
     backend: Annotated[
         str, typer.Option(help="student-onnx (ONNX Runtime; CUDA when present), student-torch, or esm1b (MODEL is a fair-esm name / .pt).")
     ] = "student-onnx",
-    heads: Annotated[Path | None, typer.Option(help="With --backend esm1b: its heads (distill probe MODEL --out DIR/<task>).")] = None,
+    heads: Annotated[
+        Path | None, typer.Option("--head-dir", help="With --backend esm1b: its heads (distill probe MODEL --out DIR/<task>).")
+    ] = None,
     variant: Annotated[str, typer.Option(help="fp32 or int8 (needs `distill import --int8`).")] = "fp32",
     compare_with: Annotated[
         str | None,
         typer.Option(help="Comparison model for /compare, a torch model spec: esm1b_t33_650M_UR50S, a fair-esm .pt, unirep1900."),
     ] = None,
     compare_heads: Annotated[
-        Path | None, typer.Option(help="Heads of the comparison model (distill probe MODEL --out DIR/<task>).")
+        Path | None, typer.Option("--compare-head-dir", help="Heads of the comparison model (distill probe MODEL --out DIR/<task>).")
     ] = None,
     batching: Annotated[
         bool,

@@ -22,6 +22,9 @@ INFERENCE_MAX_TOKENS = 2 * TRAIN_MAX_TOKENS
 DEFAULT_TARGET_PRECISION = 0.99  # no-call thresholds are set for this precision on validation + negatives
 DEFAULT_MAX_EVALUE = 0.01  # an aligning index calls nothing weaker (HMMER's inclusion E-value): docs/calls.md
 POOLINGS = ("mean", "cls")
+# A head made for proteomes looks at windows of this many residues every STRIDE (distill.inference.scan); chosen on
+# the development proteome (docs/results.md): Pfam domains are 31-144 residues (5th-95th percentile, median 84).
+SCAN_WINDOW, SCAN_STRIDE = 96, 32
 
 
 @dataclass(frozen=True)
@@ -243,6 +246,9 @@ class FinetuneConfig:
     patience: int = 3  # epochs without a better validation macro-F1 before stopping
     negative_rate: float = 0.25  # residue-shuffled copies added per step, as a share of the step (0: none)
     negative_weight: float = 0.5  # weight of their loss towards the uniform distribution
+    background: str | None = None  # a whole proteome of mostly non-members: negatives + per-label thresholds, a scanning head
+    background_rate: float = 0.25  # background crops added per step as negatives, as a share of the step
+    context_rate: float = 0.5  # with a background: share of training pieces cut or padded to a scan window (real flanks)
     teacher: str | None = None  # a fine-tuned bundle with a head for the same task
     lam: float = 0.5
     temperature: float = 2.0
@@ -266,6 +272,8 @@ class FinetuneConfig:
             (0 < self.target_precision <= 1, f"--target-precision must be in (0, 1], got {self.target_precision}"),
             (self.lr > 0, f"--lr must be positive, got {self.lr}"),
             (0 <= self.negative_rate <= 1, f"--negative-rate must be in [0, 1], got {self.negative_rate}"),
+            (0 <= self.background_rate <= 1, f"--background-rate must be in [0, 1], got {self.background_rate}"),
+            (0 <= self.context_rate <= 1, f"--context-rate must be in [0, 1], got {self.context_rate}"),
         ]
         checks += [(getattr(self, n) >= 1, f"--{n.replace('_', '-')} must be at least 1") for n in ("epochs", "batch_size", "patience")]
         for ok, message in checks:

@@ -117,6 +117,17 @@ def read_fasta(path: Path) -> Iterator[Record]:
         yield record
 
 
+def read_proteome(path: Path, option: str = "--background") -> tuple[str, list[str]]:
+    """A whole proteome given as ``option``: its file name and protein sequences (a bad record is an error naming it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{option} {path} does not exist")
+    sequences = [r.sequence for r in read_fasta(path)]
+    if not sequences:
+        raise ValueError(f"{option} {path} holds no FASTA records")
+    return path.name, sequences
+
+
 def count_records(path: Path) -> int:
     """Fast pre-count (header lines) for progress bars."""
     with open_text(path) as f:

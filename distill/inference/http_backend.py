@@ -40,6 +40,7 @@ class HttpBackend:
         self.dim = int(info["dim"])
         self.labels: dict[str, list[str]] = info["labels"]
         self.thresholds: dict[str, float] = info.get("min_probability", {})  # calibrated no-call thresholds
+        self.calibrations: dict[str, dict] = info.get("calibration", {})  # per-label thresholds, scanning
         self.metadata: dict[str, Any] = {"service": self.url, "backend": info.get("backend"), "preset": info.get("preset")}
 
     def _post(self, endpoint: str, payload: dict[str, Any]) -> dict[str, Any]:

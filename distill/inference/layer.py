@@ -32,6 +32,7 @@ class Backend(Protocol):
     dim: int
     labels: dict[str, list[str]]  # head task -> label names
     thresholds: dict[str, float]  # head task -> calibrated no-call threshold
+    calibrations: dict[str, dict[str, Any]]  # head task -> its card's calibration (per-label thresholds, scan windows)
     metadata: dict[str, Any]
     provider: str
     max_tokens: int | None  # the backend's own cap on one batch (a service's per-request limit), None: none
@@ -78,6 +79,16 @@ class Inference:
         self.max_tokens = min(max_tokens, backend.max_tokens or max_tokens)
         self.name, self.dim, self.labels = backend.name, backend.dim, backend.labels
         self.thresholds, self.metadata = backend.thresholds, backend.metadata
+        self.calibrations = getattr(backend, "calibrations", {})
+
+    def threshold_for(self, task: str, label: str) -> float:
+        """A label's calibrated threshold: its own where a background proteome raised it, else the head's."""
+        return float(self.calibrations.get(task, {}).get("labels", {}).get(label, self.thresholds.get(task, 0.0)))
+
+    def scan_of(self, task: str) -> tuple[int, int] | None:
+        """(window, stride) when the head was calibrated to scan whole proteins (distill.inference.scan), else None."""
+        s = self.calibrations.get(task, {}).get("scan")
+        return (int(s["window"]), int(s["stride"])) if s else None
 
     @property
     def provider(self) -> str:

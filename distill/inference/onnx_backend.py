@@ -69,7 +69,8 @@ class OnnxBackend:
         self.dim = int(self.metadata["architecture"]["dim"])
         self.labels: dict[str, list[str]] = self.metadata.get("labels") or {}
         heads = self.metadata.get("heads") or {}
-        self.thresholds = {t: float(heads.get(t, {}).get("calibration", {}).get("threshold", 0.0)) for t in self.labels}
+        self.calibrations = {t: heads.get(t, {}).get("calibration", {}) for t in self.labels}
+        self.thresholds = {t: float(c.get("threshold", 0.0)) for t, c in self.calibrations.items()}
         self.name = path.name
         self.max_tokens = None
         # dynamic-int8 graphs scale activations per tensor, over the whole batch: run them one sequence at a time

@@ -30,6 +30,7 @@ class TorchBackend:
         self.dim = model.cfg.dim
         self.labels = {t: h.labels for t, h in self.heads.items()}
         self.thresholds = {t: h.min_probability for t, h in self.heads.items()}
+        self.calibrations = {t: h.card.get("calibration", {}) for t, h in self.heads.items()}
         self.metadata: dict[str, Any] = {"architecture": model.cfg.to_dict(), "parameters": model.num_parameters(), **(metadata or {})}
 
     @property

@@ -33,6 +33,7 @@ from distill.core.fasta import count_records, iter_records
 from distill.core.io import atomic_path, atomic_write, atomic_write_json, read_json_object
 from distill.inference import Inference
 from distill.inference.index import load_index
+from distill.inference.scan import Scan, scan
 from distill.inference.sequences import long_note
 from distill.recipes.annotate_columns import Columns, domains_path
 from distill.recipes.scale import RayOptions, check_ray, ordered_map, shard_range
@@ -50,10 +51,12 @@ class Row:
     embedding: np.ndarray | None = None
     probabilities: dict[str, np.ndarray] | None = None
     sequence: str = ""  # kept for the reference index's alignment re-ranking
+    scans: dict[str, Scan] | None = None  # per scanning task: the head over the protein's windows
 
 
-def annotate_chunk(records: list, inference: Inference, tasks: list[str], long_policy: str) -> list[Row]:
-    """Rows for one chunk of FASTA records, in input order; the inference layer batches, crops or windows."""
+def annotate_chunk(records: list, inference: Inference, tasks: list[str], long_policy: str, scanning: tuple[str, ...] = ()) -> list[Row]:
+    """Rows for one chunk of FASTA records, in input order; the inference layer batches, crops or windows. A
+    scanning head's probabilities are each label's best window (distill.inference.scan)."""
     rows = [
         Row(r.id, len(r.sequence), "error", r.error)
         if r.error
@@ -63,7 +66,10 @@ def annotate_chunk(records: list, inference: Inference, tasks: list[str], long_p
     ok = [r for r in rows if r.status == "ok"]
     if ok:
         for row, e in zip(ok, inference.embed([r.sequence for r in ok], long_policy, tasks=tasks), strict=True):
-            row.embedding, row.probabilities = e.sequence, e.probabilities
+            row.embedding, row.probabilities, row.scans = e.sequence, e.probabilities, {}
+        for t in scanning:
+            for row, s in zip(ok, scan(inference, [r.sequence for r in ok], t, *inference.scan_of(t)), strict=True):
+                row.scans[t], row.probabilities[t] = s, s.best
     return rows
 
 
@@ -136,11 +142,13 @@ def columns_for(model: Inference, opts: Options) -> Columns:
     if opts.embeddings is not None and not str(opts.embeddings).endswith(EMBEDDING_SUFFIXES):
         raise ValueError(f"--embeddings must end in one of {', '.join(EMBEDDING_SUFFIXES)}: {opts.embeddings}")
     thresholds = {t: opts.min_probability if opts.min_probability is not None else model.thresholds.get(t, 0.0) for t in tasks}
+    raised = {t: model.calibrations.get(t, {}).get("labels", {}) for t in tasks} if opts.min_probability is None else {}
     reference = None
     if opts.reference is not None:
         reference = load_index(opts.reference)
         reference.check_model(lambda seqs: model.run(seqs, [])[0])
-    return Columns(tasks, model.labels, opts.top_k, thresholds, reference, min(opts.reference_k, len(reference or [0])))
+    scanning = tuple(t for t in tasks if model.scan_of(t))
+    return Columns(tasks, model.labels, opts.top_k, thresholds, reference, min(opts.reference_k, len(reference or [0])), raised, scanning)
 
 
 @dataclass
@@ -165,7 +173,7 @@ class ChunkWorker:
         self.opts = opts
 
     def run(self, chunk: list) -> ChunkOut:
-        rows = annotate_chunk(chunk, self.model, self.cols.tasks, self.opts.long_policy)
+        rows = annotate_chunk(chunk, self.model, self.cols.tasks, self.opts.long_policy, self.cols.scanning)
         ok = [r for r in rows if r.status == "ok"]
         vectors = np.zeros((0, self.model.dim), np.float32)
         if self.opts.embeddings is not None and ok:
@@ -240,7 +248,7 @@ def annotate(
         total = sum(1 for _ in iter_records(input_path, warn_duplicates=False))
     lo, hi = shard_range(total, opts.shard)
     settings = {"model": model.name, "tasks": cols.tasks, "top_k": opts.top_k, "long": opts.long_policy, "chunk": opts.chunk_records,
-                "thresholds": cols.thresholds, "reference": str(opts.reference or ""), "reference_k": cols.reference_k,
+                "thresholds": cols.thresholds, "label_thresholds": cols.label_thresholds, "scanning": list(cols.scanning), "reference": str(opts.reference or ""), "reference_k": cols.reference_k,
                 "domains": cols.domains}  # fmt: skip
     job = _fingerprint(input_path, settings)  # what every shard of one job shares: `distill merge` checks it
     settings |= {"embeddings": str(opts.embeddings or ""), "shard": list(opts.shard or (0, 1)), "range": [lo, hi], "job": job}

@@ -37,8 +37,8 @@ from rich.markup import escape
 
 from distill.core import data, tokens
 from distill.core.bundle import save_bundle
-from distill.core.calibration import calibrate, describe, shuffled
-from distill.core.config import FinetuneConfig
+from distill.core.calibration import describe
+from distill.core.config import SCAN_WINDOW, FinetuneConfig
 from distill.core.distributed import Distributed, StopRequested, pick_device
 from distill.core.heads import Head, ProbeHead, heads_of
 from distill.core.io import atomic_write_json
@@ -46,6 +46,7 @@ from distill.core.losses import kl_sum, mix
 from distill.core.model import ESM, pooled_embedding
 from distill.inference.embeddings import embed
 from distill.inference.encoders import Encoder, load_encoder
+from distill.recipes.finetune_calibration import calibrate_head
 from distill.recipes.finetune_checkpoints import load_weights, resume_state, save_checkpoint, save_weights
 from distill.recipes.finetune_data import Data, setup_data
 from distill.recipes.outline import adamw, optimizer_step, warmup_cosine
@@ -105,17 +106,46 @@ def task_loss(
     return loss + mix(ce, kl_sum(logits, soft[~neg], cfg.temperature), cfg.lam, cfg.temperature)
 
 
-def step_examples(
-    seqs: list[np.ndarray], y: np.ndarray, step: np.ndarray, epoch: int, cfg: FinetuneConfig
-) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """The step's keyed random crops, plus residue-shuffled copies of a ``negative_rate`` share of them (label -1).
+def in_window(piece: np.ndarray, background: list[np.ndarray], rng: np.random.Generator, window: int = SCAN_WINDOW) -> np.ndarray:
+    """A labelled piece as a scanning window sees it: a random ``window``-long part of a longer domain, or a shorter
+    one at a random place between flanks cut from a background protein (a window of a real protein holds a domain
+    and what surrounds it; trained on bare domains only, a head misreads such windows: docs/results.md)."""
+    if len(piece) >= window:
+        start = int(rng.integers(0, len(piece) - window + 1))
+        return piece[start : start + window]
+    protein = background[int(rng.integers(len(background)))]
+    n = min(window - len(piece), len(protein))
+    start = int(rng.integers(0, len(protein) - n + 1))
+    flank, left = protein[start : start + n], int(rng.integers(0, n + 1))
+    return np.concatenate([flank[:left], piece, flank[left:]])
 
-    Returns (crops, labels, training-set row of each example, for the teacher's logits).
+
+def step_examples(
+    seqs: list[np.ndarray], y: np.ndarray, step: np.ndarray, epoch: int, cfg: FinetuneConfig, background: list[np.ndarray] | None = None
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """The step's keyed random crops, plus negatives (label -1): residue-shuffled copies of a ``negative_rate`` share
+    of them and, with a background proteome, crops of its proteins for a ``background_rate`` share, each as long as a
+    crop of the step (real non-member pieces of the lengths the head sees). With a background, a ``context_rate``
+    share of the crops are first put in a scan window (``in_window``).
+
+    Returns (crops, labels, training-set row of each example, for the teacher's logits; negatives reuse a row).
     """
     crops = [data.crop(seqs[i], np.random.default_rng([cfg.seed, epoch, int(i), 5])) for i in step]
+    for k, i in enumerate(step if background else []):
+        rng = np.random.default_rng([cfg.seed, epoch, int(i), 21])
+        if rng.random() < cfg.context_rate:
+            crops[k] = in_window(crops[k], background, rng)
     n_neg = int(round(cfg.negative_rate * len(step)))
     negs = [np.random.default_rng([cfg.seed, epoch, int(i), 9]).permutation(crops[k]) for k, i in enumerate(step[:n_neg])]
-    return crops + negs, np.r_[y[step], -np.ones(n_neg, dtype=np.int64)], np.r_[step, step[:n_neg]]
+    n_bg = int(round(cfg.background_rate * len(step))) if background else 0
+    for k in range(n_bg):
+        rng = np.random.default_rng([cfg.seed, epoch, int(step[0]), k, 17])
+        protein = background[int(rng.integers(len(background)))]
+        n = min(len(crops[k % len(crops)]), len(protein))
+        start = int(rng.integers(0, len(protein) - n + 1))
+        negs.append(protein[start : start + n])
+    rows = np.r_[step, step[:n_neg], np.resize(step, n_bg)]
+    return crops + negs, np.r_[y[step], -np.ones(n_neg + n_bg, dtype=np.int64)], rows
 
 
 class Classifier(torch.nn.Module):
@@ -139,10 +169,11 @@ def train_epoch(net: torch.nn.Module, opt, sched, d: Data, epoch: int, cfg: Fine
     net.train()
     dist, device = ctx["dist"], ctx["device"]
     seqs = [tokens.encode(s) for s in d.train.sequences]
+    background = [tokens.encode(s) for s in d.background.negatives] if d.background else None
     lengths = np.array([min(len(s), tokens.MAX_RESIDUES) for s in seqs])
     total, n = 0.0, 0
     for step in data.plan_epoch(lengths, cfg.batch_size, cfg.seed, epoch):
-        crops, y, rows = step_examples(seqs, d.y_train, step, epoch, cfg)
+        crops, y, rows = step_examples(seqs, d.y_train, step, epoch, cfg, background)
         mine = np.argsort([len(c) for c in crops], kind="stable")[dist.rank :: dist.world]
         scale = 1.0 if len(mine) else 0.0  # a rank without examples joins the all-reduce with a zero-weight pass
         mine = mine if len(mine) else np.array([0])
@@ -286,10 +317,8 @@ def _log_epoch(out: Path, console: Console, counters: dict, train_loss: float, m
 
 def write_bundle(out: Path, cfg: FinetuneConfig, encoder: Encoder, model: ESM, head: ProbeHead, d: Data,
                  device: torch.device, counters: dict, console: Console) -> Path:  # fmt: skip
-    """Calibrate the best epoch's head on validation + negatives, then write the bundle with that one head."""
-    negatives = shuffled(d.valid.sequences, cfg.seed) + d.outside
-    valid_logits = logits_of(model, head, d.valid.sequences, cfg, device)
-    calibration = calibrate(valid_logits, d.y_valid, logits_of(model, head, negatives, cfg, device), cfg.target_precision)
+    """Calibrate the best epoch's head (distill.recipes.finetune_calibration), then write the bundle with that one head."""
+    calibration, valid_logits = calibrate_head(lambda seqs: logits_of(model, head, seqs, cfg, device), d, cfg)
     head.temperature.fill_(calibration["temperature"])
     pred = [d.labels[i] for i in valid_logits.argmax(1)]
     metrics = classification_metrics(d.valid.labels, pred) | {"classes": len(d.labels), "n_train": len(d.train), "n_valid": len(d.valid)}
@@ -310,6 +339,11 @@ def write_bundle(out: Path, cfg: FinetuneConfig, encoder: Encoder, model: ESM, h
         console.print(f"[yellow]note:[/] the parent's {', '.join(dropped)} head(s) were probed on the old encoder and do not fit "
                       f"the fine-tuned one; not copied (probe again: distill probe {bundle} --task ...)")  # fmt: skip
     console.print(describe(calibration))
+    if "background" in calibration:
+        b = calibration["background"]
+        console.print(f"background {escape(b['name'])}: {b['presumed_members']} presumed members; {b['proteins']} held-out proteins scanned "
+                      f"in windows of {calibration['scan']['window']}, {b['raised']} labels' thresholds raised above their best non-member"
+                      + (f", {len(b['uncallable'])} never called ({', '.join(b['uncallable'][:5])})" if b["uncallable"] else ""))  # fmt: skip
     if not calibration["reached"]:
         console.print(f"[yellow]warning:[/] no threshold reaches precision {cfg.target_precision} on validation + negatives, so every call "
                       "of this head is a no-call; add training data, train longer, or lower --target-precision")  # fmt: skip

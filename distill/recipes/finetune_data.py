@@ -8,7 +8,35 @@ from pathlib import Path
 import numpy as np
 
 from distill.core.config import FinetuneConfig
+from distill.core.fasta import read_proteome
 from distill.core.labels import LabelledSet, read_labelled
+
+
+@dataclass
+class Background:
+    """A whole proteome of mostly non-members (``--background``), split in two halves by protein (keyed by the seed):
+    crops of one half's non-members are training negatives; the other half calibrates, never trained on."""
+
+    name: str
+    negatives: list[str]  # training half, presumed members left out
+    calibration: list[str]  # calibration half, all proteins
+    members: list[set[str]]  # per calibration protein, the labels it is presumed a member of
+    presumed: int  # proteins of the whole background presumed members of some label
+
+
+def read_background(path: str, train: LabelledSet, labels: list[str], seed: int) -> Background:
+    """The proteome, halved, with each protein's presumed memberships (distill.inference.members: alignment to the
+    training sequences at E <= 1e-5, a rule that does not use the model being trained)."""
+    from distill.inference.members import presumed_members  # pyopal: only with --background
+
+    name, proteins = read_proteome(Path(path))
+    keep = [i for i, label in enumerate(train.labels) if label in set(labels)]
+    members = presumed_members([train.sequences[i] for i in keep], [train.labels[i] for i in keep], proteins)
+    half = np.random.default_rng([seed, 13]).permutation(len(proteins)) % 2 == 1
+    negatives = [p for p, m, h in zip(proteins, members, half, strict=True) if not h and not m]
+    calibration = [i for i in range(len(proteins)) if half[i]]
+    return Background(name, negatives, [proteins[i] for i in calibration], [members[i] for i in calibration],
+                      sum(bool(m) for m in members))  # fmt: skip
 
 
 @dataclass
@@ -19,6 +47,7 @@ class Data:
     y_train: np.ndarray
     y_valid: np.ndarray
     outside: list[str]  # sequences of classes outside the label set: negatives for the no-call
+    background: Background | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -65,4 +94,5 @@ def setup_data(cfg: FinetuneConfig) -> Data:
     if len(valid) == 0:
         raise ValueError("no validation sequences: give --valid FILE or raise --valid-fraction (classes need 1/fraction members)")
     y = [np.array([index[label] for label in s.labels], dtype=np.int64) for s in (train, valid)]
-    return Data(train, valid, kept, y[0], y[1], outside, notes)
+    background = read_background(cfg.background, train, kept, cfg.seed) if cfg.background else None
+    return Data(train, valid, kept, y[0], y[1], outside, background, notes)

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from distill.core.config import DEFAULT_MAX_EVALUE, POOLINGS
 from distill.core.distributed import pick_device
-from distill.core.fasta import read_fasta
+from distill.core.fasta import read_proteome
 from distill.core.heads import heads_of
 from distill.core.io import atomic_path, atomic_write_json, read_json_object
 from distill.core.labels import read_labelled
@@ -85,7 +85,7 @@ def index_command(
         raise ValueError(f"--max-evalue must be in (0, 1000], got {max_evalue}")
     if background is not None and not align:
         raise ValueError("--background calibrates alignment calls per label: add --align N (e.g. --align 200)")
-    proteome = read_background(background) if background is not None else None
+    proteome = read_proteome(background) if background is not None else None
     previous = load_index(output) if append else None
     if not append and (Path(output) / "index.json").exists():
         raise FileExistsError(f"{output} holds an index; add to it with --append or choose another -o")
@@ -113,17 +113,6 @@ def index_command(
                         background=proteome, max_evalue=max_evalue)  # fmt: skip
     index.save(output)
     return index
-
-
-def read_background(path: Path) -> tuple[str, list[str]]:
-    """A background proteome: its file name and protein sequences (a bad record is an error naming it)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--background {path} does not exist")
-    sequences = [r.sequence for r in read_fasta(path)]
-    if not sequences:
-        raise ValueError(f"--background {path} holds no FASTA records")
-    return path.name, sequences
 
 
 def _card(model: str, fingerprint: str, pooling: str, dim: int, task: str, align: int, kmer: int | None = None) -> dict[str, Any]:
@@ -166,7 +155,7 @@ def merge_parts(parts: list[Path], final: Path) -> ReferenceIndex:
     vectors = np.concatenate([np.load(path / "vectors.npy") for path in ordered])
     net = load_encoder(card["model"]).model.eval()
     worker = {"pooling": card["pooling"], "max_tokens": job["max_tokens"], "device": job["device"], "net": net}
-    proteome = read_background(Path(job["background"])) if job.get("background") else None
+    proteome = read_proteome(Path(job["background"])) if job.get("background") else None
     index = build_index(lambda seqs: embed_chunks(worker, seqs, None), ds.ids, ds.sequences, ds.labels, card, None, job["target"],
                         vectors=vectors, background=proteome, max_evalue=job.get("max_evalue", DEFAULT_MAX_EVALUE))  # fmt: skip
     index.save(final)
