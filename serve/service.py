@@ -30,18 +30,17 @@ from pydantic import StrictBool, StrictInt  # "3", true or 2.0 for top_k, "yes" 
 
 from distill.core import tokens
 from distill.inference import SequenceError, resolve
-from distill.inference import top_k as best
 from distill.inference.index import load_index
-from distill.inference.scan import Scan, segment, spans
+from distill.inference.scan import Scan, spans
 from distill.inference.sequences import Pieces, prepare
 from serve import slow_clients
+from serve.calls import head_domains, threshold_for, top_calls
 from serve.guard import Guard, limit_for
 from serve.resilience import ENGINE_STALL_S, ClientErrorsOnOneLine, call
 from serve.schemas import (
     API_KEY_ENV,
     B64,
     AnnotateResponse,
-    Call,
     Classified,
     ClassifyResponse,
     CompareResponse,
@@ -114,15 +113,6 @@ def check_tasks(tasks: tuple[str, ...], labels: dict[str, list[str]], top_k: int
     if not 1 <= top_k <= min(MAX_TOP_K, *(len(labels[t]) for t in tasks)):
         raise InvalidArgument(f"top_k must be between 1 and {min(MAX_TOP_K, *(len(labels[t]) for t in tasks))}, got {top_k}")
     return tasks
-
-
-def threshold_for(card: dict[str, Any], task: str, label: str) -> float:
-    """A label's calibrated threshold: its own where a background proteome raised it, else the head's."""
-    return float(card.get("calibration", {}).get(task, {}).get("labels", {}).get(label, card["min_probability"].get(task, 0.0)))
-
-
-def top_calls(probabilities: dict[str, list[float]], labels: dict[str, list[str]], tasks: list[str], top_k: int) -> dict[str, list[Call]]:
-    return {t: [Call(label=lab, probability=p) for lab, p in best(np.asarray(probabilities[t]), labels[t], top_k)] for t in tasks}
 
 
 # ---- services ---------------------------------------------------------------------------------------
@@ -228,8 +218,7 @@ class EsmDistillService:
             probabilities = r["probabilities"] | {t: s[i].best for t, s in scans.items()}  # a scanning head: best windows
             calls = top_calls(probabilities, card["labels"], tasks, top_k)
             no_call = {t: calls[t][0].probability < threshold_for(card, t, calls[t][0].label) for t in tasks}
-            domains = [DomainHit(start=d.start, end=d.end, label=d.label, verdict="call", evalue=-1.0, score=d.score, source=t)
-                       for t, s in scans.items() for d in segment(s[i], card["labels"][t], lambda label, t=t: threshold_for(card, t, label))]  # fmt: skip
+            domains = [hit for t, s in scans.items() for hit in head_domains(s[i], card, t)]
             out.append(Classified(calls=calls, no_call=no_call, cropped=long, domains=domains))
         if index is not None:
             vectors = np.array([r["mean"] for r in rows], dtype=np.float32)

@@ -186,3 +186,10 @@ def test_index_on_ray_and_in_shards_equals_one_build(ray_local, student, tmp_pat
     invoke("merge", tmp_path / "p2", tmp_path / "p0", tmp_path / "p1", "-o", tmp_path / "merged")
     for name in ("index.json", "vectors.npy", "entries.tsv"):
         assert (tmp_path / "merged" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    (tmp_path / "calls.tsv").write_text("id\n")
+    for extra, message in ((["p0", "calls.tsv"], "the parts mix job kinds (annotate, index)"),
+                           (["p0", "p1", "p2", "--embeddings", "e.npy"], "--embeddings is for annotate parts, not index parts"),
+                           (["p0", "."], "is a directory but not a part of a sharded job")):  # fmt: skip
+        args = [str(tmp_path / x) if not x.startswith("-") and x != "e.npy" else x for x in extra]
+        res = runner.invoke(app, ["merge", *args, "-o", str(tmp_path / "m2")])
+        assert res.exit_code == 2 and message in res.output, res.output

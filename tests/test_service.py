@@ -66,6 +66,7 @@ def post(url: str, payload, raw: bytes | None = None, key: str = "") -> tuple[in
     return 503, "still busy after 200 tries"
 
 
+SCAN = (24, 8)  # the species head's windows (tiny, so that the test sequences have several)
 CLIENT_TIMEOUT = 4  # seconds (--client-timeout); below uvicorn's 5-s keep-alive, so the idle case is ours to close
 
 
@@ -113,6 +114,10 @@ def server(tmp_path_factory):
         ],
     )
     assert res.exit_code == 0, res.output
+    card = bundle / "heads" / "species" / "labels.json"  # species scans proteins in windows, every window a hit
+    head = json.loads(card.read_text())
+    head["calibration"] = head.get("calibration", {}) | {"scan": {"window": SCAN[0], "stride": SCAN[1]}, "threshold": 0.0}
+    card.write_text(json.dumps(head))
     res = runner.invoke(app, ["import", str(bundle)])
     assert res.exit_code == 0, res.output
     tag = res.output.strip().splitlines()[-1]
@@ -192,9 +197,12 @@ def test_embed_and_classify_equal_direct_onnx_inference_in_input_order(server, d
     for seq, r in zip(SEQS[:3], cls["results"], strict=True):
         np.testing.assert_allclose(r["embedding"], ref[seq].cls, atol=1e-5)
         assert np.asarray(r["residues"]).shape == (len(seq), 32)
+    from distill.inference.scan import scan
+
+    assert emb.scan_of("species") == SCAN and emb.scan_of("pfam") is None
     for seq, r in zip(SEQS[:5], calls["results"], strict=True):
         for task in ("pfam", "scope", "species"):  # species: a free task, labels as written ("Human (Homo sapiens)")
-            p = ref[seq].probabilities[task]
+            p = scan(emb, [seq], task, *SCAN)[0].best if task == "species" else ref[seq].probabilities[task]  # its best windows
             order = np.argsort(-p)[:3]
             assert [c["label"] for c in r["calls"][task]] == [emb.labels[task][i] for i in order]
             np.testing.assert_allclose([c["probability"] for c in r["calls"][task]], p[order], atol=1e-5)
@@ -390,6 +398,7 @@ def test_classify_flags_no_calls_and_lists_reference_neighbours(server):
     from distill.core.heads import heads_of
     from distill.inference import resolve
     from distill.inference.index import load_index
+    from distill.inference.scan import scan, segment
 
     status, info = post(f"{server['url']}/info", {})
     heads = heads_of(server["bundle"])
@@ -399,7 +408,9 @@ def test_classify_flags_no_calls_and_lists_reference_neighbours(server):
     status, body = post(f"{server['url']}/classify", {"sequences": seqs, "top_k": 3})
     assert status == 200, body
     index = load_index(server["index"])
-    vectors = np.stack([e.sequence for e in resolve(server["graph"]).embed(seqs)])
+    onnx = resolve(server["graph"])
+    vectors = np.stack([e.sequence for e in onnx.embed(seqs)])
+    scans = scan(onnx, seqs, "species", *SCAN)
     nn = index.search(vectors, 3, seqs, domains=True)  # an aligning index: neighbours by E-value, the call their vote
     for i, r in enumerate(body["results"]):
         for t, calls in r["calls"].items():
@@ -411,9 +422,12 @@ def test_classify_flags_no_calls_and_lists_reference_neighbours(server):
         assert r["reference_call"] == (nn.calls[i] if verdict == "call" else "-")
         assert r["related_to"] == (nn.calls[i] if verdict == "related" else "")
         assert r["reference_score"] == pytest.approx(float(nn.call_scores[i]), rel=1e-5)
-        want = [(d.start, d.end, d.label) for d in nn.domains[i] if index.verdict(d.label, d.score) != "no-call"]
-        assert [(d["start"], d["end"], d["label"]) for d in r["domains"]] == want
-    assert all(r["domains"] for r in body["results"][:4]) and not any(r["domains"] for r in body["results"][4:])  # shuffles: none
+        want = [(d.start, d.end, d.label, "reference") for d in nn.domains[i] if index.verdict(d.label, d.score) != "no-call"]
+        want += [(d.start, d.end, d.label, "species") for d in segment(scans[i], onnx.labels["species"], lambda label: 0.0)]
+        assert [(d["start"], d["end"], d["label"], d["source"]) for d in r["domains"]] == want
+    by_index = [[d for d in r["domains"] if d["source"] == "reference"] for r in body["results"]]
+    assert all(by_index[:4]) and not any(by_index[4:])  # shuffles: none
+    assert all(any(d["source"] == "species" for d in r["domains"]) for r in body["results"])  # every window is a hit
 
 
 def test_int8_import_with_heads_passes_and_its_engine_answers_independently_of_the_batch(server):

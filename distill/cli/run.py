@@ -88,30 +88,9 @@ def merge(
     ] = None,
 ) -> None:
     """Join the parts of a sharded job in input order; refuses missing, duplicated, unfinished or foreign parts."""
-    from distill.inference.index import PART_FILE
+    from distill.recipes.merge import merge_job
 
-    if all((p / "meta.json").is_file() for p in outputs):
-        from distill.recipes.teacher_cache import merge_parts
-
-        meta = merge_parts(outputs, output)
-        console.print(
-            f"merged {len(outputs)} parts: teacher cache {output}, {meta['n_shards']} shard files x {meta['key']['views']} view(s)"
-        )
-        return
-    if all((p / PART_FILE).is_file() for p in outputs):
-        from distill.recipes.index_build import merge_parts as merge_index
-
-        index = merge_index(outputs, output)
-        console.print(f"merged {len(outputs)} parts: index {output}, {len(index)} references")
-        return
-    if unknown := [p for p in outputs if p.is_dir()]:
-        raise ValueError(f"{unknown[0]} is a directory but not a part of a sharded job (no meta.json or {PART_FILE}), or parts are mixed")
-    from distill.recipes.annotate_merge import merge as run
-
-    state = run(outputs, output, embeddings)
-    console.print(
-        f"merged {len(state['merged_from'])} shards: {state['records']} records ({state['ok']} ok, {state['errors']} error) -> {output}"
-    )
+    console.print(merge_job(outputs, output, embeddings))
 
 
 def import_cmd(
