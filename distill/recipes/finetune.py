@@ -11,7 +11,8 @@ Run directory::
 
     RUN/config.json         the resolved config (a resumed run must match it)
     RUN/metrics.jsonl       one row per epoch
-    RUN/checkpoint.json     points at the latest complete epoch checkpoint (model, head, optimizer, counters)
+    RUN/checkpoint.json     points at the latest complete epoch checkpoint (distill.recipes.checkpoints)
+    RUN/checkpoints/epoch-N/{model,head}.safetensors + state.pt (optimizer, scheduler, counters)
     RUN/best/               encoder + head weights of the best validation epoch so far
     RUN/model/              the fine-tuned bundle: encoder + heads/<task>/ (calibrated)
 
@@ -46,12 +47,13 @@ from distill.core.losses import kl_sum, mix
 from distill.core.model import ESM, pooled_embedding
 from distill.inference.embeddings import embed
 from distill.inference.encoders import Encoder, load_encoder
+from distill.recipes.checkpoints import changed_options, jsonl_truncate, load_checkpoint, load_weights, save_checkpoint, save_weights
 from distill.recipes.finetune_calibration import calibrate_head
-from distill.recipes.finetune_checkpoints import load_weights, resume_state, save_checkpoint, save_weights
 from distill.recipes.finetune_data import Data, setup_data
 from distill.recipes.outline import adamw, optimizer_step, warmup_cosine
 from distill.recipes.probe import choose_class_weights, classification_metrics
 
+RESUME_OVERRIDABLE = {"quiet", "device"}  # what a resumed run may change
 COSINE_SCALE = 16.0  # logit scale of the cosine head: softmax can reach ~1 - 1e-6 over hundreds of classes
 
 
@@ -267,7 +269,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, console: Console | None 
                   + (f", {dist.world} processes" if dist.world > 1 else ""))  # fmt: skip
     counters = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "bad": 0}
     if resume:
-        counters = resume_state(out, cfg, model, head, opt, sched)
+        counters = resume_run(out, cfg, {"model": model, "head": head}, opt, sched)
         console.print(f"resuming {out} after epoch {counters['epoch']}")
     elif dist.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -286,10 +288,19 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, console: Console | None 
         return FinetuneResult(out, None, counters, d.notes)
     bundle = None
     if dist.main:
-        load_weights(out / "best", model, head)
+        load_weights(out / "best", {"model": model, "head": head})
         bundle = write_bundle(out, cfg, encoder, model, head, d, device, counters, console)
     dist.close()
     return FinetuneResult(out, bundle or out / "model", counters, d.notes)
+
+
+def resume_run(out: Path, cfg: FinetuneConfig, modules: dict[str, torch.nn.Module], opt, sched) -> dict:
+    """The counters of the last epoch checkpoint (weights, optimizer, schedule restored); the options must match."""
+    if (out / "config.json").is_file() and (changed := changed_options(out, asdict(cfg), RESUME_OVERRIDABLE)):
+        raise ValueError(f"--resume: these options differ from the run in {out}: {', '.join(changed)}; resume with the same options")
+    counters = load_checkpoint(out, modules, opt, sched, "finetune")
+    jsonl_truncate(out / "metrics.jsonl", "epoch", counters["epoch"])  # rows of an epoch whose checkpoint was not written
+    return counters
 
 
 def end_epoch(out: Path, model: ESM, head: ProbeHead, opt, sched, d: Data, cfg: FinetuneConfig, counters: dict,
@@ -298,11 +309,11 @@ def end_epoch(out: Path, model: ESM, head: ProbeHead, opt, sched, d: Data, cfg: 
     metrics = validate(model, head, d, cfg, next(model.parameters()).device)
     improved = metrics["valid_f1_macro"] > counters["best_f1"]
     if improved:
-        save_weights(out / "best", model, head)
+        save_weights(out / "best", {"model": model, "head": head})
     counters = {"epoch": counters["epoch"] + 1, "best_f1": max(counters["best_f1"], metrics["valid_f1_macro"]),
                 "best_epoch": counters["epoch"] + 1 if improved else counters["best_epoch"], "bad": 0 if improved else counters["bad"] + 1}  # fmt: skip
     _log_epoch(out, console, counters, train_loss, metrics, cfg.quiet)
-    save_checkpoint(out, model, head, opt, sched, counters)
+    save_checkpoint(out, f"epoch-{counters['epoch']:04d}", {"model": model, "head": head}, opt, sched, counters)
     return counters
 
 

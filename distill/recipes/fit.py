@@ -40,7 +40,7 @@ from distill.core.io import atomic_write_json
 from distill.core.losses import LossParts, Projected, distillation_loss, mix, representation_loss
 from distill.core.model import ESM, build_student
 from distill.recipes import teacher_cache
-from distill.recipes.fit_checkpoints import jsonl_truncate, load_checkpoint, save_checkpoint
+from distill.recipes.checkpoints import jsonl_truncate, load_checkpoint, save_checkpoint
 from distill.recipes.outline import adamw, optimizer_step, warmup_cosine
 from distill.recipes.perplexity import autocast, perplexity
 from distill.recipes.teacher_cache import load_teacher, teacher_outputs
@@ -132,9 +132,9 @@ class FitRecipe:
         """Counters (and weights, optimiser, schedule) from the last checkpoint, or a fresh run directory."""
         self.counters = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_val_ppl": None, "best_epoch": None}
         if self.resume:
-            self.counters = load_checkpoint(self.out, self.trained, self.optimizer, self.scheduler)
+            self.counters = load_checkpoint(self.out, {"model": self.trained}, self.optimizer, self.scheduler, "fit")
             if self.dist.main:
-                jsonl_truncate(self.out / "metrics.jsonl", self.counters["global_step"])
+                jsonl_truncate(self.out / "metrics.jsonl", "step", self.counters["global_step"])
             self.console.print(
                 f"resuming {self.out} at epoch {self.counters['epoch'] + 1}, step {self.counters['global_step']}/{self.total_steps}"
             )
@@ -278,7 +278,8 @@ class FitRecipe:
 
     def checkpoint(self) -> None:
         if self.dist.main:
-            save_checkpoint(self.out, self.trained, self.optimizer, self.scheduler, self.counters)
+            name = f"step-{self.counters['global_step']:08d}"
+            save_checkpoint(self.out, name, {"model": self.trained}, self.optimizer, self.scheduler, self.counters)
         self.dist.barrier()
         self.last_save = time.monotonic()
 

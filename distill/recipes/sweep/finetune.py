@@ -10,6 +10,7 @@ interrupted ones resumed) and its test accuracy and macro-F1 join the sweep's me
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,8 @@ from distill.core.config import FinetuneConfig, SweepConfig
 from distill.core.errors import UserError
 from distill.core.io import atomic_write_json, read_json_object
 from distill.core.labels import read_labelled
-from distill.recipes.finetune import finetune
-from distill.recipes.finetune_checkpoints import changed_options
+from distill.recipes.checkpoints import changed_options
+from distill.recipes.finetune import RESUME_OVERRIDABLE, finetune
 from distill.recipes.probe import classification_metrics
 from distill.recipes.sweep.stats import RunKey
 
@@ -67,7 +68,7 @@ def finetune_students(cfg: SweepConfig, students: dict[str, RunKey], out: Path, 
             run = finetune_run(out, task, spec)
             ft = settings_of(task, settings, spec, run, key.seed)
             done = (run / "model" / "config.json").is_file()
-            if done and (changed := changed_options(run, ft)):
+            if done and (changed := changed_options(run, asdict(ft), RESUME_OVERRIDABLE)):
                 raise UserError(f"{run} was fine-tuned with other settings ({', '.join(changed)} differ from [finetune.{task}]);"
                                 " delete it to fine-tune again with the new settings, or restore them")  # fmt: skip
             if done:
