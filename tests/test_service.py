@@ -645,3 +645,47 @@ def test_a_hugging_face_export_is_importable_and_serves_like_its_bundle(server, 
     for a, b in zip(engine.embed(SEQS[:4], tasks=["pfam"]), want, strict=True):
         np.testing.assert_allclose(a.sequence, b.sequence, atol=1e-5)
         np.testing.assert_allclose(a.probabilities["pfam"], b.probabilities["pfam"], atol=1e-5)
+
+
+def raw_request(port: int, data: bytes) -> tuple[int, str, dict]:
+    """One raw HTTP request -> (status, content type, JSON body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < int(
+            next((line.split(b":")[1] for line in answer.split(b"\r\n") if line.lower().startswith(b"content-length")), b"0")
+        ):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, body = answer.split(b"\r\n\r\n", 1)
+    kind = next((line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n") if line.lower().startswith(b"content-type")), "")
+    return int(head.split()[1]), kind, json.loads(body)
+
+
+def test_the_shipped_nginx_front_passes_requests_and_refuses_bad_http_in_the_services_json_shape(server, tmp_path):
+    import shutil
+
+    nginx = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).is_file()), None)
+    if nginx is None:
+        pytest.skip("nginx is not installed (apt-get install nginx-light): the front in deploy/nginx.conf is not exercised")
+    port, upstream = free_port(), server["url"].rsplit(":", 1)[1]
+    conf = (REPO / "deploy" / "nginx.conf").read_text()
+    conf = conf.replace("127.0.0.1:8080", f"127.0.0.1:{port}").replace("127.0.0.1:3000", f"127.0.0.1:{upstream}")
+    (tmp_path / "nginx.conf").write_text(conf)
+    proc = subprocess.Popen([nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"],
+                            stdout=open(tmp_path / "log", "w"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc, tmp_path / "log")
+        status, direct = post(f"{server['url']}/classify", {"sequences": SEQS[:2], "top_k": 1})
+        assert status == 200 and post(f"http://127.0.0.1:{port}/classify", {"sequences": SEQS[:2], "top_k": 1}) == (200, direct)
+        status, kind, body = raw_request(port, b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+        assert (status, kind) == (400, "application/json") and "malformed HTTP request" in body["error"]["message"]
+        status, kind, body = raw_request(port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n")
+        assert (status, body["error"]["status"]) == (400, 400) and "over 16 KB" in body["error"]["message"]
+        status, kind, body = raw_request(port, b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: 70000000\r\n\r\n")
+        assert status == 413 and body == {"error": {"status": 413, "message": "request body over 64 MB (refused by the front proxy)"}}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
