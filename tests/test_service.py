@@ -598,6 +598,17 @@ def test_oversized_bodies_get_413_before_parsing_and_memory_stays_flat(server):
     assert e.value.code == 415 and json.loads(e.value.read())["error"]["status"] == 415
 
 
+def test_huge_numbers_and_deep_nesting_are_answered_400_by_the_real_server(server):
+    """Finding 1 against a running service: these bodies hung for 600 s, then got a plain-text 500."""
+    digits = b'{"sequences": ["MKT"], "top_k": ' + b"9" * 5000 + b"}"
+    for endpoint, body, message in (("classify", digits, "request body is not valid JSON"),
+                                    ("embed", b"[" * 1000 + b"]" * 1000, "request JSON nests deeper than 32 levels"),
+                                    ("health", b"[" * 1000 + b"]" * 1000, "request JSON nests deeper than 32 levels")):  # fmt: skip
+        status, answer = post(f"{server['url']}/{endpoint}", None, raw=body)
+        assert status == 400 and message in json.loads(answer)["error"]["message"], (endpoint, status, answer)
+    assert post(f"{server['url']}/embed", {"sequences": ["MKT"]})[0] == 200  # and it still serves
+
+
 def test_slow_clients_are_closed_or_refused_after_the_client_timeout(server):
     """Connections that send nothing, half a request line, or half the headers are closed; a body that stops
     arriving gets 408; an idle connection after an answer is closed too. None of them before the timeout, and a
