@@ -7,9 +7,9 @@ open for good, and a few thousand of them exhaust the worker's file descriptors 
 BentoML has a setting for it, so this module adds one to uvicorn's HTTP protocol classes (h11, and httptools when
 installed) in the worker process: a timer armed when a connection opens and again after every answer, which closes
 the connection if, when it fires, no request head has arrived since. A request being read or answered is never cut
-(slow bodies are bounded by the body deadline and size limit of serve/guard.py). The size limit counts the bytes a
-connection sends while no request is in flight: past ``MAX_HEAD_BYTES`` without a complete head, it is answered
-431 and closed (httptools has no limit of its own; h11's is its 16 KiB incomplete-event limit, which it answers with
+(slow bodies are bounded by the body deadline and size limit of serve/guard.py). The size limit counts the bytes of
+a request head before the parser sees them (one read can carry a whole head): past ``MAX_HEAD_BYTES``, it is
+answered 431 and closed (httptools has no limit of its own; h11's is its 16 KiB incomplete-event limit, which it answers with
 a plain 400). Installed by serve/service.py at import, before uvicorn loads its protocol class.
 """
 
@@ -45,6 +45,16 @@ def _refuse_head(protocol: object) -> None:
     body = b'{"error": {"status": 431, "message": "request head over %d bytes: send fewer or shorter headers"}}' % MAX_HEAD_BYTES
     protocol.transport.write(TOO_LARGE % (len(body), body))
     protocol.transport.close()
+
+
+def _head_fits(protocol: object, data: bytes) -> bool:
+    """Count the bytes of the request head in ``data`` (up to its blank line, which may straddle two reads); False
+    past ``MAX_HEAD_BYTES``. Checked before the parser sees the data: one read can carry a whole oversized head."""
+    seen = getattr(protocol, "esm_head_tail", b"") + data
+    end = seen.find(b"\r\n\r\n")
+    size = getattr(protocol, "esm_head_bytes", 0) + (end + 4 - (len(seen) - len(data)) if end >= 0 else len(data))
+    protocol.esm_head_bytes, protocol.esm_head_tail = (0, b"") if end >= 0 else (size, seen[-3:])
+    return size <= MAX_HEAD_BYTES
 
 
 def _arm(protocol: object) -> None:
@@ -92,14 +102,11 @@ def install(seconds: float) -> list[str]:
             _lost(self, exc)
 
         def data_received(self, data: bytes, _received=received) -> None:
-            waiting = waiting_for_head(self)
-            _received(self, data)
-            if not waiting or not waiting_for_head(self):  # a head completed (what follows is body): start again
-                self.esm_head_bytes = 0
+            if waiting_for_head(self) and not _head_fits(self, data):
+                if self.transport is not None and not self.transport.is_closing():
+                    _refuse_head(self)
                 return
-            self.esm_head_bytes = getattr(self, "esm_head_bytes", 0) + len(data)
-            if self.esm_head_bytes > MAX_HEAD_BYTES and self.transport is not None and not self.transport.is_closing():
-                _refuse_head(self)
+            _received(self, data)
 
         cls.connection_made, cls.on_response_complete, cls.connection_lost = connection_made, on_response_complete, connection_lost
         cls.data_received = data_received

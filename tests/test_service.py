@@ -609,6 +609,15 @@ def test_huge_numbers_and_deep_nesting_are_answered_400_by_the_real_server(serve
     assert post(f"{server['url']}/embed", {"sequences": ["MKT"]})[0] == 200  # and it still serves
 
 
+def test_an_oversized_request_head_gets_431_from_the_real_server(server):
+    """Finding 5 against a running service: a 64 MB request header was read whole and answered 200."""
+    port = int(server["url"].rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
+        answer = s.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 431") and b'"status": 431' in answer, answer[:300]
+
+
 def test_slow_clients_are_closed_or_refused_after_the_client_timeout(server):
     """Connections that send nothing, half a request line, or half the headers are closed; a body that stops
     arriving gets 408; an idle connection after an answer is closed too. None of them before the timeout, and a
