@@ -369,15 +369,8 @@ class EsmDistillService:
         ref = await self.reference_call("card")
         index = await self.index()
         summary = {k: v for k, v in index.card.items() if k not in ("check",)} | {"path": REFERENCE_INDEX} if index is not None else {}
-        return InfoResponse(
-            **card,
-            reference_index=summary,
-            max_length=tokens.MAX_RESIDUES,
-            max_sequences=MAX_SEQUENCES,
-            max_residues=MAX_RESIDUES,
-            batching=BATCHING,
-            reference=ref,
-        )
+        return InfoResponse(**card, reference_index=summary, max_length=tokens.MAX_RESIDUES, max_sequences=MAX_SEQUENCES,
+                            max_residues=MAX_RESIDUES, batching=BATCHING, reference=ref)  # fmt: skip
 
     @bentoml.api
     async def health(self) -> dict[str, Any]:

@@ -22,9 +22,7 @@ INFERENCE_MAX_TOKENS = 2 * TRAIN_MAX_TOKENS
 DEFAULT_TARGET_PRECISION = 0.99  # no-call thresholds are set for this precision on validation + negatives
 DEFAULT_MAX_EVALUE = 0.01  # an aligning index calls nothing weaker (HMMER's inclusion E-value): docs/calls.md
 POOLINGS = ("mean", "cls")
-# A head made for proteomes looks at windows of this many residues every STRIDE (distill.inference.scan); chosen on
-# the development proteome (docs/results.md): Pfam domains are 31-144 residues (5th-95th percentile, median 84).
-SCAN_WINDOW, SCAN_STRIDE = 96, 32
+SCAN_WINDOW, SCAN_STRIDE = 96, 32  # a proteome head's windows (distill.inference.scan; Pfam domains: median 84 residues)
 
 
 @dataclass(frozen=True)
