@@ -94,3 +94,13 @@ def test_annotate_writes_each_labels_best_window_and_the_heads_domains(scanning,
     expected = [(f"p{i}", d.start, d.end, d.label) for i, s in enumerate(scans) for d in segment(s, e.labels["pfam"], lambda label: 0.0)]
     assert [(d["id"], int(d["start"]), int(d["end"]), d["label"]) for d in domains] == expected and expected
     assert {d["source"] for d in domains} == {"pfam"} and {d["evalue"] for d in domains} == {""}
+
+
+def test_a_background_of_one_protein_is_refused_by_name(tmp_path):
+    records = list(read_fasta(EXAMPLES / "pfam.fasta"))
+    data = write_labelled(tmp_path / "d.fasta", [r for fam in FAMILIES for r in [x for x in records if x.description == fam][:10]])
+    (tmp_path / "one.fasta").write_text(">p\nMKTAYIAKQRQISFVKSHFSRQ\n")
+    res = runner.invoke(app, ["finetune", "random:small", "--data", str(data), "--task", "pfam", "--out", str(tmp_path / "r"),
+                              "--background", str(tmp_path / "one.fasta")])  # fmt: skip
+    assert res.exit_code == 2 and "one.fasta holds 1 protein: it needs two or more" in res.output, res.output
+    assert not (tmp_path / "r").exists()

@@ -27,9 +27,17 @@ class Background:
 def read_background(path: str, train: LabelledSet, labels: list[str], seed: int) -> Background:
     """The proteome, halved, with each protein's presumed memberships (distill.inference.members: alignment to the
     training sequences at E <= 1e-5, a rule that does not use the model being trained)."""
-    from distill.inference.members import presumed_members  # pyopal: only with --background
+    try:
+        from distill.inference.align import _pyopal
+
+        _pyopal()
+    except ImportError as e:  # the member rule aligns
+        raise ValueError(f"--background needs pyopal to recognise the background's members: {e}") from e
+    from distill.inference.members import presumed_members
 
     name, proteins = read_proteome(Path(path))
+    if len(proteins) < 2:
+        raise ValueError(f"--background {path} holds {len(proteins)} protein: it needs two or more (one half trains, the other calibrates)")
     keep = [i for i, label in enumerate(train.labels) if label in set(labels)]
     members = presumed_members([train.sequences[i] for i in keep], [train.labels[i] for i in keep], proteins)
     half = np.random.default_rng([seed, 13]).permutation(len(proteins)) % 2 == 1
