@@ -54,3 +54,20 @@ def test_a_background_protein_is_a_presumed_member_only_when_it_aligns_strongly_
     got = presumed_members(labelled, labels, [member, stranger])
     assert got == [{"B"}, set()]
     assert max(strongest(labelled, labels, [stranger])[0].values()) < -np.log(1e-5)
+
+
+def test_a_missing_optional_dependency_is_one_error_line_naming_the_extra(monkeypatch, tmp_path):
+    import sys
+
+    from conftest import pfam_examples, write_labelled
+    from typer.testing import CliRunner
+
+    from distill.cli.app import app
+
+    monkeypatch.setitem(sys.modules, "pyopal", None)  # as if it were not installed
+    data = write_labelled(tmp_path / "d.fasta", [r for rs in pfam_examples(("PF00004", "PF00005")).values() for r in rs[:10]])
+    (tmp_path / "bg.fasta").write_text(">a\nMKTAYIAKQR\n>b\nMSTNPKPQRK\n")
+    res = CliRunner().invoke(app, ["finetune", "random:small", "--data", str(data), "--task", "pfam", "--out", str(tmp_path / "r"),
+                                   "--background", str(tmp_path / "bg.fasta")])  # fmt: skip
+    assert res.exit_code == 2 and "alignment re-ranking needs pyopal: pip install 'esm-distill[index]'" in res.output, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "r").exists()

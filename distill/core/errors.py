@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Raised for problems the message fully explains; anything else is a bug and shows its traceback."""
+
+
+class MissingExtra(UserError, ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it."""

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from distill.core.errors import MissingExtra
+
 MATRIX, GAP_OPEN, GAP_EXTEND = "BLOSUM62", 11, 1
 LAMBDA, K = 0.267, 0.041  # Karlin-Altschul parameters of gapped BLOSUM62, gap open 11 / extend 1 (NCBI BLAST)
 VOTE_WEIGHTS = (1.0, 0.5, 0.25)  # a class's best, second and third neighbour
@@ -37,7 +39,7 @@ def _pyopal():
     try:
         import pyopal
     except ImportError as e:  # optional: esm-distill[index]
-        raise ImportError("alignment re-ranking needs pyopal: pip install 'esm-distill[index]'") from e
+        raise MissingExtra("alignment re-ranking needs pyopal: pip install 'esm-distill[index]'") from e
     return pyopal
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from distill.core.errors import MissingExtra
 from distill.core.io import read_json_object
 from distill.inference.domains import MAX_SPANS, MIN_EVIDENCE, Domain, segment
 from distill.inference.kmers import KmerIndex
@@ -66,7 +67,7 @@ class ReferenceIndex:
         try:
             import faiss
         except ImportError as e:  # optional: esm-distill[index]
-            raise ImportError("reference indexes need faiss: pip install 'esm-distill[index]'") from e
+            raise MissingExtra("reference indexes need faiss: pip install 'esm-distill[index]'") from e
         self.vectors, self.ids, self.labels, self.sequences, self.card = normalise(vectors), list(ids), list(labels), list(sequences), card
         self._faiss = faiss.IndexFlatIP(self.vectors.shape[1])
         self._faiss.add(self.vectors)

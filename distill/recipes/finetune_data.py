@@ -27,13 +27,10 @@ class Background:
 def read_background(path: str, train: LabelledSet, labels: list[str], seed: int) -> Background:
     """The proteome, halved, with each protein's presumed memberships (distill.inference.members: alignment to the
     training sequences at E <= 1e-5, a rule that does not use the model being trained)."""
-    try:
-        from distill.inference.align import _pyopal
-
-        _pyopal()
-    except ImportError as e:  # the member rule aligns
-        raise ValueError(f"--background needs pyopal to recognise the background's members: {e}") from e
+    from distill.inference.align import _pyopal
     from distill.inference.members import presumed_members
+
+    _pyopal()  # the member rule aligns: a missing pyopal is said now, before any training
 
     name, proteins = read_proteome(Path(path))
     if len(proteins) < 2:
