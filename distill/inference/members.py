@@ -13,6 +13,8 @@ its votes (``index_calibration.MEMBER_EVALUE``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from distill.inference.align import Aligner, evidence
@@ -22,14 +24,18 @@ MEMBER_EVALUE = 1e-5  # E-value over the labelled set at which a background prot
 DEPTH = 50  # labelled sequences aligned per background protein
 
 
-def strongest(labelled: list[str], labels: list[str], proteins: list[str], depth: int = DEPTH) -> list[dict[str, float]]:
-    """Per protein, each candidate label's strongest evidence (-ln E over the labelled set)."""
+def strongest(
+    labelled: list[str], labels: list[str], proteins: list[str], depth: int = DEPTH, progress: Callable | None = None
+) -> list[dict[str, float]]:
+    """Per protein, each candidate label's strongest evidence (-ln E over the labelled set); ``progress`` wraps the
+    proteins' iteration (a progress bar), when given."""
     if not proteins:
         return []
     kmers, aligner = KmerIndex(labelled), Aligner(labelled)
     lengths = np.array([len(s) for s in labelled])
     out = []
-    for protein, cand in zip(proteins, kmers.search(proteins, depth), strict=True):
+    pairs = zip(proteins, kmers.search(proteins, depth), strict=True)
+    for protein, cand in progress(pairs, total=len(proteins)) if progress else pairs:
         e = evidence(aligner.scores(protein, cand), len(protein), lengths[cand], len(labelled))
         best: dict[str, float] = {}
         for j, v in zip(cand, e, strict=True):
@@ -38,7 +44,9 @@ def strongest(labelled: list[str], labels: list[str], proteins: list[str], depth
     return out
 
 
-def presumed_members(labelled: list[str], labels: list[str], proteins: list[str], depth: int = DEPTH) -> list[set[str]]:
+def presumed_members(
+    labelled: list[str], labels: list[str], proteins: list[str], depth: int = DEPTH, progress: Callable | None = None
+) -> list[set[str]]:
     """Per protein, the labels it is presumed a member of (an alignment at E <= ``MEMBER_EVALUE``)."""
     level = -np.log(MEMBER_EVALUE)
-    return [{label for label, v in best.items() if v >= level} for best in strongest(labelled, labels, proteins, depth)]
+    return [{label for label, v in best.items() if v >= level} for best in strongest(labelled, labels, proteins, depth, progress)]

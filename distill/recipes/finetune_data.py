@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+from rich.console import Console
+from rich.progress import track
 
 from distill.core.config import FinetuneConfig
 from distill.core.fasta import read_proteome
@@ -24,7 +27,7 @@ class Background:
     presumed: int  # proteins of the whole background presumed members of some label
 
 
-def read_background(path: str, train: LabelledSet, labels: list[str], seed: int) -> Background:
+def read_background(path: str, train: LabelledSet, labels: list[str], seed: int, quiet: bool = False) -> Background:
     """The proteome, halved, with each protein's presumed memberships (distill.inference.members: alignment to the
     training sequences at E <= 1e-5, a rule that does not use the model being trained)."""
     from distill.inference.align import _pyopal
@@ -36,7 +39,8 @@ def read_background(path: str, train: LabelledSet, labels: list[str], seed: int)
     if len(proteins) < 2:
         raise ValueError(f"--background {path} holds {len(proteins)} protein: it needs two or more (one half trains, the other calibrates)")
     keep = [i for i, label in enumerate(train.labels) if label in set(labels)]
-    members = presumed_members([train.sequences[i] for i in keep], [train.labels[i] for i in keep], proteins)
+    bar = partial(track, description=f"{name}: aligning to the training sequences", disable=quiet, console=Console(stderr=True))
+    members = presumed_members([train.sequences[i] for i in keep], [train.labels[i] for i in keep], proteins, progress=bar)
     half = np.random.default_rng([seed, 13]).permutation(len(proteins)) % 2 == 1
     negatives = [p for p, m, h in zip(proteins, members, half, strict=True) if not h and not m]
     calibration = [i for i in range(len(proteins)) if half[i]]
@@ -99,5 +103,5 @@ def setup_data(cfg: FinetuneConfig) -> Data:
     if len(valid) == 0:
         raise ValueError("no validation sequences: give --valid FILE or raise --valid-fraction (classes need 1/fraction members)")
     y = [np.array([index[label] for label in s.labels], dtype=np.int64) for s in (train, valid)]
-    background = read_background(cfg.background, train, kept, cfg.seed) if cfg.background else None
+    background = read_background(cfg.background, train, kept, cfg.seed, cfg.quiet) if cfg.background else None
     return Data(train, valid, kept, y[0], y[1], outside, background, notes)
