@@ -38,3 +38,9 @@ def test_proteome_scoring_by_hand(tmp_path):
     assert overlap((70, 150), (1, 80)) == 11 / 80
     assert r["domain_calls"] == 3 and r["domain_agree_0.01"] == 2 / 3 and r["domain_overlap_50"] == 1 / 2
     assert wilson(0, 0) == [0.0, 1.0] and wilson(15, 27) == [0.373, 0.724]
+    # a head's calls: its label column, and only the domain rows whose source is the head's task
+    (tmp_path / "h.tsv").write_text("id\tlength\tpfam_label_1\tpfam_prob_1\tstatus\n" + "p1\t200\tA\t0.99\tok\np2\t90\t-\t0.2\tok\n")
+    doms = "id\tdomain\tstart\tend\tlabel\tverdict\tsource\n" + "p1\t1\t20\t100\tA\tcall\tpfam\np1\t2\t20\t100\tA\tcall\treference\n"
+    (tmp_path / "h.domains.tsv").write_text(doms)
+    h = score(tmp_path / "h.tsv", truth, ["p1", "p2", "p3", "p4"], "pfam_label_1")
+    assert (h["calls"], h["agree_0.01"], h["recall_1e-5"], h["domain_calls"], h["domain_overlap_50"]) == (1, 1.0, 1 / 2, 1, 1.0)
