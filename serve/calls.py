@@ -7,13 +7,14 @@ from typing import Any
 import numpy as np
 
 from distill.inference import top_k as best
+from distill.inference.layer import raised_thresholds
 from distill.inference.scan import Scan, segment
 from serve.schemas import Call, DomainHit
 
 
 def threshold_for(card: dict[str, Any], task: str, label: str) -> float:
     """A label's calibrated threshold: its own where a background proteome raised it, else the head's."""
-    return float(card.get("calibration", {}).get(task, {}).get("labels", {}).get(label, card["min_probability"].get(task, 0.0)))
+    return float(raised_thresholds(card.get("calibration", {}).get(task, {})).get(label, card["min_probability"].get(task, 0.0)))
 
 
 def top_calls(probabilities: dict[str, list[float]], labels: dict[str, list[str]], tasks: list[str], top_k: int) -> dict[str, list[Call]]:

@@ -31,7 +31,8 @@ from pydantic import StrictBool, StrictInt  # "3", true or 2.0 for top_k, "yes" 
 from distill.core import tokens
 from distill.inference import SequenceError, resolve
 from distill.inference.index import load_index
-from distill.inference.scan import Scan, spans
+from distill.inference.layer import scan_settings
+from distill.inference.scan import Scan, per_sequence, windows
 from distill.inference.sequences import Pieces, prepare
 from serve import slow_clients
 from serve.calls import head_domains, threshold_for, top_calls
@@ -245,12 +246,11 @@ class EsmDistillService:
         """Per scanning head (one calibrated on a background proteome), every sequence's windows through the student."""
         out = {}
         for t in tasks:
-            if (how := card.get("calibration", {}).get(t, {}).get("scan")) is None:
+            if (how := scan_settings(card.get("calibration", {}).get(t, {}))) is None:
                 continue
-            cut = [spans(len(s), how["window"], how["stride"]) for s in sequences]
-            rows = await self.run([s[a:b] for s, sp in zip(sequences, cut, strict=True) for a, b in sp])
-            ends = np.cumsum([len(sp) for sp in cut])
-            out[t] = [Scan(sp, np.array([r["probabilities"][t] for r in rows[e - len(sp) : e]])) for sp, e in zip(cut, ends, strict=True)]
+            cut, pieces = windows(sequences, *how)
+            probs = np.array([r["probabilities"][t] for r in await self.run(pieces)])
+            out[t] = [Scan(sp, p) for sp, p in zip(cut, per_sequence(cut, probs), strict=True)]
         return out
 
     async def card(self) -> dict[str, Any]:

@@ -118,10 +118,10 @@ def calibrate(
         raise CalibrationError("no validation examples to calibrate on; give --valid or a larger --valid-fraction")
     if len(negative_logits) == 0:
         raise CalibrationError("no negatives to calibrate the no-call on (shuffled or out-of-set sequences)")
-    before = _softmax(logits)
+    before = softmax(logits)
     temperature = fit_temperature(logits, y) if fit else 1.0
-    after = _softmax(logits / temperature)
-    neg = _softmax(negative_logits / temperature)
+    after = softmax(logits / temperature)
+    neg = softmax(negative_logits / temperature)
     scores = np.r_[after.max(1), neg.max(1)]
     correct = np.r_[after.argmax(1) == y, np.zeros(len(neg), dtype=bool)]
     th = threshold_for_precision(scores, correct, target, len(y))
@@ -139,7 +139,8 @@ def calibrate(
     }
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (calibration compares probabilities near 1)."""
     z = np.asarray(z, dtype=np.float64)
     e = np.exp(z - z.max(1, keepdims=True))
     return e / e.sum(1, keepdims=True)

@@ -50,6 +50,17 @@ class Embedding:
     cls: np.ndarray | None = None  # [dim]: the <cls> token's last-layer vector, when asked for
 
 
+def raised_thresholds(calibration: dict[str, Any]) -> dict[str, float]:
+    """A head card's calibration -> the labels whose own threshold a background proteome raised (label -> threshold)."""
+    return calibration.get("labels", {})
+
+
+def scan_settings(calibration: dict[str, Any]) -> tuple[int, int] | None:
+    """A head card's calibration -> (window, stride) when the head scans whole proteins (distill.inference.scan)."""
+    s = calibration.get("scan")
+    return (int(s["window"]), int(s["stride"])) if s else None
+
+
 def heads_asked(labels: dict[str, list[str]], tasks: list[str] | None) -> list[str]:
     """The asked-for head tasks (default: all of them); an unknown one is an error naming what exists."""
     tasks = list(labels) if tasks is None else list(tasks)
@@ -83,12 +94,10 @@ class Inference:
 
     def threshold_for(self, task: str, label: str) -> float:
         """A label's calibrated threshold: its own where a background proteome raised it, else the head's."""
-        return float(self.calibrations.get(task, {}).get("labels", {}).get(label, self.thresholds.get(task, 0.0)))
+        return float(raised_thresholds(self.calibrations.get(task, {})).get(label, self.thresholds.get(task, 0.0)))
 
     def scan_of(self, task: str) -> tuple[int, int] | None:
-        """(window, stride) when the head was calibrated to scan whole proteins (distill.inference.scan), else None."""
-        s = self.calibrations.get(task, {}).get("scan")
-        return (int(s["window"]), int(s["stride"])) if s else None
+        return scan_settings(self.calibrations.get(task, {}))
 
     @property
     def provider(self) -> str:

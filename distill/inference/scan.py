@@ -52,16 +52,22 @@ class HeadDomain:
     score: float  # the best window's probability for the label
 
 
+def windows(sequences: list[str], window: int, stride: int) -> tuple[list[np.ndarray], list[str]]:
+    """Each sequence's spans, and every window's residues in one flat list (sequence by sequence, in order)."""
+    cut = [spans(len(s), window, stride) for s in sequences]
+    return cut, [s[a:b] for s, sp in zip(sequences, cut, strict=True) for a, b in sp]
+
+
+def per_sequence(cut: list[np.ndarray], values: np.ndarray) -> list[np.ndarray]:
+    """Rows of a flat [windows, ...] array (in ``windows``' order) back to their sequences."""
+    return np.split(np.asarray(values), np.cumsum([len(sp) for sp in cut])[:-1]) if cut else []
+
+
 def scan(inference: Inference, sequences: list[str], task: str, window: int, stride: int) -> list[Scan]:
     """Every protein's windows through ``inference`` (any backend) in one batched pass; results in input order."""
-    cut = [spans(len(s), window, stride) for s in sequences]
-    pieces = [s[a:b] for s, sp in zip(sequences, cut, strict=True) for a, b in sp]
+    cut, pieces = windows(sequences, window, stride)
     probs = inference.run(pieces, [task])[1][task] if pieces else np.zeros((0, len(inference.labels[task])), np.float32)
-    out, at = [], 0
-    for sp in cut:
-        out.append(Scan(sp, probs[at : at + len(sp)]))
-        at += len(sp)
-    return out
+    return [Scan(sp, p) for sp, p in zip(cut, per_sequence(cut, probs), strict=True)]
 
 
 def segment(s: Scan, labels: list[str], threshold_for: Callable[[str], float]) -> list[HeadDomain]:

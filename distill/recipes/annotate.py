@@ -33,6 +33,7 @@ from distill.core.fasta import count_records, iter_records
 from distill.core.io import atomic_path, atomic_write, atomic_write_json, read_json_object
 from distill.inference import Inference
 from distill.inference.index import load_index
+from distill.inference.layer import raised_thresholds
 from distill.inference.scan import Scan, scan
 from distill.inference.sequences import long_note
 from distill.recipes.annotate_columns import Columns, domains_path
@@ -142,7 +143,7 @@ def columns_for(model: Inference, opts: Options) -> Columns:
     if opts.embeddings is not None and not str(opts.embeddings).endswith(EMBEDDING_SUFFIXES):
         raise ValueError(f"--embeddings must end in one of {', '.join(EMBEDDING_SUFFIXES)}: {opts.embeddings}")
     thresholds = {t: opts.min_probability if opts.min_probability is not None else model.thresholds.get(t, 0.0) for t in tasks}
-    raised = {t: model.calibrations.get(t, {}).get("labels", {}) for t in tasks} if opts.min_probability is None else {}
+    raised = {t: raised_thresholds(model.calibrations.get(t, {})) for t in tasks} if opts.min_probability is None else {}
     reference = None
     if opts.reference is not None:
         reference = load_index(opts.reference)

@@ -23,19 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from distill.core.calibration import calibrate, shuffled
+from distill.core.calibration import calibrate, shuffled, softmax
 from distill.core.config import SCAN_STRIDE, SCAN_WINDOW, FinetuneConfig
-from distill.inference.scan import spans
+from distill.inference.scan import per_sequence, windows
 from distill.recipes.finetune_data import Data
 
 MARGIN = float(np.log(10.0))  # a raised threshold: ten times the best non-member's odds
 NEVER = 1.0 + 1e-6  # a threshold no probability reaches
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, np.float64)
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
 
 
 def _raised(p_best: float) -> float:
@@ -53,14 +47,12 @@ def calibrate_head(logits_of: Callable[[list[str]], np.ndarray], d: Data, cfg: F
     if d.background is None:
         return calibrate(valid_logits, d.y_valid, negative_logits, cfg.target_precision), valid_logits
     bg = d.background
-    cut = [spans(len(s), SCAN_WINDOW, SCAN_STRIDE) for s in bg.calibration]
-    windows = logits_of([s[a:b] for s, sp in zip(bg.calibration, cut, strict=True) for a, b in sp])
-    owner = np.repeat(np.arange(len(cut)), [len(sp) for sp in cut])
-    best_window = np.array([np.flatnonzero(owner == i)[_softmax(windows[owner == i]).max(1).argmax()] for i in range(len(cut))])
+    cut, pieces = windows(bg.calibration, SCAN_WINDOW, SCAN_STRIDE)
+    per_protein = per_sequence(cut, logits_of(pieces))  # each protein's windows' logits
     outside = [i for i, m in enumerate(bg.members) if not m]
-    c = calibrate(valid_logits, d.y_valid, np.r_[negative_logits, windows[best_window[outside]]], cfg.target_precision)
-    p = _softmax(windows / c["temperature"])
-    best = np.stack([p[owner == i].max(0) for i in range(len(cut))])  # [proteins, labels]: each label's best window
+    best_windows = [z[softmax(z).max(1).argmax()] for z in (per_protein[i] for i in outside)]  # its most confident window
+    c = calibrate(valid_logits, d.y_valid, np.r_[negative_logits, np.array(best_windows).reshape(-1, len(d.labels))], cfg.target_precision)
+    best = np.stack([softmax(z / c["temperature"]).max(0) for z in per_protein])  # [proteins, labels]: each label's best window
     raised = {}
     for k, label in enumerate(d.labels):
         noise = best[[i for i, m in enumerate(bg.members) if label not in m], k]
