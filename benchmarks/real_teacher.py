@@ -10,10 +10,11 @@ Stages, each skipped when its output exists (a killed run resumes where it stopp
                (its SOURCES file), so the probes test on sequences no model trained on.
   2. cache     OUT/cache: `distill teacher-cache --teacher unirep1900 --views EPOCHS` (one UniRep pass serves every view)
   3. students  OUT/students/WAY-sSEED: `distill fit --preset small` from the cache:
-               vanilla (lam 0), logit (lam 0.5, T 2), rep (lam 0 + pooled representation KD, weight 1), both
-  4. probes    `distill evaluate` of every student, random:small@SEED and composition on SCOPe 2.07 superfamilies
-               (family-holdout: the test domains' families never occur in training) and on the 54 Pfam families
-               (random split), written to OUT/eval-scope and OUT/eval-pfam (results.md, .csv, .json, figures)
+               vanilla (lam 0), logit (lam 0.5, T 2), rep (lam 0 + pooled representation KD, weight 1),
+               rep-centred (the same against the teacher's states less their mean), both
+  4. probes    `distill evaluate` of each seed's students, random:small@SEED (and composition) on SCOPe 2.07
+               superfamilies (family-holdout: the test domains' families never occur in training) and on the 54 Pfam
+               families (random split), one table per seed: OUT/eval-TASK-sSEED-WAYS (results.md, .csv, .json, figures)
 Prints the two tables at the end.
 """
 
@@ -35,6 +36,7 @@ WAYS = {
     "vanilla": ["--lam", "0"],
     "logit": ["--lam", "0.5", "--temperature", "2"],
     "rep": ["--lam", "0", "--rep-weight", "1", "--rep-level", "pooled"],
+    "rep-centred": ["--lam", "0", "--rep-weight", "1", "--rep-level", "pooled", "--rep-centre"],
     "both": ["--lam", "0.5", "--temperature", "2", "--rep-weight", "1", "--rep-level", "pooled"],
 }
 
@@ -86,7 +88,9 @@ def main() -> None:
     write_data(out, args.n)
     cache = out / "cache"
     for seed in seeds:  # masking is keyed by the training seed: one cache per seed
-        seed_cache = cache if seed == 0 else out / f"cache-s{seed}"
+        # masking is keyed by the training seed, but ways with lam 0 read only the (seed-free) pooled embeddings
+        needs_logits = any(float(WAYS[w][WAYS[w].index("--lam") + 1]) > 0 for w in ways)
+        seed_cache = cache if seed == 0 or not needs_logits else out / f"cache-s{seed}"
         if not (seed_cache / "meta.json").exists() or '"complete": true' not in (seed_cache / "meta.json").read_text():
             distill("teacher-cache", str(out / "train.fasta"), "--teacher", "unirep1900", "--views", str(args.epochs),
                     "--seed", str(seed), "-o", str(seed_cache), "--quiet")  # fmt: skip
@@ -98,15 +102,16 @@ def main() -> None:
             cached = [] if way == "vanilla" else ["--teacher-cache", str(seed_cache)]
             distill("fit", str(out / "train.fasta"), "--valid", str(out / "valid.fasta"), "--preset", "small", "--epochs",
                     str(args.epochs), "--batch-size", str(args.batch_size), "--seed", str(seed), *cached, *WAYS[way], *resume, "--quiet")  # fmt: skip
-    models = [str(out / "students" / f"{w}-s{s}" / "student") for s in seeds for w in ways]
-    models += [f"random:small@{s}" for s in seeds] + ["composition"]
     scope = str(SHARED / "scope" / "astral-scopedom-40-2.07.shared85.fa")
     probes = {"scope": ["--data", scope, "--split", "family-holdout"], "pfam": ["--data", str(SHARED / "pfam_families")]}
     for task in args.tasks.split(","):
-        extra = probes[task]
-        if not (out / f"eval-{task}" / "results.md").exists():
-            distill("evaluate", *models, "--task", task, *extra, "--no-baselines", "--out", str(out / f"eval-{task}"))
-        print((out / f"eval-{task}" / "results.md").read_text())
+        for seed in seeds:  # one table per seed and task: later seeds and ways add tables, never redo one
+            models = [str(out / "students" / f"{w}-s{seed}" / "student") for w in ways] + [f"random:small@{seed}"]
+            models += ["composition"] if seed == 0 else []
+            table = out / f"eval-{task}-s{seed}-{'+'.join(ways)}"
+            if not (table / "results.md").exists():
+                distill("evaluate", *models, "--task", task, *probes[task], "--no-baselines", "--out", str(table))
+            print((table / "results.md").read_text())
 
 
 if __name__ == "__main__":

@@ -38,7 +38,17 @@ def pfam4(tmp_path_factory) -> dict:
 
 
 def config(pfam4: dict, out: Path, **kw) -> FinetuneConfig:
-    args = {"epochs": 15, "batch_size": 8, "lr": 3e-3, "valid_fraction": 0.2, "patience": 100, "quiet": True} | kw
+    # the plain recipe (no LP-FT, calibrated on the validation part): LP-FT and k-fold calibration have tests of their own
+    args = {
+        "epochs": 15,
+        "batch_size": 8,
+        "lr": 3e-3,
+        "valid_fraction": 0.2,
+        "patience": 100,
+        "quiet": True,
+        "lp_ft": False,
+        "folds": 0,
+    } | kw
     return FinetuneConfig(str(pfam4["tiny"]), [str(pfam4["train"])], "pfam", str(out), **args)
 
 
@@ -211,8 +221,25 @@ def test_torchrun_two_processes_match_one(pfam4, spawn, tmp_path):
 
     from safetensors.torch import load_file
 
-    args = ["finetune", str(pfam4["tiny"]), "--data", str(pfam4["train"]), "--task", "pfam", "--epochs", "2", "--batch-size", "8",
-            "--lr", "3e-3", "--valid-fraction", "0.2", "--quiet"]  # fmt: skip
+    args = [
+        "finetune",
+        str(pfam4["tiny"]),
+        "--data",
+        str(pfam4["train"]),
+        "--task",
+        "pfam",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--valid-fraction",
+        "0.2",
+        "--folds",
+        "0",
+        "--quiet",
+    ]  # fmt: skip (LP-FT on, the default)
     single = runner.invoke(app, [*args, "--out", str(tmp_path / "one")])
     assert single.exit_code == 0, single.output
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "distill"]
@@ -221,7 +248,8 @@ def test_torchrun_two_processes_match_one(pfam4, spawn, tmp_path):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     rows = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")]
-    assert [r["train_loss"] for r in rows[1]] == pytest.approx([r["train_loss"] for r in rows[0]], rel=1e-4)
+    assert rows[0][0]["train_loss"] is None and rows[1][0]["valid_loss"] == pytest.approx(rows[0][0]["valid_loss"], rel=1e-4)  # the probe
+    assert [r["train_loss"] for r in rows[1][1:]] == pytest.approx([r["train_loss"] for r in rows[0][1:]], rel=1e-4)
     a, b = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("one", "two"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4)

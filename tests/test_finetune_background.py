@@ -14,7 +14,8 @@ from distill.core.config import FinetuneConfig, ModelConfig
 from distill.core.fasta import read_fasta
 from distill.core.heads import heads_of
 from distill.core.model import build_student
-from distill.recipes.finetune import finetune, in_window, step_examples
+from distill.recipes.finetune import finetune
+from distill.recipes.finetune_data import in_window, step_examples
 
 pytest.importorskip("pyopal")  # the member rule aligns
 runner = CliRunner()

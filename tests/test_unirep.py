@@ -122,6 +122,23 @@ def test_representation_distances_by_hand():
     assert representation_loss(out, teacher, residues, "cosine", "both", 4, 2).item() == pytest.approx(0.75)
 
 
+def test_centred_targets_subtract_the_running_mean_by_hand():
+    from distill.core.losses import Projected
+    from distill.core.model import ModelConfig, build_student
+
+    proj = Projected(build_student(ModelConfig(layers=1, dim=8, heads=2, ffn=16), seed=0), 2, "both", centre=True)
+    residues = torch.tensor([[True, True, False]])
+    first = {"pooled": torch.tensor([[1.0, 3.0], [3.0, 5.0]]), "representations": torch.tensor([[[2.0, 0.0], [4.0, 2.0], [99.0, 99.0]]])}
+    out = proj.centred(first, residues)  # first update: the batch mean itself (padding left out of the residue mean)
+    assert out["pooled"].tolist() == [[-1.0, -1.0], [1.0, 1.0]] and out["representations"][0, :2].tolist() == [[-1.0, -1.0], [1.0, 1.0]]
+    proj.centred({"pooled": torch.tensor([[6.0, 8.0]])}, residues)  # second: mean of the two batch means, (2,4) and (6,8)
+    assert proj.teacher_mean[0].tolist() == [4.0, 6.0] and proj.mean_updates.tolist() == [2.0, 1.0]
+    proj.eval()  # evaluation reads the mean and leaves it alone
+    assert proj.centred({"pooled": torch.tensor([[4.0, 7.0]])}, residues)["pooled"].tolist() == [[0.0, 1.0]]
+    assert proj.mean_updates.tolist() == [2.0, 1.0]
+    assert "teacher_mean" not in Projected(proj.student, 2, "both").state_dict()  # uncentred runs' checkpoints unchanged
+
+
 def test_representation_distillation_trains_resumes_and_leaves_the_map_out_of_the_bundle(tmp_path):
     from safetensors.torch import load_file
 
@@ -129,7 +146,7 @@ def test_representation_distillation_trains_resumes_and_leaves_the_map_out_of_th
 
     fasta = write_small_fasta(tmp_path)
     base = dict(data=str(fasta), teacher=str(FIXTURES / "unirep_tiny1.npz"), epochs=3, batch_size=16, max_tokens=600, lr=3e-3,
-                seed=0, quiet=True, lam=0.0, rep_weight=1.0, rep_level="both", valid_fraction=0.1, preset="custom", layers=2, dim=32,
+                seed=0, quiet=True, lam=0.0, rep_weight=1.0, rep_level="both", rep_centre=True, valid_fraction=0.1, preset="custom", layers=2, dim=32,
                 heads=4, ffn=64)  # fmt: skip
     full = fit(FitConfig(out=str(tmp_path / "full"), **base)).out
     rep = [json.loads(line)["rep"] for line in (full / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
@@ -138,7 +155,7 @@ def test_representation_distillation_trains_resumes_and_leaves_the_map_out_of_th
     assert card["training"]["rep_weight"] == 1.0 and card["training"]["teacher"].endswith("unirep_tiny1.npz")
     from distill.inference.embeddings import featurizer
 
-    assert featurizer(str(full / "student")).name == "Student-h32-L2-vanilla-rep1-both"  # its own row in tables
+    assert featurizer(str(full / "student")).name == "Student-h32-L2-vanilla-rep1-both-centred"  # its own row in tables
     part = tmp_path / "part"
     assert not fit(FitConfig(out=str(part), max_steps=4, **base)).completed
     resumed = fit(FitConfig(out=str(part), **base), resume=True)
@@ -188,3 +205,11 @@ def test_a_causal_teachers_cache_runs_it_once_for_every_view_and_equals_the_live
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
     assert all(r["kd"] > 0 and r["rep"] > 0 for r in rows)
+    # Another seed masks differently: its logits no longer match, but a lam-0 run reads only the (seed-free) pooled states
+    other = [a if a != str(tmp_path / "run") else str(tmp_path / "other") for a in args] + ["--seed", "1"]
+    res = CliRunner().invoke(app, other)
+    assert res.exit_code == 2 and "seed" in res.output and "cache" in res.output
+    res = CliRunner().invoke(app, [*other[:-2], "--epochs", "1", "--lam", "0", "--rep-centre", "--seed", "1"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (tmp_path / "other" / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert rows and all(r["kd"] == 0 and r["rep"] > 0 for r in rows)

@@ -81,6 +81,12 @@ def fit(
     rep_level: Annotated[
         str | None, typer.Option(help=f"Representation level: pooled (sequence embedding), residue, or both. {default('rep_level')}")
     ] = None,
+    rep_centre: Annotated[
+        bool | None,
+        typer.Option(
+            help=f"Centre the teacher's states on their running mean before comparing (a protein LM's embeddings share one direction). {default('rep_centre')}"
+        ),
+    ] = None,
     epochs: Annotated[int | None, typer.Option(help=f"Epochs. [default: {EPOCHS} for small/medium/large]")] = None,
     batch_size: Annotated[int | None, typer.Option(help=f"Sequences per optimizer step. [default: {BATCHES}]")] = None,
     max_tokens: Annotated[
@@ -108,7 +114,11 @@ def fit(
     """Distil a teacher into a student: masked LM + knowledge distillation."""
     from distill.recipes.fit import fit as run_fit
 
-    given = {k: v for k, v in locals().items() if k in {f.name for f in fields(FitConfig)} and v is not None and v is not False}
+    given = {
+        k: v
+        for k, v in locals().items()
+        if k in {f.name for f in fields(FitConfig)} and v is not None and (v is not False or k == "rep_centre")
+    }
     given = {k: str(v) if isinstance(v, Path) else v for k, v in given.items()}
     cfg = FitConfig.for_resume(resume, given) if resume is not None else FitConfig.from_sources(config, given)
     if not run_fit(cfg, resume=resume is not None).completed:

@@ -38,7 +38,9 @@ def finetune(
     label_field: Annotated[int, typer.Option(help="FASTA: the header field after the id that holds the label.")] = D.label_field,
     label_regex: Annotated[str | None, typer.Option(help="FASTA: a regex whose first group is the label.")] = None,
     epochs: Annotated[int, typer.Option(help="At most this many epochs (early stopping may end sooner).")] = D.epochs,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, 5% warm-up, cosine decay).")] = D.lr,
+    lr: Annotated[
+        float | None, typer.Option(help="Peak learning rate (AdamW, 5% warm-up, cosine decay). [default: 3e-4 with LP-FT, else 1e-3]")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step.")] = D.batch_size,
     max_tokens: MaxTokens = D.max_tokens,
     freeze_layers: Annotated[int, typer.Option(help="Keep the embeddings and the first N layers fixed.")] = D.freeze_layers,
@@ -76,6 +78,18 @@ def finetune(
     target_precision: Annotated[
         float, typer.Option(help="The no-call threshold is set for this precision on validation + negatives.")
     ] = D.target_precision,
+    confidence: Annotated[
+        float, typer.Option(help="The threshold's precision must hold as a one-sided Clopper-Pearson lower bound at this level (0: point).")
+    ] = D.confidence,
+    lp_ft: Annotated[
+        bool, typer.Option(help="Fit the head on frozen features first and fine-tune from it (LP-FT); keep the probe if it stays better.")
+    ] = D.lp_ft,
+    folds: Annotated[
+        int | None,
+        typer.Option(
+            help="Calibrate on K-fold out-of-fold scores (the recipe K more times); 0: on the validation part. [default: 5 up to 2,000 labelled sequences, else 0]"
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the head, the validation split, data order and crops.")] = D.seed,
     device: Device = D.device,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last epoch checkpoint (same options).")] = False,
@@ -90,12 +104,13 @@ def finetune(
         freeze_layers=freeze_layers, pooling=pooling, head=head, class_weights=class_weights, min_per_class=min_per_class,
         patience=patience, negative_rate=negative_rate, background=str(background) if background else None,
         background_rate=background_rate, context_rate=context_rate, teacher=teacher, lam=lam, temperature=temperature,
-        target_precision=target_precision, seed=seed, device=device, quiet=quiet,
+        target_precision=target_precision, confidence=confidence, lp_ft=lp_ft, folds=folds, seed=seed, device=device, quiet=quiet,
     )  # fmt: skip
     result = run(cfg, resume, console)
     if result.bundle is None:
         raise typer.Exit(130)
-    console.print(f"fine-tuned bundle: {result.bundle} (best epoch {result.metrics['best_epoch']})")
+    best = result.metrics["best_epoch"]
+    console.print(f"fine-tuned bundle: {result.bundle} (" + (f"best epoch {best})" if best else "the linear probe's head, kept)"))
 
 
 def index(

@@ -11,7 +11,11 @@ temperature; the threshold as in any score-based annotation tool):
 2. score validation sequences *and negatives*: sequences of classes outside the label set and residue-shuffled
    sequences (same composition and length, no homology), whose every call is wrong;
 3. pick the smallest top-1 probability at which the calls made (top-1 >= threshold) reach the target precision on
-   that pool. Below it, ``annotate`` writes ``-`` and ``/classify`` answers a no-call.
+   that pool. Below it, ``annotate`` writes ``-`` and ``/classify`` answers a no-call. With ``confidence`` c > 0 the
+   precision that must reach the target is not the pool's point estimate but its one-sided Clopper-Pearson lower
+   bound at level c: on a small pool (a few dozen sequences) a point precision of 1.0 is luck as often as skill,
+   and the bound asks for as many right calls as the target needs to be believed (at 0.99 and c = 0.9, 230
+   calls without an error, or 388 with one).
 
 The same threshold search serves the reference index, on cosine similarities instead of probabilities.
 """
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
+from scipy.stats import beta
 
 from distill.core.config import DEFAULT_TARGET_PRECISION
 
@@ -81,10 +86,30 @@ class Threshold:
     precision: float  # reached on the calibration pool (positives + negatives)
     coverage: float  # fraction of in-set positives called correctly at the threshold
     reached: bool  # False: no threshold reaches the target; the highest score seen is used (almost no calls)
+    precision_lower: float = 0.0  # the one-sided lower bound at the confidence asked (the point precision without one)
+    calls: int = 0  # calls at the threshold (right ones: coverage x n_positive)
 
 
-def threshold_for_precision(scores: np.ndarray, correct: np.ndarray, target: float, n_positive: int) -> Threshold:
-    """The lowest score threshold whose calls (score >= t) have precision >= ``target``.
+def precision_lower_bound(right: np.ndarray, calls: np.ndarray, confidence: float) -> np.ndarray:
+    """One-sided Clopper-Pearson lower bound on right / calls at ``confidence`` (0: the point estimate)."""
+    right, calls = np.asarray(right, dtype=np.float64), np.asarray(calls, dtype=np.float64)
+    if confidence <= 0:
+        return right / np.maximum(calls, 1)
+    with np.errstate(invalid="ignore"):
+        return np.nan_to_num(beta.ppf(1 - confidence, right, calls - right + 1))  # right = 0 -> 0
+
+
+def binomial_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Two-sided Clopper-Pearson interval for k successes in n trials."""
+    if n == 0:
+        return (0.0, 1.0)
+    a = (1 - level) / 2
+    return (float(beta.ppf(a, k, n - k + 1)) if k else 0.0, float(beta.ppf(1 - a, k + 1, n - k)) if k < n else 1.0)
+
+
+def threshold_for_precision(scores: np.ndarray, correct: np.ndarray, target: float, n_positive: int, confidence: float = 0.0) -> Threshold:
+    """The lowest score threshold whose calls (score >= t) have precision >= ``target`` (its lower bound at
+    ``confidence`` when that is > 0).
 
     ``scores`` holds the top-1 score of every pooled example and ``correct`` whether its top-1 call is right
     (always False for negatives); coverage is correct calls over the ``n_positive`` in-set examples.
@@ -95,19 +120,24 @@ def threshold_for_precision(scores: np.ndarray, correct: np.ndarray, target: flo
         raise CalibrationError("no calibration examples: a threshold needs validation sequences")
     order = np.argsort(-scores, kind="stable")
     s, c = scores[order], correct[order].astype(np.float64)
-    tp = np.cumsum(c)
-    precision = tp / np.arange(1, len(s) + 1)
+    tp, calls = np.cumsum(c), np.arange(1, len(s) + 1)
+    precision, lower = tp / calls, precision_lower_bound(tp, calls, confidence)
     # A threshold can only sit at a score value: cut after the last of tied scores.
     last_of_tie = np.r_[s[1:] != s[:-1], True]
-    ok = np.flatnonzero(last_of_tie & (precision >= target))
+    ok = np.flatnonzero(last_of_tie & (lower >= target))
     if len(ok) == 0:
-        return Threshold(float(s[0]) + 1e-6, 0.0, 0.0, False)
+        return Threshold(float(s[0]) + 1e-6, 0.0, 0.0, False, float(lower[last_of_tie].max()))
     k = ok[-1]  # the most calls that still meet the target
-    return Threshold(float(s[k]), float(precision[k]), float(tp[k]) / max(n_positive, 1), True)
+    return Threshold(float(s[k]), float(precision[k]), float(tp[k]) / max(n_positive, 1), True, float(lower[k]), int(calls[k]))
 
 
 def calibrate(
-    logits: np.ndarray, y: np.ndarray, negative_logits: np.ndarray, target: float = DEFAULT_TARGET_PRECISION, fit: bool = True
+    logits: np.ndarray,
+    y: np.ndarray,
+    negative_logits: np.ndarray,
+    target: float = DEFAULT_TARGET_PRECISION,
+    fit: bool = True,
+    confidence: float = 0.0,
 ) -> dict:
     """Temperature + no-call threshold from validation logits (labels ``y``) and negatives' logits.
 
@@ -124,7 +154,10 @@ def calibrate(
     neg = softmax(negative_logits / temperature)
     scores = np.r_[after.max(1), neg.max(1)]
     correct = np.r_[after.argmax(1) == y, np.zeros(len(neg), dtype=bool)]
-    th = threshold_for_precision(scores, correct, target, len(y))
+    th = threshold_for_precision(scores, correct, target, len(y), confidence)
+    right = round(th.coverage * len(y))
+    bounds = {"confidence": confidence, "precision_lower": th.precision_lower, "calls": th.calls,
+              "coverage_interval": binomial_interval(right, len(y))} if confidence > 0 else {}  # fmt: skip
     return {
         "temperature": temperature,
         "threshold": th.threshold,
@@ -132,6 +165,7 @@ def calibrate(
         "precision": th.precision,
         "coverage": th.coverage,
         "reached": th.reached,
+        **bounds,
         "ece_before": expected_calibration_error(before, y),
         "ece_after": expected_calibration_error(after, y),
         "n_valid": int(len(y)),
@@ -148,5 +182,9 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 def describe(c: dict) -> str:
     """The one-line summary printed when a calibrated head is written."""
+    bound = f" at {c['confidence']:.0%} confidence, lower bound {c['precision_lower']:.4f}" if c.get("confidence") else ""
+    low, high = c.get("coverage_interval", (None, None))
+    interval = f", 95% interval {low:.3f}-{high:.3f}" if low is not None else ""
     return (f"calibration: temperature {c['temperature']:.3f}, ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}; no-call below "
-            f"p = {c['threshold']:.4f} for precision >= {c['target_precision']} (coverage {c['coverage']:.3f} of validation sequences)")  # fmt: skip
+            f"p = {c['threshold']:.4f} for precision >= {c['target_precision']}{bound} (coverage {c['coverage']:.3f}{interval} of "
+            f"{c['n_valid']} {c.get('pool', 'validation')} sequences)")  # fmt: skip

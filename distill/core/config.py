@@ -117,6 +117,7 @@ class FitConfig:
     rep_weight: float = 0.0  # weight of representation distillation (student states -> teacher states); 0 = off
     rep_loss: str = "cosine"  # cosine | mse
     rep_level: str = "pooled"  # pooled | residue | both
+    rep_centre: bool = False  # compare against the teacher's states less their running mean (the shared direction)
     epochs: int | None = None  # preset default
     batch_size: int | None = None  # sequences per optimizer step; preset default
     max_tokens: int = TRAIN_MAX_TOKENS  # tokens (incl. padding) in one forward pass
@@ -142,28 +143,23 @@ class FitConfig:
         return cfg
 
     def validate(self) -> None:
-        if self.preset not in PRESETS and self.preset != "custom":
-            raise ValueError(f"--preset must be one of {', '.join(PRESETS)} or custom, got {self.preset!r}")
-        if not 0 <= self.lam <= 1:
-            raise ValueError(f"--lam must be in [0, 1], got {self.lam}")
-        if self.temperature <= 0:
-            raise ValueError(f"--temperature must be positive, got {self.temperature}")
-        if self.rep_weight < 0 or self.rep_loss not in ("cosine", "mse") or self.rep_level not in ("pooled", "residue", "both"):
-            raise ValueError(
-                f"--rep-weight must be >= 0 (got {self.rep_weight}), --rep-loss cosine or mse (got {self.rep_loss!r}), "
-                f"--rep-level pooled, residue or both (got {self.rep_level!r})"
-            )
-        if self.rep_weight > 0 and self.teacher_cache and self.rep_level != "pooled":
-            raise ValueError(
-                "--rep-weight with --teacher-cache compares pooled embeddings only (--rep-level pooled): a cache stores no per-residue states"
-            )
-        if not 0 < self.mask_rate < 1:
-            raise ValueError(f"--mask-rate must be in (0, 1), got {self.mask_rate}")
-        if not 0 <= self.valid_fraction < 1:
-            raise ValueError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
-        for name in ("epochs", "batch_size", "max_tokens"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        checks = [
+            (self.preset in PRESETS or self.preset == "custom", f"--preset must be one of {', '.join(PRESETS)} or custom, got {self.preset!r}"),
+            (0 <= self.lam <= 1, f"--lam must be in [0, 1], got {self.lam}"),
+            (self.temperature > 0, f"--temperature must be positive, got {self.temperature}"),
+            (self.rep_weight >= 0 and self.rep_loss in ("cosine", "mse") and self.rep_level in ("pooled", "residue", "both"),
+             f"--rep-weight must be >= 0 (got {self.rep_weight}), --rep-loss cosine or mse (got {self.rep_loss!r}), "
+             f"--rep-level pooled, residue or both (got {self.rep_level!r})"),
+            (not (self.rep_weight > 0 and self.teacher_cache and self.rep_level != "pooled"),
+             "--rep-weight with --teacher-cache compares pooled embeddings only (--rep-level pooled): a cache stores no per-residue states"),
+            (0 < self.mask_rate < 1, f"--mask-rate must be in (0, 1), got {self.mask_rate}"),
+            (0 <= self.valid_fraction < 1, f"--valid-fraction must be in [0, 1), got {self.valid_fraction}"),
+        ]  # fmt: skip
+        checks += [(getattr(self, n) is None or getattr(self, n) >= 1, f"--{n.replace('_', '-')} must be at least 1")
+                   for n in ("epochs", "batch_size", "max_tokens")]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
     @property
     def needs_teacher(self) -> bool:
@@ -215,6 +211,7 @@ class FitConfig:
 
 CLASS_WEIGHTS = ("auto", "none", "balanced")
 MIN_FOR_BALANCED = 5  # auto: balanced only when every class has this many training examples
+LP_FT_LR = 3e-4  # fine-tuning from the probe: 1e-3 lost the probe's validation accuracy in one epoch (docs/results.md)
 HEAD_KINDS = ("cosine", "linear")
 
 
@@ -231,7 +228,7 @@ class FinetuneConfig:
     label_field: int = 1  # FASTA: the header field after the id that holds the label
     label_regex: str | None = None  # FASTA: or the first group of this regex
     epochs: int = 10
-    lr: float = 1e-3
+    lr: float | None = None  # None: LP_FT_LR with --lp-ft, else 1e-3 (the previous recipe's)
     weight_decay: float = 0.01
     clip_norm: float = 1.0  # gradient clipping max norm
     batch_size: int = 32  # sequences per optimizer step
@@ -251,9 +248,16 @@ class FinetuneConfig:
     lam: float = 0.5
     temperature: float = 2.0
     target_precision: float = DEFAULT_TARGET_PRECISION
+    confidence: float = 0.9  # the threshold's precision is a one-sided Clopper-Pearson lower bound at this level (0: point)
+    lp_ft: bool = True  # LP-FT: fit the head on frozen features first, fine-tune from it, keep the probe if it stays better
+    folds: int | None = None  # k-fold calibration; None: auto (5 up to 2,000 labelled sequences), 0: the validation part
     seed: int = 0
     device: str = "auto"
     quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if self.lr is None:  # LP-FT starts from a trained head: a lower rate keeps what the probe found
+            self.lr = LP_FT_LR if self.lp_ft else 1e-3
 
     def rule(self) -> LabelRule:
         return LabelRule(self.task, self.level, self.label_field, self.label_regex)
@@ -272,7 +276,10 @@ class FinetuneConfig:
             (0 <= self.negative_rate <= 1, f"--negative-rate must be in [0, 1], got {self.negative_rate}"),
             (0 <= self.background_rate <= 1, f"--background-rate must be in [0, 1], got {self.background_rate}"),
             (0 <= self.context_rate <= 1, f"--context-rate must be in [0, 1], got {self.context_rate}"),
-        ]
+            (0 <= self.confidence < 1, f"--confidence must be in [0, 1), got {self.confidence}"),
+            (self.folds is None or self.folds == 0 or (self.folds >= 2 and not self.background),
+             f"--folds must be 0 or at least 2, and 0 with --background (its held-out half calibrates), got {self.folds}"),
+        ]  # fmt: skip
         checks += [(getattr(self, n) >= 1, f"--{n.replace('_', '-')} must be at least 1") for n in ("epochs", "batch_size", "patience")]
         for ok, message in checks:
             if not ok:
@@ -325,14 +332,10 @@ class ProbeConfig:
         if self.test:
             split = f"given test set {', '.join(self.test)}"
         probe = f"MLP probe ({self.hidden} hidden)" if self.hidden else "linear probe (softmax regression)"
-        return (
-            f"Protocol: frozen-embedding {probe} on standardised {self.pooling}-pooled embeddings, cross-entropy with "
-            f"{weights} class weights, early stopping on {'the --valid files' if self.valid else '10% of the training part'}; "
-            f"{split}, seed {self.seed}; labels with fewer "
-            f"than {self.min_per_class} examples dropped. Task {self.task}: {n_classes} classes, {n_train} training and "
-            f"{n_test} test sequences. Precision, recall and F1 are given macro-averaged (every class counts the same) "
-            f"and weighted by class support."
-        )
+        return (f"Protocol: frozen-embedding {probe} on standardised {self.pooling}-pooled embeddings, cross-entropy with {weights} class weights, "
+                f"early stopping on {'the --valid files' if self.valid else '10% of the training part'}; {split}, seed {self.seed}; labels with fewer "
+                f"than {self.min_per_class} examples dropped. Task {self.task}: {n_classes} classes, {n_train} training and {n_test} test sequences. "
+                "Precision, recall and F1 are given macro-averaged (every class counts the same) and weighted by class support.")  # fmt: skip
 
 
 @dataclass
@@ -375,9 +378,8 @@ class SweepConfig:
         for key in ("out", "data", "teacher", "presets", "tasks"):
             if key not in raw:
                 raise ValueError(f"{path}: missing required key {key!r}")
-        for name in raw["presets"]:
-            if name not in PRESETS:
-                raise ValueError(f"{path}: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        if unknown := [name for name in raw["presets"] if name not in PRESETS]:
+            raise ValueError(f"{path}: unknown preset {unknown[0]!r}; choose from {', '.join(PRESETS)}")
         task_keys = {f.name for f in fields(ProbeConfig)} - {"task", "device"}
         for task, settings in raw["tasks"].items():
             try:

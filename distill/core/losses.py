@@ -16,6 +16,9 @@ across processes gives exactly the loss of one big batch.
 Representation distillation (any teacher, ESM-1b's last layer or UniRep's states) adds ``rep_weight * L_rep``: a
 learned linear map from the student's hidden states to the teacher's (``Projected``), compared per residue and/or on
 the pooled sequence embedding by cosine distance (1 - cos) or mean squared error, normalised by the step's rows.
+With ``centre`` the teacher's states are compared less their running mean: a protein LM's embeddings share one large
+direction (UniRep-1900's pooled states lie at cosine 0.71 from their mean), so an uncentred target is mostly met by
+learning that constant, and what tells proteins apart is the rest.
 """
 
 from __future__ import annotations
@@ -90,10 +93,13 @@ class Projected(nn.Module):
     """The student with a linear map of its hidden states to the teacher's width: trained with it, never saved in
     its bundle (the bundle is the student alone)."""
 
-    def __init__(self, student: nn.Module, teacher_dim: int, level: str = "both"):
+    def __init__(self, student: nn.Module, teacher_dim: int, level: str = "both", centre: bool = False):
         super().__init__()
-        self.student, self.level = student, level
+        self.student, self.level, self.centre = student, level, centre
         self.proj = nn.Linear(student.cfg.dim, teacher_dim)
+        if centre:  # running means of the teacher's pooled and per-residue states (buffers: a resume continues them)
+            self.register_buffer("teacher_mean", torch.zeros(2, teacher_dim))
+            self.register_buffer("mean_updates", torch.zeros(2))
 
     def forward(self, toks: torch.Tensor) -> dict[str, torch.Tensor]:
         """The student's outputs, plus only the projections ``level`` compares (every residue's costs a
@@ -103,6 +109,25 @@ class Projected(nn.Module):
             out["projected"] = self.proj(out["representations"])
         if self.level in ("pooled", "both"):
             out["pooled_projected"] = self.proj(sequence_embedding(out["representations"], toks))
+        return out
+
+    @torch.no_grad()
+    def centred(self, teacher: dict[str, torch.Tensor], residues: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``teacher`` with its ``pooled`` / ``representations`` less their running means (a plain mean over the first
+        100 updates, then an exponential one with weight 0.01), updated from this batch while training."""
+        if not self.centre:
+            return teacher
+        out = dict(teacher)
+        for row, key in enumerate(("pooled", "representations")):
+            if key not in teacher:
+                continue
+            states = teacher[key].float()
+            if self.training:
+                batch_mean = (states[residues] if key == "representations" else states).mean(0)
+                rate = max(1.0 / (float(self.mean_updates[row]) + 1), 0.01)
+                self.teacher_mean[row] += rate * (batch_mean - self.teacher_mean[row])
+                self.mean_updates[row] += 1
+            out[key] = states - self.teacher_mean[row]
         return out
 
 

@@ -130,4 +130,5 @@ def _bundle_name(path: Path, card: dict) -> str:
         return f"{base} ({path.name})"
     name = base + ("-vanilla" if not training.get("lam") else f"-T{float(training.get('temperature', 0)):.1f}")
     rep = training.get("rep_weight") or 0
-    return name + (f"-rep{rep:g}-{training.get('rep_level', 'pooled')}" if rep else "")  # representation KD: its own row
+    centred = "-centred" if training.get("rep_centre") else ""
+    return name + (f"-rep{rep:g}-{training.get('rep_level', 'pooled')}{centred}" if rep else "")  # representation KD: its own row

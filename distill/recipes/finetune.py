@@ -38,8 +38,7 @@ from rich.markup import escape
 
 from distill.core import data, tokens
 from distill.core.bundle import save_bundle
-from distill.core.calibration import describe
-from distill.core.config import SCAN_WINDOW, FinetuneConfig
+from distill.core.config import FinetuneConfig
 from distill.core.distributed import Distributed, StopRequested, pick_device
 from distill.core.heads import Head, ProbeHead, heads_of
 from distill.core.io import atomic_write_json
@@ -48,10 +47,11 @@ from distill.core.model import ESM, pooled_embedding
 from distill.inference.embeddings import embed
 from distill.inference.encoders import Encoder, load_encoder
 from distill.recipes.checkpoints import changed_options, jsonl_truncate, load_checkpoint, load_weights, save_checkpoint, save_weights
-from distill.recipes.finetune_calibration import calibrate_head
-from distill.recipes.finetune_data import Data, setup_data
+from distill.recipes.finetune_calibration import calibrate_head, report
+from distill.recipes.finetune_data import Data, setup_data, step_examples
+from distill.recipes.finetune_folds import folds_for, out_of_fold
 from distill.recipes.outline import adamw, optimizer_step, warmup_cosine
-from distill.recipes.probe import choose_class_weights, classification_metrics
+from distill.recipes.probe import choose_class_weights, classification_metrics, train_head
 
 RESUME_OVERRIDABLE = {"quiet", "device"}  # what a resumed run may change
 COSINE_SCALE = 16.0  # logit scale of the cosine head: softmax can reach ~1 - 1e-6 over hundreds of classes
@@ -106,48 +106,6 @@ def task_loss(
     if soft is None:
         return loss + ce
     return loss + mix(ce, kl_sum(logits, soft[~neg], cfg.temperature), cfg.lam, cfg.temperature)
-
-
-def in_window(piece: np.ndarray, background: list[np.ndarray], rng: np.random.Generator, window: int = SCAN_WINDOW) -> np.ndarray:
-    """A labelled piece as a scanning window sees it: a random ``window``-long part of a longer domain, or a shorter
-    one at a random place between flanks cut from a background protein (a window of a real protein holds a domain
-    and what surrounds it; trained on bare domains only, a head misreads such windows: docs/results.md)."""
-    if len(piece) >= window:
-        start = int(rng.integers(0, len(piece) - window + 1))
-        return piece[start : start + window]
-    protein = background[int(rng.integers(len(background)))]
-    n = min(window - len(piece), len(protein))
-    start = int(rng.integers(0, len(protein) - n + 1))
-    flank, left = protein[start : start + n], int(rng.integers(0, n + 1))
-    return np.concatenate([flank[:left], piece, flank[left:]])
-
-
-def step_examples(
-    seqs: list[np.ndarray], y: np.ndarray, step: np.ndarray, epoch: int, cfg: FinetuneConfig, background: list[np.ndarray] | None = None
-) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """The step's keyed random crops, plus negatives (label -1): residue-shuffled copies of a ``negative_rate`` share
-    of them and, with a background proteome, crops of its proteins for a ``background_rate`` share, each as long as a
-    crop of the step (real non-member pieces of the lengths the head sees). With a background, a ``context_rate``
-    share of the crops are first put in a scan window (``in_window``).
-
-    Returns (crops, labels, training-set row of each example, for the teacher's logits; negatives reuse a row).
-    """
-    crops = [data.crop(seqs[i], np.random.default_rng([cfg.seed, epoch, int(i), 5])) for i in step]
-    for k, i in enumerate(step if background else []):
-        rng = np.random.default_rng([cfg.seed, epoch, int(i), 21])
-        if rng.random() < cfg.context_rate:
-            crops[k] = in_window(crops[k], background, rng)
-    n_neg = int(round(cfg.negative_rate * len(step)))
-    negs = [np.random.default_rng([cfg.seed, epoch, int(i), 9]).permutation(crops[k]) for k, i in enumerate(step[:n_neg])]
-    n_bg = int(round(cfg.background_rate * len(step))) if background else 0
-    for k in range(n_bg):
-        rng = np.random.default_rng([cfg.seed, epoch, int(step[0]), k, 17])
-        protein = background[int(rng.integers(len(background)))]
-        n = min(len(crops[k % len(crops)]), len(protein))
-        start = int(rng.integers(0, len(protein) - n + 1))
-        negs.append(protein[start : start + n])
-    rows = np.r_[step, step[:n_neg], np.resize(step, n_bg)]
-    return crops + negs, np.r_[y[step], -np.ones(n_neg + n_bg, dtype=np.int64)], rows
 
 
 class Classifier(torch.nn.Module):
@@ -253,6 +211,38 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, console: Console | None 
     if not resume and (out / "checkpoint.json").exists():
         raise FileExistsError(f"{out} holds a fine-tuning run; continue it with --resume or choose another --out")
     d = setup_data(cfg)
+    for note in d.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")
+    run = train_run(cfg, d, resume, console, dist, device, stop_after)
+    folds, oof = folds_for(cfg, d), None
+    if not run.stopped and folds:
+        console.print(f"calibrating on {folds} folds: the recipe again on all folds but one, scoring the one left out")
+        oof = out_of_fold(cfg, d, folds, lambda c, fd: _fold_scorer(c, fd, dist, device, console))
+    if run.stopped or (folds and oof is None):
+        console.print(f"stopped after epoch {run.counters['epoch']}" + (" of the main run" if folds else "") + "; continue with --resume")
+        dist.close()
+        return FinetuneResult(out, None, run.counters, d.notes)
+    bundle = None
+    if dist.main:
+        load_weights(out / "best", {"model": run.model, "head": run.head})
+        bundle = write_bundle(out, cfg, run, d, device, console, oof)
+    dist.close()
+    return FinetuneResult(out, bundle or out / "model", run.counters, d.notes)
+
+
+@dataclass
+class Run:
+    encoder: Encoder
+    model: ESM
+    head: ProbeHead
+    counters: dict[str, Any]
+    stopped: bool  # by a signal or ``stop_after`` (resumable)
+
+
+def train_run(cfg: FinetuneConfig, d: Data, resume: bool, console: Console, dist: Distributed, device: torch.device,
+              stop_after: int | None = None) -> Run:  # fmt: skip
+    """Encoder + head trained on ``d`` in ``cfg.out`` (from the linear probe with LP-FT)."""
+    out = Path(cfg.out)
     encoder = load_encoder(cfg.model)
     model, head = encoder.model.float().to(device), build_head(encoder.model, cfg, len(d.labels)).to(device)
     opt, sched, n_frozen = make_optimizer(model, head, cfg, cfg.epochs * math.ceil(len(d.train) / cfg.batch_size))
@@ -262,19 +252,21 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, console: Console | None 
     weights, why = choose_class_weights(cfg.class_weights, Counter(dict(zip(d.labels, counts.tolist(), strict=True))))
     weight = torch.from_numpy(len(d.y_train) / (len(d.labels) * counts)).float().to(device) if weights == "balanced" else None
     ctx = {"device": device, "dist": dist, "weight": weight, "soft": teacher_logits(cfg, d, device)}
-    for note in d.notes:
-        console.print(f"[yellow]note:[/] {escape(note)}")
-    console.print(f"fine-tuning {encoder.name} on {cfg.task}: {len(d.labels)} classes, {len(d.train)} training and {len(d.valid)} "
-                  f"validation sequences, {why}, {cfg.head} head" + (f", {n_frozen:,} parameters frozen" if n_frozen else "")
-                  + (f", {dist.world} processes" if dist.world > 1 else ""))  # fmt: skip
+    if not cfg.quiet:
+        console.print(f"fine-tuning {encoder.name} on {cfg.task}: {len(d.labels)} classes, {len(d.train)} training and {len(d.valid)} "
+                      f"validation sequences, {why}, {cfg.head} head" + (f", {n_frozen:,} parameters frozen" if n_frozen else "")
+                      + (", from its linear probe (LP-FT)" if cfg.lp_ft else "") + (f", {dist.world} processes" if dist.world > 1 else ""))  # fmt: skip
     counters = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "bad": 0}
-    if resume:
+    if resume or (out / "checkpoint.json").exists():  # a fold left by a stopped run resumes with it
         counters = resume_run(out, cfg, {"model": model, "head": head}, opt, sched)
         console.print(f"resuming {out} after epoch {counters['epoch']}")
-    elif dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "config.json", asdict(cfg))
-        (out / "metrics.jsonl").write_text("")
+    else:
+        if dist.main:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(out / "config.json", asdict(cfg))
+            (out / "metrics.jsonl").write_text("")
+        if cfg.lp_ft:  # every rank fits the same probe (keyed by the seed); rank 0 records it
+            counters = start_from_probe(out, model, head, d, cfg, weights, (opt, sched) if dist.main else None, console)
     with StopRequested() as stop:
         while counters["epoch"] < cfg.epochs and counters["bad"] < cfg.patience and not stop.requested:
             train_loss = train_epoch(net, opt, sched, d, counters["epoch"], cfg, ctx)
@@ -282,16 +274,35 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, console: Console | None 
             counters = dist.broadcast(counters)
             stop.requested |= stop_after is not None and counters["epoch"] >= stop_after
             stop.requested = dist.sum([float(stop.requested)])[0] > 0
-    if stop.requested:
-        console.print(f"stopped after epoch {counters['epoch']}; continue with --resume")
-        dist.close()
-        return FinetuneResult(out, None, counters, d.notes)
-    bundle = None
-    if dist.main:
-        load_weights(out / "best", {"model": model, "head": head})
-        bundle = write_bundle(out, cfg, encoder, model, head, d, device, counters, console)
-    dist.close()
-    return FinetuneResult(out, bundle or out / "model", counters, d.notes)
+    return Run(encoder, model, head, counters, stop.requested)
+
+
+def start_from_probe(out: Path, model: ESM, head: ProbeHead, d: Data, cfg: FinetuneConfig, weights: str, record: tuple | None,
+                     console: Console) -> dict:  # fmt: skip
+    """LP-FT's first half (Kumar et al. 2022): the head fit on the frozen encoder's features, standardised as a probe's,
+    becomes the starting head and "epoch 0", the best so far; fine-tuning must beat its validation macro-F1 to replace it."""
+    device = next(model.parameters()).device
+    x = embed(model.eval(), d.train.sequences, cfg.pooling, cfg.max_tokens, str(device))
+    xv = embed(model, d.valid.sequences, cfg.pooling, cfg.max_tokens, str(device))
+    probe, _ = train_head(x, d.y_train, len(d.labels), seed=cfg.seed, class_weights=weights, valid=(xv, d.y_valid),
+                          cosine_scale=head.cosine_scale)  # fmt: skip
+    head.load_state_dict(probe.state_dict())
+    metrics = validate(model, head, d, cfg, device)
+    counters = {"epoch": 0, "best_f1": metrics["valid_f1_macro"], "best_epoch": 0, "bad": 0}
+    if record is not None:  # (optimizer, schedule) on the rank that writes
+        save_weights(out / "best", {"model": model, "head": head})
+        _log_epoch(out, console, counters, float("nan"), metrics, cfg.quiet)
+        save_checkpoint(out, "epoch-0000", {"model": model, "head": head}, *record, counters)
+    return counters
+
+
+def _fold_scorer(cfg: FinetuneConfig, d: Data, dist: Distributed, device: torch.device, console: Console):
+    """One fold of the k-fold calibration: the recipe on the fold's data; its best model's logits function."""
+    run = train_run(cfg, d, False, console, dist, device)
+    if run.stopped:
+        return None
+    load_weights(Path(cfg.out) / "best", {"model": run.model, "head": run.head})
+    return lambda seqs: logits_of(run.model, run.head, seqs, cfg, device)
 
 
 def resume_run(out: Path, cfg: FinetuneConfig, modules: dict[str, torch.nn.Module], opt, sched) -> dict:
@@ -318,27 +329,33 @@ def end_epoch(out: Path, model: ESM, head: ProbeHead, opt, sched, d: Data, cfg: 
 
 
 def _log_epoch(out: Path, console: Console, counters: dict, train_loss: float, metrics: dict, quiet: bool) -> None:
-    row = {"epoch": counters["epoch"], "train_loss": train_loss, **metrics}
+    row = {"epoch": counters["epoch"], "train_loss": train_loss if counters["epoch"] else None, **metrics}
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
-    if not quiet:
+    if not quiet and counters["epoch"] == 0:
+        console.print(f"linear probe on the frozen encoder: valid loss {metrics['valid_loss']:.4f}, accuracy {metrics['valid_accuracy']:.4f}, "
+                      f"macro-F1 {metrics['valid_f1_macro']:.4f}")  # fmt: skip
+    elif not quiet:
         console.print(f"epoch {row['epoch']}: train loss {train_loss:.4f}, valid loss {metrics['valid_loss']:.4f}, "
                       f"accuracy {metrics['valid_accuracy']:.4f}, macro-F1 {metrics['valid_f1_macro']:.4f}")  # fmt: skip
 
 
-def write_bundle(out: Path, cfg: FinetuneConfig, encoder: Encoder, model: ESM, head: ProbeHead, d: Data,
-                 device: torch.device, counters: dict, console: Console) -> Path:  # fmt: skip
-    """Calibrate the best epoch's head (distill.recipes.finetune_calibration), then write the bundle with that one head."""
-    calibration, valid_logits = calibrate_head(lambda seqs: logits_of(model, head, seqs, cfg, device), d, cfg)
+def write_bundle(out: Path, cfg: FinetuneConfig, run: Run, d: Data, device: torch.device, console: Console,
+                 oof: dict[str, np.ndarray] | None = None) -> Path:  # fmt: skip
+    """Calibrate the best epoch's head (out-of-fold scores when given, else distill.recipes.finetune_calibration), then
+    write the bundle with that one head."""
+    encoder, model, head, counters = run.encoder, run.model, run.head, run.counters
+    calibration, valid_logits = calibrate_head(lambda seqs: logits_of(model, head, seqs, cfg, device), d, cfg, oof)
     head.temperature.fill_(calibration["temperature"])
     pred = [d.labels[i] for i in valid_logits.argmax(1)]
     metrics = classification_metrics(d.valid.labels, pred) | {"classes": len(d.labels), "n_train": len(d.train), "n_valid": len(d.valid)}
+    kept = "probe" if cfg.lp_ft and counters["best_epoch"] == 0 else "fine-tuned"
     card = {
         "task": cfg.task, "dim": model.cfg.dim, "hidden": 0, "pooling": cfg.pooling, "cosine_scale": head.cosine_scale,
         "protocol": {"kind": "fine-tuned", **{k: v for k, v in asdict(cfg).items() if k not in ("out", "quiet", "device")}},
-        "metrics": metrics, "calibration": calibration, "parent": {"model": cfg.model, "fingerprint": encoder.fingerprint},
+        "metrics": metrics, "calibration": calibration, "parent": {"model": cfg.model, "fingerprint": encoder.fingerprint}, "kept": kept,
     }  # fmt: skip
-    training = {"finetune": {"task": cfg.task, "parent": cfg.model, "parent_fingerprint": encoder.fingerprint, "best_epoch": counters["best_epoch"]},
+    training = {"finetune": {"task": cfg.task, "parent": cfg.model, "parent_fingerprint": encoder.fingerprint, "best_epoch": counters["best_epoch"], "kept": kept},
                 "parent_training": encoder.card.get("training", {})}  # fmt: skip
     bundle = out / "model"
     save_bundle(
@@ -349,14 +366,6 @@ def write_bundle(out: Path, cfg: FinetuneConfig, encoder: Encoder, model: ESM, h
     if dropped:
         console.print(f"[yellow]note:[/] the parent's {', '.join(dropped)} head(s) were probed on the old encoder and do not fit "
                       f"the fine-tuned one; not copied (probe again: distill probe {bundle} --task ...)")  # fmt: skip
-    console.print(describe(calibration))
-    if "background" in calibration:
-        b = calibration["background"]
-        console.print(f"background {escape(b['name'])}: {b['presumed_members']} presumed members; {b['proteins']} held-out proteins scanned "
-                      f"in windows of {calibration['scan']['window']}, {b['raised']} labels' thresholds raised above their best non-member"
-                      + (f", {len(b['uncallable'])} never called ({', '.join(b['uncallable'][:5])})" if b["uncallable"] else ""))  # fmt: skip
-    if not calibration["reached"]:
-        console.print(f"[yellow]warning:[/] no threshold reaches precision {cfg.target_precision} on validation + negatives, so every call "
-                      "of this head is a no-call; add training data, train longer, or lower --target-precision")  # fmt: skip
+    report(calibration, cfg, counters, console)
     atomic_write_json(out / "metrics.json", {"valid": metrics, "calibration": calibration, **counters})
     return bundle

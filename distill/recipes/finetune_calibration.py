@@ -1,4 +1,5 @@
-"""Calibrating a fine-tuned head: validation + negatives, and for whole proteomes a background's held-out half.
+"""Calibrating a fine-tuned head: validation + negatives (or out-of-fold scores), for whole proteomes a background's
+held-out half; and the report of what the head calls, with the refusal of one that cannot reach its target.
 
 Without ``--background`` the head is calibrated as every head is (distill.core.calibration): temperature on the
 validation pieces, one no-call threshold for the target precision over validation + shuffled + out-of-set pieces.
@@ -18,12 +19,16 @@ the same way. Two things come of that, as for a reference index with a backgroun
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.console import Console
+from rich.markup import escape
 
-from distill.core.calibration import calibrate, shuffled, softmax
+from distill.core.calibration import calibrate, describe, shuffled, softmax
 from distill.core.config import SCAN_STRIDE, SCAN_WINDOW, FinetuneConfig
 from distill.inference.scan import per_sequence, windows
 from distill.recipes.finetune_data import Data
@@ -40,18 +45,25 @@ def _raised(p_best: float) -> float:
     return float(1.0 / (1.0 + (1.0 - p) / p * np.exp(-MARGIN)))
 
 
-def calibrate_head(logits_of: Callable[[list[str]], np.ndarray], d: Data, cfg: FinetuneConfig) -> tuple[dict[str, Any], np.ndarray]:
-    """The card's calibration section and the validation logits (``logits_of``: sequences -> the head's raw logits)."""
+def calibrate_head(logits_of: Callable[[list[str]], np.ndarray], d: Data, cfg: FinetuneConfig,
+                   oof: dict[str, np.ndarray] | None = None) -> tuple[dict[str, Any], np.ndarray]:  # fmt: skip
+    """The card's calibration section and the validation logits (``logits_of``: sequences -> the head's raw logits);
+    with ``oof`` (distill.recipes.finetune_folds) the temperature and threshold come from the out-of-fold scores."""
+    if oof is not None:
+        c = calibrate(oof["logits"], oof["y"], oof["negative_logits"], cfg.target_precision, confidence=cfg.confidence)
+        folds = int(len(list((Path(cfg.out) / "folds").glob("*/scores.npz"))))
+        return c | {"pool": f"out-of-fold ({folds} folds)"}, logits_of(d.valid.sequences)
     negatives = shuffled(d.valid.sequences, cfg.seed) + d.outside
     valid_logits, negative_logits = logits_of(d.valid.sequences), logits_of(negatives)
     if d.background is None:
-        return calibrate(valid_logits, d.y_valid, negative_logits, cfg.target_precision), valid_logits
+        return calibrate(valid_logits, d.y_valid, negative_logits, cfg.target_precision, confidence=cfg.confidence), valid_logits
     bg = d.background
     cut, pieces = windows(bg.calibration, SCAN_WINDOW, SCAN_STRIDE)
     per_protein = per_sequence(cut, logits_of(pieces))  # each protein's windows' logits
     outside = [i for i, m in enumerate(bg.members) if not m]
     best_windows = [z[softmax(z).max(1).argmax()] for z in (per_protein[i] for i in outside)]  # its most confident window
-    c = calibrate(valid_logits, d.y_valid, np.r_[negative_logits, np.array(best_windows).reshape(-1, len(d.labels))], cfg.target_precision)
+    pool = np.r_[negative_logits, np.array(best_windows).reshape(-1, len(d.labels))]
+    c = calibrate(valid_logits, d.y_valid, pool, cfg.target_precision, confidence=cfg.confidence)
     best = np.stack([softmax(z / c["temperature"]).max(0) for z in per_protein])  # [proteins, labels]: each label's best window
     raised = {}
     for k, label in enumerate(d.labels):
@@ -66,3 +78,34 @@ def calibrate_head(logits_of: Callable[[list[str]], np.ndarray], d: Data, cfg: F
                        "presumed_members": bg.presumed, "training_negatives": len(bg.negatives), "margin": MARGIN},
     }  # fmt: skip
     return c, valid_logits
+
+
+def report(calibration: dict, cfg: FinetuneConfig, counters: dict, console: Console) -> None:
+    """What the run kept and how its head calls: LP-FT's fall-back, the calibration, the background, a refusal."""
+    if cfg.lp_ft and counters["best_epoch"] == 0:
+        console.print(f"[yellow]note:[/] fine-tuning did not beat the linear probe on validation (macro-F1 {counters['best_f1']:.4f}): "
+                      "the bundle keeps the probe's head on the unchanged encoder")  # fmt: skip
+    console.print(describe(calibration))
+    if "background" in calibration:
+        b = calibration["background"]
+        console.print(f"background {escape(b['name'])}: {b['presumed_members']} presumed members; {b['proteins']} held-out proteins scanned "
+                      f"in windows of {calibration['scan']['window']}, {b['raised']} labels' thresholds raised above their best non-member"
+                      + (f", {len(b['uncallable'])} never called ({', '.join(b['uncallable'][:5])})" if b["uncallable"] else ""))  # fmt: skip
+    if not calibration["reached"]:
+        console.print(f"[yellow]warning:[/] {refusal(calibration)}")
+
+
+def refusal(c: dict) -> str:
+    """Why a head makes no calls, by how much it missed, and what would help."""
+    target, confidence = c["target_precision"], c.get("confidence", 0.0)
+    message = (
+        f"no threshold reaches precision {target} on {c['n_valid']} {c.get('pool', 'validation')} sequences + {c['n_negatives']} negatives"
+    )
+    if confidence > 0:
+        needed = math.ceil(math.log(1 - confidence) / math.log(target)) if target < 1 else math.inf
+        message += (f" at {confidence:.0%} confidence (best lower bound {c['precision_lower']:.3f}; the bound needs {needed} calls "
+                    f"without an error)")  # fmt: skip
+    return (
+        message + ", so every call of this head is a no-call; add training sequences, train longer, or lower "
+        "--target-precision" + (" or --confidence" if confidence > 0 else "")
+    )

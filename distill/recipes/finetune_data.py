@@ -1,4 +1,5 @@
-"""Labelled data for ``distill finetune``: the label set, a stratified validation part, out-of-set negatives."""
+"""Labelled data for ``distill finetune``: the label set, a stratified validation part, out-of-set negatives, and
+each step's keyed crops with their negatives (shuffled copies, background pieces, scan-window context)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import numpy as np
 from rich.console import Console
 from rich.progress import track
 
-from distill.core.config import FinetuneConfig
+from distill.core import data
+from distill.core.config import SCAN_WINDOW, FinetuneConfig
 from distill.core.fasta import read_proteome
 from distill.core.labels import LabelledSet, read_labelled
 
@@ -105,3 +107,45 @@ def setup_data(cfg: FinetuneConfig) -> Data:
     y = [np.array([index[label] for label in s.labels], dtype=np.int64) for s in (train, valid)]
     background = read_background(cfg.background, train, kept, cfg.seed, cfg.quiet) if cfg.background else None
     return Data(train, valid, kept, y[0], y[1], outside, background, notes)
+
+
+def in_window(piece: np.ndarray, background: list[np.ndarray], rng: np.random.Generator, window: int = SCAN_WINDOW) -> np.ndarray:
+    """A labelled piece as a scanning window sees it: a random ``window``-long part of a longer domain, or a shorter
+    one at a random place between flanks cut from a background protein (a window of a real protein holds a domain
+    and what surrounds it; trained on bare domains only, a head misreads such windows: docs/results.md)."""
+    if len(piece) >= window:
+        start = int(rng.integers(0, len(piece) - window + 1))
+        return piece[start : start + window]
+    protein = background[int(rng.integers(len(background)))]
+    n = min(window - len(piece), len(protein))
+    start = int(rng.integers(0, len(protein) - n + 1))
+    flank, left = protein[start : start + n], int(rng.integers(0, n + 1))
+    return np.concatenate([flank[:left], piece, flank[left:]])
+
+
+def step_examples(
+    seqs: list[np.ndarray], y: np.ndarray, step: np.ndarray, epoch: int, cfg: FinetuneConfig, background: list[np.ndarray] | None = None
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """The step's keyed random crops, plus negatives (label -1): residue-shuffled copies of a ``negative_rate`` share
+    of them and, with a background proteome, crops of its proteins for a ``background_rate`` share, each as long as a
+    crop of the step (real non-member pieces of the lengths the head sees). With a background, a ``context_rate``
+    share of the crops are first put in a scan window (``in_window``).
+
+    Returns (crops, labels, training-set row of each example, for the teacher's logits; negatives reuse a row).
+    """
+    crops = [data.crop(seqs[i], np.random.default_rng([cfg.seed, epoch, int(i), 5])) for i in step]
+    for k, i in enumerate(step if background else []):
+        rng = np.random.default_rng([cfg.seed, epoch, int(i), 21])
+        if rng.random() < cfg.context_rate:
+            crops[k] = in_window(crops[k], background, rng)
+    n_neg = int(round(cfg.negative_rate * len(step)))
+    negs = [np.random.default_rng([cfg.seed, epoch, int(i), 9]).permutation(crops[k]) for k, i in enumerate(step[:n_neg])]
+    n_bg = int(round(cfg.background_rate * len(step))) if background else 0
+    for k in range(n_bg):
+        rng = np.random.default_rng([cfg.seed, epoch, int(step[0]), k, 17])
+        protein = background[int(rng.integers(len(background)))]
+        n = min(len(crops[k % len(crops)]), len(protein))
+        start = int(rng.integers(0, len(protein) - n + 1))
+        negs.append(protein[start : start + n])
+    rows = np.r_[step, step[:n_neg], np.resize(step, n_bg)]
+    return crops + negs, np.r_[y[step], -np.ones(n_neg + n_bg, dtype=np.int64)], rows

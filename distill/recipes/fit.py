@@ -53,9 +53,11 @@ def open_cache(cfg: FitConfig, n_records: int, data_sha256: str) -> teacher_cach
     cache = teacher_cache.TeacherCache(Path(cfg.teacher_cache))
     if cfg.teacher != DEFAULT_TEACHER and cfg.teacher != cache.key.teacher:
         raise teacher_cache.CacheMismatch(f"--teacher {cfg.teacher} differs from the cache's teacher {cache.key.teacher}")
+    # With lam 0 only the pooled embeddings are read, and they do not depend on the masking: any seed's cache serves.
+    masking = (cfg.mask_rate, cfg.seed) if cfg.lam > 0 else (cache.key.mask_rate, cache.key.seed)
     expected = teacher_cache.CacheKey(
-        teacher=cache.key.teacher, teacher_sha256=cache.key.teacher_sha256, data_sha256=data_sha256,
-        n_records=n_records, mask_rate=cfg.mask_rate, seed=cfg.seed, views=cfg.mask_views or cache.key.views, causal=cache.key.causal,
+        teacher=cache.key.teacher, teacher_sha256=cache.key.teacher_sha256, data_sha256=data_sha256, n_records=n_records,
+        mask_rate=masking[0], seed=masking[1], views=cfg.mask_views or cache.key.views, causal=cache.key.causal,
     )  # fmt: skip
     cache.check(expected)
     return cache
@@ -117,7 +119,7 @@ class FitRecipe:
         # With representation distillation the student trains beside a map to the teacher's width (not in its bundle).
         if cfg.rep_weight > 0:
             teacher_dim = self.cache.pooled([int(self.train_set.keys[0])]).shape[1] if self.cache else self.teacher.cfg.dim
-            self.trained = Projected(self.model, teacher_dim, cfg.rep_level).to(self.device)
+            self.trained = Projected(self.model, teacher_dim, cfg.rep_level, cfg.rep_centre).to(self.device)
         else:
             self.trained = self.model
         self.net = torch.nn.parallel.DistributedDataParallel(self.trained) if self.dist.world > 1 else self.trained
@@ -147,7 +149,7 @@ class FitRecipe:
             "data": str(cfg.data), "data_sha256": self.data_sha, "n_train": len(self.train_set),
             "n_valid": len(self.valid_set) if self.valid_set else 0, "teacher": cfg.teacher if cfg.needs_teacher else None,
             "teacher_sha256": self.teacher_sha, "teacher_cache": cfg.teacher_cache, "lam": cfg.lam, "temperature": cfg.temperature,
-            "rep_weight": cfg.rep_weight, "rep_loss": cfg.rep_loss, "rep_level": cfg.rep_level,
+            "rep_weight": cfg.rep_weight, "rep_loss": cfg.rep_loss, "rep_level": cfg.rep_level, "rep_centre": cfg.rep_centre,
             "epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed,
         }  # fmt: skip
 
@@ -241,7 +243,7 @@ class FitRecipe:
             with torch.no_grad():
                 if self.cache is not None:
                     keys = [int(self.train_set.keys[i]) for i in batch.index]
-                    teacher = {"logits": self.cache.logits(view, keys).to(self.device)}
+                    teacher = {"logits": self.cache.logits(view, keys).to(self.device) if cfg.lam > 0 else None}
                     if cfg.rep_weight > 0:  # a causal teacher's cache holds its pooled embeddings
                         teacher["pooled"] = self.cache.pooled(keys).to(self.device)
                 elif self.teacher is not None:
@@ -252,6 +254,7 @@ class FitRecipe:
         parts = distillation_loss(out["logits"][sel], labels[sel], teacher["logits"], cfg.lam, cfg.temperature, n_targets)
         if cfg.rep_weight > 0:
             residues = toks.ne(tokens.PAD) & toks.ne(tokens.CLS) & toks.ne(tokens.EOS)
+            teacher = self.trained.centred(teacher, residues)
             parts.rep = representation_loss(out, teacher, residues, cfg.rep_loss, cfg.rep_level, *counts)
             parts.total = parts.total + cfg.rep_weight * parts.rep
         return parts
@@ -318,7 +321,8 @@ class FitRecipe:
         else:
             teacher = f"{cfg.teacher} ({self.teacher.num_parameters() / 1e6:.1f}M)" if self.teacher else "none (lam=0, vanilla MLM)"
         if cfg.rep_weight > 0:
-            teacher += f", representation distillation ({cfg.rep_loss}, {cfg.rep_level} states, weight {cfg.rep_weight})"
+            centred = ", centred" if cfg.rep_centre else ""
+            teacher += f", representation distillation ({cfg.rep_loss}{centred}, {cfg.rep_level} states, weight {cfg.rep_weight})"
         return (f"student {m.layers}x{m.dim} ({self.model.num_parameters() / 1e6:.2f}M params), teacher {teacher}, "
                 f"{len(self.train_set)} train / {self.summary['n_valid']} valid sequences, {self.steps_per_epoch} steps/epoch x "
                 f"{cfg.epochs} epochs, device {self.device}" + (f", {self.dist.world} processes" if self.dist.world > 1 else ""))  # fmt: skip

@@ -118,6 +118,7 @@ def train_head(
     batch_size: int = 256,
     class_weights: str = "balanced",
     valid: tuple[np.ndarray, np.ndarray] | None = None,
+    cosine_scale: float = 0.0,
 ) -> tuple[ProbeHead, dict[str, Any]]:
     """Cross-entropy (``balanced`` or ``none`` class weights), AdamW, early stopping on validation loss: on
     ``valid`` (features, labels) when given, else on ``valid_fraction`` of the training data. Returns the best head."""
@@ -133,7 +134,7 @@ def train_head(
     else:
         tr, va = idx, np.array([], dtype=np.int64)
         xv, yv = torch.from_numpy(np.ascontiguousarray(valid[0], dtype=np.float32)), torch.from_numpy(valid[1].astype(np.int64))
-    head = ProbeHead(x.shape[1], classes, hidden)
+    head = ProbeHead(x.shape[1], classes, hidden, cosine_scale)
     head.mean.copy_(xt[tr].mean(0))
     head.scale.copy_(1.0 / xt[tr].std(0).clamp_min(1e-6))
     weight = torch.from_numpy(len(y) / (classes * np.maximum(counts, 1))).float() if class_weights == "balanced" else None

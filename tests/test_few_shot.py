@@ -1,0 +1,111 @@
+"""Calls from a few dozen examples: LP-FT's start and fall-back, k-fold calibration, the confidence rule, the refusal."""
+
+import numpy as np
+import pytest
+from conftest import EXAMPLES, write_labelled
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from distill.cli.app import app
+from distill.core.bundle import save_bundle
+from distill.core.calibration import binomial_interval, calibrate, threshold_for_precision
+from distill.core.config import FinetuneConfig, ModelConfig
+from distill.core.fasta import read_fasta
+from distill.core.labels import LabelledSet
+from distill.core.model import build_student
+from distill.recipes.finetune_calibration import refusal
+from distill.recipes.finetune_data import Data
+from distill.recipes.finetune_folds import fold_of, out_of_fold
+
+FAMILIES = ("PF00004", "PF00005", "PF00072")
+
+
+@pytest.fixture(scope="module")
+def pfam3(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("pfam3")
+    records = [r for r in read_fasta(EXAMPLES / "pfam.fasta") if r.description in FAMILIES]
+    save_bundle(root / "tiny", build_student(ModelConfig(layers=2, dim=32, heads=2, ffn=64), seed=0), None)
+    return {"root": root, "train": write_labelled(root / "train.fasta", records), "tiny": root / "tiny"}
+
+
+def test_the_confidence_rule_asks_for_as_many_right_calls_as_the_bound_needs_by_hand():
+    # 0.99 at 90% confidence: 230 right calls in a row pass (bound 0.99004), 229 do not (0.98995)
+    for right, reached in ((230, True), (229, False)):
+        scores = np.r_[np.linspace(1.0, 0.9, right), 0.5]
+        correct = np.r_[np.ones(right, bool), False]
+        th = threshold_for_precision(scores, correct, 0.99, right, confidence=0.9)
+        assert th.reached is reached
+        assert th.precision_lower == pytest.approx(0.1 ** (1 / right))  # Clopper-Pearson with no error: alpha^(1/n)
+    point = threshold_for_precision(np.r_[np.linspace(1.0, 0.9, 20), 0.5], np.r_[np.ones(20, bool), False], 0.99, 20)
+    assert point.reached and point.coverage == 1.0 and point.calls == 20  # the point rule calls all 20 (precision 1.0)
+    low, high = binomial_interval(5, 10)
+    assert low == pytest.approx(0.187086, abs=1e-5) and high == pytest.approx(0.812914, abs=1e-5)  # textbook CP values
+    assert binomial_interval(0, 10)[0] == 0.0 and binomial_interval(10, 10)[1] == 1.0
+
+
+def test_a_head_that_cannot_reach_the_target_says_by_how_much_and_what_would_help():
+    logits = np.eye(3)[np.arange(30) % 3] * 5.0  # 30 right calls, confident
+    c = calibrate(logits, np.arange(30) % 3, np.zeros((4, 3)), 0.99, fit=False, confidence=0.9)
+    assert not c["reached"] and c["precision_lower"] == pytest.approx(0.1 ** (1 / 30))
+    message = refusal(c | {"pool": "out-of-fold (5 folds)"})
+    assert "no threshold reaches precision 0.99 on 30 out-of-fold (5 folds) sequences + 4 negatives at 90% confidence" in message
+    assert "best lower bound 0.926" in message and "needs 230 calls without an error" in message and "--confidence" in message
+
+
+def test_folds_are_stratified_and_every_sequence_is_scored_by_a_model_that_never_saw_it(tmp_path):
+    y = np.repeat([0, 1, 2], 10)
+    which = fold_of(y, 5, seed=0)
+    assert all(np.bincount(y[which == k], minlength=3).tolist() == [2, 2, 2] for k in range(5))
+    seqs = [f"{'ACDEFGHIKL'[i % 10]}{'MNPQRSTVWY'[i // 10]}KKK" for i in range(30)]  # 30 distinct sequences
+    ds = LabelledSet([f"s{i}" for i in range(30)], seqs, [str(v) for v in y], [str(v) for v in y], [""] * 30)
+    d = Data(ds.subset(range(24)), ds.subset(range(24, 30)), ["0", "1", "2"], y[:24], y[24:], ["WWWWW"], None, [])
+    calls = []
+
+    def train_fold(cfg, fd):  # a "model" that scores a sequence by its index; it records what it trained on
+        (tmp_path / "o" / "folds" / str(len(calls))).mkdir(parents=True)
+        calls.append(set(fd.train.sequences) | set(fd.valid.sequences))
+        return lambda batch: np.array([[float(seqs.index(s)) if s in seqs else -1.0, 0, 0] for s in batch])
+
+    cfg = FinetuneConfig("m", ["x"], "pfam", str(tmp_path / "o"), valid_fraction=0.2, seed=0)
+    oof = out_of_fold(cfg, d, 5, train_fold)
+    assert len(calls) == 5 and oof["logits"][:, 0].tolist() == list(range(30))  # every sequence once, in input order
+    assert oof["y"].tolist() == y.tolist() and len(oof["negative_logits"]) == 30 + 1  # shuffled copies + the out-of-set one
+    for k, seen in enumerate(calls):
+        held = {seqs[i] for i in np.flatnonzero(which == k)}
+        assert not held & seen and len(seen) == 24  # the fold's model trained on the other 24, never on its own 6
+    assert out_of_fold(cfg, d, 5, lambda *a: pytest.fail("a finished fold is not redone"))["logits"].shape == (30, 3)
+    with pytest.raises(ValueError, match="--folds must be 0"):
+        out_of_fold(cfg, d, 31, train_fold)
+
+
+def test_lp_ft_starts_from_the_probe_and_keeps_it_when_fine_tuning_does_not_beat_it(pfam3, tmp_path):
+    args = ["finetune", str(pfam3["tiny"]), "--data", str(pfam3["train"]), "--task", "pfam", "--epochs", "2", "--batch-size", "8",
+            "--valid-fraction", "0.2", "--lr", "1e-9", "--folds", "0", "--out", str(tmp_path / "run")]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "linear probe on the frozen encoder" in res.output and "did not beat the linear probe" in res.output
+    assert "the linear probe's head, kept" in res.output
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["epoch"] == 0 and rows[0]["train_loss"] is None and len(rows) == 3
+    parent, kept = (load_file(str(p / "model.safetensors")) for p in (pfam3["tiny"], tmp_path / "run" / "model"))
+    assert all((parent[k] == kept[k]).all() for k in parent)  # the encoder is the parent's, unchanged
+    card = json.loads((tmp_path / "run" / "model" / "heads" / "pfam" / "labels.json").read_text())
+    assert card["kept"] == "probe" and card["calibration"]["confidence"] == 0.9
+
+
+def test_k_fold_calibration_end_to_end_uses_every_labelled_sequence(pfam3, tmp_path):
+    import json
+
+    from distill.recipes.finetune import finetune
+
+    n = sum(1 for _ in read_fasta(pfam3["train"]))
+    cfg = FinetuneConfig(str(pfam3["tiny"]), [str(pfam3["train"])], "pfam", str(tmp_path / "run"), epochs=1, batch_size=8,
+                         valid_fraction=0.2, folds=2, quiet=True)  # fmt: skip
+    bundle = finetune(cfg).bundle
+    c = json.loads((bundle / "heads" / "pfam" / "labels.json").read_text())["calibration"]
+    assert c["pool"] == "out-of-fold (2 folds)" and c["n_valid"] == n and c["n_negatives"] == n  # each sequence and its shuffle
+    assert all((tmp_path / "run" / "folds" / str(k) / "scores.npz").exists() for k in range(2))
+    with pytest.raises(ValueError, match="--folds must be 0 or at least 2"):
+        FinetuneConfig("m", ["x"], "pfam", "o", folds=1).validate()
