@@ -112,6 +112,46 @@ def main() -> None:
             if not (table / "results.md").exists():
                 distill("evaluate", *models, "--task", task, *probes[task], "--no-baselines", "--out", str(table))
             print((table / "results.md").read_text())
+        print(summary(out, task, seeds))
+
+
+def way_and_seed(spec: str) -> tuple[str, int]:
+    """A table row's spec -> (way, seed): students/WAY-sSEED/student, random:small@SEED, or a fixed model (seed 0)."""
+    if spec.startswith("random:"):
+        return "random", int(spec.rsplit("@", 1)[1])
+    if "/students/" in spec:
+        way, seed = Path(spec).parent.name.rsplit("-s", 1)
+        return way, int(seed)
+    return spec, 0
+
+
+def summary(out: Path, task: str, seeds: list[int]) -> str:
+    """Accuracy per way and seed, gathered from every table of the task (OUT/eval-TASK-s*-*/), and the paired gains
+    over random init and over MLM only (mean and 95% t interval over the seeds both have); kept in OUT/summary-TASK.json."""
+    import json
+
+    from distill.recipes.sweep.stats import t_interval
+
+    acc: dict[str, dict[int, float]] = {}
+    for results in sorted(out.glob(f"eval-{task}-s*-*/results.json")):
+        for row in json.loads(results.read_text())["rows"]:
+            way, seed = way_and_seed(row["spec"])
+            acc.setdefault(way, {})[seed] = row["accuracy"]
+
+    def gain(way: str, base: str) -> str:
+        pairs = [v - acc[base][s] for s, v in acc[way].items() if s in acc.get(base, {})]
+        return t_interval(pairs).text(3) if pairs and way != base else "-"
+
+    lines = [
+        f"{task}: accuracy by way over seeds",
+        "| way | seeds | accuracy | minus random init | minus MLM only |",
+        "|---|---|---|---|---|",
+    ]
+    for way, by_seed in acc.items():
+        mean = sum(by_seed.values()) / len(by_seed)
+        lines.append(f"| {way} | {len(by_seed)} | {mean:.3f} | {gain(way, 'random')} | {gain(way, 'vanilla')} |")
+    (out / f"summary-{task}.json").write_text(json.dumps(acc, indent=1))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -607,6 +608,52 @@ def test_huge_numbers_and_deep_nesting_are_answered_400_by_the_real_server(serve
         status, answer = post(f"{server['url']}/{endpoint}", None, raw=body)
         assert status == 400 and message in json.loads(answer)["error"]["message"], (endpoint, status, answer)
     assert post(f"{server['url']}/embed", {"sequences": ["MKT"]})[0] == 200  # and it still serves
+
+
+def _together(port: int, n: int, body: bytes) -> list[bytes]:
+    """``n`` POST /embed whose bodies complete together: all but the last byte sent on every socket, then the last
+    bytes in one loop; the raw answers in order."""
+    head = f"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=120) for _ in range(n)]
+    try:
+        for s in socks:
+            s.sendall(head + body[:-1])
+        for s in socks:
+            s.sendall(body[-1:])
+        return [_one_answer(s) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _one_answer(s: socket.socket) -> bytes:
+    """One whole HTTP answer (head + Content-Length bytes) from a keep-alive connection."""
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += s.recv(1 << 16) or pytest.fail(f"connection closed before an answer: {answer[:200]!r}")
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    while len(rest) < length:
+        rest += s.recv(1 << 20) or pytest.fail("connection closed inside an answer")
+    return head + b"\r\n\r\n" + rest
+
+
+def test_a_full_worker_answers_503_with_retry_after_and_frees_its_slots(server):
+    """Finding 4 against a running service (cap 8, the default): of 16 requests whose bodies complete together, those
+    past the cap are refused at once with 503, Retry-After and the JSON error shape, the rest are answered; then 8
+    at once are all admitted (no slot leaked). No clock decides it: the bodies complete within one loop over the
+    sockets, while each admitted request embeds 8,000 residues."""
+    port = int(server["url"].rsplit(":", 1)[1])
+    body = json.dumps({"sequences": ["MKTAYIAKQRQISFVKSHFSRQ" * 45] * 8}).encode()  # 8 x 990 residues
+    answers = _together(port, 16, body)
+    status = [int(a.split(b" ", 2)[1]) for a in answers]
+    assert set(status) == {200, 503} and status.count(200) >= 8, status
+    busy = next(a for a in answers if a.startswith(b"HTTP/1.1 503"))
+    assert b"retry-after: 1" in busy.lower() and b'"status": 503' in busy and b"requests in flight, its limit" in busy
+    plain = urllib.request.Request(f"{server['url']}/embed", data=b'{"sequences": ["MKV"]}', headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(plain, timeout=120) as r:  # no retry: a leaked slot would show as 503
+        assert r.status == 200
+    assert [a.split(b" ", 2)[1] for a in _together(port, 8, body)] == [b"200"] * 8
 
 
 def test_an_oversized_request_head_gets_431_from_the_real_server(server):
