@@ -1,6 +1,6 @@
 """Calls from a few dozen examples per class: linear probe vs the old fine-tune vs LP-FT with k-fold calibration.
 
-    python benchmarks/few_shot.py OUT [--settings 8x60,54x15,54x60] [--seeds 0,1,2] [--methods probe,old,new]
+    python benchmarks/few_shot.py OUT [--settings 8x60,54x15,54x60] [--seeds 0,1,2] [--methods probe,old,lpft,new]
                                       [--model random:small]
 
 Settings ``FxN``: F Pfam families of the 54 shared ones (54: all; fewer: a keyed draw, seed 0, printed), N training
@@ -11,8 +11,11 @@ recipe's seed):
 
   probe  the linear probe (``distill probe``'s head: softmax regression on standardised frozen features, early stopping
          on 10% of the training part, calibrated on that part + residue-shuffled copies, point precision 0.99)
-  old    ``distill finetune MODEL@SEED --no-lp-ft --folds 0 --confidence 0`` (the recipe before LP-FT)
-  new    ``distill finetune MODEL@SEED`` (the defaults: LP-FT, k-fold calibration up to 2,000 sequences, 90% bound)
+  old    ``distill finetune MODEL@SEED --folds 0 --confidence 0``: a fresh head, calibrated on the validation part at
+         the point precision (the recipe before few-shot work, plus the probe baseline it must beat on validation)
+  lpft   ``distill finetune MODEL@SEED --lp-ft``: LP-FT (starts from the probe's head, --lr 3e-4), k-fold calibration
+  new    ``distill finetune MODEL@SEED`` (the defaults: a fresh head, the probe as fall-back, k-fold calibration up to
+         2,000 sequences, the threshold's precision a 90% lower bound)
 
 Scored on the held-out domains: top-1, calls at the head's threshold (coverage: right calls / test domains;
 precision: right / all calls) and the no-call rate of residue-shuffled copies of the test domains (decoys). Each row
@@ -34,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 PFAM = REPO.parent / "shared" / "data" / "pfam_families"
 TEST_PER_FAMILY = 25
-METHODS = {"old": ["--no-lp-ft", "--folds", "0", "--confidence", "0"], "new": []}
+METHODS = {"old": ["--folds", "0", "--confidence", "0"], "lpft": ["--lp-ft"], "new": []}
 
 
 def read(path: Path) -> list[tuple[str, str, str]]:

@@ -78,21 +78,27 @@ def test_folds_are_stratified_and_every_sequence_is_scored_by_a_model_that_never
         out_of_fold(cfg, d, 31, train_fold)
 
 
-def test_lp_ft_starts_from_the_probe_and_keeps_it_when_fine_tuning_does_not_beat_it(pfam3, tmp_path):
-    args = ["finetune", str(pfam3["tiny"]), "--data", str(pfam3["train"]), "--task", "pfam", "--epochs", "2", "--batch-size", "8",
-            "--valid-fraction", "0.2", "--lr", "1e-9", "--folds", "0", "--out", str(tmp_path / "run")]  # fmt: skip
-    res = CliRunner().invoke(app, args)
-    assert res.exit_code == 0, res.output
-    assert "linear probe on the frozen encoder" in res.output and "did not beat the linear probe" in res.output
-    assert "the linear probe's head, kept" in res.output
+def test_a_fine_tune_that_never_beats_the_probe_keeps_it_and_lp_ft_starts_from_it(pfam3, tmp_path):
     import json
 
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["epoch"] == 0 and rows[0]["train_loss"] is None and len(rows) == 3
-    parent, kept = (load_file(str(p / "model.safetensors")) for p in (pfam3["tiny"], tmp_path / "run" / "model"))
-    assert all((parent[k] == kept[k]).all() for k in parent)  # the encoder is the parent's, unchanged
-    card = json.loads((tmp_path / "run" / "model" / "heads" / "pfam" / "labels.json").read_text())
-    assert card["kept"] == "probe" and card["calibration"]["confidence"] == 0.9
+    args = ["finetune", str(pfam3["tiny"]), "--data", str(pfam3["train"]), "--task", "pfam", "--epochs", "2", "--batch-size", "8",
+            "--valid-fraction", "0.2", "--lr", "1e-9", "--folds", "0"]  # fmt: skip
+    rows = {}
+    for mode in ("--no-lp-ft", "--lp-ft"):
+        res = CliRunner().invoke(app, [*args, mode, "--out", str(tmp_path / mode)])
+        assert res.exit_code == 0, res.output
+        assert "linear probe on the frozen encoder" in res.output and "did not beat the linear probe" in res.output
+        assert "the linear probe's head, kept" in res.output
+        rows[mode] = [json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+        parent, kept = (load_file(str(p / "model.safetensors")) for p in (pfam3["tiny"], tmp_path / mode / "model"))
+        assert all((parent[k] == kept[k]).all() for k in parent)  # the encoder is the parent's, unchanged
+        card = json.loads((tmp_path / mode / "model" / "heads" / "pfam" / "labels.json").read_text())
+        assert card["kept"] == "probe" and card["calibration"]["confidence"] == 0.9
+    plain, lpft = rows["--no-lp-ft"], rows["--lp-ft"]
+    assert plain[0]["epoch"] == 0 and plain[0]["train_loss"] is None and plain[0]["valid_loss"] == pytest.approx(lpft[0]["valid_loss"])
+    # at lr 1e-9 nothing moves: LP-FT's epochs score as its starting probe, a fresh head's as a fresh head
+    assert lpft[1]["valid_loss"] == pytest.approx(lpft[0]["valid_loss"], rel=1e-3)
+    assert plain[1]["valid_loss"] > plain[0]["valid_loss"] + 0.1
 
 
 def test_k_fold_calibration_end_to_end_uses_every_labelled_sequence(pfam3, tmp_path):

@@ -82,7 +82,7 @@ def finetune(
         float, typer.Option(help="The threshold's precision must hold as a one-sided Clopper-Pearson lower bound at this level (0: point).")
     ] = D.confidence,
     lp_ft: Annotated[
-        bool, typer.Option(help="Fit the head on frozen features first and fine-tune from it (LP-FT); keep the probe if it stays better.")
+        bool, typer.Option(help="Start from the linear probe's head (LP-FT). Either way a fine-tune that never beats the probe on validation keeps it.")
     ] = D.lp_ft,
     folds: Annotated[
         int | None,

@@ -211,7 +211,7 @@ class FitConfig:
 
 CLASS_WEIGHTS = ("auto", "none", "balanced")
 MIN_FOR_BALANCED = 5  # auto: balanced only when every class has this many training examples
-LP_FT_LR = 3e-4  # fine-tuning from the probe: 1e-3 lost the probe's validation accuracy in one epoch (docs/results.md)
+LP_FT_LR = 3e-4  # with --lp-ft: 1e-3 lost the probe's validation accuracy in its first epoch (docs/results.md)
 HEAD_KINDS = ("cosine", "linear")
 
 
@@ -249,7 +249,7 @@ class FinetuneConfig:
     temperature: float = 2.0
     target_precision: float = DEFAULT_TARGET_PRECISION
     confidence: float = 0.9  # the threshold's precision is a one-sided Clopper-Pearson lower bound at this level (0: point)
-    lp_ft: bool = True  # LP-FT: fit the head on frozen features first, fine-tune from it, keep the probe if it stays better
+    lp_ft: bool = False  # LP-FT: start from the probe's head (the probe is always the baseline a fine-tune must beat)
     folds: int | None = None  # k-fold calibration; None: auto (5 up to 2,000 labelled sequences), 0: the validation part
     seed: int = 0
     device: str = "auto"

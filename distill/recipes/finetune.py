@@ -265,8 +265,8 @@ def train_run(cfg: FinetuneConfig, d: Data, resume: bool, console: Console, dist
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_json(out / "config.json", asdict(cfg))
             (out / "metrics.jsonl").write_text("")
-        if cfg.lp_ft:  # every rank fits the same probe (keyed by the seed); rank 0 records it
-            counters = start_from_probe(out, model, head, d, cfg, weights, (opt, sched) if dist.main else None, console)
+        # every rank fits the same probe (keyed by the seed); rank 0 records it
+        counters = probe_baseline(out, model, head, d, cfg, weights, (opt, sched) if dist.main else None, console)
     with StopRequested() as stop:
         while counters["epoch"] < cfg.epochs and counters["bad"] < cfg.patience and not stop.requested:
             train_loss = train_epoch(net, opt, sched, d, counters["epoch"], cfg, ctx)
@@ -277,20 +277,23 @@ def train_run(cfg: FinetuneConfig, d: Data, resume: bool, console: Console, dist
     return Run(encoder, model, head, counters, stop.requested)
 
 
-def start_from_probe(out: Path, model: ESM, head: ProbeHead, d: Data, cfg: FinetuneConfig, weights: str, record: tuple | None,
-                     console: Console) -> dict:  # fmt: skip
-    """LP-FT's first half (Kumar et al. 2022): the head fit on the frozen encoder's features, standardised as a probe's,
-    becomes the starting head and "epoch 0", the best so far; fine-tuning must beat its validation macro-F1 to replace it."""
+def probe_baseline(out: Path, model: ESM, head: ProbeHead, d: Data, cfg: FinetuneConfig, weights: str, record: tuple | None,
+                   console: Console) -> dict:  # fmt: skip
+    """The linear probe of the frozen encoder (standardised features, as ``distill probe`` fits one) as "epoch 0", the
+    best so far: fine-tuning must beat its validation macro-F1 to replace it, so a fine-tune never ends worse than the
+    cheap baseline on validation. With LP-FT (Kumar et al. 2022) training also starts from its head."""
     device = next(model.parameters()).device
     x = embed(model.eval(), d.train.sequences, cfg.pooling, cfg.max_tokens, str(device))
     xv = embed(model, d.valid.sequences, cfg.pooling, cfg.max_tokens, str(device))
     probe, _ = train_head(x, d.y_train, len(d.labels), seed=cfg.seed, class_weights=weights, valid=(xv, d.y_valid),
                           cosine_scale=head.cosine_scale)  # fmt: skip
-    head.load_state_dict(probe.state_dict())
-    metrics = validate(model, head, d, cfg, device)
+    probe = probe.to(device)
+    if cfg.lp_ft:
+        head.load_state_dict(probe.state_dict())
+    metrics = validate(model, probe, d, cfg, device)
     counters = {"epoch": 0, "best_f1": metrics["valid_f1_macro"], "best_epoch": 0, "bad": 0}
     if record is not None:  # (optimizer, schedule) on the rank that writes
-        save_weights(out / "best", {"model": model, "head": head})
+        save_weights(out / "best", {"model": model, "head": probe})
         _log_epoch(out, console, counters, float("nan"), metrics, cfg.quiet)
         save_checkpoint(out, "epoch-0000", {"model": model, "head": head}, *record, counters)
     return counters
@@ -349,7 +352,7 @@ def write_bundle(out: Path, cfg: FinetuneConfig, run: Run, d: Data, device: torc
     head.temperature.fill_(calibration["temperature"])
     pred = [d.labels[i] for i in valid_logits.argmax(1)]
     metrics = classification_metrics(d.valid.labels, pred) | {"classes": len(d.labels), "n_train": len(d.train), "n_valid": len(d.valid)}
-    kept = "probe" if cfg.lp_ft and counters["best_epoch"] == 0 else "fine-tuned"
+    kept = "probe" if counters["best_epoch"] == 0 else "fine-tuned"
     card = {
         "task": cfg.task, "dim": model.cfg.dim, "hidden": 0, "pooling": cfg.pooling, "cosine_scale": head.cosine_scale,
         "protocol": {"kind": "fine-tuned", **{k: v for k, v in asdict(cfg).items() if k not in ("out", "quiet", "device")}},

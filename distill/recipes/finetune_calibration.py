@@ -82,7 +82,7 @@ def calibrate_head(logits_of: Callable[[list[str]], np.ndarray], d: Data, cfg: F
 
 def report(calibration: dict, cfg: FinetuneConfig, counters: dict, console: Console) -> None:
     """What the run kept and how its head calls: LP-FT's fall-back, the calibration, the background, a refusal."""
-    if cfg.lp_ft and counters["best_epoch"] == 0:
+    if counters["best_epoch"] == 0:
         console.print(f"[yellow]note:[/] fine-tuning did not beat the linear probe on validation (macro-F1 {counters['best_f1']:.4f}): "
                       "the bundle keeps the probe's head on the unchanged encoder")  # fmt: skip
     console.print(describe(calibration))
