@@ -221,25 +221,8 @@ def test_torchrun_two_processes_match_one(pfam4, spawn, tmp_path):
 
     from safetensors.torch import load_file
 
-    args = [
-        "finetune",
-        str(pfam4["tiny"]),
-        "--data",
-        str(pfam4["train"]),
-        "--task",
-        "pfam",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "8",
-        "--lr",
-        "3e-3",
-        "--valid-fraction",
-        "0.2",
-        "--folds",
-        "0",
-        "--quiet",
-    ]  # fmt: skip (LP-FT on, the default)
+    args = ["finetune", str(pfam4["tiny"]), "--data", str(pfam4["train"]), "--task", "pfam", "--epochs", "2", "--batch-size", "8",
+            "--lr", "3e-3", "--valid-fraction", "0.2", "--folds", "0", "--quiet"]  # fmt: skip
     single = runner.invoke(app, [*args, "--out", str(tmp_path / "one")])
     assert single.exit_code == 0, single.output
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "distill"]
