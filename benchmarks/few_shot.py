@@ -151,15 +151,15 @@ def main() -> None:
 
 def table(scores: Path) -> None:
     rows = [json.loads(line) for line in scores.read_text().splitlines()]
-    print("| setting | method | seeds | top-1 | coverage at threshold | precision of calls | decoy no-call | kept probe |")
+    print("| setting | method | seeds | top-1 | coverage at threshold | calls: right / all (all seeds) | decoy no-call | probe kept |")
     print("|---|---|---|---|---|---|---|---|")
     for key in dict.fromkeys((r["setting"], r["method"]) for r in rows):
         group = [r for r in rows if (r["setting"], r["method"]) == key]
         ms = lambda k, g=group: f"{np.mean([r[k] for r in g]):.3f} +- {np.std([r[k] for r in g]):.3f}"  # noqa: E731
         kept = sum(r.get("kept") == "probe" for r in group)
-        print(
-            f"| {key[0]} | {key[1]} | {len(group)} | {ms('top1')} | {ms('coverage')} | {ms('precision')} | {ms('decoy_nocall')} | {kept} |"
-        )
+        right, calls = sum(round(r["coverage"] * r["n_test"]) for r in group), sum(r["calls"] for r in group)
+        cells = [key[0], key[1], len(group), ms("top1"), ms("coverage"), f"{right} / {calls}", ms("decoy_nocall"), kept]
+        print("| " + " | ".join(map(str, cells)) + " |")
 
 
 if __name__ == "__main__":

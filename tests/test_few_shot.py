@@ -81,8 +81,8 @@ def test_folds_are_stratified_and_every_sequence_is_scored_by_a_model_that_never
 def test_a_fine_tune_that_never_beats_the_probe_keeps_it_and_lp_ft_starts_from_it(pfam3, tmp_path):
     import json
 
-    args = ["finetune", str(pfam3["tiny"]), "--data", str(pfam3["train"]), "--task", "pfam", "--epochs", "2", "--batch-size", "8",
-            "--valid-fraction", "0.2", "--lr", "1e-9", "--folds", "0"]  # fmt: skip
+    args = ["finetune", str(pfam3["tiny"]), "--data", str(pfam3["train"]), "--task", "pfam", "--epochs", "3", "--batch-size", "8",
+            "--valid-fraction", "0.2", "--lr", "1e-9", "--folds", "0", "--patience", "1"]  # fmt: skip
     rows = {}
     for mode in ("--no-lp-ft", "--lp-ft"):
         res = CliRunner().invoke(app, [*args, mode, "--out", str(tmp_path / mode)])
@@ -95,6 +95,8 @@ def test_a_fine_tune_that_never_beats_the_probe_keeps_it_and_lp_ft_starts_from_i
         card = json.loads((tmp_path / mode / "model" / "heads" / "pfam" / "labels.json").read_text())
         assert card["kept"] == "probe" and card["calibration"]["confidence"] == 0.9
     plain, lpft = rows["--no-lp-ft"], rows["--lp-ft"]
+    # patience counts against the fine-tune's own best, not the probe's: epoch 1 is its first best, epoch 2 the stop
+    assert [r["epoch"] for r in plain] == [0, 1, 2]
     assert plain[0]["epoch"] == 0 and plain[0]["train_loss"] is None and plain[0]["valid_loss"] == pytest.approx(lpft[0]["valid_loss"])
     # at lr 1e-9 nothing moves: LP-FT's epochs score as its starting probe, a fresh head's as a fresh head
     assert lpft[1]["valid_loss"] == pytest.approx(lpft[0]["valid_loss"], rel=1e-3)

@@ -82,7 +82,10 @@ def finetune(
         float, typer.Option(help="The threshold's precision must hold as a one-sided Clopper-Pearson lower bound at this level (0: point).")
     ] = D.confidence,
     lp_ft: Annotated[
-        bool, typer.Option(help="Start from the linear probe's head (LP-FT). Either way a fine-tune that never beats the probe on validation keeps it.")
+        bool,
+        typer.Option(
+            help="Start from the linear probe's head (LP-FT). Either way a fine-tune that never beats the probe on validation keeps it."
+        ),
     ] = D.lp_ft,
     folds: Annotated[
         int | None,
@@ -109,8 +112,13 @@ def finetune(
     result = run(cfg, resume, console)
     if result.bundle is None:
         raise typer.Exit(130)
-    best = result.metrics["best_epoch"]
-    console.print(f"fine-tuned bundle: {result.bundle} (" + (f"best epoch {best})" if best else "the linear probe's head, kept)"))
+    from distill.recipes.finetune_calibration import probe_kept
+
+    kept = probe_kept(result.metrics)
+    console.print(
+        f"fine-tuned bundle: {result.bundle} ("
+        + ("the linear probe's head, kept)" if kept else f"best epoch {result.metrics['best_epoch']})")
+    )
 
 
 def index(

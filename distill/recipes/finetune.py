@@ -47,7 +47,7 @@ from distill.core.model import ESM, pooled_embedding
 from distill.inference.embeddings import embed
 from distill.inference.encoders import Encoder, load_encoder
 from distill.recipes.checkpoints import changed_options, jsonl_truncate, load_checkpoint, load_weights, save_checkpoint, save_weights
-from distill.recipes.finetune_calibration import calibrate_head, report
+from distill.recipes.finetune_calibration import calibrate_head, probe_kept, report
 from distill.recipes.finetune_data import Data, setup_data, step_examples
 from distill.recipes.finetune_folds import folds_for, out_of_fold
 from distill.recipes.outline import adamw, optimizer_step, warmup_cosine
@@ -224,7 +224,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, console: Console | None 
         return FinetuneResult(out, None, run.counters, d.notes)
     bundle = None
     if dist.main:
-        load_weights(out / "best", {"model": run.model, "head": run.head})
+        load_weights(out / chosen(run.counters), {"model": run.model, "head": run.head})
         bundle = write_bundle(out, cfg, run, d, device, console, oof)
     dist.close()
     return FinetuneResult(out, bundle or out / "model", run.counters, d.notes)
@@ -291,12 +291,18 @@ def probe_baseline(out: Path, model: ESM, head: ProbeHead, d: Data, cfg: Finetun
     if cfg.lp_ft:
         head.load_state_dict(probe.state_dict())
     metrics = validate(model, probe, d, cfg, device)
-    counters = {"epoch": 0, "best_f1": metrics["valid_f1_macro"], "best_epoch": 0, "bad": 0}
+    # the fine-tune's own best (early stopping's patience counts against it, so a fresh head gets its epochs) and the probe's
+    counters = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "bad": 0, "probe_f1": metrics["valid_f1_macro"]}
     if record is not None:  # (optimizer, schedule) on the rank that writes
-        save_weights(out / "best", {"model": model, "head": probe})
+        save_weights(out / "probe", {"model": model, "head": probe})
         _log_epoch(out, console, counters, float("nan"), metrics, cfg.quiet)
         save_checkpoint(out, "epoch-0000", {"model": model, "head": head}, *record, counters)
     return counters
+
+
+def chosen(counters: dict) -> str:
+    """The run directory's weights the bundle takes: the probe's or the best fine-tuning epoch's."""
+    return "probe" if probe_kept(counters) else "best"
 
 
 def _fold_scorer(cfg: FinetuneConfig, d: Data, dist: Distributed, device: torch.device, console: Console):
@@ -304,7 +310,7 @@ def _fold_scorer(cfg: FinetuneConfig, d: Data, dist: Distributed, device: torch.
     run = train_run(cfg, d, False, console, dist, device)
     if run.stopped:
         return None
-    load_weights(Path(cfg.out) / "best", {"model": run.model, "head": run.head})
+    load_weights(Path(cfg.out) / chosen(run.counters), {"model": run.model, "head": run.head})
     return lambda seqs: logits_of(run.model, run.head, seqs, cfg, device)
 
 
@@ -324,8 +330,8 @@ def end_epoch(out: Path, model: ESM, head: ProbeHead, opt, sched, d: Data, cfg: 
     improved = metrics["valid_f1_macro"] > counters["best_f1"]
     if improved:
         save_weights(out / "best", {"model": model, "head": head})
-    counters = {"epoch": counters["epoch"] + 1, "best_f1": max(counters["best_f1"], metrics["valid_f1_macro"]),
-                "best_epoch": counters["epoch"] + 1 if improved else counters["best_epoch"], "bad": 0 if improved else counters["bad"] + 1}  # fmt: skip
+    counters = counters | {"epoch": counters["epoch"] + 1, "best_f1": max(counters["best_f1"], metrics["valid_f1_macro"]),
+                           "best_epoch": counters["epoch"] + 1 if improved else counters["best_epoch"], "bad": 0 if improved else counters["bad"] + 1}  # fmt: skip
     _log_epoch(out, console, counters, train_loss, metrics, cfg.quiet)
     save_checkpoint(out, f"epoch-{counters['epoch']:04d}", {"model": model, "head": head}, opt, sched, counters)
     return counters
@@ -352,7 +358,7 @@ def write_bundle(out: Path, cfg: FinetuneConfig, run: Run, d: Data, device: torc
     head.temperature.fill_(calibration["temperature"])
     pred = [d.labels[i] for i in valid_logits.argmax(1)]
     metrics = classification_metrics(d.valid.labels, pred) | {"classes": len(d.labels), "n_train": len(d.train), "n_valid": len(d.valid)}
-    kept = "probe" if counters["best_epoch"] == 0 else "fine-tuned"
+    kept = "probe" if probe_kept(counters) else "fine-tuned"
     card = {
         "task": cfg.task, "dim": model.cfg.dim, "hidden": 0, "pooling": cfg.pooling, "cosine_scale": head.cosine_scale,
         "protocol": {"kind": "fine-tuned", **{k: v for k, v in asdict(cfg).items() if k not in ("out", "quiet", "device")}},

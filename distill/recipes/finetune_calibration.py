@@ -80,10 +80,16 @@ def calibrate_head(logits_of: Callable[[list[str]], np.ndarray], d: Data, cfg: F
     return c, valid_logits
 
 
+def probe_kept(counters: dict) -> bool:
+    """True when no fine-tuning epoch beat the probe baseline's validation macro-F1 (a tie keeps the cheaper probe)."""
+    return counters["best_f1"] <= counters.get("probe_f1", -1.0)
+
+
 def report(calibration: dict, cfg: FinetuneConfig, counters: dict, console: Console) -> None:
-    """What the run kept and how its head calls: LP-FT's fall-back, the calibration, the background, a refusal."""
-    if counters["best_epoch"] == 0:
-        console.print(f"[yellow]note:[/] fine-tuning did not beat the linear probe on validation (macro-F1 {counters['best_f1']:.4f}): "
+    """What the run kept and how its head calls: the probe fall-back, the calibration, the background, a refusal."""
+    if probe_kept(counters):
+        console.print(f"[yellow]note:[/] fine-tuning did not beat the linear probe on validation (macro-F1 {counters['probe_f1']:.4f} "
+                      f"against the best epoch's {counters['best_f1']:.4f}): "
                       "the bundle keeps the probe's head on the unchanged encoder")  # fmt: skip
     console.print(describe(calibration))
     if "background" in calibration:
