@@ -1,7 +1,7 @@
 """Calls from a few dozen examples per class: linear probe vs the old fine-tune vs LP-FT with k-fold calibration.
 
-    python benchmarks/few_shot.py OUT [--settings 8x60,54x15,54x60] [--seeds 0,1,2] [--methods probe,old,lpft,new]
-                                      [--model random:small]
+    python benchmarks/few_shot.py OUT [--settings 8x60,readme,54x60] [--seeds 0,1,2] [--methods probe,old,lpft,new]
+                                      [--model random:small]  (another encoder, e.g. unirep1900: rows of their own, "probe (unirep1900)")
 
 Settings ``FxN``: F Pfam families of the 54 shared ones (54: all; fewer: a keyed draw, seed 0, printed), N training
 domains per family (a family with fewer gives what it has). Every family's 25 test domains are drawn once (seed 1234)
@@ -137,12 +137,13 @@ def main() -> None:
         for seed in map(int, args.seeds.split(",")):
             train, test = make_data(args.out, setting, seed)
             for method in args.methods.split(","):
-                if (setting, seed, method) in done:
+                label = method if args.model == "random:small" else f"{method} ({args.model})"  # another encoder: rows of its own
+                if (setting, seed, label) in done:
                     continue
-                t0, model = time.perf_counter(), f"{args.model}@{seed}"
-                run = args.out / "runs" / f"{setting}-s{seed}-{method}"
+                t0, model = time.perf_counter(), f"{args.model}@{seed}" if args.model.startswith("random:") else args.model
+                run = args.out / "runs" / f"{setting}-s{seed}-{label.replace(' ', '-').strip('()')}"
                 row = run_probe(model, train, test) if method == "probe" else run_finetune(model, train, test, run, seed, METHODS[method])
-                row = {"setting": setting, "seed": seed, "method": method, **row, "seconds": round(time.perf_counter() - t0, 1)}
+                row = {"setting": setting, "seed": seed, "method": label, **row, "seconds": round(time.perf_counter() - t0, 1)}
                 print(json.dumps(row), flush=True)
                 with open(scores, "a") as f:
                     f.write(json.dumps(row) + "\n")
