@@ -26,7 +26,7 @@ import json
 import math
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +217,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, console: Console | None 
     folds, oof = folds_for(cfg, d), None
     if not run.stopped and folds:
         console.print(f"calibrating on {folds} folds: the recipe again on all folds but one, scoring the one left out")
-        oof = out_of_fold(cfg, d, folds, lambda c, fd: _fold_scorer(c, fd, dist, device, console))
+        probe = probe_kept(run.counters)  # each fold scores with what the main run keeps: its probe, or its fine-tune
+        oof = out_of_fold(cfg, d, folds, lambda c, fd: _fold_scorer(c, fd, dist, device, console, probe))
     if run.stopped or (folds and oof is None):
         console.print(f"stopped after epoch {run.counters['epoch']}" + (" of the main run" if folds else "") + "; continue with --resume")
         dist.close()
@@ -305,12 +306,13 @@ def chosen(counters: dict) -> str:
     return "probe" if probe_kept(counters) else "best"
 
 
-def _fold_scorer(cfg: FinetuneConfig, d: Data, dist: Distributed, device: torch.device, console: Console):
-    """One fold of the k-fold calibration: the recipe on the fold's data; its best model's logits function."""
-    run = train_run(cfg, d, False, console, dist, device)
+def _fold_scorer(cfg: FinetuneConfig, d: Data, dist: Distributed, device: torch.device, console: Console, probe: bool):
+    """One fold of the k-fold calibration: the recipe on the fold's data; the logits function of its probe (when the
+    main run kept its probe) or of its best fine-tuning epoch, so the scores are those of the kind of model shipped."""
+    run = train_run(replace(cfg, epochs=1) if probe else cfg, d, False, console, dist, device)  # a probe needs no long fine-tune
     if run.stopped:
         return None
-    load_weights(Path(cfg.out) / chosen(run.counters), {"model": run.model, "head": run.head})
+    load_weights(Path(cfg.out) / ("probe" if probe else "best"), {"model": run.model, "head": run.head})
     return lambda seqs: logits_of(run.model, run.head, seqs, cfg, device)
 
 

@@ -4,7 +4,8 @@ A head fine-tuned on a few dozen sequences a class has a validation part of a fe
 error already breaks precision 0.99 and a point precision of 1.0 is luck as often as skill. So, for small data sets,
 the labelled sequences (training and validation parts together) are cut into ``k`` stratified folds; the recipe is
 run ``k`` more times, each time on all folds but one (with its own validation part for early stopping and LP-FT's
-fall-back), and scores the left-out fold and residue-shuffled copies of it. The temperature and the no-call
+fall-back), and scores the left-out fold and residue-shuffled copies of it with the kind of model the main run
+keeps (its probe, or its best fine-tuning epoch). The temperature and the no-call
 threshold are then set on these out-of-fold scores (cross-validation's estimate of how the final head scores new
 sequences), with the confidence rule of distill.core.calibration. The bundle's own head is the main run's.
 
