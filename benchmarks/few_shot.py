@@ -60,6 +60,7 @@ def make_data(out: Path, setting: str, seed: int) -> tuple[Path, Path]:
     files = sorted(PFAM.glob("PF*.fasta"))
     if n_families < len(files):
         files = sorted(np.random.default_rng(0).choice(files, n_families, replace=False).tolist())
+        print(f"{setting}: families {' '.join(Path(f).stem for f in files)}", flush=True)
     train, test = [], []
     for k, f in enumerate(files):
         records = read(Path(f))

@@ -1,6 +1,7 @@
 """Distilling a real protein LM on this CPU: UniRep-1900 -> `small` students, each way, probed on real labels.
 
-    python benchmarks/real_teacher.py OUT [--n 3000] [--seeds 0] [--epochs 10] [--batch-size 64] [--ways vanilla,logit,rep,both] [--tasks scope,pfam]
+    python benchmarks/real_teacher.py OUT [--n 3000] [--seeds 0] [--epochs 10] [--batch-size 64] [--ways vanilla,logit,rep,both]
+                                          [--tasks scope,pfam] [--with-teacher]
 
 Stages, each skipped when its output exists (a killed run resumes where it stopped):
   1. data      OUT/train.fasta, OUT/valid.fasta: N (+ 200) proteins of at most 1,022 residues, drawn with seed 0 from
@@ -14,7 +15,9 @@ Stages, each skipped when its output exists (a killed run resumes where it stopp
                rep-centred (the same against the teacher's states less their mean), both
   4. probes    `distill evaluate` of each seed's students, random:small@SEED (and composition) on SCOPe 2.07
                superfamilies (family-holdout: the test domains' families never occur in training) and on the 54 Pfam
-               families (random split), one table per seed: OUT/eval-TASK-sSEED-WAYS (results.md, .csv, .json, figures)
+               families (random split), one table per seed: OUT/eval-TASK-sSEED-WAYS (results.md, .csv, .json, figures);
+               with --with-teacher UniRep-1900's own probe (OUT/eval-TASK-s0-unirep); then the summary over seeds
+               (OUT/summary-TASK.json): accuracy per way, paired gains over random init and over MLM only
 Prints the two tables at the end.
 """
 
@@ -83,6 +86,7 @@ def main() -> None:
     )
     ap.add_argument("--ways", default=",".join(WAYS))
     ap.add_argument("--tasks", default="scope,pfam", help="probe tasks, in this order")
+    ap.add_argument("--with-teacher", action="store_true", help="also probe UniRep-1900 itself under the same protocol")
     args = ap.parse_args()
     out, seeds, ways = args.out, [int(s) for s in args.seeds.split(",")], args.ways.split(",")
     write_data(out, args.n)
@@ -112,6 +116,9 @@ def main() -> None:
             if not (table / "results.md").exists():
                 distill("evaluate", *models, "--task", task, *probes[task], "--no-baselines", "--out", str(table))
             print((table / "results.md").read_text())
+        teacher_table = out / f"eval-{task}-s0-unirep"  # the teacher's own probe, once (~35 min of UniRep for SCOPe)
+        if args.with_teacher and not (teacher_table / "results.md").exists():
+            distill("evaluate", "unirep1900", "--task", task, *probes[task], "--no-baselines", "--out", str(teacher_table))
         print(summary(out, task, seeds))
 
 
