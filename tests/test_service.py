@@ -493,6 +493,10 @@ def test_stopping_or_killing_distill_serve_leaves_no_server_behind(server, direc
             with contextlib.suppress(OSError):
                 assert key.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), Path(f"/proc/{pid}/cmdline").read_bytes()
         assert post(f"http://127.0.0.1:{port}/info", {})[0] == 401 and post(f"http://127.0.0.1:{port}/info", {}, key=key)[0] == 200
+        as_json = {"Content-Type": "application/json"}
+        lower = _request(f"http://127.0.0.1:{port}/info", b"{}", as_json | {"Authorization": f"bearer {key}"})  # RFC 7235: any case
+        bare = _request(f"http://127.0.0.1:{port}/info", b"{}", as_json | {"Authorization": key})  # no scheme: no Bearer credential
+        assert lower[0] == 200 and bare[0] == 401 and bare[1]["www-authenticate"].startswith("Bearer")
         if batching:
             status, body = post(f"http://127.0.0.1:{port}/embed", {"sequences": SEQS[:3]}, key=key)
             assert status == 200, body
@@ -660,6 +664,31 @@ def test_a_full_worker_answers_503_with_retry_after_and_frees_its_slots(server):
     assert [a.split(b" ", 2)[1] for a in _together(port, 8, body)] == [b"200"] * 8
     after = _rss_mb(api)  # idle again: the burst's heap handed back (malloc_trim when the last request ends)
     assert after - before < 100, (before, after)
+
+
+def _request(url: str, data: bytes | None, headers: dict[str, str], method: str | None = None) -> tuple[int, dict, bytes]:
+    """(status, lower-case headers, body) of one request, no retry."""
+    req = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def test_other_methods_paths_and_codings_are_answered_in_the_json_error_shape_by_the_real_server(server):
+    """Finding 6 against a running service: 404 and 405 were plain text, a gzip body's 415 did not say why."""
+    url = server["url"]
+    for method, path, status, message in (("GET", "/embed", 405, "Method Not Allowed"), ("GET", "/nowhere", 404, "Not Found"),
+                                          ("PUT", "/classify", 405, "Method Not Allowed")):  # fmt: skip
+        code, headers, body = _request(url + path, b"{}" if method == "PUT" else None, {"Content-Type": "application/json"}, method)
+        assert code == status and headers["content-type"].startswith("application/json"), (path, code, body)
+        assert json.loads(body) == {"error": {"status": status, "message": message}}
+    import gzip
+
+    code, _, body = _request(url + "/embed", gzip.compress(b'{"sequences": ["MKV"]}'),
+                             {"Content-Type": "application/json", "Content-Encoding": "gzip"})  # fmt: skip
+    assert code == 415 and "compressed bodies are not supported (Content-Encoding: gzip)" in json.loads(body)["error"]["message"]
 
 
 def test_an_oversized_request_head_gets_431_from_the_real_server(server):
