@@ -273,14 +273,13 @@ class FinetuneConfig:
             (self.temperature > 0, f"--temperature must be positive, got {self.temperature}"),
             (0 < self.target_precision <= 1, f"--target-precision must be in (0, 1], got {self.target_precision}"),
             (self.lr > 0, f"--lr must be positive, got {self.lr}"),
-            (0 <= self.negative_rate <= 1, f"--negative-rate must be in [0, 1], got {self.negative_rate}"),
-            (0 <= self.background_rate <= 1, f"--background-rate must be in [0, 1], got {self.background_rate}"),
-            (0 <= self.context_rate <= 1, f"--context-rate must be in [0, 1], got {self.context_rate}"),
             (0 <= self.confidence < 1, f"--confidence must be in [0, 1), got {self.confidence}"),
             (self.folds is None or self.folds == 0 or (self.folds >= 2 and not self.background),
              f"--folds must be 0 or at least 2, and 0 with --background (its held-out half calibrates), got {self.folds}"),
         ]  # fmt: skip
         checks += [(getattr(self, n) >= 1, f"--{n.replace('_', '-')} must be at least 1") for n in ("epochs", "batch_size", "patience")]
+        checks += [(0 <= getattr(self, n) <= 1, f"--{n.replace('_', '-')} must be in [0, 1], got {getattr(self, n)}")
+                   for n in ("negative_rate", "background_rate", "context_rate")]  # fmt: skip
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
