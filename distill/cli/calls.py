@@ -16,18 +16,26 @@ from distill.core.config import CLASS_WEIGHTS, DEFAULT_MAX_EVALUE, DEFAULT_TARGE
 
 D = FinetuneConfig(model="", data=[], task="", out="")  # the defaults
 
+# The longer option types of `finetune`, declared once above it so the command reads as a list of its settings.
+Task = Annotated[str, typer.Option(help="Any name (letters, digits, _): labels kept as written; pfam and scope are presets (Pfam accession, SCOPe sccs).")]  # fmt: skip
+LabelledData = Annotated[list[str], typer.Option("--data", help="Labelled training files, directories or globs (FASTA headers, Stockholm, TSV).")]  # fmt: skip
+LearningRate = Annotated[float | None, typer.Option(help="Peak learning rate (AdamW, 5% warm-up, cosine decay). [default: 3e-4 with LP-FT, else 1e-3]")]  # fmt: skip
+ClassWeights = Annotated[str, typer.Option(help=f"{', '.join(CLASS_WEIGHTS)}: auto is balanced only when every class has 5 training examples (balanced trades top-1 accuracy for rare-class recall).")]  # fmt: skip
+MinPerClass = Annotated[int, typer.Option(help="Classes with fewer training sequences leave the label set (they become no-call negatives).")]  # fmt: skip
+NegativeRate = Annotated[float, typer.Option(help="Residue-shuffled copies per step (share of the step), trained towards 'none of these'.")]  # fmt: skip
+Background = Annotated[Path | None, typer.Option(help="A whole proteome of mostly non-members (FASTA): real negatives in training, per-label thresholds from its held-out half, and a head that scans whole proteins for domains (docs/calls.md). Needs pyopal.")]  # fmt: skip
+BackgroundRate = Annotated[float, typer.Option(help="With --background: crops of its proteins per step (share of the step), trained towards 'none of these'.")]  # fmt: skip
+ContextRate = Annotated[float, typer.Option(help="With --background: share of training pieces put in a scan window between real flanks.")]  # fmt: skip
+TargetPrecision = Annotated[float, typer.Option(help="The no-call threshold is set for this precision on validation + negatives.")]  # fmt: skip
+Confidence = Annotated[float, typer.Option(help="The threshold's precision must hold as a one-sided Clopper-Pearson lower bound at this level (0: point).")]  # fmt: skip
+LpFt = Annotated[bool, typer.Option(help="Start from the linear probe's head (LP-FT). Either way a fine-tune that never beats the probe on validation keeps it.")]  # fmt: skip
+Folds = Annotated[int | None, typer.Option(help="Calibrate on K-fold out-of-fold scores (the recipe K more times); 0: on the validation part. [default: 5 up to 2,000 labelled sequences, else 0]")]  # fmt: skip
+
 
 def finetune(
     model: Annotated[str, typer.Argument(help=f"Encoder to start from, a torch model spec: {SPECS}")],
-    data: Annotated[
-        list[str], typer.Option("--data", help="Labelled training files, directories or globs (FASTA headers, Stockholm, TSV).")
-    ],
-    task: Annotated[
-        str,
-        typer.Option(
-            help="Any name (letters, digits, _): labels kept as written; pfam and scope are presets (Pfam accession, SCOPe sccs)."
-        ),
-    ],
+    data: LabelledData,
+    task: Task,
     out: Annotated[Path, typer.Option(help="Run directory; the fine-tuned bundle is OUT/model.")],
     valid: Annotated[list[str] | None, typer.Option("--valid", help="Labelled validation files (early stopping, calibration).")] = None,
     valid_fraction: Annotated[
@@ -38,61 +46,26 @@ def finetune(
     label_field: Annotated[int, typer.Option(help="FASTA: the header field after the id that holds the label.")] = D.label_field,
     label_regex: Annotated[str | None, typer.Option(help="FASTA: a regex whose first group is the label.")] = None,
     epochs: Annotated[int, typer.Option(help="At most this many epochs (early stopping may end sooner).")] = D.epochs,
-    lr: Annotated[
-        float | None, typer.Option(help="Peak learning rate (AdamW, 5% warm-up, cosine decay). [default: 3e-4 with LP-FT, else 1e-3]")
-    ] = None,
+    lr: LearningRate = None,
     batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step.")] = D.batch_size,
     max_tokens: MaxTokens = D.max_tokens,
     freeze_layers: Annotated[int, typer.Option(help="Keep the embeddings and the first N layers fixed.")] = D.freeze_layers,
     pooling: Annotated[str, typer.Option(help="Sequence embedding fed to the head: mean over residues, or cls.")] = D.pooling,
     head: Annotated[str, typer.Option(help="cosine (NormFace, for many small classes) or linear.")] = D.head,
-    class_weights: Annotated[
-        str,
-        typer.Option(
-            help=f"{', '.join(CLASS_WEIGHTS)}: auto is balanced only when every class has 5 training examples (balanced trades top-1 accuracy for rare-class recall)."
-        ),
-    ] = D.class_weights,
-    min_per_class: Annotated[
-        int, typer.Option(help="Classes with fewer training sequences leave the label set (they become no-call negatives).")
-    ] = D.min_per_class,
+    class_weights: ClassWeights = D.class_weights,
+    min_per_class: MinPerClass = D.min_per_class,
     patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better validation macro-F1.")] = D.patience,
-    negative_rate: Annotated[
-        float, typer.Option(help="Residue-shuffled copies per step (share of the step), trained towards 'none of these'.")
-    ] = D.negative_rate,
-    background: Annotated[
-        Path | None,
-        typer.Option(
-            help="A whole proteome of mostly non-members (FASTA): real negatives in training, per-label thresholds "
-            "from its held-out half, and a head that scans whole proteins for domains (docs/calls.md). Needs pyopal."
-        ),
-    ] = None,
-    background_rate: Annotated[
-        float, typer.Option(help="With --background: crops of its proteins per step (share of the step), trained towards 'none of these'.")
-    ] = D.background_rate,
-    context_rate: Annotated[
-        float, typer.Option(help="With --background: share of training pieces put in a scan window between real flanks.")
-    ] = D.context_rate,
+    negative_rate: NegativeRate = D.negative_rate,
+    background: Background = None,
+    background_rate: BackgroundRate = D.background_rate,
+    context_rate: ContextRate = D.context_rate,
     teacher: Annotated[str | None, typer.Option(help="Task distillation: a fine-tuned bundle with a head for TASK.")] = None,
     lam: Annotated[float, typer.Option(help="Weight of the teacher's soft targets: (1-lam) CE + lam T^2 KL.")] = D.lam,
     temperature: Annotated[float, typer.Option(help="Task-distillation temperature T.")] = D.temperature,
-    target_precision: Annotated[
-        float, typer.Option(help="The no-call threshold is set for this precision on validation + negatives.")
-    ] = D.target_precision,
-    confidence: Annotated[
-        float, typer.Option(help="The threshold's precision must hold as a one-sided Clopper-Pearson lower bound at this level (0: point).")
-    ] = D.confidence,
-    lp_ft: Annotated[
-        bool,
-        typer.Option(
-            help="Start from the linear probe's head (LP-FT). Either way a fine-tune that never beats the probe on validation keeps it."
-        ),
-    ] = D.lp_ft,
-    folds: Annotated[
-        int | None,
-        typer.Option(
-            help="Calibrate on K-fold out-of-fold scores (the recipe K more times); 0: on the validation part. [default: 5 up to 2,000 labelled sequences, else 0]"
-        ),
-    ] = None,
+    target_precision: TargetPrecision = D.target_precision,
+    confidence: Confidence = D.confidence,
+    lp_ft: LpFt = D.lp_ft,
+    folds: Folds = None,
     seed: Annotated[int, typer.Option(help="Seed of the head, the validation split, data order and crops.")] = D.seed,
     device: Device = D.device,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last epoch checkpoint (same options).")] = False,
@@ -100,6 +73,7 @@ def finetune(
 ) -> None:
     """Fine-tune an encoder end to end with a classification head; writes a calibrated bundle (OUT/model)."""
     from distill.recipes.finetune import finetune as run
+    from distill.recipes.finetune_calibration import probe_kept
 
     cfg = FinetuneConfig(
         model=model, data=list(data), task=task, out=str(out), valid=list(valid) if valid else None, valid_fraction=valid_fraction,
@@ -112,13 +86,8 @@ def finetune(
     result = run(cfg, resume, console)
     if result.bundle is None:
         raise typer.Exit(130)
-    from distill.recipes.finetune_calibration import probe_kept
-
-    kept = probe_kept(result.metrics)
-    console.print(
-        f"fine-tuned bundle: {result.bundle} ("
-        + ("the linear probe's head, kept)" if kept else f"best epoch {result.metrics['best_epoch']})")
-    )
+    kept = "the linear probe's head, kept" if probe_kept(result.metrics) else f"best epoch {result.metrics['best_epoch']}"
+    console.print(f"fine-tuned bundle: {result.bundle} ({kept})")
 
 
 def index(

@@ -17,8 +17,7 @@ from distill.core.labels import LabelRule, check_task_name
 
 DEFAULT_TEACHER = "esm1b_t33_650M_UR50S"
 TRAIN_MAX_TOKENS = 8192  # tokens (incl. padding) per forward pass when training
-# Inference keeps no activations for a backward pass, so its default budget is twice training's.
-INFERENCE_MAX_TOKENS = 2 * TRAIN_MAX_TOKENS
+INFERENCE_MAX_TOKENS = 2 * TRAIN_MAX_TOKENS  # inference keeps no activations for a backward pass: twice training's budget
 DEFAULT_TARGET_PRECISION = 0.99  # no-call thresholds are set for this precision on validation + negatives
 DEFAULT_MAX_EVALUE = 0.01  # an aligning index calls nothing weaker (HMMER's inclusion E-value): docs/calls.md
 POOLINGS = ("mean", "cls")
