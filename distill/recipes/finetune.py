@@ -158,7 +158,11 @@ def logits_of(model: ESM, head: ProbeHead, sequences: list[str], cfg: FinetuneCo
 
 
 def validate(model: ESM, head: ProbeHead, d: Data, cfg: FinetuneConfig, device: torch.device) -> dict[str, float]:
-    logits = logits_of(model, head, d.valid.sequences, cfg, device)
+    return valid_metrics(logits_of(model, head, d.valid.sequences, cfg, device), d)
+
+
+def valid_metrics(logits: np.ndarray, d: Data) -> dict[str, float]:
+    """Validation loss, accuracy and F1 of the validation part's logits."""
     loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(d.y_valid)))
     pred = [d.labels[i] for i in logits.argmax(1)]
     return {"valid_loss": loss, **{f"valid_{k}": v for k, v in classification_metrics(d.valid.labels, pred).items()}}
@@ -291,7 +295,8 @@ def probe_baseline(out: Path, model: ESM, head: ProbeHead, d: Data, cfg: Finetun
     probe = probe.to(device)
     if cfg.lp_ft:
         head.load_state_dict(probe.state_dict())
-    metrics = validate(model, probe, d, cfg, device)
+    with torch.no_grad():  # the validation part's features are at hand: no second pass of the encoder
+        metrics = valid_metrics(probe.eval()(torch.from_numpy(xv).to(device)).cpu().numpy(), d)
     # the fine-tune's own best (early stopping's patience counts against it, so a fresh head gets its epochs) and the probe's
     counters = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "bad": 0, "probe_f1": metrics["valid_f1_macro"]}
     if record is not None:  # (optimizer, schedule) on the rank that writes

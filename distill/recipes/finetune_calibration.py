@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,8 +50,7 @@ def calibrate_head(logits_of: Callable[[list[str]], np.ndarray], d: Data, cfg: F
     with ``oof`` (distill.recipes.finetune_folds) the temperature and threshold come from the out-of-fold scores."""
     if oof is not None:
         c = calibrate(oof["logits"], oof["y"], oof["negative_logits"], cfg.target_precision, confidence=cfg.confidence)
-        folds = int(len(list((Path(cfg.out) / "folds").glob("*/scores.npz"))))
-        return c | {"pool": f"out-of-fold ({folds} folds)"}, logits_of(d.valid.sequences)
+        return c | {"pool": f"out-of-fold ({oof['folds']} folds)"}, logits_of(d.valid.sequences)
     negatives = shuffled(d.valid.sequences, cfg.seed) + d.outside
     valid_logits, negative_logits = logits_of(d.valid.sequences), logits_of(negatives)
     if d.background is None:

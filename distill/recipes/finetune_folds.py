@@ -71,7 +71,8 @@ def fold_data(d: Data, ds: LabelledSet, y: np.ndarray, train_idx: np.ndarray, cf
 
 def out_of_fold(cfg: FinetuneConfig, d: Data, folds: int, train_fold: TrainFold) -> dict[str, np.ndarray] | None:
     """Out-of-fold logits of every labelled sequence (``logits``, ``y``) and of negatives (``negative_logits``:
-    shuffled copies of each fold's sequences, and the out-of-set sequences spread over the folds); None if stopped."""
+    shuffled copies of each fold's sequences, and the out-of-set sequences spread over the folds) and ``folds``; None if
+    stopped."""
     ds, y = joined(d)
     if folds < 2 or folds > len(y):
         raise ValueError(
@@ -92,7 +93,7 @@ def out_of_fold(cfg: FinetuneConfig, d: Data, folds: int, train_fold: TrainFold)
         parts.append(np.load(out / "scores.npz"))
     order = np.concatenate([p["held"] for p in parts])
     logits = np.concatenate([p["logits"] for p in parts])[np.argsort(order)]
-    return {"logits": logits, "y": y, "negative_logits": np.concatenate([p["negative_logits"] for p in parts])}
+    return {"logits": logits, "y": y, "negative_logits": np.concatenate([p["negative_logits"] for p in parts]), "folds": folds}
 
 
 def _one_per_class(labels: list[str], seed: int) -> np.ndarray:
