@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from rich.console import Console
@@ -16,7 +15,6 @@ from rich.console import Console
 from distill.core.spec import parse_spec
 from serve.schemas import API_KEY_ENV, ServeArgs
 from serve.store import BACKENDS, import_model
-from serve.watchdog import stop_group
 
 
 def serve_args(model: str, backend: str, variant: str, console: Console, **given) -> ServeArgs:  # noqa: ANN003
@@ -44,53 +42,46 @@ def serve_args(model: str, backend: str, variant: str, console: Console, **given
 
 
 GRACE_S = 10.0  # after SIGTERM, how long BentoML gets to finish in-flight requests before SIGKILL
+SUPERVISOR = Path(__file__).with_name("supervisor.py")  # run as a script: stdlib only, and the caller's working directory
 
 
 def launch(args: ServeArgs, host: str, port: int, console: Console) -> int:
-    """Run `bentoml serve` with ``args`` (as an ``--arg-file``: ``--arg`` would split values at commas) in its own
-    process group; its exit status.
+    """Run `bentoml serve` with ``args`` (as an ``--arg-file``: ``--arg`` would split values at commas) below a
+    supervisor (`serve/supervisor.py`) in its own session; the server's exit status.
 
-    SIGINT / SIGTERM are forwarded to the whole group, which is killed if it has not stopped ``GRACE_S`` later. A
-    watchdog process stops the group when this process dies without a chance to (SIGKILL), so no server outlives it.
+    SIGINT / SIGTERM are forwarded to the supervisor, which passes them to the server and SIGKILLs whatever is left
+    ``GRACE_S`` later. When this process dies without a chance to (SIGKILL), the pipe it holds to the supervisor's
+    stdin closes and the supervisor does the same, so no server process outlives it.
     """
-    with tempfile.TemporaryDirectory(prefix="esm-distill-serve-") as tmp:
-        # The API key never goes into the arguments: BentoML passes them to its workers on their command lines, which
-        # any local user can read (/proc/PID/cmdline). It reaches them in the environment, readable by its owner only.
-        arg_file = Path(tmp) / "args.json"  # JSON is YAML
-        arg_file.write_text(args.model_copy(update={"api_key": ""}).model_dump_json())
-        env = os.environ | ({API_KEY_ENV: args.api_key} if args.api_key else {})
-        cmd = [sys.executable, "-m", "bentoml", "serve", "serve.service:EsmDistillService", "--port", str(port), "--host", host,
-               "--arg-file", str(arg_file)]  # fmt: skip
-        served = args.model if args.backend != "esm1b" else args.esm1b
-        console.print(f"serving {served} on http://{host}:{port} ({args.backend}, {args.variant})")
-        server = subprocess.Popen(cmd, start_new_session=True, env=env)
-        watchdog = subprocess.Popen([sys.executable, "-m", "serve.watchdog", str(server.pid), str(GRACE_S)], stdin=subprocess.PIPE,
-                                    start_new_session=True, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
-        try:
-            return _wait(server)
-        finally:
-            stop_group(server.pid, GRACE_S)
-            watchdog.stdin.close()  # the watchdog finds the group gone and exits
-            watchdog.wait()
+    tmp = tempfile.mkdtemp(prefix="esm-distill-serve-")  # removed by the supervisor, however this process ends
+    # The API key never goes into the arguments: BentoML passes them to its workers on their command lines, which
+    # any local user can read (/proc/PID/cmdline). It reaches them in the environment, readable by its owner only.
+    arg_file = Path(tmp) / "args.json"  # JSON is YAML
+    arg_file.write_text(args.model_copy(update={"api_key": ""}).model_dump_json())
+    env = os.environ | ({API_KEY_ENV: args.api_key} if args.api_key else {})
+    cmd = [sys.executable, "-m", "bentoml", "serve", "serve.service:EsmDistillService", "--port", str(port), "--host", host,
+           "--arg-file", str(arg_file)]  # fmt: skip
+    served = args.model if args.backend != "esm1b" else args.esm1b
+    console.print(f"serving {served} on http://{host}:{port} ({args.backend}, {args.variant})")
+    supervisor = subprocess.Popen([sys.executable, str(SUPERVISOR), str(GRACE_S), tmp, *cmd], stdin=subprocess.PIPE, env=env,
+                                  start_new_session=True)  # fmt: skip
+    try:
+        return _wait(supervisor)
+    finally:
+        supervisor.stdin.close()  # if still running, the supervisor stops the server as if this process had died
+        supervisor.wait()
 
 
-def _wait(server: subprocess.Popen) -> int:
-    """Wait for the server; a SIGINT / SIGTERM here is passed to its group, and SIGKILL follows after ``GRACE_S``."""
-    deadline: list[float] = []
+def _wait(supervisor: subprocess.Popen) -> int:
+    """Wait for the supervisor; a SIGINT / SIGTERM here is passed on to it."""
 
     def forward(signum: int, frame: object) -> None:
-        deadline.append(time.monotonic() + GRACE_S)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signum)
+            supervisor.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while True:
-            try:
-                return server.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                if deadline and time.monotonic() > deadline[0]:
-                    stop_group(server.pid, 0.0)
+        return supervisor.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -33,6 +33,16 @@ def pca_draws_tsne():
         yield
 
 
+def dies_with_pytest() -> None:
+    """``preexec_fn`` of every long-lived process a test starts: the kernel sends it SIGTERM when pytest dies, even by
+    SIGKILL (a CI timeout), so a killed test run leaves no server or worker behind (`distill serve` then stops its
+    own). Linux only; elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 @pytest.fixture
 def spawn():
     """Start a command in its own session; whatever the test's outcome, its whole process group is killed afterwards
@@ -40,7 +50,7 @@ def spawn():
     started: list[subprocess.Popen] = []
 
     def start(cmd: list[str], **kw) -> subprocess.Popen:
-        started.append(subprocess.Popen(cmd, start_new_session=True, **kw))
+        started.append(subprocess.Popen(cmd, start_new_session=True, preexec_fn=dies_with_pytest, **kw))
         return started[-1]
 
     yield start

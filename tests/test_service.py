@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import EXAMPLES, REPO
+from conftest import EXAMPLES, REPO, dies_with_pytest
 from typer.testing import CliRunner
 
 from distill.cli.app import app
@@ -156,7 +155,15 @@ def server(tmp_path_factory):
         "--client-timeout",
         str(CLIENT_TIMEOUT),
     ]
-    proc = subprocess.Popen(cmd, env=env, stdout=open(root / "serve.log", "w"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=open(root / "serve.log", "w"),
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        start_new_session=True,
+        preexec_fn=dies_with_pytest,
+    )
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, proc, root / "serve.log")
     from bentoml.models import get
@@ -327,7 +334,9 @@ def test_concurrent_clients_of_mixed_lengths_never_get_each_others_answers(serve
         assert status == 200, body
         return all(np.allclose(r["embedding"], ref[s].sequence, atol=1e-5) for s, r in zip(seqs, body["results"], strict=True))
 
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True) for _ in range(2)]
+    hogs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True, preexec_fn=dies_with_pytest) for _ in range(2)
+    ]
     try:
         with ThreadPoolExecutor(32) as pool:
             results = list(pool.map(call, jobs))
@@ -378,7 +387,15 @@ def test_esm1b_backend_serves_a_fair_esm_checkpoint_with_its_heads(server):
     port = free_port()
     heads = server["root"] / "teacher-heads"
     cmd = [sys.executable, "-m", "distill", "serve", str(TEACHER), "--backend", "esm1b", "--head-dir", str(heads), "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=server["env"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=server["env"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO,
+        start_new_session=True,
+        preexec_fn=dies_with_pytest,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc)
@@ -467,28 +484,32 @@ def _group_members(pgid: int) -> list[int]:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_stopping_or_killing_distill_serve_leaves_no_server_behind(server, direct, tmp_path, sig):
-    """SIGTERM is forwarded to the server's process group; after SIGKILL the watchdog stops it. Either way every
+    """SIGTERM is forwarded to the server's supervisor; after SIGKILL the supervisor stops it. Either way every
     process below `distill serve`, in whatever group, is gone and the port is free within 15 s. The SIGTERM server
     runs the two-service topology (--batching: the model in its own Engine service), and answers like the
-    one-process one. The API key (given in the environment) is on no process's command line, nor in a file left."""
-    from serve.watchdog import descendants
+    one-process one. The API key (given in the environment) is on no process's command line, nor in a file left.
+    Requests of every kind are in flight when the signal comes (finding 2 hung on such a request for minutes)."""
+    from serve.supervisor import descendants
 
     port, key = free_port(), "k3y-that-must-not-leak"
     batching = sig == signal.SIGTERM
     cmd = [sys.executable, "-m", "distill", "serve", server["tag"], "--port", str(port)] + (["--batching"] if batching else [])
     proc = subprocess.Popen(
         cmd, env=server["env"] | {"ESM_DISTILL_API_KEY": key}, stdout=open(tmp_path / "log", "w"), stderr=subprocess.STDOUT,
-        cwd=REPO, start_new_session=True,
+        cwd=REPO, start_new_session=True, preexec_fn=dies_with_pytest,
     )  # fmt: skip
     groups: set[int] = set()
+    inflight: list[socket.socket] = []
     try:
         wait_ready(f"http://127.0.0.1:{port}", proc, tmp_path / "log")
-        children = [
-            int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat") if p.read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)
-        ]
-        groups = {os.getpgid(c) for c in children} - {os.getpgid(proc.pid)}
-        assert len(groups) == 2  # the server's own group, and the watchdog's
         below = descendants(proc.pid)
+        supervisor = [p for p in below if _ppid(p) == proc.pid]
+        assert len(supervisor) == 1 and set(below) == {supervisor[0], *descendants(supervisor[0])}  # all of it below one
+        groups = {os.getpgid(p) for p in below} - {os.getpgid(proc.pid)}  # the supervisor's, the server's, each worker's
+        arg_dirs = {
+            Path(a).parent for p in below for a in Path(f"/proc/{p}/cmdline").read_bytes().decode().split("\0") if a.endswith("args.json")
+        }
+        assert len(arg_dirs) == 1 and next(iter(arg_dirs)).is_dir()
         for pid in below:
             with contextlib.suppress(OSError):
                 assert key.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -503,6 +524,14 @@ def test_stopping_or_killing_distill_serve_leaves_no_server_behind(server, direc
             for seq, r in zip(SEQS[:3], body["results"], strict=True):
                 np.testing.assert_allclose(r["embedding"], direct[1][seq].sequence, atol=1e-5)
             assert post(f"http://127.0.0.1:{port}/info", {}, key=key)[1]["batching"] is True
+        # requests of every kind in flight when the signal comes: large ones being embedded, a body half sent (hangs
+        # until the client timeout), an idle connection
+        body = json.dumps({"sequences": ["MKTAYIAKQRQISFVKSHFSRQ" * 45] * 8}).encode()
+        head = (f"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer {key}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+        inflight = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(5)]
+        for s, data in zip(inflight, [head + body] * 3 + [head + body[:100], b""], strict=True):
+            s.sendall(data)
         os.kill(proc.pid, sig)
         proc.wait(timeout=30)
 
@@ -516,8 +545,7 @@ def test_stopping_or_killing_distill_serve_leaves_no_server_behind(server, direc
                 break
             time.sleep(0.1)
         assert not left(), left()
-        for leftover in Path(tempfile.gettempdir()).glob("esm-distill-serve-*/args.json"):
-            assert key not in leftover.read_text()
+        assert not any(d.exists() for d in arg_dirs)  # the argument file goes on every exit path (SIGKILL included)
         with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=5):
             pass  # nobody listens any more
         with socket.socket() as s:
@@ -525,9 +553,15 @@ def test_stopping_or_killing_distill_serve_leaves_no_server_behind(server, direc
             s.bind(("127.0.0.1", port))
             s.listen()
     finally:
+        for s in inflight:
+            s.close()
         for g in groups | {proc.pid}:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(g, signal.SIGKILL)
+
+
+def _ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def _state(pid: int) -> str:
@@ -777,7 +811,7 @@ def test_the_shipped_nginx_front_passes_requests_and_refuses_bad_http_in_the_ser
     conf = conf.replace("127.0.0.1:8080", f"127.0.0.1:{port}").replace("127.0.0.1:3000", f"127.0.0.1:{upstream}")
     (tmp_path / "nginx.conf").write_text(conf)
     proc = subprocess.Popen([nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"],
-                            stdout=open(tmp_path / "log", "w"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+                            stdout=open(tmp_path / "log", "w"), stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=dies_with_pytest)  # fmt: skip
     try:
         wait_ready(f"http://127.0.0.1:{port}", proc, tmp_path / "log")
         status, direct = post(f"{server['url']}/classify", {"sequences": SEQS[:2], "top_k": 1})
