@@ -493,7 +493,9 @@ def test_stopping_or_killing_distill_serve_leaves_no_server_behind(server, direc
 
     port, key = free_port(), "k3y-that-must-not-leak"
     batching = sig == signal.SIGTERM
-    cmd = [sys.executable, "-m", "distill", "serve", server["tag"], "--port", str(port)] + (["--batching"] if batching else [])
+    # a short client timeout: the half-sent body below is answered (408) within it, and the graceful stop waits for it
+    cmd = [sys.executable, "-m", "distill", "serve", server["tag"], "--port", str(port), "--client-timeout", "2"]
+    cmd += ["--batching"] if batching else []
     proc = subprocess.Popen(
         cmd, env=server["env"] | {"ESM_DISTILL_API_KEY": key}, stdout=open(tmp_path / "log", "w"), stderr=subprocess.STDOUT,
         cwd=REPO, start_new_session=True, preexec_fn=dies_with_pytest,
