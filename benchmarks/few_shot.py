@@ -1,10 +1,12 @@
 """Calls from a few dozen examples per class: linear probe vs the old fine-tune vs LP-FT with k-fold calibration.
 
-    python benchmarks/few_shot.py OUT [--settings 8x60,readme,54x60] [--seeds 0,1,2] [--methods probe,old,lpft,new]
+    python benchmarks/few_shot.py OUT [--settings 8x60,readme,54x60,scope20] [--seeds 0,1,2] [--methods probe,old,lpft,new]
                                       [--model random:small]  (another encoder, e.g. unirep1900: rows of their own, "probe (unirep1900)")
 
 Settings ``FxN``: F Pfam families of the 54 shared ones (54: all; fewer: a keyed draw, seed 0, printed), N training
-domains per family (a family with fewer gives what it has). Every family's 25 test domains are drawn once (seed 1234)
+domains per family (a family with fewer gives what it has). ``scopeN``: the 30 SCOPe superfamilies with at least 60
+domains in the shared SCOPe file, N training domains each (N <= 50), 10 test domains each drawn once (seed 1234);
+labels are superfamilies (``--task scope``), and a test domain's family may occur in training. Every family's 25 test domains are drawn once (seed 1234)
 and never trained on at any N or seed; ``readme`` is the bundled example (examples/pfam.fasta, 54 x 15, tested on
 the 216 domains of examples/valid.fasta). For each setting and seed (the training draw, the model's init, the
 recipe's seed):
@@ -36,14 +38,22 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 PFAM = REPO.parent / "shared" / "data" / "pfam_families"
+SCOPE = REPO.parent / "shared" / "data" / "scope" / "astral-scopedom-40-2.07.shared85.fa"
 TEST_PER_FAMILY = 25
+SCOPE_TEST, SCOPE_MIN = 10, 60  # test domains per superfamily; superfamilies with at least this many domains
 METHODS = {"old": ["--folds", "0", "--confidence", "0"], "lpft": ["--lp-ft"], "new": []}
 
 
-def read(path: Path) -> list[tuple[str, str, str]]:
+def task_of(setting: str) -> str:
+    return "scope" if setting.startswith("scope") else "pfam"
+
+
+def read(path: Path, task: str = "pfam") -> list[tuple[str, str, str]]:
+    """(id, sequence, class): a Pfam accession, or a SCOPe sccs cut to its superfamily."""
     from distill.core.fasta import read_fasta
 
-    return [(r.id, r.sequence, r.description.split()[0]) for r in read_fasta(path)]
+    cut = (lambda raw: ".".join(raw.split(".")[:3])) if task == "scope" else (lambda raw: raw)  # noqa: E731
+    return [(r.id, r.sequence, cut(r.description.split()[0])) for r in read_fasta(path)]
 
 
 def write(path: Path, records: list[tuple[str, str, str]]) -> Path:
@@ -56,6 +66,8 @@ def make_data(out: Path, setting: str, seed: int) -> tuple[Path, Path]:
     """(train, test) FASTA files of a setting and seed."""
     if setting == "readme":
         return REPO / "examples" / "pfam.fasta", REPO / "examples" / "valid.fasta"
+    if setting.startswith("scope"):
+        return scope_data(out, setting, seed)
     n_families, per_family = (int(x) for x in setting.split("x"))
     files = sorted(PFAM.glob("PF*.fasta"))
     if n_families < len(files):
@@ -72,6 +84,26 @@ def make_data(out: Path, setting: str, seed: int) -> tuple[Path, Path]:
     return write(root / "train.fasta", train), write(root / "test.fasta", test)
 
 
+def scope_data(out: Path, setting: str, seed: int) -> tuple[Path, Path]:
+    """(train, test) of ``scopeN``: headers keep the full sccs, so `--task scope` reads the superfamily."""
+    from distill.core.fasta import read_fasta
+
+    per_class = int(setting.removeprefix("scope"))
+    classes: dict[str, list[tuple[str, str, str]]] = {}
+    for r in read_fasta(SCOPE):
+        sccs = r.description.split()[0]
+        classes.setdefault(".".join(sccs.split(".")[:3]), []).append((r.id, r.sequence.upper(), sccs))
+    kept = sorted(c for c, rs in classes.items() if len(rs) >= SCOPE_MIN)
+    train, test = [], []
+    for k, c in enumerate(kept):
+        order = np.random.default_rng([1234, k]).permutation(len(classes[c]))
+        test += [classes[c][i] for i in order[:SCOPE_TEST]]
+        rest = np.random.default_rng([seed, k]).permutation(order[SCOPE_TEST:])[:per_class]
+        train += [classes[c][i] for i in rest]
+    root = out / "data" / f"{setting}-s{seed}"
+    return write(root / "train.fasta", train), write(root / "test.fasta", test)
+
+
 def score(probabilities: np.ndarray, labels: list[str], threshold: float, truth: list[str], decoys: np.ndarray) -> dict:
     top, p = probabilities.argmax(1), probabilities.max(1)
     right = np.array([labels[i] == t for i, t in zip(top, truth, strict=True)])
@@ -81,7 +113,7 @@ def score(probabilities: np.ndarray, labels: list[str], threshold: float, truth:
             "threshold": float(threshold), "n_test": len(truth)}  # fmt: skip
 
 
-def run_probe(model: str, train: Path, test: Path) -> dict:
+def run_probe(model: str, train: Path, test: Path, task: str) -> dict:
     """``distill probe``'s head and calibration, in process."""
     import torch
     from sklearn.model_selection import train_test_split
@@ -90,12 +122,13 @@ def run_probe(model: str, train: Path, test: Path) -> dict:
     from distill.inference.embeddings import featurizer
     from distill.recipes.probe import train_head
 
-    tr, te = read(train), read(test)
+    tr, te = read(train, task), read(test, task)
     labels = sorted({r[2] for r in tr})
     y = np.array([labels.index(r[2]) for r in tr])
     feat = featurizer(model)
     x = feat.features([r[1] for r in tr])
-    fit, va = train_test_split(np.arange(len(y)), test_size=0.1, stratify=y, random_state=0)  # the probe's 10% early stopping
+    n_valid = max(len(labels), len(y) // 10)  # the probe's 10% for early stopping, at least one per class
+    fit, va = train_test_split(np.arange(len(y)), test_size=n_valid, stratify=y, random_state=0)
     head, _ = train_head(x[fit], y[fit], len(labels), seed=0, valid=(x[va], y[va]))
     logits = lambda v: head(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))).detach().numpy()  # noqa: E731
     c = calibrate(logits(x[va]), y[va], logits(feat.features(shuffled([tr[i][1] for i in va], 0))))
@@ -105,21 +138,21 @@ def run_probe(model: str, train: Path, test: Path) -> dict:
     return score(probs(seqs), labels, c["threshold"], [r[2] for r in te], probs(shuffled(seqs, 1)))
 
 
-def run_finetune(model: str, train: Path, test: Path, run: Path, seed: int, flags: list[str]) -> dict:
+def run_finetune(model: str, train: Path, test: Path, task: str, run: Path, seed: int, flags: list[str]) -> dict:
     from distill.core.calibration import shuffled
     from distill.inference import resolve
 
     if not (run / "model").exists():
         resume = ["--resume"] if (run / "checkpoint.json").exists() else []
-        cmd = [sys.executable, "-m", "distill", "finetune", model, "--data", str(train), "--task", "pfam", "--out", str(run),
+        cmd = [sys.executable, "-m", "distill", "finetune", model, "--data", str(train), "--task", task, "--out", str(run),
                "--seed", str(seed), "--quiet", *flags, *resume]  # fmt: skip
         subprocess.run(cmd, check=True)
     e = resolve(str(run / "model"), providers="cpu")
-    te = read(test)
+    te = read(test, task)
     seqs = [r[1] for r in te]
-    probs = lambda s: e.run(s, ["pfam"])[1]["pfam"]  # noqa: E731
-    card = json.loads((run / "model" / "heads" / "pfam" / "labels.json").read_text())
-    row = score(probs(seqs), e.labels["pfam"], e.thresholds["pfam"], [r[2] for r in te], probs(shuffled(seqs, 1)))
+    probs = lambda s: e.run(s, [task])[1][task]  # noqa: E731
+    card = json.loads((run / "model" / "heads" / task / "labels.json").read_text())
+    row = score(probs(seqs), e.labels[task], e.thresholds[task], [r[2] for r in te], probs(shuffled(seqs, 1)))
     return row | {"kept": card.get("kept", "fine-tuned"), "pool": card["calibration"].get("pool", "validation")}
 
 
@@ -143,7 +176,11 @@ def main() -> None:
                     continue
                 t0, model = time.perf_counter(), f"{args.model}@{seed}" if args.model.startswith("random:") else args.model
                 run = args.out / "runs" / f"{setting}-s{seed}-{label.replace(' ', '-').strip('()')}"
-                row = run_probe(model, train, test) if method == "probe" else run_finetune(model, train, test, run, seed, METHODS[method])
+                task = task_of(setting)
+                if method == "probe":
+                    row = run_probe(model, train, test, task)
+                else:
+                    row = run_finetune(model, train, test, task, run, seed, METHODS[method])
                 row = {"setting": setting, "seed": seed, "method": label, **row, "seconds": round(time.perf_counter() - t0, 1)}
                 print(json.dumps(row), flush=True)
                 with open(scores, "a") as f:
