@@ -89,7 +89,8 @@ class Supervisor:
     def finish(self) -> None:
         """Wait for everything below to stop; after the grace period SIGKILL it, until nothing is left."""
         if self.status is None:
-            self.stop()
+            if self.deadline is None:  # not asked by a signal: the pipe closed (a second SIGTERM could hurry BentoML)
+                self.stop()
         else:  # the server is gone: nobody stops its workers gracefully, and nobody respawns them
             for pid in descendants(os.getpid()):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
