@@ -31,6 +31,7 @@ import json
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -144,8 +145,10 @@ def run_finetune(model: str, train: Path, test: Path, task: str, run: Path, seed
 
     if not (run / "model").exists():
         resume = ["--resume"] if (run / "checkpoint.json").exists() else []
+        # fewer than 10 a class: the validation part needs a fifth to hold one of each (the recipe says so and stops)
+        small = ["--valid-fraction", "0.2"] if min(Counter(r[2] for r in read(train, task)).values()) < 10 else []
         cmd = [sys.executable, "-m", "distill", "finetune", model, "--data", str(train), "--task", task, "--out", str(run),
-               "--seed", str(seed), "--quiet", *flags, *resume]  # fmt: skip
+               "--seed", str(seed), "--quiet", *flags, *small, *resume]  # fmt: skip
         subprocess.run(cmd, check=True)
     e = resolve(str(run / "model"), providers="cpu")
     te = read(test, task)
