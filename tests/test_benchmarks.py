@@ -1,4 +1,4 @@
-"""Benchmark scripts that do not run in CI: the GPU one in --smoke mode, the proteome scoring by hand."""
+"""Benchmark scripts that do not run in CI: the GPU one in --smoke mode, the proteome scoring by hand, the few-shot SCOPe draws."""
 
 import subprocess
 import sys
@@ -44,3 +44,25 @@ def test_proteome_scoring_by_hand(tmp_path):
     (tmp_path / "h.domains.tsv").write_text(doms)
     h = score(tmp_path / "h.tsv", truth, ["p1", "p2", "p3", "p4"], "pfam_label_1")
     assert (h["calls"], h["agree_0.01"], h["recall_1e-5"], h["domain_calls"], h["domain_overlap_50"]) == (1, 1.0, 1 / 2, 1, 1.0)
+
+
+def test_few_shot_scope_settings_keep_big_superfamilies_and_one_test_set(tmp_path, monkeypatch):
+    """benchmarks/few_shot.py's ``scopeN``: superfamilies with at least 60 domains only, 10 test domains each drawn once
+    (the same at every N and seed), N training domains each from the rest, headers keeping the full sccs."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import few_shot
+
+    sizes = {"a.1.1": 61, "b.2.2": 60, "c.3.3": 59}  # c.3.3 is one short of 60
+    records = [(f"d{sf}{i}", sf + (".1" if i % 2 else ".2")) for sf, n in sizes.items() for i in range(n)]
+    scope = tmp_path / "scope.fa"
+    scope.write_text("".join(f">{rid} {sccs} (A:) x\nmkv{'l' * (i % 7)}\n" for i, (rid, sccs) in enumerate(records)))
+    monkeypatch.setattr(few_shot, "SCOPE", scope)
+    data = {(n, seed): few_shot.make_data(tmp_path, f"scope{n}", seed) for n, seed in ((5, 0), (5, 1), (20, 0))}
+    tests = {key: few_shot.read(test, "scope") for key, (_, test) in data.items()}
+    assert tests[(5, 0)] == tests[(5, 1)] == tests[(20, 0)] and len(tests[(5, 0)]) == 20
+    for (n, seed), (train, _) in data.items():
+        rows = few_shot.read(train, "scope")
+        assert sorted({r[2] for r in rows}) == ["a.1.1", "b.2.2"] and len(rows) == 2 * n
+        assert not {r[0] for r in rows} & {r[0] for r in tests[(n, seed)]}
+        assert all(line.split()[1].count(".") == 3 for line in train.read_text().splitlines() if line.startswith(">"))
+    assert {r[0] for r in few_shot.read(data[(5, 0)][0], "scope")} != {r[0] for r in few_shot.read(data[(5, 1)][0], "scope")}
