@@ -198,7 +198,7 @@ def table(scores: Path) -> None:
     for key in dict.fromkeys((r["setting"], r["method"]) for r in rows):
         group = [r for r in rows if (r["setting"], r["method"]) == key]
         ms = lambda k, g=group: f"{np.mean([r[k] for r in g]):.3f} +- {np.std([r[k] for r in g]):.3f}"  # noqa: E731
-        kept = sum(r.get("kept") == "probe" for r in group)
+        kept = "-" if key[1].startswith("probe") else sum(r.get("kept") == "probe" for r in group)
         right, calls = sum(round(r["coverage"] * r["n_test"]) for r in group), sum(r["calls"] for r in group)
         cells = [key[0], key[1], len(group), ms("top1"), ms("coverage"), f"{right} / {calls}", ms("decoy_nocall"), kept]
         print("| " + " | ".join(map(str, cells)) + " |")
