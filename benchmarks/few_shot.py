@@ -4,10 +4,10 @@
                                       [--model random:small]  (another encoder, e.g. unirep1900: rows of their own, "probe (unirep1900)")
 
 Settings ``FxN``: F Pfam families of the 54 shared ones (54: all; fewer: a keyed draw, seed 0, printed), N training
-domains per family (a family with fewer gives what it has). ``scopeN``: the 30 SCOPe superfamilies with at least 60
-domains in the shared SCOPe file, N training domains each (N <= 50), 10 test domains each drawn once (seed 1234);
-labels are superfamilies (``--task scope``), and a test domain's family may occur in training. Every family's 25 test domains are drawn once (seed 1234)
-and never trained on at any N or seed; ``readme`` is the bundled example (examples/pfam.fasta, 54 x 15, tested on
+domains per family (a family with fewer gives what it has); every family's 25 test domains are drawn once (seed 1234)
+and never trained on at any N or seed. ``scopeN``: the 30 SCOPe superfamilies with at least 60 domains in the shared
+SCOPe file, N training domains each (N <= 50) and 10 test domains each, drawn the same way; labels are superfamilies
+(``--task scope``), and a test domain's family may occur in training. ``readme`` is the bundled example (examples/pfam.fasta, 54 x 15, tested on
 the 216 domains of examples/valid.fasta). For each setting and seed (the training draw, the model's init, the
 recipe's seed):
 
@@ -49,12 +49,19 @@ def task_of(setting: str) -> str:
     return "scope" if setting.startswith("scope") else "pfam"
 
 
+def label_of(raw: str, task: str) -> str:
+    """A header's first field as its class: a Pfam accession as written, a SCOPe sccs cut to its superfamily by the
+    product's own label rule."""
+    from distill.core.labels import rule_of
+
+    return rule_of(task).parse(raw, "few-shot data")[0] if task == "scope" else raw
+
+
 def read(path: Path, task: str = "pfam") -> list[tuple[str, str, str]]:
-    """(id, sequence, class): a Pfam accession, or a SCOPe sccs cut to its superfamily."""
+    """(id, sequence, class)."""
     from distill.core.fasta import read_fasta
 
-    cut = (lambda raw: ".".join(raw.split(".")[:3])) if task == "scope" else (lambda raw: raw)  # noqa: E731
-    return [(r.id, r.sequence, cut(r.description.split()[0])) for r in read_fasta(path)]
+    return [(r.id, r.sequence, label_of(r.description.split()[0], task)) for r in read_fasta(path)]
 
 
 def write(path: Path, records: list[tuple[str, str, str]]) -> Path:
@@ -64,45 +71,43 @@ def write(path: Path, records: list[tuple[str, str, str]]) -> Path:
 
 
 def make_data(out: Path, setting: str, seed: int) -> tuple[Path, Path]:
-    """(train, test) FASTA files of a setting and seed."""
+    """(train, test) FASTA files of a setting and seed: each class's test domains drawn once (seed 1234), its
+    training domains drawn from the rest with the seed."""
     if setting == "readme":
         return REPO / "examples" / "pfam.fasta", REPO / "examples" / "valid.fasta"
-    if setting.startswith("scope"):
-        return scope_data(out, setting, seed)
-    n_families, per_family = (int(x) for x in setting.split("x"))
+    if task_of(setting) == "scope":
+        groups, n_test, per_class = scope_groups(), SCOPE_TEST, int(setting.removeprefix("scope"))
+    else:
+        groups, n_test, per_class = pfam_groups(setting), TEST_PER_FAMILY, int(setting.split("x")[1])
+    train, test = [], []
+    for k, records in enumerate(groups):
+        order = np.random.default_rng([1234, k]).permutation(len(records))
+        test += [records[i] for i in order[:n_test]]
+        train += [records[i] for i in np.random.default_rng([seed, k]).permutation(order[n_test:])[:per_class]]
+    root = out / "data" / f"{setting}-s{seed}"
+    return write(root / "train.fasta", train), write(root / "test.fasta", test)
+
+
+def pfam_groups(setting: str) -> list[list[tuple[str, str, str]]]:
+    """The records of each Pfam family of ``FxN`` (all 54, or F of them drawn with seed 0)."""
     files = sorted(PFAM.glob("PF*.fasta"))
+    n_families = int(setting.split("x")[0])
     if n_families < len(files):
         files = sorted(np.random.default_rng(0).choice(files, n_families, replace=False).tolist())
         print(f"{setting}: families {' '.join(Path(f).stem for f in files)}", flush=True)
-    train, test = [], []
-    for k, f in enumerate(files):
-        records = read(Path(f))
-        order = np.random.default_rng([1234, k]).permutation(len(records))
-        test += [records[i] for i in order[:TEST_PER_FAMILY]]
-        rest = order[TEST_PER_FAMILY:]
-        train += [records[i] for i in np.random.default_rng([seed, k]).permutation(rest)[:per_family]]
-    root = out / "data" / f"{setting}-s{seed}"
-    return write(root / "train.fasta", train), write(root / "test.fasta", test)
+    return [read(Path(f)) for f in files]
 
 
-def scope_data(out: Path, setting: str, seed: int) -> tuple[Path, Path]:
-    """(train, test) of ``scopeN``: headers keep the full sccs, so `--task scope` reads the superfamily."""
+def scope_groups() -> list[list[tuple[str, str, str]]]:
+    """The records of each SCOPe superfamily with at least ``SCOPE_MIN`` domains; headers keep the full sccs, so
+    `--task scope` reads the superfamily."""
     from distill.core.fasta import read_fasta
 
-    per_class = int(setting.removeprefix("scope"))
     classes: dict[str, list[tuple[str, str, str]]] = {}
     for r in read_fasta(SCOPE):
         sccs = r.description.split()[0]
-        classes.setdefault(".".join(sccs.split(".")[:3]), []).append((r.id, r.sequence.upper(), sccs))
-    kept = sorted(c for c, rs in classes.items() if len(rs) >= SCOPE_MIN)
-    train, test = [], []
-    for k, c in enumerate(kept):
-        order = np.random.default_rng([1234, k]).permutation(len(classes[c]))
-        test += [classes[c][i] for i in order[:SCOPE_TEST]]
-        rest = np.random.default_rng([seed, k]).permutation(order[SCOPE_TEST:])[:per_class]
-        train += [classes[c][i] for i in rest]
-    root = out / "data" / f"{setting}-s{seed}"
-    return write(root / "train.fasta", train), write(root / "test.fasta", test)
+        classes.setdefault(label_of(sccs, "scope"), []).append((r.id, r.sequence.upper(), sccs))
+    return [classes[c] for c in sorted(classes) if len(classes[c]) >= SCOPE_MIN]
 
 
 def score(probabilities: np.ndarray, labels: list[str], threshold: float, truth: list[str], decoys: np.ndarray) -> dict:
