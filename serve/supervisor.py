@@ -92,9 +92,7 @@ class Supervisor:
             if self.deadline is None:  # not asked by a signal: the pipe closed (a second SIGTERM could hurry BentoML)
                 self.stop()
         else:  # the server is gone: nobody stops its workers gracefully, and nobody respawns them
-            for pid in descendants(os.getpid()):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGTERM)
+            _signal(descendants(os.getpid()), signal.SIGTERM)
             self.deadline = self.deadline or time.monotonic() + self.grace_s
         while True:
             self.reap()
@@ -104,10 +102,14 @@ class Supervisor:
                     self.status = self.server.wait()
                 return
             if time.monotonic() >= self.deadline:
-                for pid in below:  # a process being killed cannot fork, so this reaches a fixed point
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.kill(pid, signal.SIGKILL)
+                _signal(below, signal.SIGKILL)  # a process being killed cannot fork, so this reaches a fixed point
             time.sleep(0.05)
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
 
 
 def _orphaned(timeout_s: float) -> bool:
