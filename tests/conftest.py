@@ -43,6 +43,11 @@ def dies_with_pytest() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def start_session(cmd: list[str], **kw) -> subprocess.Popen:  # noqa: ANN003
+    """A long-lived process of a test: its own session (its group can be killed whole) and gone with pytest."""
+    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=dies_with_pytest, **kw)
+
+
 @pytest.fixture
 def spawn():
     """Start a command in its own session; whatever the test's outcome, its whole process group is killed afterwards
@@ -50,7 +55,7 @@ def spawn():
     started: list[subprocess.Popen] = []
 
     def start(cmd: list[str], **kw) -> subprocess.Popen:
-        started.append(subprocess.Popen(cmd, start_new_session=True, preexec_fn=dies_with_pytest, **kw))
+        started.append(start_session(cmd, **kw))
         return started[-1]
 
     yield start

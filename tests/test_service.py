@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import EXAMPLES, REPO, dies_with_pytest
+from conftest import EXAMPLES, REPO, start_session
 from typer.testing import CliRunner
 
 from distill.cli.app import app
@@ -155,14 +155,12 @@ def server(tmp_path_factory):
         "--client-timeout",
         str(CLIENT_TIMEOUT),
     ]
-    proc = subprocess.Popen(
+    proc = start_session(
         cmd,
         env=env,
         stdout=open(root / "serve.log", "w"),
         stderr=subprocess.STDOUT,
         cwd=REPO,
-        start_new_session=True,
-        preexec_fn=dies_with_pytest,
     )
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, proc, root / "serve.log")
@@ -334,9 +332,7 @@ def test_concurrent_clients_of_mixed_lengths_never_get_each_others_answers(serve
         assert status == 200, body
         return all(np.allclose(r["embedding"], ref[s].sequence, atol=1e-5) for s, r in zip(seqs, body["results"], strict=True))
 
-    hogs = [
-        subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True, preexec_fn=dies_with_pytest) for _ in range(2)
-    ]
+    hogs = [start_session([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
     try:
         with ThreadPoolExecutor(32) as pool:
             results = list(pool.map(call, jobs))
@@ -387,14 +383,12 @@ def test_esm1b_backend_serves_a_fair_esm_checkpoint_with_its_heads(server):
     port = free_port()
     heads = server["root"] / "teacher-heads"
     cmd = [sys.executable, "-m", "distill", "serve", str(TEACHER), "--backend", "esm1b", "--head-dir", str(heads), "--port", str(port)]
-    proc = subprocess.Popen(
+    proc = start_session(
         cmd,
         env=server["env"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         cwd=REPO,
-        start_new_session=True,
-        preexec_fn=dies_with_pytest,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -469,14 +463,19 @@ def test_int8_import_with_heads_passes_and_its_engine_answers_independently_of_t
         np.testing.assert_array_equal(e.probabilities["pfam"], alone.probabilities["pfam"])
 
 
+def _stat(pid: int | str) -> list[str]:
+    """/proc/PID/stat after the command name: state, ppid, pgrp, ...; a gone process reads as a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return ["Z", "0", "0"]
+
+
 def _group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes in a process group, from /proc."""
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
+        fields = _stat(stat.parent.name)
         if fields[0] != "Z" and int(fields[2]) == pgid:
             out.append(int(stat.parent.name))
     return out
@@ -496,16 +495,14 @@ def test_stopping_or_killing_distill_serve_leaves_no_server_behind(server, direc
     # a short client timeout: the half-sent body below is answered (408) within it, and the graceful stop waits for it
     cmd = [sys.executable, "-m", "distill", "serve", server["tag"], "--port", str(port), "--client-timeout", "2"]
     cmd += ["--batching"] if batching else []
-    proc = subprocess.Popen(
-        cmd, env=server["env"] | {"ESM_DISTILL_API_KEY": key}, stdout=open(tmp_path / "log", "w"), stderr=subprocess.STDOUT,
-        cwd=REPO, start_new_session=True, preexec_fn=dies_with_pytest,
-    )  # fmt: skip
+    proc = start_session(cmd, env=server["env"] | {"ESM_DISTILL_API_KEY": key}, stdout=open(tmp_path / "log", "w"),
+                         stderr=subprocess.STDOUT, cwd=REPO)  # fmt: skip
     groups: set[int] = set()
     inflight: list[socket.socket] = []
     try:
         wait_ready(f"http://127.0.0.1:{port}", proc, tmp_path / "log")
         below = descendants(proc.pid)
-        supervisor = [p for p in below if _ppid(p) == proc.pid]
+        supervisor = [p for p in below if int(_stat(p)[1]) == proc.pid]
         assert len(supervisor) == 1 and set(below) == {supervisor[0], *descendants(supervisor[0])}  # all of it below one
         groups = {os.getpgid(p) for p in below} - {os.getpgid(proc.pid)}  # the supervisor's, the server's, each worker's
         arg_dirs = {
@@ -538,9 +535,7 @@ def test_stopping_or_killing_distill_serve_leaves_no_server_behind(server, direc
         proc.wait(timeout=30)
 
         def left() -> list[int]:
-            return [p for p in below if Path(f"/proc/{p}").exists() and "Z" not in _state(p)] + [
-                m for g in groups for m in _group_members(g)
-            ]
+            return [p for p in below if Path(f"/proc/{p}").exists() and _stat(p)[0] != "Z"] + [m for g in groups for m in _group_members(g)]
 
         for _ in range(150):  # bounded by polls, 15 s
             if not left():
@@ -560,17 +555,6 @@ def test_stopping_or_killing_distill_serve_leaves_no_server_behind(server, direc
         for g in groups | {proc.pid}:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(g, signal.SIGKILL)
-
-
-def _ppid(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "Z"
 
 
 def _rss_mb(pattern: str) -> float:
@@ -812,8 +796,8 @@ def test_the_shipped_nginx_front_passes_requests_and_refuses_bad_http_in_the_ser
     conf = (REPO / "deploy" / "nginx.conf").read_text()
     conf = conf.replace("127.0.0.1:8080", f"127.0.0.1:{port}").replace("127.0.0.1:3000", f"127.0.0.1:{upstream}")
     (tmp_path / "nginx.conf").write_text(conf)
-    proc = subprocess.Popen([nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"],
-                            stdout=open(tmp_path / "log", "w"), stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=dies_with_pytest)  # fmt: skip
+    proc = start_session([nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"],
+                         stdout=open(tmp_path / "log", "w"), stderr=subprocess.STDOUT)  # fmt: skip
     try:
         wait_ready(f"http://127.0.0.1:{port}", proc, tmp_path / "log")
         status, direct = post(f"{server['url']}/classify", {"sequences": SEQS[:2], "top_k": 1})
