@@ -138,3 +138,33 @@ def test_readme_test_command_is_what_ci_runs_and_both_install_the_locked_set():
     pins = [line for line in (REPO / "constraints.txt").read_text().splitlines() if line and not line.startswith("#")]
     assert pins and all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[^=\s]+", line) for line in pins), [p for p in pins if "==" not in p]
     assert any(line.startswith("typer==") for line in pins) and not any(line.lower().startswith("torch==") for line in pins)
+
+
+def test_an_option_group_is_declared_once_parsed_once_and_stands_where_the_command_puts_it():
+    import typer
+
+    from distill.cli.options import Commands, ScaleOut, grouped, scale_out
+
+    got = []
+    demo = typer.Typer(cls=Commands)
+
+    @demo.command()
+    @grouped("scale", scale_out)
+    def job(path: str, scale: ScaleOut, quiet: bool = False) -> None:
+        got.append((path, scale, quiet))
+
+    @demo.command()
+    def other() -> None: ...
+
+    res = runner.invoke(demo, ["job", "in.fa", "--shard", "1/4", "--threads", "3", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert got == [("in.fa", ScaleOut(ray=None, shard=(1, 4), threads=3), True)]
+    res = runner.invoke(demo, ["job", "in.fa", "--ray", "local", "--workers", "2"])
+    assert got[-1][1].ray.workers == 2 and got[-1][1].ray.address is None  # 'local' starts Ray here
+    help_text = runner.invoke(demo, ["job", "--help"]).output
+    options = re.findall(r"^(?:│ |  )(--[a-z-]+)", help_text, re.M)  # an option starts a row; wrapped help does not
+    assert options[:6] == ["--shard", "--ray", "--workers", "--threads", "--gpus-per-worker", "--quiet"]
+    res = runner.invoke(demo, ["job", "in.fa", "--shard", "4"])  # the group's own check, as a user error
+    assert res.exit_code == 2 and "--shard takes I/N" in res.output
+    with pytest.raises(AssertionError, match="its own too"):
+        grouped("scale", scale_out)(lambda threads, scale: None)

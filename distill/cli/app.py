@@ -19,7 +19,7 @@ import typer
 from distill.cli import calls as cli_calls
 from distill.cli import probe as cli_probe
 from distill.cli import run as cli_run
-from distill.cli.options import Commands, Device, GpusPerWorker, MaxTokens, RayAddress, Shard, Threads, Workers, console
+from distill.cli.options import Commands, Device, MaxTokens, ScaleOut, console, grouped, scale_out
 from distill.core.config import DEFAULT_TEACHER, PRESET_TRAINING, TRAIN_MAX_TOKENS, FitConfig
 
 app = typer.Typer(
@@ -126,6 +126,7 @@ def fit(
 
 
 @app.command("teacher-cache")
+@grouped("scale", scale_out)
 def teacher_cache_cmd(
     data: Annotated[Path, typer.Argument(help="The training FASTA the students will use (the whole file; any validation split works).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Cache directory (an interrupted build resumes into it).")],
@@ -139,21 +140,16 @@ def teacher_cache_cmd(
     shard_size: Annotated[int, typer.Option(help="Records per shard file.")] = 4096,
     device: Device = D.device,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
-    shard: Shard = None,
-    ray: RayAddress = None,
-    workers: Workers = 1,
-    threads: Threads = 0,
-    gpus_per_worker: GpusPerWorker = 0.0,
+    *,
+    scale: ScaleOut,
 ) -> None:
     """Run the teacher once over K maskings of DATA and store its logits, for any number of students."""
     from distill.recipes import teacher_cache
-    from distill.recipes.scale import parse_shard, ray_options
 
-    scale = ray_options(ray, workers, threads, gpus_per_worker)
     output, stats, n = teacher_cache.build_command(
-        data, output, teacher, views, seed, mask_rate, max_tokens, shard_size, device, quiet, scale, parse_shard(shard), threads
+        data, output, teacher, views, seed, mask_rate, max_tokens, shard_size, device, quiet, scale.ray, scale.shard, scale.threads
     )
-    part = f" (part {shard} of the cache: join the parts with `distill merge`)" if shard else ""
+    part = f" (part {scale.shard[0]}/{scale.shard[1]} of the cache: join the parts with `distill merge`)" if scale.shard else ""
     console.print(
         f"teacher cache {output}{part}: {views} view(s) of {n} sequences, {stats['bytes'] / 1e6:.1f} MB, "
         f"teacher ran {stats['seconds']:.1f}s ({stats['tokens'] / max(stats['seconds'], 1e-9):,.0f} tokens/s)"

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from distill.cli.options import SPECS, Device, GpusPerWorker, MaxTokens, RayAddress, Shard, Threads, Workers, console
+from distill.cli.options import SPECS, Device, MaxTokens, ScaleOut, console, grouped, scale_out
 from distill.core.config import CLASS_WEIGHTS, DEFAULT_MAX_EVALUE, DEFAULT_TARGET_PRECISION, FinetuneConfig
 
 D = FinetuneConfig(model="", data=[], task="", out="")  # the defaults
@@ -90,6 +90,7 @@ def finetune(
     console.print(f"fine-tuned bundle: {result.bundle} ({kept})")
 
 
+@grouped("scale", scale_out)
 def index(
     model: Annotated[
         str,
@@ -118,19 +119,15 @@ def index(
     ] = DEFAULT_MAX_EVALUE,
     max_tokens: MaxTokens = D.max_tokens,
     device: Device = D.device,
-    shard: Shard = None,
-    ray: RayAddress = None,
-    workers: Workers = 1,
-    threads: Threads = 0,
-    gpus_per_worker: GpusPerWorker = 0.0,
+    *,
+    scale: ScaleOut,
 ) -> None:
     """Embed labelled reference sequences into an index for annotation transfer (`annotate --reference`)."""
     from distill.recipes.index_build import index_command
-    from distill.recipes.scale import parse_shard, ray_options
 
-    scale, part = ray_options(ray, workers, threads, gpus_per_worker), parse_shard(shard)
+    part = scale.shard
     idx = index_command(model, list(data), task, output, append, labels, pooling, target_precision, max_tokens, device, console, align,
-                        scale, part, threads, kmer, background, max_evalue)  # fmt: skip
+                        scale.ray, part, scale.threads, kmer, background, max_evalue)  # fmt: skip
     if part is not None:
         console.print(f"{output}: part {part[0]}/{part[1]} of the index; join all parts with `distill merge PARTS... -o INDEX`")
         return

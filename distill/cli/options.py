@@ -9,9 +9,13 @@ every error.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 import traceback
-from typing import Annotated
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -20,6 +24,7 @@ from typer.core import TyperGroup
 
 from distill.core.errors import UserError
 from distill.core.spec import GRAMMAR
+from distill.recipes.scale import RayOptions, parse_shard, ray_options
 
 SPECS = f"{GRAMMAR} (the grammar: docs/inference.md)."
 console = Console(stderr=True, soft_wrap=True)  # never hard-wrap messages in logs
@@ -96,3 +101,46 @@ Shard = Annotated[
     str | None,
     typer.Option(help="I/N: do only the I-th (from 0) of N contiguous parts (a scheduler array task); `distill merge` joins them."),
 ]
+
+
+@dataclass(frozen=True)
+class ScaleOut:
+    """The scale-out options as one value: the Ray pool (None: this process), the shard, threads per model copy."""
+
+    ray: RayOptions | None
+    shard: tuple[int, int] | None
+    threads: int
+
+
+def scale_out(
+    shard: Shard = None, ray: RayAddress = None, workers: Workers = 1, threads: Threads = 0, gpus_per_worker: GpusPerWorker = 0.0
+) -> ScaleOut:
+    return ScaleOut(ray_options(ray, workers, threads, gpus_per_worker), parse_shard(shard), threads)
+
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def grouped(name: str, build: Callable[..., Any]) -> Callable[[Command], Command]:
+    """Options declared once for several commands (Typer has no option groups): the parameters of ``build`` stand in
+    the command line where the command has its parameter ``name``, and the command receives ``build(**their values)``
+    there, so the options are parsed and checked in one place too."""
+    group = list(inspect.signature(build, eval_str=True).parameters.values())
+
+    def decorate(command: Command) -> Command:
+        own = list(inspect.signature(command, eval_str=True).parameters.values())
+        at = [p.name for p in own].index(name)
+        # keyword-only (typer passes every value by name): options with and without defaults may then mix in any order
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in [*own[:at], *group, *own[at + 1 :]]]
+        assert len({p.name for p in params}) == len(params), f"{command.__name__}: an option of {build.__name__} is its own too"
+
+        @functools.wraps(command)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            value = build(**{p.name: kwargs.pop(p.name) for p in group})
+            return command(*args, **{name: value}, **kwargs)
+
+        run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in params}  # evaluated: typer reads them without the module
+        return run  # type: ignore[return-value]
+
+    return decorate

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from distill.cli.options import SPECS, Device, MaxTokens, console
+from distill.cli.options import SPECS, Device, MaxTokens, console, grouped
 from distill.core.config import ProbeConfig
 
 P = ProbeConfig(task="", data=[])  # the defaults
@@ -42,19 +42,7 @@ SeedOpt = Annotated[int, typer.Option(help="Seed of split and head training.")]
 LabelsOpt = Annotated[Path | None, typer.Option(help="id<TAB>label file labelling plain-FASTA --data/--test by record id.")]
 
 
-def probe_config(
-    task: str, data: list[str], test: list[str] | None, valid: list[str] | None, mlp: bool, labels: Path | None, device: str, **given
-) -> ProbeConfig:  # noqa: ANN003, E501
-    from distill.core.distributed import pick_device
-
-    cfg = ProbeConfig(task=task, data=list(data), test=list(test) if test else None, valid=list(valid) if valid else None,
-                      hidden=MLP_HIDDEN if mlp else 0, labels=str(labels) if labels else None, device=str(pick_device(device)), **given)  # fmt: skip
-    cfg.rule()  # checks the task name, level and header rule before any work
-    return cfg
-
-
-def probe(
-    model: Annotated[str, typer.Argument(help=f"A torch model spec or composition: {SPECS}")],
+def probe_options(
     data: DataOpt,
     task: TaskOpt,
     test: TestOpt = None,
@@ -72,6 +60,23 @@ def probe(
     level: LevelOpt = P.level,
     label_field: FieldOpt = P.label_field,
     label_regex: RegexOpt = None,
+) -> ProbeConfig:
+    """The probe protocol's options, shared by `probe` and `evaluate`, as one checked ProbeConfig."""
+    from distill.core.distributed import pick_device
+
+    cfg = ProbeConfig(task=task, data=list(data), test=list(test) if test else None, valid=list(valid) if valid else None,
+                      split=split, pooling=pooling, hidden=MLP_HIDDEN if mlp else 0, min_per_class=min_per_class,
+                      test_fraction=test_fraction, seed=seed, max_tokens=max_tokens, device=str(pick_device(device)),
+                      labels=str(labels) if labels else None, class_weights=class_weights, level=level,
+                      label_field=label_field, label_regex=label_regex)  # fmt: skip
+    cfg.rule()  # checks the task name, level and header rule before any work
+    return cfg
+
+
+@grouped("cfg", probe_options)
+def probe(
+    model: Annotated[str, typer.Argument(help=f"A torch model spec or composition: {SPECS}")],
+    cfg: ProbeConfig,
     out: Annotated[Path | None, typer.Option(help="Head directory. [default: MODEL/heads/TASK for a bundle]")] = None,
 ) -> None:
     """Train a Pfam or SCOPe classification head on frozen embeddings and store it with the model."""
@@ -80,13 +85,10 @@ def probe(
     from distill.inference.embeddings import featurizer
     from distill.recipes.evaluate import markdown_table, prepare, probe_one
 
-    cfg = probe_config(task, data, test, valid, mlp, labels, device, split=split, pooling=pooling, min_per_class=min_per_class,
-                       test_fraction=test_fraction, seed=seed, max_tokens=max_tokens, class_weights=class_weights, level=level,
-                       label_field=label_field, label_regex=label_regex)  # fmt: skip
     if out is None:
         if not is_bundle(Path(model)):
             raise ValueError(f"{model} is not a student bundle, so there is nowhere default to put the head: pass --out DIR")
-        out = Path(model) / "heads" / task
+        out = Path(model) / "heads" / cfg.task
     prepared = prepare(cfg, console)
     feat = featurizer(model)
     result, _ = probe_one(feat, cfg, prepared, console, calibrate=True)
@@ -102,25 +104,10 @@ def probe(
     console.print(f"head written to {out}")
 
 
+@grouped("cfg", probe_options)
 def evaluate(
     models: Annotated[list[str], typer.Argument(help=f"Models to compare, torch model specs or composition: {SPECS}")],
-    data: DataOpt,
-    task: TaskOpt,
-    test: TestOpt = None,
-    split: SplitOpt = P.split,
-    pooling: PoolingOpt = P.pooling,
-    mlp: MlpOpt = False,
-    min_per_class: MinOpt = P.min_per_class,
-    test_fraction: FractionOpt = P.test_fraction,
-    seed: SeedOpt = P.seed,
-    max_tokens: MaxTokens = P.max_tokens,
-    device: Device = "auto",
-    labels: LabelsOpt = None,
-    valid: ValidOpt = None,
-    class_weights: WeightsOpt = P.class_weights,
-    level: LevelOpt = P.level,
-    label_field: FieldOpt = P.label_field,
-    label_regex: RegexOpt = None,
+    cfg: ProbeConfig,
     ppl_data: Annotated[Path | None, typer.Option(help="Held-out FASTA for the perplexity column (same for every model).")] = None,
     baselines: Annotated[
         bool, typer.Option(help="Add rows: random init of the first bundle's size, amino-acid composition, cached ESM-2 8M/35M.")
@@ -130,10 +117,7 @@ def evaluate(
     """Probe several models under one protocol: one table (markdown, CSV, JSON) plus t-SNE, confusion and perplexity plots."""
     from distill.recipes.evaluate import evaluate_models, markdown_table
 
-    out = out or Path("runs") / f"eval-{task}"
-    cfg = probe_config(task, data, test, valid, mlp, labels, device, split=split, pooling=pooling, min_per_class=min_per_class,
-                       test_fraction=test_fraction, seed=seed, max_tokens=max_tokens, class_weights=class_weights, level=level,
-                       label_field=label_field, label_regex=label_regex)  # fmt: skip
+    out = out or Path("runs") / f"eval-{cfg.task}"
     rows = evaluate_models(models, cfg, out, console, ppl_data, baselines)
     print((out / "results.md").read_text().split("\n\n")[0])
     print()

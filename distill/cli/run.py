@@ -12,14 +12,14 @@ from typing import Annotated
 
 import typer
 
-from distill.cli.options import SPECS, GpusPerWorker, MaxTokens, RayAddress, Shard, Threads, Workers, console, task_list
+from distill.cli.options import SPECS, MaxTokens, ScaleOut, console, grouped, scale_out, task_list
 from distill.core.config import INFERENCE_MAX_TOKENS, SERVE
 from distill.recipes.annotate import LONG_POLICIES, Options
-from distill.recipes.scale import parse_shard, ray_options
 
 O = Options()  # the defaults  # noqa: E741
 
 
+@grouped("scale", scale_out)
 def annotate(
     input: Annotated[Path, typer.Argument(help="FASTA to annotate (.gz works); streamed, any size.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output TSV: one row per input record.")],
@@ -52,11 +52,8 @@ def annotate(
     ] = None,
     reference_k: Annotated[int, typer.Option(help="Reference neighbours per record (id, label, cosine similarity).")] = O.reference_k,
     api_key: Annotated[str, typer.Option(envvar="ESM_DISTILL_API_KEY", help="With --url: the service's API key.")] = "",
-    shard: Shard = None,
-    ray: RayAddress = None,
-    workers: Workers = 1,
-    threads: Threads = 0,
-    gpus_per_worker: GpusPerWorker = 0.0,
+    *,
+    scale: ScaleOut,
 ) -> None:
     """Annotate every record of a FASTA: TSV calls per task (+ embeddings), nothing dropped, resumable."""
     from distill.inference import resolve
@@ -65,10 +62,10 @@ def annotate(
     if (model is None) == (url is None):
         raise ValueError("give exactly one of --model (run locally) or --url (use a running service)")
     load = partial(resolve, url or model, heads, providers, max_tokens, api_key)
-    inference = load(threads=threads)
+    inference = load(threads=scale.threads)
     opts = Options(tasks=task_list(tasks), top_k=top_k, embeddings=embeddings, long_policy=long, resume=resume, chunk_records=chunk_records,
-                   quiet=quiet, min_probability=min_probability, reference=reference, reference_k=reference_k, shard=parse_shard(shard))  # fmt: skip
-    summary = run(input, inference, output, opts, console, ray_options(ray, workers, threads, gpus_per_worker), load)
+                   quiet=quiet, min_probability=min_probability, reference=reference, reference_k=reference_k, shard=scale.shard)  # fmt: skip
+    summary = run(input, inference, output, opts, console, scale.ray, load)
     rate = summary.records / summary.seconds if summary.seconds else 0.0
     console.print(
         f"{summary.records} records: {summary.ok} ok, {summary.errors} error -> {summary.output}"

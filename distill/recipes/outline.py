@@ -1,4 +1,4 @@
-"""The training outline that `fit` and `finetune` share, written once: AdamW with BERT's decay groups, linear
+"""The training outline that `fit`, `finetune` and `probe` share, written once: AdamW with BERT's decay groups, linear
 warm-up then cosine decay, and the optimizer step (clip, step, schedule, zero). Each recipe's loop reads top to
 bottom and calls these; the losses they mix are ``distill.core.losses``."""
 
@@ -36,11 +36,17 @@ def warmup_cosine(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.
     return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total))
 
 
-def optimizer_step(params: Iterable[torch.nn.Parameter], opt: torch.optim.Optimizer, sched, clip_norm: float) -> float:
-    """Clip the accumulated gradients to ``clip_norm``, step the optimizer and the schedule, clear the gradients;
-    returns the gradient norm before clipping."""
+def optimizer_step(
+    params: Iterable[torch.nn.Parameter],
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler | None,
+    clip_norm: float = math.inf,
+) -> float:
+    """Clip the accumulated gradients to ``clip_norm`` (``inf``: no clipping), step the optimizer and the schedule
+    (``None``: a constant rate), clear the gradients; returns the gradient norm before clipping."""
     grad_norm = torch.nn.utils.clip_grad_norm_(list(params), clip_norm).item()
     opt.step()
-    sched.step()
+    if sched is not None:
+        sched.step()
     opt.zero_grad(set_to_none=True)
     return grad_norm

@@ -27,6 +27,7 @@ from distill.core.calibration import calibrate
 from distill.core.config import CLASS_WEIGHTS, MIN_FOR_BALANCED
 from distill.core.heads import Head, ProbeHead
 from distill.core.labels import LabelledSet
+from distill.recipes.outline import adamw, optimizer_step
 
 SPLITS = ("random", "family-holdout")
 
@@ -138,16 +139,14 @@ def train_head(
     head.mean.copy_(xt[tr].mean(0))
     head.scale.copy_(1.0 / xt[tr].std(0).clamp_min(1e-6))
     weight = torch.from_numpy(len(y) / (classes * np.maximum(counts, 1))).float() if class_weights == "balanced" else None
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = adamw(head.parameters(), lr, weight_decay)  # the outline's decay groups; a constant rate, no clipping
     gen = torch.Generator().manual_seed(seed)
     best, best_loss, bad, epochs = copy.deepcopy(head.state_dict()), math.inf, 0, 0
     for epochs in range(1, max_epochs + 1):  # noqa: B007 (the count is reported)
         head.train()
         for b in torch.from_numpy(tr)[torch.randperm(len(tr), generator=gen)].split(batch_size):
-            loss = F.cross_entropy(head(xt[b]), yt[b], weight=weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            F.cross_entropy(head(xt[b]), yt[b], weight=weight).backward()
+            optimizer_step(head.parameters(), opt, None)
         head.eval()
         with torch.no_grad():
             val_loss = F.cross_entropy(head(xv), yv, weight=weight).item()
