@@ -12,6 +12,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# The suite runs on pytest-xdist workers (pyproject: -n auto). They share the cores, so each takes its share of
+# threads for itself and the processes its tests start: oversubscribed OpenMP threads spin and run many times slower.
+# Set before torch is first imported (esm_checkpoints below).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+
 from esm_checkpoints import write_tiny_esm1b, write_tiny_esm2  # noqa: E402
 
 # Embedding caches of the test session live in a fresh directory: never the user's, never a previous run's.
