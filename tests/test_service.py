@@ -70,13 +70,15 @@ SCAN = (24, 8)  # the species head's windows (tiny, so that the test sequences h
 CLIENT_TIMEOUT = 4  # seconds (--client-timeout); below uvicorn's 5-s keep-alive, so the idle case is ours to close
 
 
-def first_per_label(path: Path, out: Path, n: int = 8) -> Path:
-    """The first ``n`` records of each Pfam family or SCOPe superfamily: heads for the (slower) teacher, whose tests
-    compare its answers with its own in-process ones, not their quality."""
-    kept: dict[str, int] = {}
+def first_per_label(path: Path, task: str, out: Path, n: int = 8) -> Path:
+    """The first ``n`` records of each label of ``task`` (the product's label rule): heads for the (slower) teacher,
+    whose tests compare its answers with its own in-process ones, not their quality."""
+    from distill.core.labels import rule_of
+
+    rule, kept = rule_of(task), {}
     with open(out, "w") as f:
         for r in read_fasta(path):
-            key = ".".join(r.description.split()[0].split(".")[:3])
+            key = rule.parse(r.description.split()[0], str(path))[0]
             kept[key] = kept.get(key, 0) + 1
             if kept[key] <= n:
                 f.write(f">{r.id} {r.description}\n{r.sequence}\n")
@@ -100,7 +102,7 @@ def server(tmp_path_factory):
                 "probe",
                 str(TEACHER),
                 "--data",
-                str(first_per_label(EXAMPLES / data, root / f"teacher-{data}")),
+                str(first_per_label(EXAMPLES / data, task, root / f"teacher-{data}")),
                 "--task",
                 task,
                 "--min-per-class",

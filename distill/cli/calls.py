@@ -125,11 +125,11 @@ def index(
     """Embed labelled reference sequences into an index for annotation transfer (`annotate --reference`)."""
     from distill.recipes.index_build import index_command
 
-    part = scale.shard
     idx = index_command(model, list(data), task, output, append, labels, pooling, target_precision, max_tokens, device, console, align,
-                        scale.ray, part, scale.threads, kmer, background, max_evalue)  # fmt: skip
-    if part is not None:
-        console.print(f"{output}: part {part[0]}/{part[1]} of the index; join all parts with `distill merge PARTS... -o INDEX`")
+                        scale.ray, scale.shard, scale.threads, kmer, background, max_evalue)  # fmt: skip
+    if scale.shard is not None:
+        i, n = scale.shard
+        console.print(f"{output}: part {i}/{n} of the index; join all parts with `distill merge PARTS... -o INDEX`")
         return
     c = idx.card["calibration"]
     cut = f"E-value above {math.exp(-c['threshold']):.3g}" if idx.align else f"cosine below {c['threshold']:.4f}"
