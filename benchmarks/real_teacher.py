@@ -1,7 +1,7 @@
 """Distilling a real protein LM on this CPU: UniRep-1900 -> `small` students, each way, probed on real labels.
 
     python benchmarks/real_teacher.py OUT [--n 3000] [--seeds 0] [--epochs 10] [--batch-size 64] [--ways vanilla,logit,rep,both]
-                                          [--tasks scope,pfam] [--with-teacher] [--teacher unirep1900+int8] [--cache-only]
+                                          [--tasks scope,fold,pfam] [--with-teacher] [--teacher unirep1900+int8] [--cache-only]
 
 Stages, each skipped when its output exists (a killed run resumes where it stopped):
   1. data      OUT/train.fasta, OUT/valid.fasta: N (+ 200) proteins of at most 1,022 residues, drawn with seed 0 from
@@ -13,10 +13,11 @@ Stages, each skipped when its output exists (a killed run resumes where it stopp
                TEACHER unirep1900, or unirep1900+int8: 4.3x faster, see docs/benchmarks.md); --cache-only stops here
   3. students  OUT/students/WAY-sSEED: `distill fit --preset small` from the cache:
                vanilla (lam 0), logit (lam 0.5, T 2), rep (lam 0 + pooled representation KD, weight 1),
-               rep-centred (the same against the teacher's states less their mean), both
+               rep-centred (the same against the teacher's states less their mean), rep-mse (mean squared error,
+               weight 70), both
   4. probes    `distill evaluate` of each seed's students, random:small@SEED (and composition) on SCOPe 2.07
-               superfamilies (family-holdout: the test domains' families never occur in training) and on the 54 Pfam
-               families (random split), one table per seed: OUT/eval-TASK-sSEED-WAYS (results.md, .csv, .json, figures);
+               superfamilies (family-holdout: the test domains' families never occur in training), on SCOPe folds
+               (`fold`: superfamily-holdout, TAPE's remote-homology task) and on the 54 Pfam families (random split), one table per seed: OUT/eval-TASK-sSEED-WAYS (results.md, .csv, .json, figures);
                with --with-teacher UniRep-1900's own probe (OUT/eval-TASK-s0-unirep); then the summary over seeds
                (OUT/summary-TASK.json): accuracy per way, paired gains over random init and over MLM only
 Prints the two tables at the end.
@@ -41,6 +42,8 @@ WAYS = {
     "logit": ["--lam", "0.5", "--temperature", "2"],
     "rep": ["--lam", "0", "--rep-weight", "1", "--rep-level", "pooled"],
     "rep-centred": ["--lam", "0", "--rep-weight", "1", "--rep-level", "pooled", "--rep-centre"],
+    # UniRep's pooled states have mean square 0.014: weight 70 starts the MSE term near cosine's 1
+    "rep-mse": ["--lam", "0", "--rep-weight", "70", "--rep-level", "pooled", "--rep-loss", "mse"],
     "both": ["--lam", "0.5", "--temperature", "2", "--rep-weight", "1", "--rep-level", "pooled"],
 }
 
@@ -86,7 +89,7 @@ def main() -> None:
         "--batch-size", type=int, default=64, help="sequences per step (the preset's 512 leaves a few thousand sequences 6 steps an epoch)"
     )
     ap.add_argument("--ways", default=",".join(WAYS))
-    ap.add_argument("--tasks", default="scope,pfam", help="probe tasks, in this order")
+    ap.add_argument("--tasks", default="scope,fold,pfam", help="probe tables, in this order: scope, fold, pfam")
     ap.add_argument("--with-teacher", action="store_true", help="also probe UniRep-1900 itself under the same protocol")
     ap.add_argument("--teacher", default="unirep1900", help="the cache's teacher spec (unirep1900+int8: the int8 recurrence)")
     ap.add_argument("--cache-only", action="store_true", help="stop after the data and the cache (run the teacher now, train later)")
@@ -114,18 +117,22 @@ def main() -> None:
     if args.cache_only:
         return
     scope = str(SHARED / "scope" / "astral-scopedom-40-2.07.shared85.fa")
-    probes = {"scope": ["--data", scope, "--split", "family-holdout"], "pfam": ["--data", str(SHARED / "pfam_families")]}
+    probes = {  # table name -> the evaluate task and data (one SCOPe file, two remote-homology levels)
+        "scope": ["--task", "scope", "--data", scope, "--split", "family-holdout"],
+        "fold": ["--task", "scope", "--level", "fold", "--data", scope, "--split", "superfamily-holdout"],
+        "pfam": ["--task", "pfam", "--data", str(SHARED / "pfam_families")],
+    }
     for task in args.tasks.split(","):
         for seed in seeds:  # one table per seed and task: later seeds and ways add tables, never redo one
             models = [str(out / "students" / f"{w}-s{seed}" / "student") for w in ways] + [f"random:small@{seed}"]
             models += ["composition"] if seed == 0 else []
             table = out / f"eval-{task}-s{seed}-{'+'.join(ways)}"
             if not (table / "results.md").exists():
-                distill("evaluate", *models, "--task", task, *probes[task], "--no-baselines", "--out", str(table))
+                distill("evaluate", *models, *probes[task], "--no-baselines", "--out", str(table))
             print((table / "results.md").read_text())
         teacher_table = out / f"eval-{task}-s0-unirep"  # the teacher's own probe, once (~35 min of UniRep for SCOPe)
         if args.with_teacher and not (teacher_table / "results.md").exists():
-            distill("evaluate", "unirep1900", "--task", task, *probes[task], "--no-baselines", "--out", str(teacher_table))
+            distill("evaluate", "unirep1900", *probes[task], "--no-baselines", "--out", str(teacher_table))
         print(summary(out, task, seeds))
 
 

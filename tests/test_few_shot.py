@@ -8,14 +8,13 @@ from typer.testing import CliRunner
 
 from distill.cli.app import app
 from distill.core.bundle import save_bundle
-from distill.core.calibration import binomial_interval, calibrate, threshold_for_precision
+from distill.core.calibration import NEVER, binomial_interval, calibrate, fold_of, refusal, threshold_for_precision
 from distill.core.config import FinetuneConfig, ModelConfig
 from distill.core.fasta import read_fasta
 from distill.core.labels import LabelledSet
 from distill.core.model import build_student
-from distill.recipes.finetune_calibration import refusal
 from distill.recipes.finetune_data import Data
-from distill.recipes.finetune_folds import fold_of, out_of_fold
+from distill.recipes.finetune_folds import out_of_fold
 
 FAMILIES = ("PF00004", "PF00005", "PF00072")
 
@@ -46,7 +45,7 @@ def test_the_confidence_rule_asks_for_as_many_right_calls_as_the_bound_needs_by_
 def test_a_head_that_cannot_reach_the_target_says_by_how_much_and_what_would_help():
     logits = np.eye(3)[np.arange(30) % 3] * 5.0  # 30 right calls, confident
     c = calibrate(logits, np.arange(30) % 3, np.zeros((4, 3)), 0.99, fit=False, confidence=0.9)
-    assert not c["reached"] and c["precision_lower"] == pytest.approx(0.1 ** (1 / 30))
+    assert not c["reached"] and c["precision_lower"] == pytest.approx(0.1 ** (1 / 30)) and c["threshold"] == NEVER  # no calls
     message = refusal(c | {"pool": "out-of-fold (5 folds)"})
     assert "no threshold reaches precision 0.99 on 30 out-of-fold (5 folds) sequences + 4 negatives at 90% confidence" in message
     assert "best lower bound 0.926" in message and "needs 230 calls without an error" in message and "--confidence" in message

@@ -13,9 +13,10 @@ from distill.core.bundle import save_bundle
 from distill.core.config import ModelConfig
 from distill.core.data import sequence_digests
 from distill.core.heads import HeadError, ProbeHead, heads_of, load_head
-from distill.core.labels import LabelledSet, read_labelled
+from distill.core.labels import LabelledSet, LabelRule, read_labelled
 from distill.core.model import ESM
 from distill.inference import embeddings
+from distill.recipes import probe as probe_mod
 from distill.recipes.probe import classification_metrics, make_split, run_probe
 
 runner = CliRunner()
@@ -62,6 +63,75 @@ def test_family_holdout_tests_unseen_families_of_seen_superfamilies():
     assert 0.1 < len(split.test) / len(ds) < 0.5
     with pytest.raises(ValueError, match="needs family labels"):
         make_split(read_labelled(str(EXAMPLES / "pfam.fasta"), "pfam"), "family-holdout", seed=0)
+
+
+def test_superfamily_holdout_tests_unseen_superfamilies_of_seen_folds():
+    ds = read_labelled(str(EXAMPLES / "scope.fasta"), LabelRule("scope", level="fold"))
+    split = make_split(ds, "superfamily-holdout", seed=0, min_per_class=10)
+    superfamily = [".".join(g.split(".")[:3]) for g in ds.groups]
+    train_sf = {superfamily[i] for i in split.train}
+    test_sf = {superfamily[i] for i in split.test}
+    assert test_sf and not train_sf & test_sf
+    assert {ds.labels[i] for i in split.test} <= {ds.labels[i] for i in split.train}
+    assert all(label.count(".") == 1 for label in ds.labels)  # folds: a.1
+    with pytest.raises(ValueError, match="--level fold"):
+        make_split(read_labelled(str(EXAMPLES / "scope.fasta"), "scope"), "superfamily-holdout", seed=0)
+
+
+def test_probe_calibration_scores_every_example_and_negative_with_a_head_that_never_saw_it(monkeypatch):
+    """Row r's feature is r (negatives: 1000 + the row they were shuffled from); a stub head records what it trained
+    on and gives every row its true class a margin of 8, every negative a flat score."""
+    n, classes = 60, 3
+    y = np.arange(n) % classes
+    x = np.arange(n, dtype=np.float32)[:, None]
+    source = np.array([0, 7, 7, 33, 59])
+    negatives = (1000 + source).astype(np.float32)[:, None]
+    trained: list[set[int]] = []
+
+    def stub_train_head(xs, ys, k, *args, **kwargs):
+        seen = {int(v) for v in xs[:, 0]}
+        trained.append(seen)
+
+        def head(t):
+            rows = t[:, 0].long()
+            out = torch.zeros(len(rows), k)
+            for i, r in enumerate(rows.tolist()):
+                assert (r - 1000 if r >= 1000 else r) not in seen, f"row {r} scored by a head that trained on it"
+                if r < 1000:
+                    out[i, y[r]] = 8.0
+            return out
+
+        return head, {}
+
+    monkeypatch.setattr(probe_mod, "train_head", stub_train_head)
+    c = probe_mod.calibrate_out_of_fold(x, y, classes, negatives, source, target=0.95, confidence=0.9)
+    assert len(trained) == 5 and all(len(t) == 48 for t in trained)  # each head on 4 of 5 folds
+    assert set.union(*[set(range(n)) - t for t in trained]) == set(range(n))  # every row held out once
+    assert c["pool"] == "out-of-fold (5 folds)" and c["n_valid"] == 60 and c["n_negatives"] == 5
+    # all 60 right and above every negative: the bound of 60 right of 60 at 90% is 0.1 ** (1 / 60) = 0.9624 >= 0.95
+    assert c["reached"] and c["coverage"] == 1.0 and c["precision_lower"] == pytest.approx(0.1 ** (1 / 60), abs=1e-6)
+    c99 = probe_mod.calibrate_out_of_fold(x, y, classes, negatives, source, target=0.99, confidence=0.9)
+    assert not c99["reached"] and c99["threshold"] > 1  # no calls: 60 calls cannot show 0.99 at 90% confidence (that takes 230)
+
+
+def test_outlier_exposure_teaches_a_probe_to_doubt_what_only_looks_like_a_class():
+    """Negatives share class 0's first feature (a shuffled member keeps its family's composition) and differ in the
+    second; without them the head ignores the second feature and calls them class 0."""
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 100)
+    x = np.c_[np.where(y == 0, 2.0, -2.0), np.zeros(200)] + rng.normal(0, 0.3, (200, 2))
+    negatives = np.c_[np.full(100, 2.0), np.full(100, 3.0)] + rng.normal(0, 0.3, (100, 2))
+
+    def confidence(head, features):
+        with torch.no_grad():
+            return torch.softmax(head(torch.from_numpy(features.astype(np.float32))), -1).max(-1).values.numpy()
+
+    plain, _ = probe_mod.train_head(x, y, 2, seed=0)
+    exposed, _ = probe_mod.train_head(x, y, 2, seed=0, negatives=negatives)
+    assert confidence(plain, negatives).mean() > 0.9 and confidence(exposed, negatives).mean() < 0.7  # 0.95 -> 0.62
+    with torch.no_grad():
+        assert (exposed(torch.from_numpy(x.astype(np.float32))).argmax(-1).numpy() == y).mean() == 1.0
+    assert confidence(exposed, x).mean() > 0.97 * confidence(plain, x).mean()  # members keep their confidence
 
 
 def test_embedding_cache_pooling_and_composition(monkeypatch):
@@ -112,9 +182,12 @@ def test_cli_probe_writes_head_export_carries_it_and_onnx_matches_torch(bundle, 
     assert "test sequences" in res.output and "MLM training data" in res.output  # the overlap warning
     head = heads_of(bundle, 32)["pfam"]
     assert len(head.labels) == 54 and head.card["metrics"]["n_test"] == 162 and head.pooling == "mean"
-    c = head.card["calibration"]  # calibrated on the head's validation part + 648 shuffled training sequences
-    assert c["n_negatives"] == 648 and c["n_valid"] > 0 and head.module.temperature.item() == pytest.approx(c["temperature"])
+    c = head.card["calibration"]  # every training sequence scored out of fold, + 648 shuffled ones
+    assert c["n_negatives"] == 648 and c["n_valid"] == 648 and c["pool"] == "out-of-fold (5 folds)" and c["confidence"] == 0.9
+    assert head.module.temperature.item() == pytest.approx(c["temperature"])
     assert "calibration: temperature" in res.output and "no-call below" in res.output
+    # a random 32-dim model: shuffles score like members, so no threshold is believed and the head says why
+    assert not c["reached"] and c["threshold"] > 1 and "so every call of this head is a no-call" in res.output
 
     onnx_path = tmp_path / "s.onnx"
     res = runner.invoke(app, ["export", "onnx", str(bundle), "-o", str(onnx_path), "--heads"])

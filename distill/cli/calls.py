@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from distill.cli.options import SPECS, Device, MaxTokens, ScaleOut, console, grouped, scale_out
+from distill.cli.options import SPECS, Confidence, Device, MaxTokens, ScaleOut, TargetPrecision, console, grouped, scale_out
 from distill.core.config import CLASS_WEIGHTS, DEFAULT_MAX_EVALUE, DEFAULT_TARGET_PRECISION, FinetuneConfig
 
 D = FinetuneConfig(model="", data=[], task="", out="")  # the defaults
@@ -26,8 +26,6 @@ NegativeRate = Annotated[float, typer.Option(help="Residue-shuffled copies per s
 Background = Annotated[Path | None, typer.Option(help="A whole proteome of mostly non-members (FASTA): real negatives in training, per-label thresholds from its held-out half, and a head that scans whole proteins for domains (docs/calls.md). Needs pyopal.")]  # fmt: skip
 BackgroundRate = Annotated[float, typer.Option(help="With --background: crops of its proteins per step (share of the step), trained towards 'none of these'.")]  # fmt: skip
 ContextRate = Annotated[float, typer.Option(help="With --background: share of training pieces put in a scan window between real flanks.")]  # fmt: skip
-TargetPrecision = Annotated[float, typer.Option(help="The no-call threshold is set for this precision on validation + negatives.")]  # fmt: skip
-Confidence = Annotated[float, typer.Option(help="The threshold's precision must hold as a one-sided Clopper-Pearson lower bound at this level (0: point).")]  # fmt: skip
 LpFt = Annotated[bool, typer.Option(help="Start from the linear probe's head (LP-FT). Either way a fine-tune that never beats the probe on validation keeps it.")]  # fmt: skip
 Folds = Annotated[int | None, typer.Option(help="Calibrate on K-fold out-of-fold scores (the recipe K more times); 0: on the validation part. [default: 5 up to 2,000 labelled sequences, else 0]")]  # fmt: skip
 

@@ -79,6 +79,8 @@ def not_an_option(value: str | None) -> str | None:
 
 
 # Declared once for every command that runs a model (fit's own take None: its values may come from a config file).
+TargetPrecision = Annotated[float, typer.Option(help="The no-call threshold is set for this precision on held-out scores + negatives.")]  # fmt: skip
+Confidence = Annotated[float, typer.Option(help="The threshold's precision must hold as a one-sided Clopper-Pearson lower bound at this level (0: point).")]  # fmt: skip
 MaxTokens = Annotated[int, typer.Option(help="Token budget of one forward pass (residues + 2 per sequence); lower it to use less memory.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda; bf16 autocast on CUDA.")]
 

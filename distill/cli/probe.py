@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from distill.cli.options import SPECS, Device, MaxTokens, console, grouped
-from distill.core.config import ProbeConfig
+from distill.cli.options import SPECS, Confidence, Device, MaxTokens, TargetPrecision, console, grouped
+from distill.core.config import DEFAULT_CONFIDENCE, DEFAULT_TARGET_PRECISION, ProbeConfig
 
 P = ProbeConfig(task="", data=[])  # the defaults
 MLP_HIDDEN = 256
@@ -33,11 +33,16 @@ ValidOpt = Annotated[
     list[str] | None, typer.Option("--valid", help="Labelled files for early stopping; default: 10% of the training part.")
 ]
 TestOpt = Annotated[list[str] | None, typer.Option("--test", help="Separate labelled test files; default: split --data.")]
-SplitOpt = Annotated[str, typer.Option(help="random (stratified) or family-holdout (SCOPe remote homology).")]
+SplitOpt = Annotated[
+    str,
+    typer.Option(
+        help="random (stratified), family-holdout (SCOPe superfamilies of unseen families) or superfamily-holdout (folds of unseen superfamilies: --level fold)."
+    ),
+]
 PoolingOpt = Annotated[str, typer.Option(help="Sequence embedding: mean over residues, or the cls token.")]
 MlpOpt = Annotated[bool, typer.Option("--mlp", help=f"One hidden layer ({MLP_HIDDEN}, GELU) instead of softmax regression.")]
 MinOpt = Annotated[int, typer.Option(help="Labels with fewer examples are dropped (and counted).")]
-FractionOpt = Annotated[float, typer.Option(help="Test fraction of the random / family-holdout split.")]
+FractionOpt = Annotated[float, typer.Option(help="Test fraction of the random or held-out split.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of split and head training.")]
 LabelsOpt = Annotated[Path | None, typer.Option(help="id<TAB>label file labelling plain-FASTA --data/--test by record id.")]
 
@@ -78,9 +83,11 @@ def probe(
     model: Annotated[str, typer.Argument(help=f"A torch model spec or composition: {SPECS}")],
     cfg: ProbeConfig,
     out: Annotated[Path | None, typer.Option(help="Head directory. [default: MODEL/heads/TASK for a bundle]")] = None,
+    target_precision: TargetPrecision = DEFAULT_TARGET_PRECISION,
+    confidence: Confidence = DEFAULT_CONFIDENCE,
 ) -> None:
     """Train a Pfam or SCOPe classification head on frozen embeddings and store it with the model."""
-    from distill.core.calibration import describe
+    from distill.core.calibration import describe, refusal
     from distill.core.spec import is_bundle
     from distill.inference.embeddings import featurizer
     from distill.recipes.evaluate import markdown_table, prepare, probe_one
@@ -89,9 +96,11 @@ def probe(
         if not is_bundle(Path(model)):
             raise ValueError(f"{model} is not a student bundle, so there is nowhere default to put the head: pass --out DIR")
         out = Path(model) / "heads" / cfg.task
+    if not (0 < target_precision <= 1 and 0 <= confidence < 1):
+        raise ValueError(f"--target-precision must be in (0, 1] and --confidence in [0, 1), got {target_precision} and {confidence}")
     prepared = prepare(cfg, console)
     feat = featurizer(model)
-    result, _ = probe_one(feat, cfg, prepared, console, calibrate=True)
+    result, _ = probe_one(feat, cfg, prepared, console, calibrate=(target_precision, confidence))
     result.head.save(out)
     m = result.metrics
     for note in result.notes:
@@ -101,6 +110,8 @@ def probe(
     print()
     print(markdown_table([{"model": feat.name, "parameters": feat.parameters, **m, "perplexity": None}]))
     console.print(describe(result.head.card["calibration"]))
+    if not result.head.card["calibration"]["reached"]:
+        console.print(f"[yellow]warning:[/] {refusal(result.head.card['calibration'])}")
     console.print(f"head written to {out}")
 
 

@@ -22,12 +22,14 @@ The same threshold search serves the reference index, on cosine similarities ins
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 from scipy.stats import beta
+from sklearn.model_selection import StratifiedKFold
 
 from distill.core.config import DEFAULT_TARGET_PRECISION
 
@@ -37,6 +39,21 @@ T_MIN, T_MAX = 0.5, 20.0  # the temperature's range (see 1. above)
 
 class CalibrationError(ValueError):
     """Calibration data that cannot support a threshold (e.g. no validation examples, no negatives)."""
+
+
+NEVER = 1.0 + 1e-6  # a probability threshold nothing reaches: a head whose target is out of reach calls nothing
+AUTO_FOLDS = 5  # out-of-fold calibration's folds (fine-tuned heads on small sets, every probe head)
+
+
+def fold_of(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Each example's fold (stratified; a class with fewer members than folds sits in fewer folds)."""
+    out = np.zeros(len(y), dtype=np.int64)
+    min_class = int(np.bincount(y).min())
+    split = StratifiedKFold(folds, shuffle=True, random_state=seed) if min_class >= folds else None
+    chunks = split.split(np.zeros(len(y)), y) if split else np.array_split(np.random.default_rng([seed, 31]).permutation(len(y)), folds)
+    for k, held in enumerate(part[-1] if split else part for part in chunks):
+        out[held] = k
+    return out
 
 
 def shuffled(sequences: list[str], seed: int) -> list[str]:
@@ -160,7 +177,9 @@ def calibrate(
               "coverage_interval": binomial_interval(right, len(y))} if confidence > 0 else {}  # fmt: skip
     return {
         "temperature": temperature,
-        "threshold": th.threshold,
+        # Unreached: no calls at all. Just above the pool's best score would still let a final head, surer than the
+        # pool's fold heads or validation part, call new sequences at a precision no one measured.
+        "threshold": th.threshold if th.reached else NEVER,
         "target_precision": target,
         "precision": th.precision,
         "coverage": th.coverage,
@@ -188,3 +207,19 @@ def describe(c: dict) -> str:
     return (f"calibration: temperature {c['temperature']:.3f}, ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}; no-call below "
             f"p = {c['threshold']:.4f} for precision >= {c['target_precision']}{bound} (coverage {c['coverage']:.3f}{interval} of "
             f"{c['n_valid']} {c.get('pool', 'validation')} sequences)")  # fmt: skip
+
+
+def refusal(c: dict) -> str:
+    """Why a head makes no calls, by how much it missed, and what would help."""
+    target, confidence = c["target_precision"], c.get("confidence", 0.0)
+    message = (
+        f"no threshold reaches precision {target} on {c['n_valid']} {c.get('pool', 'validation')} sequences + {c['n_negatives']} negatives"
+    )
+    if confidence > 0:
+        needed = math.ceil(math.log(1 - confidence) / math.log(target)) if target < 1 else math.inf
+        message += (f" at {confidence:.0%} confidence (best lower bound {c['precision_lower']:.3f}; the bound needs {needed} calls "
+                    f"without an error)")  # fmt: skip
+    return (
+        message + ", so every call of this head is a no-call; add training sequences, start from a pretrained encoder, "
+        "train longer, or lower --target-precision" + (" or --confidence" if confidence > 0 else "")
+    )

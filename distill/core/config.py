@@ -19,6 +19,9 @@ DEFAULT_TEACHER = "esm1b_t33_650M_UR50S"
 TRAIN_MAX_TOKENS = 8192  # tokens (incl. padding) per forward pass when training
 INFERENCE_MAX_TOKENS = 2 * TRAIN_MAX_TOKENS  # inference keeps no activations for a backward pass: twice training's budget
 DEFAULT_TARGET_PRECISION = 0.99  # no-call thresholds are set for this precision on validation + negatives
+DEFAULT_CONFIDENCE = 0.9  # ... as a one-sided Clopper-Pearson lower bound at this level (few calls cannot pass by luck)
+NEGATIVE_RATE, NEGATIVE_WEIGHT = 0.25, 0.5  # outlier exposure: shuffled copies per step (share), their loss's weight
+PROBE_NEGATIVES = 1000  # residue-shuffled training sequences a probe head trains (outlier exposure) and calibrates on
 DEFAULT_MAX_EVALUE = 0.01  # an aligning index calls nothing weaker (HMMER's inclusion E-value): docs/calls.md
 POOLINGS = ("mean", "cls")
 SCAN_WINDOW, SCAN_STRIDE = 96, 32  # a proteome head's windows (distill.inference.scan; Pfam domains: median 84 residues)
@@ -238,8 +241,8 @@ class FinetuneConfig:
     class_weights: str = "auto"  # auto: balanced when every class has MIN_FOR_BALANCED training examples, else none
     min_per_class: int = 2  # classes with fewer training sequences leave the label set (they become negatives)
     patience: int = 3  # epochs without a better validation macro-F1 before stopping
-    negative_rate: float = 0.25  # residue-shuffled copies added per step, as a share of the step (0: none)
-    negative_weight: float = 0.5  # weight of their loss towards the uniform distribution
+    negative_rate: float = NEGATIVE_RATE  # residue-shuffled copies added per step, as a share of the step (0: none)
+    negative_weight: float = NEGATIVE_WEIGHT  # weight of their loss towards the uniform distribution
     background: str | None = None  # a whole proteome of mostly non-members: negatives + per-label thresholds, a scanning head
     background_rate: float = 0.25  # background crops added per step as negatives, as a share of the step
     context_rate: float = 0.5  # with a background: share of training pieces cut or padded to a scan window (real flanks)
@@ -247,7 +250,7 @@ class FinetuneConfig:
     lam: float = 0.5
     temperature: float = 2.0
     target_precision: float = DEFAULT_TARGET_PRECISION
-    confidence: float = 0.9  # the threshold's precision is a one-sided Clopper-Pearson lower bound at this level (0: point)
+    confidence: float = DEFAULT_CONFIDENCE  # the threshold's precision is a lower bound at this level (0: point)
     lp_ft: bool = False  # LP-FT: start from the probe's head (the probe is always the baseline a fine-tune must beat)
     folds: int | None = None  # k-fold calibration; None: auto (5 up to 2,000 labelled sequences), 0: the validation part
     seed: int = 0
@@ -323,12 +326,9 @@ class ProbeConfig:
         }
 
     def describe(self, n_classes: int, n_train: int, n_test: int, weights: str = "balanced") -> str:
-        split = {
-            "random": f"stratified random split {1 - self.test_fraction:.0%}/{self.test_fraction:.0%}",
-            "family-holdout": "family-holdout split (test families absent from training, superfamilies seen)",
-        }[self.split]
-        if self.test:
-            split = f"given test set {', '.join(self.test)}"
+        held = {"family-holdout": ("families", "superfamilies"), "superfamily-holdout": ("superfamilies", "folds")}.get(self.split)
+        split = (f"given test set {', '.join(self.test)}" if self.test else f"{self.split} split (test {held[0]} absent from training, "
+                 f"{held[1]} seen)" if held else f"stratified random split {1 - self.test_fraction:.0%}/{self.test_fraction:.0%}")  # fmt: skip
         probe = f"MLP probe ({self.hidden} hidden)" if self.hidden else "linear probe (softmax regression)"
         return (f"Protocol: frozen-embedding {probe} on standardised {self.pooling}-pooled embeddings, cross-entropy with {weights} class weights, "
                 f"early stopping on {'the --valid files' if self.valid else '10% of the training part'}; {split}, seed {self.seed}; labels with fewer "

@@ -10,7 +10,7 @@ Tasks: any name (letters, digits, _; it becomes the ``<task>_probabilities`` ONN
 TSV columns). Labels are kept as written, except for two presets that know their formats:
   pfam    a Pfam accession: ``PF00041`` or ``PF00041.20`` -> ``PF00041``
   scope   a SCOPe sccs ``a.1.1.1`` cut at ``level``: class ``a``, fold ``a.1``, superfamily ``a.1.1`` (default) or
-          family ``a.1.1.1``; the family is kept as the group for family-holdout splits
+          family ``a.1.1.1``; the full sccs is kept as the group for family- and superfamily-holdout splits
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from rich.markup import escape
 from distill.core import data, tokens
 from distill.core.bundle import training_digests
 from distill.core.calibration import shuffled
-from distill.core.config import ProbeConfig
+from distill.core.config import DEFAULT_CONFIDENCE, DEFAULT_TARGET_PRECISION, PROBE_NEGATIVES, ProbeConfig
 from distill.core.io import atomic_write_json, atomic_write_text
 from distill.core.labels import LabelledSet, read_labelled
 from distill.inference.embeddings import Featurizer, featurizer, n_cropped
@@ -79,12 +79,15 @@ def overlap_warning(feat: Featurizer, prepared: Prepared) -> str | None:
     return f"{n} of {len(test)} test sequences ({n / len(test):.1%}) occur in {feat.name}'s MLM training data"
 
 
-NEGATIVES = 1000  # residue-shuffled training sequences that calibrate a stored head's no-call
-
-
 def probe_one(
-    feat: Featurizer, cfg: ProbeConfig, prepared: Prepared, console: Console, quiet: bool = False, calibrate: bool = False
+    feat: Featurizer,
+    cfg: ProbeConfig,
+    prepared: Prepared,
+    console: Console,
+    quiet: bool = False,
+    calibrate: tuple[float, float] | None = None,
 ) -> tuple[ProbeResult, np.ndarray]:
+    """One model's probe; ``calibrate`` (target precision, confidence) trains and calibrates a head to store."""
     warning = overlap_warning(feat, prepared)
     if warning:
         console.print(f"[yellow]warning:[/] {warning}")
@@ -93,7 +96,7 @@ def probe_one(
     protocol = cfg.protocol() | {"model": feat.name, "model_fingerprint": feat.fingerprint}
     neg = None
     if calibrate:
-        train = prepared.split.train[np.random.default_rng([cfg.seed, 13]).permutation(len(prepared.split.train))[:NEGATIVES]]
+        train = prepared.split.train[np.random.default_rng([cfg.seed, 13]).permutation(len(prepared.split.train))[:PROBE_NEGATIVES]]
         neg = feat.features(
             shuffled([prepared.ds.sequences[i] for i in sorted(train)], cfg.seed), cfg.pooling, cfg.max_tokens, cfg.device, quiet=quiet
         )
@@ -101,7 +104,8 @@ def probe_one(
     if prepared.valid_ds is not None:
         valid = (feat.features(prepared.valid_ds.sequences, cfg.pooling, cfg.max_tokens, cfg.device, quiet=quiet), prepared.valid_ds)
     result = run_probe(x, prepared.ds, cfg.task, prepared.split, protocol, cfg.hidden, cfg.seed, tx, prepared.test_ds, neg,
-                       class_weights=cfg.class_weights, valid=valid)  # fmt: skip
+                       class_weights=cfg.class_weights, valid=valid, negative_index=np.sort(train) if calibrate else None,
+                       calibration=calibrate or (DEFAULT_TARGET_PRECISION, DEFAULT_CONFIDENCE))  # fmt: skip
     result.head.card |= {"pooling": cfg.pooling, "model_fingerprint": feat.fingerprint}
     if warning:
         result.notes.append(warning)

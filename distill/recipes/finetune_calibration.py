@@ -19,7 +19,6 @@ the same way. Two things come of that, as for a reference index with a backgroun
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -27,13 +26,12 @@ import numpy as np
 from rich.console import Console
 from rich.markup import escape
 
-from distill.core.calibration import calibrate, describe, shuffled, softmax
+from distill.core.calibration import NEVER, calibrate, describe, refusal, shuffled, softmax
 from distill.core.config import SCAN_STRIDE, SCAN_WINDOW, FinetuneConfig
 from distill.inference.scan import per_sequence, windows
 from distill.recipes.finetune_data import Data
 
 MARGIN = float(np.log(10.0))  # a raised threshold: ten times the best non-member's odds
-NEVER = 1.0 + 1e-6  # a threshold no probability reaches
 
 
 def _raised(p_best: float) -> float:
@@ -97,19 +95,3 @@ def report(calibration: dict, cfg: FinetuneConfig, counters: dict, console: Cons
                       + (f", {len(b['uncallable'])} never called ({', '.join(b['uncallable'][:5])})" if b["uncallable"] else ""))  # fmt: skip
     if not calibration["reached"]:
         console.print(f"[yellow]warning:[/] {refusal(calibration)}")
-
-
-def refusal(c: dict) -> str:
-    """Why a head makes no calls, by how much it missed, and what would help."""
-    target, confidence = c["target_precision"], c.get("confidence", 0.0)
-    message = (
-        f"no threshold reaches precision {target} on {c['n_valid']} {c.get('pool', 'validation')} sequences + {c['n_negatives']} negatives"
-    )
-    if confidence > 0:
-        needed = math.ceil(math.log(1 - confidence) / math.log(target)) if target < 1 else math.inf
-        message += (f" at {confidence:.0%} confidence (best lower bound {c['precision_lower']:.3f}; the bound needs {needed} calls "
-                    f"without an error)")  # fmt: skip
-    return (
-        message + ", so every call of this head is a no-call; add training sequences, train longer, or lower "
-        "--target-precision" + (" or --confidence" if confidence > 0 else "")
-    )

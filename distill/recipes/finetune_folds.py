@@ -20,14 +20,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
 
-from distill.core.calibration import shuffled
+from distill.core.calibration import AUTO_FOLDS, fold_of, shuffled
 from distill.core.config import FinetuneConfig
 from distill.core.labels import LabelledSet
 from distill.recipes.finetune_data import Data, stratified_valid
 
-AUTO_FOLDS, AUTO_MAX_SEQUENCES = 5, 2000  # auto: 5 folds up to this many labelled sequences, the validation part above
+AUTO_MAX_SEQUENCES = 2000  # auto: AUTO_FOLDS folds up to this many labelled sequences, the validation part above
 
 # (config, data) -> a function scoring sequences with the run's best model, or None when the run was stopped
 TrainFold = Callable[[FinetuneConfig, Data], Callable[[list[str]], np.ndarray] | None]
@@ -45,17 +44,6 @@ def joined(d: Data) -> tuple[LabelledSet, np.ndarray]:
     parts = (d.train, d.valid)
     ds = LabelledSet(*([x for part in parts for x in getattr(part, f)] for f in ("ids", "sequences", "labels", "groups", "sources")))
     return ds, np.r_[d.y_train, d.y_valid]
-
-
-def fold_of(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Each example's fold (stratified; a class with fewer members than folds sits in fewer folds)."""
-    out = np.zeros(len(y), dtype=np.int64)
-    min_class = int(np.bincount(y).min())
-    split = StratifiedKFold(folds, shuffle=True, random_state=seed) if min_class >= folds else None
-    chunks = split.split(np.zeros(len(y)), y) if split else np.array_split(np.random.default_rng([seed, 31]).permutation(len(y)), folds)
-    for k, held in enumerate(part[-1] if split else part for part in chunks):
-        out[held] = k
-    return out
 
 
 def fold_data(d: Data, ds: LabelledSet, y: np.ndarray, train_idx: np.ndarray, cfg: FinetuneConfig) -> Data:
