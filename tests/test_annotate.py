@@ -82,6 +82,17 @@ def test_every_record_gets_a_row_in_input_order_with_errors_and_long_policy(bund
     assert "cropped: leading 1022 of 1620 residues" in crop.read_text()
 
 
+def test_a_single_head_folder_is_named_by_its_task_not_its_folder(bundle, tmp_path):
+    import shutil
+
+    b, _ = bundle
+    head = shutil.copytree(b / "heads" / "pfam", tmp_path / "my-probe")  # as `distill probe MODEL --out my-probe` writes it
+    fasta = write_input(tmp_path / "in.fa", REAL[:3])
+    res = runner.invoke(app, ["annotate", str(fasta), "--model", str(b), "--head-dir", str(head), "-o", str(tmp_path / "o.tsv"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "o.tsv").read_text().splitlines()[0].split("\t")[2] == "pfam_label_1"
+
+
 def test_onnx_and_torch_backends_agree_and_embeddings_files_are_standard(bundle, tmp_path):
     import h5py
     import pyarrow.parquet as pq

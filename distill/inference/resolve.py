@@ -54,8 +54,9 @@ def torch_backend(spec: str, heads: str | None = None, device: str = "auto"):  #
         hp = Path(heads)
         if not hp.is_dir():
             raise FileNotFoundError(f"head directory {hp} does not exist")
-        if (hp / "labels.json").is_file():  # one head
-            found = {hp.name: load_head(hp, dim)}
+        if (hp / "labels.json").is_file():  # one head, named by its task (its folder may be called anything)
+            head = load_head(hp, dim)
+            found = {head.task: head}
         else:  # a directory of <task>/ heads, as `distill probe --out` writes them
             found = heads_in(hp, dim)
     elif enc.spec.kind in ("bundle", "hf-dir"):
