@@ -14,7 +14,7 @@ Stages, each skipped when its output exists (a killed run resumes where it stopp
   3. students  OUT/students/WAY-sSEED: `distill fit --preset small` from the cache:
                vanilla (lam 0), logit (lam 0.5, T 2), rep (lam 0 + pooled representation KD, weight 1),
                rep-centred (the same against the teacher's states less their mean), rep-mse (mean squared error,
-               weight 70), both
+               weight 70), rep-res (per-residue states, cosine; a live teacher, not the cache), both
   4. probes    `distill evaluate` of each seed's students, random:small@SEED (and composition) on SCOPe 2.07
                superfamilies (family-holdout: the test domains' families never occur in training), on SCOPe folds
                (`fold`: superfamily-holdout, TAPE's remote-homology task) and on the 54 Pfam families (random split), one table per seed: OUT/eval-TASK-sSEED-WAYS (results.md, .csv, .json, figures);
@@ -44,6 +44,8 @@ WAYS = {
     "rep-centred": ["--lam", "0", "--rep-weight", "1", "--rep-level", "pooled", "--rep-centre"],
     # UniRep's pooled states have mean square 0.014: weight 70 starts the MSE term near cosine's 1
     "rep-mse": ["--lam", "0", "--rep-weight", "70", "--rep-level", "pooled", "--rep-loss", "mse"],
+    # per-residue states: the cache keeps pooled ones only, so the teacher runs live (use --teacher unirep1900+int8)
+    "rep-res": ["--lam", "0", "--rep-weight", "1", "--rep-level", "residue"],
     "both": ["--lam", "0.5", "--temperature", "2", "--rep-weight", "1", "--rep-level", "pooled"],
 }
 
@@ -111,7 +113,7 @@ def main() -> None:
             if (run / "student").exists() and not (run / "checkpoint.json").exists():
                 continue
             resume = ["--resume", str(run)] if (run / "checkpoint.json").exists() else ["--out", str(run)]
-            cached = [] if way == "vanilla" else ["--teacher-cache", str(seed_cache)]
+            cached = [] if way == "vanilla" else ["--teacher", args.teacher] if way == "rep-res" else ["--teacher-cache", str(seed_cache)]
             distill("fit", str(out / "train.fasta"), "--valid", str(out / "valid.fasta"), "--preset", "small", "--epochs",
                     str(args.epochs), "--batch-size", str(args.batch_size), "--seed", str(seed), *cached, *WAYS[way], *resume, "--quiet")  # fmt: skip
     if args.cache_only:
