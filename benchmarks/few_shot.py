@@ -124,8 +124,7 @@ def score(probabilities: np.ndarray, labels: list[str], threshold: float, truth:
 def run_probe(model: str, train: Path, test: Path, task: str) -> dict:
     """``distill probe``'s head and calibration, in process: the product's ``run_probe`` on the training file (no split),
     calibrated out of fold with residue-shuffled copies of up to 1,000 training sequences as ``distill probe`` does."""
-    from distill.core.calibration import shuffled
-    from distill.core.config import PROBE_NEGATIVES
+    from distill.core.calibration import probe_negatives, shuffled
     from distill.core.labels import LabelledSet
     from distill.inference.embeddings import featurizer
     from distill.recipes.probe import Split
@@ -135,7 +134,7 @@ def run_probe(model: str, train: Path, test: Path, task: str) -> dict:
     as_set = lambda rs: LabelledSet(*([r[k] for r in rs] for k in (0, 1, 2, 2)))  # noqa: E731
     feat = featurizer(model)
     x, test_x = feat.features([r[1] for r in tr]), feat.features([r[1] for r in te])
-    pick = np.sort(np.random.default_rng([0, 13]).permutation(len(tr))[:PROBE_NEGATIVES])
+    pick = probe_negatives(len(tr), 0)
     neg = feat.features(shuffled([tr[i][1] for i in pick], 0))
     split = Split(np.arange(len(tr)), np.array([], dtype=np.int64))
     result = product_probe(x, as_set(tr), task, split, {}, test_features=test_x, test_ds=as_set(te), negative_features=neg,

@@ -31,7 +31,7 @@ from scipy.special import logsumexp
 from scipy.stats import beta
 from sklearn.model_selection import StratifiedKFold
 
-from distill.core.config import DEFAULT_TARGET_PRECISION
+from distill.core.config import DEFAULT_TARGET_PRECISION, PROBE_NEGATIVES
 
 ECE_BINS = 15
 T_MIN, T_MAX = 0.5, 20.0  # the temperature's range (see 1. above)
@@ -54,6 +54,12 @@ def fold_of(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
     for k, held in enumerate(part[-1] if split else part for part in chunks):
         out[held] = k
     return out
+
+
+def probe_negatives(n: int, seed: int) -> np.ndarray:
+    """Which of ``n`` training sequences (sorted indices, at most ``PROBE_NEGATIVES``, keyed by ``seed``) a probe head
+    shuffles into its negatives: `distill probe`, the fine-tune's probe baseline and the benchmarks take the same ones."""
+    return np.sort(np.random.default_rng([seed, 13]).permutation(n)[:PROBE_NEGATIVES])
 
 
 def shuffled(sequences: list[str], seed: int) -> list[str]:

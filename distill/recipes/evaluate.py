@@ -19,8 +19,8 @@ from rich.markup import escape
 
 from distill.core import data, tokens
 from distill.core.bundle import training_digests
-from distill.core.calibration import shuffled
-from distill.core.config import DEFAULT_CONFIDENCE, DEFAULT_TARGET_PRECISION, PROBE_NEGATIVES, ProbeConfig
+from distill.core.calibration import probe_negatives, shuffled
+from distill.core.config import ProbeConfig
 from distill.core.io import atomic_write_json, atomic_write_text
 from distill.core.labels import LabelledSet, read_labelled
 from distill.inference.embeddings import Featurizer, featurizer, n_cropped
@@ -96,16 +96,16 @@ def probe_one(
     protocol = cfg.protocol() | {"model": feat.name, "model_fingerprint": feat.fingerprint}
     neg = None
     if calibrate:
-        train = prepared.split.train[np.random.default_rng([cfg.seed, 13]).permutation(len(prepared.split.train))[:PROBE_NEGATIVES]]
+        train = np.sort(prepared.split.train[probe_negatives(len(prepared.split.train), cfg.seed)])
         neg = feat.features(
-            shuffled([prepared.ds.sequences[i] for i in sorted(train)], cfg.seed), cfg.pooling, cfg.max_tokens, cfg.device, quiet=quiet
+            shuffled([prepared.ds.sequences[i] for i in train], cfg.seed), cfg.pooling, cfg.max_tokens, cfg.device, quiet=quiet
         )
     valid = None
     if prepared.valid_ds is not None:
         valid = (feat.features(prepared.valid_ds.sequences, cfg.pooling, cfg.max_tokens, cfg.device, quiet=quiet), prepared.valid_ds)
     result = run_probe(x, prepared.ds, cfg.task, prepared.split, protocol, cfg.hidden, cfg.seed, tx, prepared.test_ds, neg,
-                       class_weights=cfg.class_weights, valid=valid, negative_index=np.sort(train) if calibrate else None,
-                       calibration=calibrate or (DEFAULT_TARGET_PRECISION, DEFAULT_CONFIDENCE))  # fmt: skip
+                       class_weights=cfg.class_weights, valid=valid, negative_index=train if calibrate else None,
+                       calibration=calibrate)  # fmt: skip
     result.head.card |= {"pooling": cfg.pooling, "model_fingerprint": feat.fingerprint}
     if warning:
         result.notes.append(warning)

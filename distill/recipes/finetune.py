@@ -38,8 +38,8 @@ from rich.markup import escape
 
 from distill.core import data, tokens
 from distill.core.bundle import save_bundle
-from distill.core.calibration import shuffled
-from distill.core.config import PROBE_NEGATIVES, FinetuneConfig
+from distill.core.calibration import probe_negatives, shuffled
+from distill.core.config import FinetuneConfig
 from distill.core.distributed import Distributed, StopRequested, pick_device
 from distill.core.heads import Head, ProbeHead, heads_of
 from distill.core.io import atomic_write_json
@@ -293,7 +293,7 @@ def probe_baseline(out: Path, model: ESM, head: ProbeHead, d: Data, cfg: Finetun
     xv = embed(model, d.valid.sequences, cfg.pooling, cfg.max_tokens, str(device))
     negatives = None
     if cfg.negative_rate > 0:  # outlier exposure, as the fine-tune and `distill probe` have it
-        pick = sorted(np.random.default_rng([cfg.seed, 13]).permutation(len(d.train))[:PROBE_NEGATIVES])
+        pick = probe_negatives(len(d.train), cfg.seed)
         negatives = embed(model, shuffled([d.train.sequences[i] for i in pick], cfg.seed), cfg.pooling, cfg.max_tokens, str(device))
     probe, _ = train_head(x, d.y_train, len(d.labels), seed=cfg.seed, class_weights=weights, valid=(xv, d.y_valid),
                           cosine_scale=head.cosine_scale, negatives=negatives)  # fmt: skip

@@ -193,7 +193,7 @@ def train_head(
             if bad >= patience:
                 break
     head.load_state_dict(best)
-    return head.eval(), {"epochs": epochs, "best_valid_loss": best_loss, "n_valid": len(yv), "valid_x": xv.numpy(), "valid_y": yv.numpy()}
+    return head.eval(), {"epochs": epochs, "best_valid_loss": best_loss, "n_valid": len(yv)}
 
 
 # ---- metrics --------------------------------------------------------------------------------------
@@ -243,14 +243,14 @@ def run_probe(
     class_weights: str = "auto",
     valid: tuple[np.ndarray, LabelledSet] | None = None,
     negative_index: np.ndarray | None = None,
-    calibration: tuple[float, float] = (DEFAULT_TARGET_PRECISION, DEFAULT_CONFIDENCE),
+    calibration: tuple[float, float] | None = None,
 ) -> ProbeResult:
     """Train a head on ``split.train`` and score it on ``split.test`` (or on a separate test set).
 
     ``valid`` (features, labelled set) replaces the 10% early-stopping part of the training data. With
     ``negative_features`` (embeddings of residue-shuffled copies of the training sequences at ``negative_index`` of
     ``ds``) the head learns "none of these" from them and gets its temperature and no-call threshold from out-of-fold
-    scores (``calibrate_out_of_fold``) for ``calibration`` (target precision, confidence).
+    scores (``calibrate_out_of_fold``) for ``calibration`` (target precision, confidence; None: the defaults).
     """
     labels = sorted({ds.labels[i] for i in split.train})
     if len(labels) < 2:
@@ -283,8 +283,9 @@ def run_probe(
     head = Head(module, labels, card)
     if negative_features is not None:
         source = np.searchsorted(split.train, negative_index) if negative_index is not None else None
+        target, confidence = calibration or (DEFAULT_TARGET_PRECISION, DEFAULT_CONFIDENCE)
         c = calibrate_out_of_fold(features[split.train], y, len(labels), negative_features, source, hidden=hidden, seed=seed,
-                                  class_weights=weights, target=calibration[0], confidence=calibration[1])  # fmt: skip
+                                  class_weights=weights, target=target, confidence=confidence)  # fmt: skip
         head.card["calibration"] = c
         module.temperature.fill_(c["temperature"])
     pred = [labels[i] for i in head.probabilities(test_x).argmax(1)]
@@ -310,8 +311,8 @@ def calibrate_out_of_fold(x: np.ndarray, y: np.ndarray, classes: int, negatives:
     """A probe head's temperature and no-call threshold from every training example, not a 10% part.
 
     ``folds`` heads, each trained as the head is on all folds but one (with the negatives shuffled from those folds),
-    score their left-out fold and the negatives shuffled from it (``source``: the row of ``x`` each negative came from; None spreads them over the folds). The
-    threshold's precision is a one-sided lower bound at ``confidence`` (distill.core.calibration): with a few dozen
+    score their left-out fold and the negatives shuffled from it (``source``: the row of ``x`` each negative came
+    from; None spreads them over the folds). The threshold's precision is a one-sided lower bound at ``confidence`` (distill.core.calibration): with a few dozen
     examples a class a point precision of 1.0 on a validation part is luck as often as skill. Linear heads train in
     seconds, so unlike a fine-tune this costs little at any size.
     """
