@@ -12,14 +12,15 @@ the 216 domains of examples/valid.fasta). For each setting and seed (the trainin
 recipe's seed):
 
   probe  the linear probe (``distill probe``'s head: softmax regression on standardised frozen features, early stopping
-         on 10% of the training part; calibrated on out-of-fold scores of every training sequence + residue-shuffled
-         copies, the threshold's precision a 90% lower bound). Rows before session 7, calibrated on the 10% part at
-         the point precision, are kept as ``probe-valid``
+         on 10% of the training part, seeded like the draw; calibrated on out-of-fold scores of every training
+         sequence + residue-shuffled copies, the threshold's precision a 90% lower bound). Rows before session 7,
+         calibrated on the 10% part at the point precision, are kept as ``probe-valid``
   old    ``distill finetune MODEL@SEED --folds 0 --confidence 0``: a fresh head, calibrated on the validation part at
          the point precision (the recipe before few-shot work, plus the probe baseline it must beat on validation)
   lpft   ``distill finetune MODEL@SEED --lp-ft``: LP-FT (starts from the probe's head, --lr 3e-4), k-fold calibration
-  new    ``distill finetune MODEL@SEED`` (the defaults: a fresh head, the probe as fall-back, k-fold calibration up to
-         2,000 sequences, the threshold's precision a 90% lower bound)
+  new    ``distill finetune MODEL@SEED`` (the defaults: a fresh head, k-fold runs up to 2,000 sequences that decide
+         between the probe and the fine-tune out of fold and calibrate the kept kind, the threshold's precision a 90%
+         lower bound; a kept probe is the ``probe`` row's head). Earlier defaults: ``new-v1``, ``new-v2``
 
 Scored on the held-out domains: top-1, calls at the head's threshold (coverage: right calls / test domains;
 precision: right / all calls) and the no-call rate of residue-shuffled copies of the test domains (decoys). Each row
@@ -121,7 +122,7 @@ def score(probabilities: np.ndarray, labels: list[str], threshold: float, truth:
             "threshold": float(threshold), "n_test": len(truth)}  # fmt: skip
 
 
-def run_probe(model: str, train: Path, test: Path, task: str) -> dict:
+def run_probe(model: str, train: Path, test: Path, task: str, seed: int) -> dict:
     """``distill probe``'s head and calibration, in process: the product's ``run_probe`` on the training file (no split),
     calibrated out of fold with residue-shuffled copies of up to 1,000 training sequences as ``distill probe`` does."""
     from distill.core.calibration import probe_negatives, shuffled
@@ -134,11 +135,11 @@ def run_probe(model: str, train: Path, test: Path, task: str) -> dict:
     as_set = lambda rs: LabelledSet(*([r[k] for r in rs] for k in (0, 1, 2, 2)))  # noqa: E731
     feat = featurizer(model)
     x, test_x = feat.features([r[1] for r in tr]), feat.features([r[1] for r in te])
-    pick = probe_negatives(len(tr), 0)
-    neg = feat.features(shuffled([tr[i][1] for i in pick], 0))
+    pick = probe_negatives(len(tr), seed)  # the seed the fine-tune's probe baseline takes: a kept probe is this head
+    neg = feat.features(shuffled([tr[i][1] for i in pick], seed))
     split = Split(np.arange(len(tr)), np.array([], dtype=np.int64))
     result = product_probe(x, as_set(tr), task, split, {}, test_features=test_x, test_ds=as_set(te), negative_features=neg,
-                           negative_index=pick)  # fmt: skip
+                           negative_index=pick, seed=seed)  # fmt: skip
     head, seqs = result.head, [r[1] for r in te]
     return score(head.probabilities(test_x), head.labels, head.card["calibration"]["threshold"], [r[2] for r in te],
                  head.probabilities(feat.features(shuffled(seqs, 1))))  # fmt: skip
@@ -186,7 +187,7 @@ def main() -> None:
                 run = args.out / "runs" / f"{setting}-s{seed}-{label.replace(' ', '-').strip('()')}"
                 task = task_of(setting)
                 if method == "probe":
-                    row = run_probe(model, train, test, task)
+                    row = run_probe(model, train, test, task, seed)
                 else:
                     row = run_finetune(model, train, test, task, run, seed, METHODS[method])
                 row = {"setting": setting, "seed": seed, "method": label, **row, "seconds": round(time.perf_counter() - t0, 1)}

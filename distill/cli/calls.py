@@ -27,7 +27,7 @@ Background = Annotated[Path | None, typer.Option(help="A whole proteome of mostl
 BackgroundRate = Annotated[float, typer.Option(help="With --background: crops of its proteins per step (share of the step), trained towards 'none of these'.")]  # fmt: skip
 ContextRate = Annotated[float, typer.Option(help="With --background: share of training pieces put in a scan window between real flanks.")]  # fmt: skip
 LpFt = Annotated[bool, typer.Option(help="Start from the linear probe's head (LP-FT). Either way a fine-tune that never beats the probe on validation keeps it.")]  # fmt: skip
-Folds = Annotated[int | None, typer.Option(help="Calibrate on K-fold out-of-fold scores (the recipe K more times); 0: on the validation part. [default: 5 up to 2,000 labelled sequences, else 0]")]  # fmt: skip
+Folds = Annotated[int | None, typer.Option(help="Decide probe vs fine-tune and calibrate on K-fold out-of-fold scores (the recipe K more times); 0: on the validation part. [default: 5 up to 2,000 labelled sequences, else 0]")]  # fmt: skip
 
 
 def finetune(
@@ -71,7 +71,7 @@ def finetune(
 ) -> None:
     """Fine-tune an encoder end to end with a classification head; writes a calibrated bundle (OUT/model)."""
     from distill.recipes.finetune import finetune as run
-    from distill.recipes.finetune_calibration import probe_kept
+    from distill.recipes.finetune_fallback import probe_kept
 
     cfg = FinetuneConfig(
         model=model, data=list(data), task=task, out=str(out), valid=list(valid) if valid else None, valid_fraction=valid_fraction,

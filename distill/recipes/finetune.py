@@ -1,8 +1,10 @@
 """The fine-tuning recipe: encoder + classification head trained end to end on labelled sequences.
 
     FinetuneConfig -> setup (encoder from any model spec, head, optional task teacher) -> data (labelled files,
-    stratified validation part, keyed crops) -> AdamW + warm-up/cosine -> for each epoch: train, validate
-    (accuracy, macro-F1), checkpoint -> best epoch -> calibrate (temperature, no-call threshold) -> bundle
+    stratified validation part, keyed crops) -> the linear probe as "epoch 0" -> AdamW + warm-up/cosine -> for each
+    epoch: train, validate (accuracy, macro-F1), checkpoint -> best epoch -> (small sets) k folds, each scoring its
+    left-out sequences with its probe and its fine-tune -> keep the probe or the fine-tune -> calibrate
+    (temperature, no-call threshold) -> bundle
 
 Loss: cross-entropy on the head's logits (optionally class-weighted), or with ``--teacher`` task distillation
 ``(1 - lam) * CE + lam * T^2 * KL(teacher/T || student/T)``: a fine-tuned larger model's calls as soft targets.
@@ -13,7 +15,9 @@ Run directory::
     RUN/metrics.jsonl       one row per epoch
     RUN/checkpoint.json     points at the latest complete epoch checkpoint (distill.recipes.checkpoints)
     RUN/checkpoints/epoch-N/{model,head}.safetensors + state.pt (optimizer, scheduler, counters)
+    RUN/probe/              encoder + head weights of the linear probe baseline
     RUN/best/               encoder + head weights of the best validation epoch so far
+    RUN/folds/K/            the k-fold runs, each a run directory of its own + scores.npz (small data sets)
     RUN/model/              the fine-tuned bundle: encoder + heads/<task>/ (calibrated)
 
 All randomness is keyed by (seed, epoch, example), so ``--resume`` ends with the same weights as a run that was
@@ -26,7 +30,7 @@ import json
 import math
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +42,21 @@ from rich.markup import escape
 
 from distill.core import data, tokens
 from distill.core.bundle import save_bundle
-from distill.core.calibration import probe_negatives, shuffled
 from distill.core.config import FinetuneConfig
 from distill.core.distributed import Distributed, StopRequested, pick_device
-from distill.core.heads import Head, ProbeHead, heads_of
+from distill.core.heads import Head, ProbeHead
 from distill.core.io import atomic_write_json
 from distill.core.losses import kl_sum, mix
 from distill.core.model import ESM, pooled_embedding
 from distill.inference.embeddings import embed
 from distill.inference.encoders import Encoder, load_encoder
 from distill.recipes.checkpoints import changed_options, jsonl_truncate, load_checkpoint, load_weights, save_checkpoint, save_weights
-from distill.recipes.finetune_calibration import calibrate_head, probe_kept, report
-from distill.recipes.finetune_data import Data, setup_data, step_examples
+from distill.recipes.finetune_calibration import calibrate_head
+from distill.recipes.finetune_data import Data, setup_data, step_examples, teacher_logits
+from distill.recipes.finetune_fallback import KINDS, fit_probe, oof_f1, probe_kept, refit_probe, report
 from distill.recipes.finetune_folds import folds_for, out_of_fold
 from distill.recipes.outline import adamw, optimizer_step, warmup_cosine
-from distill.recipes.probe import choose_class_weights, classification_metrics, train_head
+from distill.recipes.probe import choose_class_weights, classification_metrics
 
 RESUME_OVERRIDABLE = {"quiet", "device"}  # what a resumed run may change
 COSINE_SCALE = 16.0  # logit scale of the cosine head: softmax can reach ~1 - 1e-6 over hundreds of classes
@@ -61,27 +65,15 @@ COSINE_SCALE = 16.0  # logit scale of the cosine head: softmax can reach ~1 - 1e
 # ---- setup ----------------------------------------------------------------------------------------
 
 
+def probe_scale(cfg: FinetuneConfig) -> float:
+    """The probe baseline is `distill probe`'s linear head; with LP-FT it takes the form of the head training starts from."""
+    return COSINE_SCALE if cfg.lp_ft and cfg.head == "cosine" else 0.0
+
+
 def build_head(encoder: ESM, cfg: FinetuneConfig, n_classes: int) -> ProbeHead:
     torch.manual_seed(cfg.seed)
     head = ProbeHead(encoder.cfg.dim, n_classes, 0, COSINE_SCALE if cfg.head == "cosine" else 0.0)
     return head  # mean 0 / scale 1: the encoder learns its own scale; standardising is for frozen features
-
-
-def teacher_logits(cfg: FinetuneConfig, d: Data, device: torch.device) -> torch.Tensor | None:
-    """The task teacher's logits for every training sequence (leading crop), in the student's label order."""
-    if cfg.teacher is None or cfg.lam == 0:
-        return None
-    teacher = load_encoder(cfg.teacher)
-    head = heads_of(Path(cfg.teacher), teacher.model.cfg.dim).get(cfg.task) if Path(cfg.teacher).is_dir() else None
-    if head is None:
-        raise ValueError(f"--teacher {cfg.teacher} has no {cfg.task} head; fine-tune it first (distill finetune ... --task {cfg.task})")
-    missing = sorted(set(d.labels) - set(head.labels))
-    if missing:
-        raise ValueError(f"--teacher's {cfg.task} head lacks {len(missing)} of the student's labels (first: {missing[0]})")
-    feats = embed(teacher.model.to(device), d.train.sequences, head.pooling, cfg.max_tokens, str(device), teacher.name, cfg.quiet)
-    with torch.no_grad():
-        logits = head.module(torch.from_numpy(feats))
-    return logits[:, [head.labels.index(label) for label in d.labels]]
 
 
 # ---- train / validate -----------------------------------------------------------------------------
@@ -222,15 +214,19 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, console: Console | None 
     folds, oof = folds_for(cfg, d), None
     if not run.stopped and folds:
         console.print(f"calibrating on {folds} folds: the recipe again on all folds but one, scoring the one left out")
-        probe = probe_kept(run.counters)  # each fold scores with what the main run keeps: its probe, or its fine-tune
-        oof = out_of_fold(cfg, d, folds, lambda c, fd: _fold_scorer(c, fd, dist, device, console, probe))
+        oof = out_of_fold(cfg, d, folds, lambda c, fd: _fold_scorers(c, fd, dist, device, console))
+        if oof is not None:  # the out-of-fold scores of every labelled sequence decide between probe and fine-tune
+            run.counters["oof_f1"] = oof_f1(oof)
+            oof = oof[KINDS[0] if probe_kept(run.counters) else KINDS[1]]
     if run.stopped or (folds and oof is None):
         console.print(f"stopped after epoch {run.counters['epoch']}" + (" of the main run" if folds else "") + "; continue with --resume")
         dist.close()
         return FinetuneResult(out, None, run.counters, d.notes)
     bundle = None
     if dist.main:
-        load_weights(out / chosen(run.counters), {"model": run.model, "head": run.head})
+        run.head = load_kept(run, cfg, len(d.labels), "probe" if probe_kept(run.counters) else "best")
+        if oof is not None and probe_kept(run.counters):  # a kept probe learns from every labelled sequence
+            run.head = refit_probe(run.model, d, cfg, probe_scale(cfg))
         bundle = write_bundle(out, cfg, run, d, device, console, oof)
     dist.close()
     return FinetuneResult(out, bundle or out / "model", run.counters, d.notes)
@@ -289,15 +285,8 @@ def probe_baseline(out: Path, model: ESM, head: ProbeHead, d: Data, cfg: Finetun
     best so far: fine-tuning must beat its validation macro-F1 to replace it, so a fine-tune never ends worse than the
     cheap baseline on validation. With LP-FT (Kumar et al. 2022) training also starts from its head."""
     device = next(model.parameters()).device
-    x = embed(model.eval(), d.train.sequences, cfg.pooling, cfg.max_tokens, str(device))
-    xv = embed(model, d.valid.sequences, cfg.pooling, cfg.max_tokens, str(device))
-    negatives = None
-    if cfg.negative_rate > 0:  # outlier exposure, as the fine-tune and `distill probe` have it
-        pick = probe_negatives(len(d.train), cfg.seed)
-        negatives = embed(model, shuffled([d.train.sequences[i] for i in pick], cfg.seed), cfg.pooling, cfg.max_tokens, str(device))
-    probe, _ = train_head(x, d.y_train, len(d.labels), seed=cfg.seed, class_weights=weights, valid=(xv, d.y_valid),
-                          cosine_scale=head.cosine_scale, negatives=negatives)  # fmt: skip
-    probe = probe.to(device)
+    xv = embed(model.eval(), d.valid.sequences, cfg.pooling, cfg.max_tokens, str(device))
+    probe = fit_probe(model, d.train.sequences, d.y_train, len(d.labels), cfg, weights, probe_scale(cfg), (xv, d.y_valid))
     if cfg.lp_ft:
         head.load_state_dict(probe.state_dict())
     with torch.no_grad():  # the validation part's features are at hand: no second pass of the encoder
@@ -311,19 +300,27 @@ def probe_baseline(out: Path, model: ESM, head: ProbeHead, d: Data, cfg: Finetun
     return counters
 
 
-def chosen(counters: dict) -> str:
-    """The run directory's weights the bundle takes: the probe's or the best fine-tuning epoch's."""
-    return "probe" if probe_kept(counters) else "best"
+def load_kept(run: Run, cfg: FinetuneConfig, n_classes: int, which: str) -> ProbeHead:
+    """The run directory's ``probe`` or ``best`` weights loaded into the run's encoder; returns the head of that form."""
+    head = run.head if which == "best" else ProbeHead(run.model.cfg.dim, n_classes, 0, probe_scale(cfg))
+    load_weights(Path(cfg.out) / which, {"model": run.model, "head": head})
+    return head.to(next(run.model.parameters()).device)
 
 
-def _fold_scorer(cfg: FinetuneConfig, d: Data, dist: Distributed, device: torch.device, console: Console, probe: bool):
-    """One fold of the k-fold calibration: the recipe on the fold's data; the logits function of its probe (when the
-    main run kept its probe) or of its best fine-tuning epoch, so the scores are those of the kind of model shipped."""
-    run = train_run(replace(cfg, epochs=1) if probe else cfg, d, False, console, dist, device)  # a probe needs no long fine-tune
+def _fold_scorers(cfg: FinetuneConfig, d: Data, dist: Distributed, device: torch.device, console: Console):
+    """One fold of the k-fold calibration: the recipe on the fold's data; the logits functions of its probe baseline
+    and of its best fine-tuning epoch, so both kinds a bundle can keep get out-of-fold scores."""
+    run = train_run(cfg, d, False, console, dist, device)
     if run.stopped:
         return None
-    load_weights(Path(cfg.out) / ("probe" if probe else "best"), {"model": run.model, "head": run.head})
-    return lambda seqs: logits_of(run.model, run.head, seqs, cfg, device)
+
+    def scorer(weights: str):
+        def score(seqs: list[str]) -> np.ndarray:
+            return logits_of(run.model, load_kept(run, cfg, len(d.labels), weights), seqs, cfg, device)
+
+        return score
+
+    return {kind: scorer(weights) for kind, weights in zip(KINDS, ("probe", "best"), strict=True)}
 
 
 def resume_run(out: Path, cfg: FinetuneConfig, modules: dict[str, torch.nn.Module], opt, sched) -> dict:
@@ -363,13 +360,14 @@ def _log_epoch(out: Path, console: Console, counters: dict, train_loss: float, m
 
 def write_bundle(out: Path, cfg: FinetuneConfig, run: Run, d: Data, device: torch.device, console: Console,
                  oof: dict[str, np.ndarray] | None = None) -> Path:  # fmt: skip
-    """Calibrate the best epoch's head (out-of-fold scores when given, else distill.recipes.finetune_calibration), then
-    write the bundle with that one head."""
+    """Calibrate the kept head (on the kept kind's out-of-fold scores when given, else distill.recipes.finetune_calibration),
+    then write the bundle with that one head."""
     encoder, model, head, counters = run.encoder, run.model, run.head, run.counters
-    calibration, valid_logits = calibrate_head(lambda seqs: logits_of(model, head, seqs, cfg, device), d, cfg, oof)
+    calibration, scored = calibrate_head(lambda seqs: logits_of(model, head, seqs, cfg, device), d, cfg, oof)
     head.temperature.fill_(calibration["temperature"])
-    pred = [d.labels[i] for i in valid_logits.argmax(1)]
-    metrics = classification_metrics(d.valid.labels, pred) | {"classes": len(d.labels), "n_train": len(d.train), "n_valid": len(d.valid)}
+    truth = d.y_valid if oof is None else oof["y"]  # out of fold: the kept kind's estimate on every labelled sequence
+    metrics = classification_metrics(truth, scored.argmax(1)) | {"classes": len(d.labels), "n_train": len(d.train), "n_valid": len(truth),
+                                                                 "scored_on": calibration.get("pool", "validation")}  # fmt: skip
     kept = "probe" if probe_kept(counters) else "fine-tuned"
     card = {
         "task": cfg.task, "dim": model.cfg.dim, "hidden": 0, "pooling": cfg.pooling, "cosine_scale": head.cosine_scale,

@@ -1,5 +1,5 @@
 """Calibrating a fine-tuned head: validation + negatives (or out-of-fold scores), for whole proteomes a background's
-held-out half; and the report of what the head calls, with the refusal of one that cannot reach its target.
+held-out half (the report of what the head calls: distill.recipes.finetune_fallback).
 
 Without ``--background`` the head is calibrated as every head is (distill.core.calibration): temperature on the
 validation pieces, one no-call threshold for the target precision over validation + shuffled + out-of-set pieces.
@@ -23,10 +23,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from rich.console import Console
-from rich.markup import escape
 
-from distill.core.calibration import NEVER, calibrate, describe, refusal, shuffled, softmax
+from distill.core.calibration import NEVER, calibrate, shuffled, softmax
 from distill.core.config import SCAN_STRIDE, SCAN_WINDOW, FinetuneConfig
 from distill.inference.scan import per_sequence, windows
 from distill.recipes.finetune_data import Data
@@ -44,11 +42,11 @@ def _raised(p_best: float) -> float:
 
 def calibrate_head(logits_of: Callable[[list[str]], np.ndarray], d: Data, cfg: FinetuneConfig,
                    oof: dict[str, np.ndarray] | None = None) -> tuple[dict[str, Any], np.ndarray]:  # fmt: skip
-    """The card's calibration section and the validation logits (``logits_of``: sequences -> the head's raw logits);
-    with ``oof`` (distill.recipes.finetune_folds) the temperature and threshold come from the out-of-fold scores."""
+    """The card's calibration section and the logits it was set on (``logits_of``: sequences -> the head's raw logits):
+    the validation part's, or with ``oof`` (distill.recipes.finetune_folds: one kind's) the out-of-fold ones."""
     if oof is not None:
         c = calibrate(oof["logits"], oof["y"], oof["negative_logits"], cfg.target_precision, confidence=cfg.confidence)
-        return c | {"pool": f"out-of-fold ({oof['folds']} folds)"}, logits_of(d.valid.sequences)
+        return c | {"pool": f"out-of-fold ({oof['folds']} folds)"}, oof["logits"]
     negatives = shuffled(d.valid.sequences, cfg.seed) + d.outside
     valid_logits, negative_logits = logits_of(d.valid.sequences), logits_of(negatives)
     if d.background is None:
@@ -74,24 +72,3 @@ def calibrate_head(logits_of: Callable[[list[str]], np.ndarray], d: Data, cfg: F
                        "presumed_members": bg.presumed, "training_negatives": len(bg.negatives), "margin": MARGIN},
     }  # fmt: skip
     return c, valid_logits
-
-
-def probe_kept(counters: dict) -> bool:
-    """True when no fine-tuning epoch beat the probe baseline's validation macro-F1 (a tie keeps the cheaper probe)."""
-    return counters["best_f1"] <= counters.get("probe_f1", -1.0)
-
-
-def report(calibration: dict, cfg: FinetuneConfig, counters: dict, console: Console) -> None:
-    """What the run kept and how its head calls: the probe fall-back, the calibration, the background, a refusal."""
-    if probe_kept(counters):
-        console.print(f"[yellow]note:[/] fine-tuning did not beat the linear probe on validation (macro-F1 {counters['probe_f1']:.4f} "
-                      f"against the best epoch's {counters['best_f1']:.4f}): "
-                      "the bundle keeps the probe's head on the unchanged encoder")  # fmt: skip
-    console.print(describe(calibration))
-    if "background" in calibration:
-        b = calibration["background"]
-        console.print(f"background {escape(b['name'])}: {b['presumed_members']} presumed members; {b['proteins']} held-out proteins scanned "
-                      f"in windows of {calibration['scan']['window']}, {b['raised']} labels' thresholds raised above their best non-member"
-                      + (f", {len(b['uncallable'])} never called ({', '.join(b['uncallable'][:5])})" if b["uncallable"] else ""))  # fmt: skip
-    if not calibration["reached"]:
-        console.print(f"[yellow]warning:[/] {refusal(calibration)}")

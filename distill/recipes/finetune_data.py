@@ -1,5 +1,6 @@
 """Labelled data for ``distill finetune``: the label set, a stratified validation part, out-of-set negatives, and
-each step's keyed crops with their negatives (shuffled copies, background pieces, scan-window context)."""
+each step's keyed crops with their negatives (shuffled copies, background pieces, scan-window context); with a task
+teacher, its soft targets for the training sequences."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 from rich.console import Console
 from rich.progress import track
 
 from distill.core import data
 from distill.core.config import SCAN_WINDOW, FinetuneConfig
 from distill.core.fasta import read_proteome
+from distill.core.heads import heads_of
 from distill.core.labels import LabelledSet, read_labelled
+from distill.inference.embeddings import embed
+from distill.inference.encoders import load_encoder
 
 
 @dataclass
@@ -60,6 +65,7 @@ class Data:
     outside: list[str]  # sequences of classes outside the label set: negatives for the no-call
     background: Background | None = None
     notes: list[str] = field(default_factory=list)
+    order: np.ndarray | None = None  # each training then validation sequence's position in the input files
 
 
 def stratified_valid(ds: LabelledSet, fraction: float, seed: int) -> np.ndarray:
@@ -79,9 +85,11 @@ def setup_data(cfg: FinetuneConfig) -> Data:
     ds = read_labelled(cfg.data, cfg.rule(), labels_file)
     if cfg.valid:
         train, valid = ds, read_labelled(cfg.valid, cfg.rule(), labels_file)
+        where = [np.arange(len(train)), len(train) + np.arange(len(valid))]
     else:
         is_valid = stratified_valid(ds, cfg.valid_fraction, cfg.seed)
-        train, valid = ds.subset(np.flatnonzero(~is_valid)), ds.subset(np.flatnonzero(is_valid))
+        where = [np.flatnonzero(~is_valid), np.flatnonzero(is_valid)]
+        train, valid = ds.subset(where[0]), ds.subset(where[1])
     counts = train.counts()
     kept = sorted(label for label, n in counts.items() if n >= cfg.min_per_class)
     notes = []
@@ -100,13 +108,14 @@ def setup_data(cfg: FinetuneConfig) -> Data:
     if len(kept) < len(counts):
         notes.append(f"{len(counts) - len(kept)} classes with fewer than {cfg.min_per_class} training sequences left the label set; "
                      f"their {len(outside)} sequences are no-call negatives")  # fmt: skip
-    train = train.subset([i for i, label in enumerate(train.labels) if label in index])
-    valid = valid.subset([i for i, label in enumerate(valid.labels) if label in index])
+    known = [np.array([label in index for label in part.labels], dtype=bool) for part in (train, valid)]
+    train, valid = (part.subset(np.flatnonzero(k)) for part, k in zip((train, valid), known, strict=True))
     if len(valid) == 0:
         raise ValueError("no validation sequences: give --valid FILE or raise --valid-fraction (classes need 1/fraction members)")
     y = [np.array([index[label] for label in s.labels], dtype=np.int64) for s in (train, valid)]
     background = read_background(cfg.background, train, kept, cfg.seed, cfg.quiet) if cfg.background else None
-    return Data(train, valid, kept, y[0], y[1], outside, background, notes)
+    order = np.concatenate([w[k] for w, k in zip(where, known, strict=True)])
+    return Data(train, valid, kept, y[0], y[1], outside, background, notes, order)
 
 
 def in_window(piece: np.ndarray, background: list[np.ndarray], rng: np.random.Generator, window: int = SCAN_WINDOW) -> np.ndarray:
@@ -149,3 +158,20 @@ def step_examples(
         negs.append(protein[start : start + n])
     rows = np.r_[step, step[:n_neg], np.resize(step, n_bg)]
     return crops + negs, np.r_[y[step], -np.ones(n_neg + n_bg, dtype=np.int64)], rows
+
+
+def teacher_logits(cfg: FinetuneConfig, d: Data, device: torch.device) -> torch.Tensor | None:
+    """The task teacher's logits for every training sequence (leading crop), in the student's label order."""
+    if cfg.teacher is None or cfg.lam == 0:
+        return None
+    teacher = load_encoder(cfg.teacher)
+    head = heads_of(Path(cfg.teacher), teacher.model.cfg.dim).get(cfg.task) if Path(cfg.teacher).is_dir() else None
+    if head is None:
+        raise ValueError(f"--teacher {cfg.teacher} has no {cfg.task} head; fine-tune it first (distill finetune ... --task {cfg.task})")
+    missing = sorted(set(d.labels) - set(head.labels))
+    if missing:
+        raise ValueError(f"--teacher's {cfg.task} head lacks {len(missing)} of the student's labels (first: {missing[0]})")
+    feats = embed(teacher.model.to(device), d.train.sequences, head.pooling, cfg.max_tokens, str(device), teacher.name, cfg.quiet)
+    with torch.no_grad():
+        logits = head.module(torch.from_numpy(feats))
+    return logits[:, [head.labels.index(label) for label in d.labels]]

@@ -3,11 +3,12 @@
 A head fine-tuned on a few dozen sequences a class has a validation part of a few sequences a class, where one
 error already breaks precision 0.99 and a point precision of 1.0 is luck as often as skill. So, for small data sets,
 the labelled sequences (training and validation parts together) are cut into ``k`` stratified folds; the recipe is
-run ``k`` more times, each time on all folds but one (with its own validation part for early stopping and LP-FT's
-fall-back), and scores the left-out fold and residue-shuffled copies of it with the kind of model the main run
-keeps (its probe, or its best fine-tuning epoch). The temperature and the no-call
-threshold are then set on these out-of-fold scores (cross-validation's estimate of how the final head scores new
-sequences), with the confidence rule of distill.core.calibration. The bundle's own head is the main run's.
+run ``k`` more times, each time on all folds but one (with its own validation part for early stopping), and scores
+the left-out fold and residue-shuffled copies of it with both kinds of model a fine-tune can keep: its probe
+baseline and its best fine-tuning epoch. Those scores decide which kind the bundle keeps
+(distill.recipes.finetune_fallback), and the kept kind's set its temperature and no-call threshold
+(cross-validation's estimate of how the final head scores new sequences), with the confidence rule of
+distill.core.calibration.
 
 Each fold is a run directory of its own (OUT/folds/K), resumable like the main run; its scores are written to
 OUT/folds/K/scores.npz when it ends, so a resumed fine-tune skips finished folds.
@@ -28,8 +29,8 @@ from distill.recipes.finetune_data import Data, stratified_valid
 
 AUTO_MAX_SEQUENCES = 2000  # auto: AUTO_FOLDS folds up to this many labelled sequences, the validation part above
 
-# (config, data) -> a function scoring sequences with the run's best model, or None when the run was stopped
-TrainFold = Callable[[FinetuneConfig, Data], Callable[[list[str]], np.ndarray] | None]
+# (config, data) -> {kind: a function scoring sequences with the fold's model of that kind}, or None when stopped
+TrainFold = Callable[[FinetuneConfig, Data], dict[str, Callable[[list[str]], np.ndarray]] | None]
 
 
 def folds_for(cfg: FinetuneConfig, d: Data) -> int:
@@ -57,10 +58,10 @@ def fold_data(d: Data, ds: LabelledSet, y: np.ndarray, train_idx: np.ndarray, cf
     return Data(train, valid, d.labels, y_train, y_valid, d.outside, None, [])
 
 
-def out_of_fold(cfg: FinetuneConfig, d: Data, folds: int, train_fold: TrainFold) -> dict[str, np.ndarray] | None:
-    """Out-of-fold logits of every labelled sequence (``logits``, ``y``) and of negatives (``negative_logits``:
-    shuffled copies of each fold's sequences, and the out-of-set sequences spread over the folds) and ``folds``; None if
-    stopped."""
+def out_of_fold(cfg: FinetuneConfig, d: Data, folds: int, train_fold: TrainFold) -> dict[str, dict[str, np.ndarray]] | None:
+    """For each kind of model ``train_fold`` scores with: out-of-fold logits of every labelled sequence (``logits``,
+    ``y``) and of negatives (``negative_logits``: shuffled copies of each fold's sequences, and the out-of-set sequences
+    spread over the folds) and ``folds``; None if stopped."""
     ds, y = joined(d)
     if folds < 2 or folds > len(y):
         raise ValueError(
@@ -70,18 +71,28 @@ def out_of_fold(cfg: FinetuneConfig, d: Data, folds: int, train_fold: TrainFold)
     parts = []
     for k in range(folds):
         out = Path(cfg.out) / "folds" / str(k)
-        if not (out / "scores.npz").exists():
+        if not _finished(out / "scores.npz"):
             held = np.flatnonzero(which == k)
-            score = train_fold(replace(cfg, out=str(out), folds=0, quiet=True), fold_data(d, ds, y, np.flatnonzero(which != k), cfg))
-            if score is None:
+            scorers = train_fold(replace(cfg, out=str(out), folds=0, quiet=True), fold_data(d, ds, y, np.flatnonzero(which != k), cfg))
+            if scorers is None:
                 return None
             seqs = [ds.sequences[i] for i in held]
             negatives = shuffled(seqs, cfg.seed + 1000 * k) + d.outside[k::folds]
-            np.savez(out / "scores.npz", held=held, logits=score(seqs), negative_logits=score(negatives))
-        parts.append(np.load(out / "scores.npz"))
-    order = np.concatenate([p["held"] for p in parts])
-    logits = np.concatenate([p["logits"] for p in parts])[np.argsort(order)]
-    return {"logits": logits, "y": y, "negative_logits": np.concatenate([p["negative_logits"] for p in parts]), "folds": folds}
+            scores = {f"{part}{kind}": score(x) for kind, score in scorers.items() for part, x in (("", seqs), ("negative_", negatives))}
+            np.savez(out / "scores.npz", held=held, **scores)
+        parts.append(dict(np.load(out / "scores.npz")))
+    order = np.argsort(np.concatenate([p["held"] for p in parts]))
+    kinds = [key for key in parts[0] if key != "held" and not key.startswith("negative_")]
+    join = lambda key: np.concatenate([p[key] for p in parts])  # noqa: E731
+    return {kind: {"logits": join(kind)[order], "y": y, "negative_logits": join(f"negative_{kind}"), "folds": folds} for kind in kinds}
+
+
+def _finished(scores: Path) -> bool:
+    """A fold's scores exist in this version's form (one fold model per kind; older runs scored one kind: redone)."""
+    if not scores.exists():
+        return False
+    with np.load(scores) as f:
+        return "logits" not in f.files
 
 
 def _one_per_class(labels: list[str], seed: int) -> np.ndarray:
