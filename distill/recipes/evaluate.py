@@ -96,7 +96,7 @@ def probe_one(
     protocol = cfg.protocol() | {"model": feat.name, "model_fingerprint": feat.fingerprint}
     neg = None
     if calibrate:
-        train = np.sort(prepared.split.train[probe_negatives(len(prepared.split.train), cfg.seed)])
+        train = prepared.split.train[probe_negatives(len(prepared.split.train), cfg.seed)]  # sorted: both are
         neg = feat.features(
             shuffled([prepared.ds.sequences[i] for i in train], cfg.seed), cfg.pooling, cfg.max_tokens, cfg.device, quiet=quiet
         )

@@ -78,7 +78,10 @@ def out_of_fold(cfg: FinetuneConfig, d: Data, folds: int, train_fold: TrainFold)
                 return None
             seqs = [ds.sequences[i] for i in held]
             negatives = shuffled(seqs, cfg.seed + 1000 * k) + d.outside[k::folds]
-            scores = {f"{part}{kind}": score(x) for kind, score in scorers.items() for part, x in (("", seqs), ("negative_", negatives))}
+            scores = {}
+            for kind, score in scorers.items():  # one pass per kind over the fold's sequences and their negatives
+                z = score(seqs + negatives)
+                scores |= {kind: z[: len(seqs)], f"negative_{kind}": z[len(seqs) :]}
             np.savez(out / "scores.npz", held=held, **scores)
         parts.append(dict(np.load(out / "scores.npz")))
     order = np.argsort(np.concatenate([p["held"] for p in parts]))
