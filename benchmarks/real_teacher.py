@@ -2,6 +2,7 @@
 
     python benchmarks/real_teacher.py OUT [--n 3000] [--seeds 0] [--epochs 10] [--batch-size 64] [--ways vanilla,logit,rep,both]
                                           [--tasks scope,fold,pfam] [--with-teacher] [--teacher unirep1900+int8] [--cache-only]
+                                          [--preset medium]
 
 Stages, each skipped when its output exists (a killed run resumes where it stopped):
   1. data      OUT/train.fasta, OUT/valid.fasta: N (+ 200) proteins of at most 1,022 residues, drawn with seed 0 from
@@ -11,7 +12,8 @@ Stages, each skipped when its output exists (a killed run resumes where it stopp
                (its SOURCES file), so the probes test on sequences no model trained on.
   2. cache     OUT/cache: `distill teacher-cache --teacher TEACHER --views EPOCHS` (one UniRep pass serves every view;
                TEACHER unirep1900, or unirep1900+int8: 4.3x faster, see docs/benchmarks.md); --cache-only stops here
-  3. students  OUT/students/WAY-sSEED: `distill fit --preset small` from the cache:
+  3. students  OUT/students/WAY-sSEED: `distill fit --preset small` from the cache (--preset medium:
+               OUT/students/medium-WAY-sSEED, probed beside random:medium@SEED):
                vanilla (lam 0), logit (lam 0.5, T 2), rep (lam 0 + pooled representation KD, weight 1),
                rep-centred (the same against the teacher's states less their mean), rep-mse (mean squared error,
                weight 70), rep-res (per-residue states, cosine; a live teacher, not the cache), both
@@ -95,8 +97,10 @@ def main() -> None:
     ap.add_argument("--with-teacher", action="store_true", help="also probe UniRep-1900 itself under the same protocol")
     ap.add_argument("--teacher", default="unirep1900", help="the cache's teacher spec (unirep1900+int8: the int8 recurrence)")
     ap.add_argument("--cache-only", action="store_true", help="stop after the data and the cache (run the teacher now, train later)")
+    ap.add_argument("--preset", default="small", help="the students' size; not small: their ways are named PRESET-WAY")
     args = ap.parse_args()
     out, seeds, ways = args.out, [int(s) for s in args.seeds.split(",")], args.ways.split(",")
+    label = {w: w if args.preset == "small" else f"{args.preset}-{w}" for w in ways}  # run and table names
     write_data(out, args.n)
     cache = out / "cache"
     for seed in seeds:  # masking is keyed by the training seed: one cache per seed
@@ -109,12 +113,12 @@ def main() -> None:
         if args.cache_only:
             continue
         for way in ways:
-            run = out / "students" / f"{way}-s{seed}"
+            run = out / "students" / f"{label[way]}-s{seed}"
             if (run / "student").exists() and not (run / "checkpoint.json").exists():
                 continue
             resume = ["--resume", str(run)] if (run / "checkpoint.json").exists() else ["--out", str(run)]
             cached = [] if way == "vanilla" else ["--teacher", args.teacher] if way == "rep-res" else ["--teacher-cache", str(seed_cache)]
-            distill("fit", str(out / "train.fasta"), "--valid", str(out / "valid.fasta"), "--preset", "small", "--epochs",
+            distill("fit", str(out / "train.fasta"), "--valid", str(out / "valid.fasta"), "--preset", args.preset, "--epochs",
                     str(args.epochs), "--batch-size", str(args.batch_size), "--seed", str(seed), *cached, *WAYS[way], *resume, "--quiet")  # fmt: skip
     if args.cache_only:
         return
@@ -124,11 +128,11 @@ def main() -> None:
         "fold": ["--task", "scope", "--level", "fold", "--data", scope, "--split", "superfamily-holdout"],
         "pfam": ["--task", "pfam", "--data", str(SHARED / "pfam_families")],
     }
-    for task in args.tasks.split(","):
+    for task in filter(None, args.tasks.split(",")):
         for seed in seeds:  # one table per seed and task: later seeds and ways add tables, never redo one
-            models = [str(out / "students" / f"{w}-s{seed}" / "student") for w in ways] + [f"random:small@{seed}"]
-            models += ["composition"] if seed == 0 else []
-            table = out / f"eval-{task}-s{seed}-{'+'.join(ways)}"
+            models = [str(out / "students" / f"{label[w]}-s{seed}" / "student") for w in ways] + [f"random:{args.preset}@{seed}"]
+            models += ["composition"] if seed == 0 and args.preset == "small" else []
+            table = out / f"eval-{task}-s{seed}-{'+'.join(label.values())}"
             if not (table / "results.md").exists():
                 distill("evaluate", *models, *probes[task], "--no-baselines", "--out", str(table))
             print((table / "results.md").read_text())
@@ -141,7 +145,8 @@ def main() -> None:
 def way_and_seed(spec: str) -> tuple[str, int]:
     """A table row's spec -> (way, seed): students/WAY-sSEED/student, random:small@SEED, or a fixed model (seed 0)."""
     if spec.startswith("random:"):
-        return "random", int(spec.rsplit("@", 1)[1])
+        preset, seed = spec.removeprefix("random:").rsplit("@", 1)
+        return "random" if preset == "small" else f"{preset}-random", int(seed)
     if "/students/" in spec:
         way, seed = Path(spec).parent.name.rsplit("-s", 1)
         return way, int(seed)
@@ -162,6 +167,7 @@ def summary(out: Path, task: str, seeds: list[int]) -> str:
             acc.setdefault(way, {})[seed] = row["accuracy"]
 
     def gain(way: str, base: str) -> str:
+        base = f"{way.split('-')[0]}-{base}" if way.split("-")[0] in ("medium", "large") else base  # same size
         pairs = [v - acc[base][s] for s, v in acc[way].items() if s in acc.get(base, {})]
         return t_interval(pairs).text(3) if pairs and way != base else "-"
 

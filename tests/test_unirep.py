@@ -213,6 +213,30 @@ def test_a_causal_teachers_cache_runs_it_once_for_every_view_and_equals_the_live
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in (tmp_path / "other" / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
     assert rows and all(r["kd"] == 0 and r["rep"] > 0 for r in rows)
+    # No distillation option: the cache's teacher is UniRep, so the run takes its measured recipe (pooled MSE, no logits)
+    plain = [a for a in args if a not in ("--lam", "0.5", "--rep-weight", "1")]
+    res = CliRunner().invoke(app, [*plain[:2], "--out", str(tmp_path / "recipe"), *plain[4:]])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "recipe" / "config.json").read_text())
+    assert (saved["lam"], saved["rep_weight"], saved["rep_loss"], saved["rep_level"]) == (0.0, 70.0, "mse", "pooled")
+
+
+def test_a_teachers_recipe_fills_only_runs_that_name_no_distillation_option(tmp_path):
+    from distill.core.config import FitConfig
+    from distill.recipes.fit import teacher_kind
+
+    assert teacher_kind("unirep1900+int8", None) == "unirep" and teacher_kind("esm1b_t33_650M_UR50S", None) == "fair-esm"
+    assert teacher_kind(None, str(tmp_path / "no-cache")) is None and teacher_kind(None, None) is None
+    base = {"data": "x.fa", "out": "run"}
+    unirep = FitConfig.from_sources(None, {**base, "teacher": "unirep1900"}, teacher_kind)
+    assert (unirep.lam, unirep.rep_weight, unirep.rep_loss, unirep.rep_level) == (0.0, 70.0, "mse", "pooled")
+    told = FitConfig.from_sources(None, {**base, "teacher": "unirep1900", "lam": 0.5}, teacher_kind)  # the user's choice stands
+    assert (told.lam, told.rep_weight, told.rep_loss) == (0.5, 0.0, "cosine")
+    esm = FitConfig.from_sources(None, {**base, "teacher": "esm1b_t33_650M_UR50S"}, teacher_kind)
+    assert (esm.lam, esm.rep_weight) == (0.5, 0.0)
+    (tmp_path / "run.json").write_text(json.dumps({"rep_weight": 2.0}))  # a config file's option counts as given
+    filed = FitConfig.from_sources(tmp_path / "run.json", {**base, "teacher": "unirep1900"}, teacher_kind)
+    assert (filed.lam, filed.rep_weight, filed.rep_loss) == (0.5, 2.0, "cosine")
 
 
 @pytest.mark.parametrize("name", ["tiny1", "tiny2"])

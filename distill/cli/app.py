@@ -69,7 +69,12 @@ def fit(
     ] = None,
     temperature: Annotated[float | None, typer.Option(help=f"Distillation temperature T. {default('temperature')}")] = None,
     lam: Annotated[
-        float | None, typer.Option(help=f"Weight of the KD term; 0 = vanilla MLM (no teacher loaded unless --rep-weight). {default('lam')}")
+        float | None,
+        typer.Option(
+            help=f"Weight of the KD term; 0 = vanilla MLM (no teacher loaded unless --rep-weight). {default('lam')} With a UniRep "
+            "teacher and none of --lam, --rep-weight, --rep-loss, --rep-level: its measured recipe, --lam 0 --rep-weight 70 --rep-loss mse "
+            "--rep-level pooled."
+        ),
     ] = None,
     rep_weight: Annotated[
         float | None,
@@ -113,6 +118,7 @@ def fit(
 ) -> None:
     """Distil a teacher into a student: masked LM + knowledge distillation."""
     from distill.recipes.fit import fit as run_fit
+    from distill.recipes.fit import teacher_kind
 
     given = {
         k: v
@@ -120,7 +126,7 @@ def fit(
         if k in {f.name for f in fields(FitConfig)} and v is not None and (v is not False or k == "rep_centre")
     }
     given = {k: str(v) if isinstance(v, Path) else v for k, v in given.items()}
-    cfg = FitConfig.for_resume(resume, given) if resume is not None else FitConfig.from_sources(config, given)
+    cfg = FitConfig.for_resume(resume, given) if resume is not None else FitConfig.from_sources(config, given, teacher_kind)
     if not run_fit(cfg, resume=resume is not None).completed:
         raise typer.Exit(130)
 

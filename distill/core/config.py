@@ -7,6 +7,7 @@ and ``tests/test_config.py`` checks the README's tables against them.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,11 @@ class ModelConfig:
 
 # Batch size (sequences per optimizer step) and epochs per preset, from the study.
 PRESET_TRAINING = {"small": (512, 10), "medium": (128, 20), "large": (64, 30)}
+# The measured way to distil a kind of teacher (its spec kind), used when no option of DISTILLATION is given: UniRep's
+# causal logits lowered every probe, MSE to its pooled state at weight 70 beat MLM only (docs/results.md, UniRep-1900).
+TEACHER_RECIPES = {"unirep": {"lam": 0.0, "rep_weight": 70.0, "rep_loss": "mse", "rep_level": "pooled"}}
+DISTILLATION = ("lam", "rep_weight", "rep_loss", "rep_level")
+KindOf = Callable[[str | None, str | None], str | None]  # (--teacher, --teacher-cache) -> the teacher's spec kind
 # Options a resumed run may change; everything else must match the run being resumed.
 RESUME_OVERRIDABLE = {"device", "max_steps", "save_every_minutes", "quiet"}
 
@@ -190,13 +196,16 @@ class FitConfig:
         return cls(**obj)
 
     @classmethod
-    def from_sources(cls, config_file: Path | None, given: dict[str, Any]) -> FitConfig:
-        """Defaults <- a JSON config file (``--config``) <- options given on the command line."""
+    def from_sources(cls, config_file: Path | None, given: dict[str, Any], teacher_kind: KindOf | None = None) -> FitConfig:
+        """Defaults <- the teacher's recipe when no distillation option is given (``teacher_kind(teacher, cache)``
+        names its spec kind) <- a JSON config file (``--config``) <- options given on the command line."""
         merged = {**(read_json_object(config_file, "--config") if config_file else {}), **given}
-        if "data" not in merged:
-            raise ValueError("missing DATA (the training FASTA)")
-        if "out" not in merged:
-            raise ValueError("missing --out RUN_DIR")
+        if teacher_kind and not set(DISTILLATION) & merged.keys():
+            kind = teacher_kind(merged.get("teacher"), merged.get("teacher_cache"))
+            merged = {**TEACHER_RECIPES.get(kind or "", {}), **merged}
+        for key, name in (("data", "DATA (the training FASTA)"), ("out", "--out RUN_DIR")):
+            if key not in merged:
+                raise ValueError(f"missing {name}")
         return cls.from_json(merged)
 
     @classmethod

@@ -39,6 +39,7 @@ from distill.core.distributed import Distributed, StopRequested, pick_device
 from distill.core.io import atomic_write_json
 from distill.core.losses import LossParts, Projected, distillation_loss, mix, representation_loss
 from distill.core.model import ESM, build_student
+from distill.core.spec import parse_spec
 from distill.recipes import teacher_cache
 from distill.recipes.checkpoints import jsonl_truncate, load_checkpoint, save_checkpoint
 from distill.recipes.outline import adamw, optimizer_step, warmup_cosine
@@ -61,6 +62,16 @@ def open_cache(cfg: FitConfig, n_records: int, data_sha256: str) -> teacher_cach
     )  # fmt: skip
     cache.check(expected)
     return cache
+
+
+def teacher_kind(teacher: str | None, cache: str | None) -> str | None:
+    """The spec kind of the teacher a run will learn from (``--teacher``, else the cache's), for its recipe defaults;
+    None when neither names one (errors about them are the recipe's to raise, with their context)."""
+    try:
+        spec = teacher or (teacher_cache.TeacherCache(Path(cache)).key.teacher if cache else None)
+        return parse_spec(spec).kind if spec else None
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass
@@ -320,6 +331,7 @@ class FitRecipe:
             teacher = f"{cfg.teacher} from cache {cfg.teacher_cache} ({cfg.mask_views} views)"
         else:
             teacher = f"{cfg.teacher} ({self.teacher.num_parameters() / 1e6:.1f}M)" if self.teacher else "none (lam=0, vanilla MLM)"
+        teacher += f", logit KD lam {cfg.lam:g}, T {cfg.temperature:g}" if cfg.lam > 0 else ""
         if cfg.rep_weight > 0:
             centred = ", centred" if cfg.rep_centre else ""
             teacher += f", representation distillation ({cfg.rep_loss}{centred}, {cfg.rep_level} states, weight {cfg.rep_weight})"
