@@ -41,6 +41,9 @@ def options(debug: Annotated[bool, typer.Option("--debug", help="Show the traceb
     """Distil ESM-1b into small protein language models, and put them to work."""
 
 
+RECIPE = "A UniRep teacher with none of --lam, --rep-weight, --rep-loss, --rep-level: --lam 0 --rep-weight 70 --rep-loss mse (measured)."
+
+
 def default(name: str) -> str:
     return f"[default: {getattr(D, name)}]"
 
@@ -70,11 +73,7 @@ def fit(
     temperature: Annotated[float | None, typer.Option(help=f"Distillation temperature T. {default('temperature')}")] = None,
     lam: Annotated[
         float | None,
-        typer.Option(
-            help=f"Weight of the KD term; 0 = vanilla MLM (no teacher loaded unless --rep-weight). {default('lam')} With a UniRep "
-            "teacher and none of --lam, --rep-weight, --rep-loss, --rep-level: its measured recipe, --lam 0 --rep-weight 70 --rep-loss mse "
-            "--rep-level pooled."
-        ),
+        typer.Option(help=f"Weight of the KD term; 0 = vanilla MLM (no teacher loaded unless --rep-weight). {default('lam')} {RECIPE}"),
     ] = None,
     rep_weight: Annotated[
         float | None,

@@ -189,20 +189,16 @@ class FitConfig:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> FitConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(obj) - known
-        if unknown:
+        if unknown := set(obj) - {f.name for f in fields(cls)}:
             raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
         return cls(**obj)
 
     @classmethod
     def from_sources(cls, config_file: Path | None, given: dict[str, Any], teacher_kind: KindOf | None = None) -> FitConfig:
-        """Defaults <- the teacher's recipe when no distillation option is given (``teacher_kind(teacher, cache)``
-        names its spec kind) <- a JSON config file (``--config``) <- options given on the command line."""
+        """Defaults <- the teacher's recipe if no distillation option is given <- a JSON config file <- the command line."""
         merged = {**(read_json_object(config_file, "--config") if config_file else {}), **given}
         if teacher_kind and not set(DISTILLATION) & merged.keys():
-            kind = teacher_kind(merged.get("teacher"), merged.get("teacher_cache"))
-            merged = {**TEACHER_RECIPES.get(kind or "", {}), **merged}
+            merged = {**TEACHER_RECIPES.get(teacher_kind(merged.get("teacher"), merged.get("teacher_cache")) or "", {}), **merged}
         for key, name in (("data", "DATA (the training FASTA)"), ("out", "--out RUN_DIR")):
             if key not in merged:
                 raise ValueError(f"missing {name}")
@@ -328,10 +324,7 @@ class ProbeConfig:
             "pooling": self.pooling,
             "split": self.split if self.test is None else "given test set",
             "test_fraction": self.test_fraction if self.test is None else None,
-            "seed": self.seed,
-            "min_per_class": self.min_per_class,
-            "data": self.data,
-            "test": self.test,
+            **{key: getattr(self, key) for key in ("seed", "min_per_class", "data", "test")},
         }
 
     def describe(self, n_classes: int, n_train: int, n_test: int, weights: str = "balanced") -> str:
@@ -382,9 +375,8 @@ class SweepConfig:
         known = {f.name for f in fields(cls)}
         if set(raw) - known:
             raise ValueError(f"{path}: unknown keys {sorted(set(raw) - known)}; allowed: {sorted(known)}")
-        for key in ("out", "data", "teacher", "presets", "tasks"):
-            if key not in raw:
-                raise ValueError(f"{path}: missing required key {key!r}")
+        if missing := [key for key in ("out", "data", "teacher", "presets", "tasks") if key not in raw]:
+            raise ValueError(f"{path}: missing required key {missing[0]!r}")
         if unknown := [name for name in raw["presets"] if name not in PRESETS]:
             raise ValueError(f"{path}: unknown preset {unknown[0]!r}; choose from {', '.join(PRESETS)}")
         task_keys = {f.name for f in fields(ProbeConfig)} - {"task", "device"}
@@ -396,8 +388,7 @@ class SweepConfig:
             bad = set(settings) - task_keys
             if bad or "data" not in settings:
                 raise ValueError(f"{path}: [tasks.{task}] needs 'data' and takes {sorted(task_keys)}; got unknown {sorted(bad)}")
-        bad = set(raw.get("fit", {})) - {f.name for f in fields(FitConfig)}
-        if bad:
+        if bad := set(raw.get("fit", {})) - {f.name for f in fields(FitConfig)}:
             raise ValueError(f"{path}: [fit] has unknown settings {sorted(bad)}")
         ft_keys = ({f.name for f in fields(FinetuneConfig)} - {"model", "task", "out", "seed", "quiet", "device"}) | {"test"}
         for task, settings in raw.get("finetune", {}).items():
