@@ -16,12 +16,15 @@ Stages, each skipped when its output exists (a killed run resumes where it stopp
                OUT/students/medium-WAY-sSEED, probed beside random:medium@SEED):
                vanilla (lam 0), logit (lam 0.5, T 2), rep (lam 0 + pooled representation KD, weight 1),
                rep-centred (the same against the teacher's states less their mean), rep-mse (mean squared error,
-               weight 70), rep-res (per-residue states, cosine; a live teacher, not the cache), both
+               weight 70), rep-res (per-residue states, cosine; a live teacher, not the cache), both (logit + rep-mse)
   4. probes    `distill evaluate` of each seed's students, random:small@SEED (and composition) on SCOPe 2.07
                superfamilies (family-holdout: the test domains' families never occur in training), on SCOPe folds
-               (`fold`: superfamily-holdout, TAPE's remote-homology task) and on the 54 Pfam families (random split), one table per seed: OUT/eval-TASK-sSEED-WAYS (results.md, .csv, .json, figures);
+               (`fold`: superfamily-holdout, TAPE's remote-homology task), on SCOPe superfamilies split at random
+               (`seen`: the test domains' families occur in training) and on the 54 Pfam families (random split),
+               one table per seed: OUT/eval-TASK-sSEED-WAYS (results.md, .csv, .json, figures);
                with --with-teacher UniRep-1900's own probe (OUT/eval-TASK-s0-unirep); then the summary over seeds
-               (OUT/summary-TASK.json): accuracy per way, paired gains over random init and over MLM only
+               (OUT/summary-TASK.json, started from the last one): accuracy per way, paired gains over random init and
+               over MLM only; OUT/summary.png, the ways side by side
 Prints the two tables at the end.
 """
 
@@ -48,7 +51,8 @@ WAYS = {
     "rep-mse": ["--lam", "0", "--rep-weight", "70", "--rep-level", "pooled", "--rep-loss", "mse"],
     # per-residue states: the cache keeps pooled ones only, so the teacher runs live (use --teacher unirep1900+int8)
     "rep-res": ["--lam", "0", "--rep-weight", "1", "--rep-level", "residue"],
-    "both": ["--lam", "0.5", "--temperature", "2", "--rep-weight", "1", "--rep-level", "pooled"],
+    # the logit way's KD plus the best representation term (rep-mse)
+    "both": ["--lam", "0.5", "--temperature", "2", "--rep-weight", "70", "--rep-level", "pooled", "--rep-loss", "mse"],
 }
 
 
@@ -93,7 +97,7 @@ def main() -> None:
         "--batch-size", type=int, default=64, help="sequences per step (the preset's 512 leaves a few thousand sequences 6 steps an epoch)"
     )
     ap.add_argument("--ways", default=",".join(WAYS))
-    ap.add_argument("--tasks", default="scope,fold,pfam", help="probe tables, in this order: scope, fold, pfam")
+    ap.add_argument("--tasks", default="scope,fold,pfam", help="probe tables, in this order: scope, fold, pfam, seen")
     ap.add_argument("--with-teacher", action="store_true", help="also probe UniRep-1900 itself under the same protocol")
     ap.add_argument("--teacher", default="unirep1900", help="the cache's teacher spec (unirep1900+int8: the int8 recurrence)")
     ap.add_argument("--cache-only", action="store_true", help="stop after the data and the cache (run the teacher now, train later)")
@@ -125,6 +129,7 @@ def main() -> None:
     scope = str(SHARED / "scope" / "astral-scopedom-40-2.07.shared85.fa")
     probes = {  # table name -> the evaluate task and data (one SCOPe file, two remote-homology levels)
         "scope": ["--task", "scope", "--data", scope, "--split", "family-holdout"],
+        "seen": ["--task", "scope", "--data", scope, "--split", "random"],  # superfamilies again, test families seen
         "fold": ["--task", "scope", "--level", "fold", "--data", scope, "--split", "superfamily-holdout"],
         "pfam": ["--task", "pfam", "--data", str(SHARED / "pfam_families")],
     }
@@ -140,6 +145,8 @@ def main() -> None:
         if args.with_teacher and not (teacher_table / "results.md").exists():
             distill("evaluate", "unirep1900", *probes[task], "--no-baselines", "--out", str(teacher_table))
         print(summary(out, task, seeds))
+    if args.tasks:
+        print(f"figure: {plot(out, [t for t in args.tasks.split(',') if (out / f'summary-{t}.json').exists()])}")
 
 
 def way_and_seed(spec: str) -> tuple[str, int]:
@@ -154,13 +161,14 @@ def way_and_seed(spec: str) -> tuple[str, int]:
 
 
 def summary(out: Path, task: str, seeds: list[int]) -> str:
-    """Accuracy per way and seed, gathered from every table of the task (OUT/eval-TASK-s*-*/), and the paired gains
+    """Accuracy per way and seed, gathered from the last summary and every table of the task (OUT/eval-TASK-s*-*/), and the paired gains
     over random init and over MLM only (mean and 95% t interval over the seeds both have); kept in OUT/summary-TASK.json."""
     import json
 
     from distill.recipes.sweep.stats import t_interval
 
-    acc: dict[str, dict[int, float]] = {}
+    kept = out / f"summary-{task}.json"  # earlier tables may be gone: their figures live on in the last summary
+    acc = {w: {int(s): v for s, v in by.items()} for w, by in json.loads(kept.read_text()).items()} if kept.exists() else {}
     for results in sorted(out.glob(f"eval-{task}-s*-*/results.json")):
         for row in json.loads(results.read_text())["rows"]:
             way, seed = way_and_seed(row["spec"])
@@ -181,6 +189,38 @@ def summary(out: Path, task: str, seeds: list[int]) -> str:
         lines.append(f"| {way} | {len(by_seed)} | {mean:.3f} | {gain(way, 'random')} | {gain(way, 'vanilla')} |")
     (out / f"summary-{task}.json").write_text(json.dumps(acc, indent=1))
     return "\n".join(lines)
+
+
+TITLES = {"scope": "SCOPe superfamily, family-holdout", "seen": "SCOPe superfamily, random split", "fold": "SCOPe fold, superfamily-holdout", "pfam": "Pfam families"}
+WAY_ORDER = ["random", "vanilla", "logit", "rep", "rep-mse", "both"]  # the issue's ways, then the others as found
+
+
+def plot(out: Path, tasks: list[str]) -> Path:
+    """OUT/summary.png: one panel per task, each `small` way's accuracy per seed (dots) and mean (bar), UniRep's dashed."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        acc = json.loads((out / f"summary-{task}.json").read_text())
+        ways = [w for w in WAY_ORDER if w in acc] + [w for w in acc if w not in WAY_ORDER and len(acc[w]) > 1]
+        for i, way in enumerate(ways):
+            values = list(acc[way].values())
+            ax.bar(i, np.mean(values), color="#9ecae1" if way != "random" else "#d9d9d9")
+            ax.plot([i] * len(values), values, "k.", ms=6)
+        if "unirep1900" in acc:
+            ax.axhline(acc["unirep1900"]["0"], ls="--", c="#d62728", label="UniRep-1900's own probe")
+            ax.legend(loc="upper left", fontsize=8)
+        ax.set_xticks(range(len(ways)), ways, rotation=30)
+        ax.set(title=f"{TITLES.get(task, task)}: one dot a seed", ylabel="frozen linear probe, test accuracy")
+    fig.tight_layout()
+    fig.savefig(out / "summary.png", dpi=110)
+    plt.close(fig)
+    return out / "summary.png"
 
 
 if __name__ == "__main__":

@@ -29,6 +29,17 @@ SHARED = REPO.parent / "shared" / "data"
 EXAMPLES = REPO / "examples"
 
 
+# The longest modules first: xdist hands out whole modules (--dist loadfile) in collection order, so the long ones
+# start at once and the many short ones fill the gaps, instead of one long module starting last and running alone.
+LONGEST_FIRST = ["test_service.py", "test_export_onnx.py", "test_probe.py", "test_sweep.py", "test_train.py", "test_scale.py",
+                 "test_annotate.py", "test_finetune.py"]  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's own order is kept
+
+
 @pytest.fixture(scope="session", autouse=True)
 def pca_draws_tsne():
     """In-process probes draw their t-SNE panels with PCA: t-SNE's 1,000 optimisation steps per panel cost about a

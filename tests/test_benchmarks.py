@@ -66,3 +66,23 @@ def test_few_shot_scope_settings_keep_big_superfamilies_and_one_test_set(tmp_pat
         assert not {r[0] for r in rows} & {r[0] for r in tests[(n, seed)]}
         assert all(line.split()[1].count(".") == 3 for line in train.read_text().splitlines() if line.startswith(">"))
     assert {r[0] for r in few_shot.read(data[(5, 0)][0], "scope")} != {r[0] for r in few_shot.read(data[(5, 1)][0], "scope")}
+
+
+def test_real_teacher_summary_keeps_the_last_summary_and_pairs_gains_by_seed(tmp_path):
+    """benchmarks/real_teacher.py's summary: figures of tables no longer on disk come from the last summary; the
+    tables on disk add to them; gains are paired by seed (mean and 95% t interval)."""
+    import json
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from real_teacher import summary
+
+    (tmp_path / "summary-scope.json").write_text(json.dumps({"random": {"0": 0.20, "1": 0.22}, "vanilla": {"0": 0.18}}))
+    table = tmp_path / "eval-scope-s1-vanilla"
+    table.mkdir()
+    rows = [{"spec": "random:small@1", "accuracy": 0.22}, {"spec": str(tmp_path / "students" / "vanilla-s1" / "student"), "accuracy": 0.19}]
+    (table / "results.json").write_text(json.dumps({"rows": rows}))
+    text = summary(tmp_path, "scope", [1])
+    kept = json.loads((tmp_path / "summary-scope.json").read_text())
+    assert kept == {"random": {"0": 0.20, "1": 0.22}, "vanilla": {"0": 0.18, "1": 0.19}}
+    # vanilla minus random: -0.02 and -0.03 -> mean -0.025, sd 0.00707, half-width 12.706 * 0.005 = 0.0635
+    assert "| vanilla | 2 | 0.185 | -0.025 [-0.089, +0.039] | - |" in text

@@ -113,7 +113,7 @@ def sweep_inputs(tmp_path, max_length: int, n_train: int, n_pfam: int):
 
 
 def test_sweep_trains_probes_reports_and_resumes_without_redoing(tmp_path, capsys):
-    train, valid, pfam = sweep_inputs(tmp_path, max_length=120, n_train=48, n_pfam=150)
+    train, valid, pfam = sweep_inputs(tmp_path, max_length=120, n_train=48, n_pfam=90)
     labelled = [(f"{r.id} {r.description}", r.sequence) for r in read_fasta(pfam)]
     ft_train = write_fasta(tmp_path / "ft_train.fasta", [r for i, r in enumerate(labelled) if i % 4])
     ft_test = write_fasta(tmp_path / "ft_test.fasta", labelled[::4])
@@ -204,7 +204,7 @@ def test_fine_tuned_calls_join_the_paired_analysis():
 def test_a_two_size_two_seed_sweep_reports_paired_gains_and_resumes(tmp_path, capsys):
     from rich.console import Console
 
-    train, valid, pfam = sweep_inputs(tmp_path, max_length=100, n_train=32, n_pfam=100)
+    train, valid, pfam = sweep_inputs(tmp_path, max_length=100, n_train=32, n_pfam=60)
     config = tmp_path / "sweep.toml"
     config.write_text(
         f"out = '{tmp_path / 'report'}'\ndata = '{train}'\nvalid = '{valid}'\nteacher = '{TEACHER}'\n"

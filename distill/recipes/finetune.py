@@ -315,7 +315,7 @@ def _fold_scorers(cfg: FinetuneConfig, d: Data, dist: Distributed, device: torch
         return None
 
     def scorer(weights: str):
-        def score(seqs: list[str]) -> np.ndarray:
+        def score(seqs: list[str]) -> np.ndarray:  # both kinds share the fold's encoder: each call loads its own weights
             return logits_of(run.model, load_kept(run, cfg, len(d.labels), weights), seqs, cfg, device)
 
         return score
