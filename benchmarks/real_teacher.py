@@ -191,7 +191,12 @@ def summary(out: Path, task: str, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-TITLES = {"scope": "SCOPe superfamily, family-holdout", "seen": "SCOPe superfamily, random split", "fold": "SCOPe fold, superfamily-holdout", "pfam": "Pfam families"}
+TITLES = {
+    "scope": "SCOPe superfamily, family-holdout",
+    "seen": "SCOPe superfamily, random split",
+    "fold": "SCOPe fold, superfamily-holdout",
+    "pfam": "Pfam families",
+}
 WAY_ORDER = ["random", "vanilla", "logit", "rep", "rep-mse", "both"]  # the ways, then the others as found
 
 
