@@ -217,8 +217,8 @@ def plot(out: Path, tasks: list[str]) -> Path:
             values = list(acc[way].values())
             ax.bar(i, np.mean(values), color="#9ecae1" if way != "random" else "#d9d9d9")
             ax.plot([i] * len(values), values, "k.", ms=6)
-        if "unirep1900" in acc:
-            ax.axhline(acc["unirep1900"]["0"], ls="--", c="#d62728", label="UniRep-1900's own probe")
+        if teacher := next((w for w in ("unirep1900", "unirep1900+int8") if w in acc), None):
+            ax.axhline(acc[teacher]["0"], ls="--", c="#d62728", label=f"{teacher}'s own probe")
             ax.legend(loc="upper left", fontsize=8)
         ax.set_xticks(range(len(ways)), ways, rotation=30)
         ax.set(title=f"{TITLES.get(task, task)}: one dot a seed", ylabel="frozen linear probe, test accuracy")
