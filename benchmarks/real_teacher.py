@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import re
 import subprocess
 import sys
@@ -105,6 +106,8 @@ def main() -> None:
     args = ap.parse_args()
     out, seeds, ways = args.out, [int(s) for s in args.seeds.split(",")], args.ways.split(",")
     label = {w: w if args.preset == "small" else f"{args.preset}-{w}" for w in ways}  # run and table names
+    from distill.recipes.fit import fit_finished
+
     write_data(out, args.n)
     cache = out / "cache"
     for seed in seeds:  # masking is keyed by the training seed: one cache per seed
@@ -118,7 +121,7 @@ def main() -> None:
             continue
         for way in ways:
             run = out / "students" / f"{label[way]}-s{seed}"
-            if (run / "student").exists() and not (run / "checkpoint.json").exists():
+            if fit_finished(run) or ((run / "student").exists() and not (run / "checkpoint.json").exists()):  # or a kept bundle
                 continue
             resume = ["--resume", str(run)] if (run / "checkpoint.json").exists() else ["--out", str(run)]
             cached = [] if way == "vanilla" else ["--teacher", args.teacher] if way == "rep-res" else ["--teacher-cache", str(seed_cache)]
@@ -163,8 +166,6 @@ def way_and_seed(spec: str) -> tuple[str, int]:
 def summary(out: Path, task: str, seeds: list[int]) -> str:
     """Accuracy per way and seed, gathered from the last summary and every table of the task (OUT/eval-TASK-s*-*/), and the paired gains
     over random init and over MLM only (mean and 95% t interval over the seeds both have); kept in OUT/summary-TASK.json."""
-    import json
-
     from distill.recipes.sweep.stats import t_interval
 
     kept = out / f"summary-{task}.json"  # earlier tables may be gone: their figures live on in the last summary
@@ -202,8 +203,6 @@ WAY_ORDER = ["random", "vanilla", "logit", "rep", "rep-mse", "both"]  # the issu
 
 def plot(out: Path, tasks: list[str]) -> Path:
     """OUT/summary.png: one panel per task, each `small` way's accuracy per seed (dots) and mean (bar), UniRep's dashed."""
-    import json
-
     import matplotlib
 
     matplotlib.use("Agg")

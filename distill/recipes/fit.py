@@ -36,7 +36,7 @@ from distill.core import data, tokens
 from distill.core.bundle import save_bundle
 from distill.core.config import DEFAULT_TEACHER, FitConfig
 from distill.core.distributed import Distributed, StopRequested, pick_device
-from distill.core.io import atomic_write_json
+from distill.core.io import atomic_write_json, read_json_object
 from distill.core.losses import LossParts, Projected, distillation_loss, mix, representation_loss
 from distill.core.model import ESM, build_student
 from distill.core.spec import parse_spec
@@ -72,6 +72,13 @@ def teacher_kind(teacher: str | None, cache: str | None) -> str | None:
         return parse_spec(spec).kind if spec else None
     except (OSError, ValueError):
         return None
+
+
+def fit_finished(run: Path) -> bool:
+    """Whether the run directory holds a run that trained all its epochs (its bundle written): nothing to resume."""
+    if not (run / "checkpoint.json").is_file() or not (run / "student" / "config.json").is_file():
+        return False
+    return read_json_object(run / "checkpoint.json").get("epoch", 0) >= (read_json_object(run / "config.json").get("epochs") or 0)
 
 
 @dataclass

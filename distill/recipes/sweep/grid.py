@@ -50,10 +50,10 @@ from distill.core.config import PRESETS, FitConfig, ProbeConfig, SweepConfig
 from distill.core.distributed import pick_device
 from distill.core.errors import UserError
 from distill.core.fasta import read_fasta
-from distill.core.io import atomic_write_text, read_json_object
+from distill.core.io import atomic_write_text
 from distill.recipes import teacher_cache
 from distill.recipes.evaluate import evaluate_models
-from distill.recipes.fit import fit
+from distill.recipes.fit import fit, fit_finished
 from distill.recipes.sweep import finetune as sweep_finetune
 from distill.recipes.sweep import stats as sweep_stats
 from distill.recipes.sweep.stats import RunKey
@@ -135,14 +135,6 @@ def write_subsets(cfg: SweepConfig, out: Path) -> dict[int | None, tuple[Path, i
     return subsets
 
 
-def _finished(run: Path) -> bool:
-    ckpt = run / "checkpoint.json"
-    if not ckpt.is_file() or not (run / "student" / "config.json").is_file():
-        return False
-    state, config = read_json_object(ckpt), read_json_object(run / "config.json")
-    return state.get("epoch", 0) >= (config.get("epochs") or 0)
-
-
 def cache_views(cfg: SweepConfig) -> int:
     """Maskings in the shared teacher cache: one per epoch, so no epoch replays another's masks. Without ``epochs``
     each preset trains for its own (study) epochs; the largest over the config's presets keeps one cache valid for
@@ -184,7 +176,7 @@ def run_sweep(config: Path, console: Console, presets: list[str] | None = None, 
     for r in runs:
         run = out / "runs" / r.name
         students[str(run / "student")] = r.key(subsets[None][1])
-        if _finished(run):
+        if fit_finished(run):
             console.print(f"{r.name}: finished earlier, skipped")
             continue
         fit_cfg = FitConfig(
