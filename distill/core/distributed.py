@@ -11,6 +11,8 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
+_FINAL_WORK: list[Any] = []  # see Distributed.close
+
 
 @dataclass
 class Distributed:
@@ -45,10 +47,16 @@ class Distributed:
         return box[0]
 
     def close(self) -> None:
-        """Leave the group together: a rank tearing gloo down while its peer still talks to it aborts the peer
-        ("terminate called without an active exception"). Only on the normal path: after an error the peer may never arrive."""
+        """Leave the group together (only on the normal path: after an error the peer may never arrive).
+
+        Gloo's worker threads free finished work, and the Python tensors it holds, after ``wait()`` returns; the final
+        barrier's work holds the works before it. Freed by a worker during interpreter shutdown, they cannot take the
+        GIL and the rank aborts ("terminate called without an active exception"). Keeping that work referenced until
+        exit leaves the last free to the main thread."""
         if self.world > 1 and torch_dist.is_initialized():
-            torch_dist.barrier()
+            work = torch_dist.barrier(async_op=True)
+            work.wait()
+            _FINAL_WORK.append(work)
             torch_dist.destroy_process_group()
 
     def sum(self, values: list[float]) -> list[float]:
