@@ -16,6 +16,7 @@ Sequences: examples/train.fasta (real proteins, bundled), cropped to 1,022 resid
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 import time
@@ -26,6 +27,7 @@ import torch
 
 from distill.core import data, tokens
 from distill.core.config import FitConfig, ModelConfig
+from distill.core.fasta import read_fasta
 from distill.core.model import weights_sha256
 from distill.core.pretrained import from_fair_esm
 from distill.recipes import teacher_cache
@@ -122,7 +124,8 @@ def main() -> None:
         pfam = REPO / "examples" / "pfam.fasta"
         if args.smoke:  # the first 120 records (8 families): the smoke run checks the path, not the figure
             pfam = tmp / "pfam.fasta"
-            pfam.write_text(">" + ">".join((REPO / "examples" / "pfam.fasta").read_text().split(">", 121)[1:121]))
+            records = itertools.islice(read_fasta(REPO / "examples" / "pfam.fasta"), 120)
+            pfam.write_text("".join(f">{r.id} {r.description}\n{r.sequence}\n" for r in records))
         finetune_epoch("random:small" if args.smoke else f"random:{args.preset}", pfam, max_tokens, device, tmp)
 
 
